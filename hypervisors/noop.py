@@ -1,0 +1,112 @@
+"""A simulated backend: VMs are asyncio tasks that write a console log.
+
+It exists for development, tests and benchmarks. A job steers it through its env:
+`NOOP_DURATION_S` (seconds the VM runs, default 0), `NOOP_EXIT_CODE` (default 0),
+`NOOP_FAIL` = `boot` (start fails) | `hang` (never stops by itself) | `no-result` (stops
+without printing the result line), and `NOOP_OUTPUT` (text written to the console).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
+from hypervisors.guest import result_line
+
+
+@dataclass
+class _NoopVm:
+    spec: VmSpec
+    state: VmState = VmState.DEFINED
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+def _write_console(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as console:
+        console.write(text)
+
+
+class NoopHypervisor:
+    """In-process VMs; `start_calls` lets benchmarks time dispatch to the backend."""
+
+    name = BackendName.NOOP
+
+    def __init__(self) -> None:
+        self._vms: dict[str, _NoopVm] = {}
+        self.start_listeners: list = []
+
+    async def prepare(self, spec: VmSpec) -> None:
+        self._vms[spec.name] = _NoopVm(spec)
+
+    def _vm(self, spec: VmSpec) -> _NoopVm:
+        try:
+            return self._vms[spec.name]
+        except KeyError:
+            raise BackendError(f"noop VM {spec.name} was not prepared") from None
+
+    async def start(self, spec: VmSpec) -> None:
+        for listener in self.start_listeners:
+            listener(spec)
+        vm = self._vm(spec)
+        if spec.env.get("NOOP_FAIL") == "boot":
+            raise BackendError(f"noop VM {spec.name} failed to boot (NOOP_FAIL=boot)")
+        vm.state = VmState.RUNNING
+        vm.task = asyncio.create_task(self._run(vm), name=f"noop-vm-{spec.name}")
+
+    async def _run(self, vm: _NoopVm) -> None:
+        env = vm.spec.env
+        try:
+            output = env.get("NOOP_OUTPUT", "")
+            if output:
+                await asyncio.to_thread(_write_console, vm.spec.console_path, output + "\n")
+            if env.get("NOOP_FAIL") == "hang":
+                await asyncio.Event().wait()
+            duration = float(env.get("NOOP_DURATION_S", "0") or 0)
+            if duration > 0:
+                await asyncio.sleep(duration)
+            if env.get("NOOP_FAIL") != "no-result":
+                exit_code = int(env.get("NOOP_EXIT_CODE", "0") or 0)
+                await asyncio.to_thread(
+                    _write_console, vm.spec.console_path, result_line(vm.spec.nonce, exit_code) + "\n"
+                )
+        finally:
+            vm.state = VmState.STOPPED
+            vm.stopped.set()
+
+    async def wait_stopped(self, spec: VmSpec) -> VmState:
+        vm = self._vms.get(spec.name)
+        if vm is None:
+            return VmState.GONE
+        await vm.stopped.wait()
+        return vm.state
+
+    async def shutdown(self, spec: VmSpec, *, timeout_s: float) -> None:
+        # A simulated guest has no ACPI handler worth modelling: shutdown is destroy.
+        await self.destroy(spec)
+
+    async def destroy(self, spec: VmSpec) -> None:
+        vm = self._vms.pop(spec.name, None)
+        if vm is None:
+            return
+        if vm.task is not None and not vm.task.done():
+            vm.task.cancel()
+            try:
+                await vm.task
+            except asyncio.CancelledError:
+                pass
+        vm.state = VmState.GONE
+        vm.stopped.set()
+
+    async def list_ours(self) -> list[VmInfo]:
+        return [
+            VmInfo(vm.spec.name, vm.spec.job_id, self.name, vm.state, vm.spec.console_path)
+            for vm in self._vms.values()
+        ]
+
+    async def close(self) -> None:
+        for name in list(self._vms):
+            await self.destroy(self._vms[name].spec)

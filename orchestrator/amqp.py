@@ -1,0 +1,89 @@
+"""Connections and publishing: confirmed publishes for what must not be lost (results,
+re-published jobs, dead letters) and fire-and-forget for events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from pydantic import BaseModel
+
+from orchestrator.logsetup import EventLogger
+
+log = EventLogger("orchestrator.amqp")
+
+
+async def connect(url: str, *, name: str) -> AbstractRobustConnection:
+    """A robust connection: aio-pika reconnects and restores channels, QoS and consumers."""
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, heartbeat=30)
+
+
+def json_message(
+    model: BaseModel | bytes,
+    *,
+    headers: Mapping[str, object] | None = None,
+    message_id: str | None = None,
+    persistent: bool = True,
+) -> aio_pika.Message:
+    body = model if isinstance(model, bytes) else model.model_dump_json().encode()
+    return aio_pika.Message(
+        body=body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+        headers=dict(headers or {}),
+        message_id=message_id,
+    )
+
+
+class ConfirmedPublisher:
+    """Publishes on a channel with publisher confirms: `publish` returns only once the
+    broker has taken responsibility for the message, and raises otherwise."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    @classmethod
+    async def open(cls, connection: AbstractRobustConnection) -> ConfirmedPublisher:
+        return cls(await connection.channel(publisher_confirms=True))
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await self._channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout_s: float = 30) -> None:
+        target = await self._exchange(exchange)
+        await target.publish(message, routing_key=routing_key, timeout=timeout_s)
+
+    async def close(self) -> None:
+        if not self._channel.is_closed:
+            await self._channel.close()
+
+
+class EventPublisher:
+    """Best-effort events: a lost event costs a dashboard update, never a job."""
+
+    def __init__(self, channel: AbstractChannel, exchange: str) -> None:
+        self._channel = channel
+        self._exchange_name = exchange
+        self._exchange: AbstractExchange | None = None
+
+    @classmethod
+    async def open(cls, connection: AbstractRobustConnection, exchange: str) -> EventPublisher:
+        return cls(await connection.channel(publisher_confirms=False), exchange)
+
+    async def emit(self, routing_key: str, event: BaseModel) -> None:
+        try:
+            if self._exchange is None:
+                self._exchange = await self._channel.get_exchange(self._exchange_name, ensure=False)
+            await self._exchange.publish(json_message(event, persistent=False), routing_key=routing_key)
+        except Exception as exc:  # events are advisory: never let one fail a job
+            log.warning("event.publish_failed", routing_key=routing_key, error=str(exc))
+
+    async def close(self) -> None:
+        if not self._channel.is_closed:
+            await self._channel.close()

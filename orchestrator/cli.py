@@ -1,0 +1,259 @@
+"""The `orchestrator` command: run, enqueue, config check.
+
+Errors a user can fix are one line on stderr and exit code 2 (`CLIError`); the job's own
+status decides the exit code of `enqueue --wait` (see `STATUS_EXIT_CODES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.config import DaemonSettings, SettingsError, load_settings
+from orchestrator.imagemap import DEFAULT_IMAGE_MAP, ImageMap, ImageMapError, RequestRejected, load_image_map
+from orchestrator.messages import JobRequest, JobResult, JobStatus
+
+STATUS_EXIT_CODES = {
+    JobStatus.SUCCEEDED: 0,
+    JobStatus.FAILED: 1,
+    JobStatus.ERROR: 3,
+    JobStatus.TIMEOUT: 124,
+    JobStatus.CANCELLED: 130,
+}
+
+
+class CLIError(Exception):
+    """An error that should be reflected back to the CLI user as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other CLI error
+        raise CLIError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--amqp-url", help="broker URL (env AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/)")
+    parser.add_argument("--amqp-prefix", help="name prefix of exchanges and queues (env AMQP_PREFIX; default ci)")
+    parser.add_argument("--config", type=Path, help=f"image map YAML (env ORCH_CONFIG; default {DEFAULT_IMAGE_MAP})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="orchestrator", description="CI VM orchestrator: runs CI jobs from RabbitMQ in throwaway VMs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run the host daemon", description="Consume jobs and run each in a VM until SIGINT/SIGTERM.")
+    _add_broker_flags(run)
+    run.add_argument("--max-concurrency", type=int, help="jobs at once on this host (env MAX_CONCURRENCY; default 2)")
+    run.add_argument("--capacity-map", help="per-label limits label=n,... (env CAPACITY_MAP)")
+    run.add_argument("--host-cpus", type=int, help="vCPU budget (env HOST_CPUS; default: this machine's CPUs)")
+    run.add_argument("--host-memory-mb", type=int, help="memory budget in MiB (env HOST_MEMORY_MB; default: this machine's)")
+    run.add_argument("--host-name", help="name in results and heartbeats (env HOST_NAME)")
+    run.add_argument("--state-dir", type=Path, help="journal, overlays, seeds, logs (env STATE_DIR; default /var/lib/orchestrator)")
+    run.add_argument("--backend", choices=["libvirt", "zones", "noop"], help="default backend for images without one (env ORCH_BACKEND; default libvirt)")
+    run.add_argument("--drain-timeout-s", type=float, help="how long running jobs may finish on shutdown (env DRAIN_TIMEOUT_S; default 300)")
+    run.add_argument("--log-format", choices=["json", "text"], help="log line format (env LOG_FORMAT; default json)")
+
+    enqueue = commands.add_parser("enqueue", help="publish a job request", description="Publish one job request (with publisher confirms).")
+    _add_broker_flags(enqueue)
+    enqueue.add_argument("--repo", required=True, help="repository URL to check out")
+    enqueue.add_argument("--commit", required=True, help="full commit SHA (40 or 64 hex digits)")
+    enqueue.add_argument("--runs-on", help="label (default: the image map's default_label)")
+    script = enqueue.add_mutually_exclusive_group()
+    script.add_argument("--script", help="inline shell script to run in the VM")
+    script.add_argument("--script-path", help="script inside the repository to run")
+    enqueue.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the job (repeatable)")
+    enqueue.add_argument("--size", help="size preset from the image map")
+    enqueue.add_argument("--timeout", type=int, help="job timeout in seconds")
+    enqueue.add_argument("--request-id", help="job id (default: a new UUID)")
+    enqueue.add_argument("--wait", action="store_true", help="wait for the result, print it, exit with the job's status")
+    enqueue.add_argument("--wait-timeout", type=float, default=3600, help="give up waiting after this many seconds (default 3600)")
+
+    config = commands.add_parser("config", help="inspect configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    check = config_commands.add_parser("check", help="validate the image map and settings and print what they resolve to")
+    _add_broker_flags(check)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> DaemonSettings:
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return load_settings(flags)
+    except SettingsError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _image_map(settings: DaemonSettings) -> ImageMap:
+    try:
+        return load_image_map(settings.config)
+    except ImageMapError as exc:
+        raise CLIError(str(exc)) from None
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.daemon import run_daemon
+    from orchestrator.logsetup import configure_logging
+
+    settings = _settings(args)
+    image_map = _image_map(settings)
+    configure_logging(fmt=settings.log_format)
+    asyncio.run(run_daemon(settings, image_map))
+    return 0
+
+
+# --- enqueue -------------------------------------------------------------------------------
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise CLIError(f"--env {pair!r}: expected NAME=VALUE")
+        env[name] = value
+    return env
+
+
+def _build_request(args: argparse.Namespace) -> JobRequest:
+    fields: dict[str, Any] = {
+        "request_id": args.request_id or str(uuid.uuid4()),
+        "source": "cli",
+        "repo_url": args.repo,
+        "commit_sha": args.commit,
+        "runs_on": args.runs_on,
+        "script": args.script,
+        "script_path": args.script_path,
+        "env": _parse_env(args.env),
+        "size": args.size,
+        "timeout_s": args.timeout,
+    }
+    try:
+        return JobRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "request"
+        flag = {"repo_url": "--repo", "commit_sha": "--commit", "runs_on": "--runs-on", "request_id": "--request-id",
+                "timeout_s": "--timeout"}.get(field, "--" + field.replace("_", "-"))
+        raise CLIError(f"{flag}: {error['msg']}") from None
+
+
+def _print_result(result: JobResult) -> None:
+    print(f"job {result.request_id}: {result.status.value} (exit code {result.exit_code}) on {result.host}: {result.summary}")
+    if result.console_tail:
+        print("--- console tail ---")
+        print(result.console_tail)
+    print(result.model_dump_json(indent=2))
+
+
+async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: JobRequest, routing_key: str) -> int:
+    import aio_pika
+
+    from orchestrator.amqp import json_message
+    from orchestrator.topology import Topology
+
+    topology = Topology(settings.amqp_prefix)
+    try:
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    except Exception as exc:
+        raise CLIError(f"cannot connect to the broker at {settings.masked_amqp_url()}: {exc}") from None
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        try:
+            jobs = await channel.get_exchange(topology.jobs, ensure=True)
+        except aio_pika.exceptions.ChannelClosed:
+            raise CLIError(
+                f"exchange {topology.jobs} does not exist: no orchestrator daemon with prefix {settings.amqp_prefix!r} has started on this broker yet"
+            ) from None
+        results_queue = None
+        if args.wait:
+            results = await channel.get_exchange(topology.results, ensure=False)
+            results_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await results_queue.bind(results, routing_key=request.job_id)
+        await jobs.publish(json_message(request, message_id=f"{request.job_id}/{request.attempt}"), routing_key=routing_key)
+        print(f"enqueued job {request.job_id} (routing key {routing_key!r})", file=sys.stderr)
+        if results_queue is None:
+            print(request.job_id)
+            return 0
+        try:
+            async with asyncio.timeout(args.wait_timeout):
+                async with results_queue.iterator() as messages:
+                    async for message in messages:
+                        async with message.process():
+                            result = JobResult.model_validate_json(message.body)
+                        _print_result(result)
+                        return STATUS_EXIT_CODES[result.status]
+        except TimeoutError:
+            raise CLIError(f"no result for job {request.job_id} within {args.wait_timeout} s (it may still run)") from None
+    return 3
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    request = _build_request(args)
+    routing_key = request.runs_on or ""
+    # Check the label against the image map when there is one here, so a typo is
+    # reported at once; without a local map the fleet answers with an error result.
+    image_map: ImageMap | None = None
+    if args.config is not None or settings.config.exists():
+        image_map = _image_map(settings)
+    if image_map is not None:
+        try:
+            routing_key = image_map.resolve(request.runs_on)
+            image_map.resources_for(routing_key, request)
+        except RequestRejected as exc:
+            raise CLIError(str(exc)) from None
+    return asyncio.run(_enqueue(args, settings, request, routing_key))
+
+
+# --- config check ----------------------------------------------------------------------------
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    image_map = _image_map(settings)
+    print(f"image map {settings.config}: OK")
+    print(f"default label: {image_map.default_label} -> {image_map.resolve(None)}")
+    for alias in sorted(image_map.aliases):
+        print(f"alias {alias} -> {image_map.resolve(alias)}")
+    for name, preset in sorted(image_map.sizes.items()):
+        print(f"size {name}: {preset.cpus} CPU, {preset.memory_mb} MiB" + (f", {preset.disk_gb} GiB" if preset.disk_gb else ""))
+    for label, image in sorted(image_map.images.items()):
+        res = image_map.default_resources(label)
+        keys = ", ".join(repr(k) for k in image_map.routing_keys(label))
+        print(
+            f"label {label}: backend {(image.backend or settings.backend).value}, {res.cpus} CPU, {res.memory_mb} MiB"
+            + (f", {res.disk_gb} GiB disk" if res.disk_gb else "")
+            + f", image {image.local_path}, routing keys {keys}"
+        )
+    shown = settings.model_dump(mode="json")
+    shown["amqp_url"] = settings.masked_amqp_url()
+    print("settings: " + json.dumps(shown, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "enqueue":
+            return cmd_enqueue(args)
+        if args.command == "config":
+            return cmd_config_check(args)
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,139 @@
+"""Daemon settings: command-line flag, else environment variable, else default.
+
+Every setting is validated by `DaemonSettings`; a bad value is refused with the name of
+the flag and variable that set it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hypervisors.base import BackendName
+from orchestrator.imagemap import DEFAULT_IMAGE_MAP
+from orchestrator.messages import LABEL_PATTERN
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message names the flag/variable and the fix."""
+
+
+def _memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):
+        return 4096
+
+
+def parse_capacity_map(text: str) -> dict[str, int]:
+    """`label=n,label=n` into a dict; raises ValueError naming the bad entry."""
+    capacity: dict[str, int] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        label, sep, count = entry.partition("=")
+        if not sep or not re.match(LABEL_PATTERN, label.strip()) or not count.strip().isdigit():
+            raise ValueError(f"entry {entry!r} is not label=N (for example ubuntu-22.04=4)")
+        capacity[label.strip()] = int(count)
+    return capacity
+
+
+class DaemonSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    amqp_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")] = "ci"
+    config: Path = DEFAULT_IMAGE_MAP
+    max_concurrency: Annotated[int, Field(ge=1, le=1024)] = 2
+    capacity_map: dict[str, Annotated[int, Field(ge=0, le=1024)]] = Field(default_factory=dict)
+    host_cpus: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
+    host_memory_mb: Annotated[int, Field(ge=64)] = Field(default_factory=_memory_mb)
+    host_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] = Field(
+        default_factory=lambda: socket.gethostname().split(".")[0] or "host"
+    )
+    state_dir: Path = Path("/var/lib/orchestrator")
+    backend: BackendName = BackendName.LIBVIRT
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 300.0
+    shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    default_timeout_s: Annotated[int, Field(ge=1)] = 3600
+    delivery_limit: Annotated[int, Field(ge=1, le=1000)] = 50
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+    log_format: Annotated[str, Field(pattern=r"^(json|text)$")] = "json"
+    # libvirt backend
+    libvirt_uri: str = "qemu:///system"
+    libvirt_network: str | None = "default"
+    libvirt_domain_type: Annotated[str, Field(pattern=r"^(kvm|qemu|auto)$")] = "auto"
+    orchestrator_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] = "ci-orchestrator"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def masked_amqp_url(self) -> str:
+        return re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:****@", self.amqp_url)
+
+
+# flag/field name -> environment variable
+ENV_NAMES: Mapping[str, str] = {
+    "amqp_url": "AMQP_URL",
+    "amqp_prefix": "AMQP_PREFIX",
+    "config": "ORCH_CONFIG",
+    "max_concurrency": "MAX_CONCURRENCY",
+    "capacity_map": "CAPACITY_MAP",
+    "host_cpus": "HOST_CPUS",
+    "host_memory_mb": "HOST_MEMORY_MB",
+    "host_name": "HOST_NAME",
+    "state_dir": "STATE_DIR",
+    "backend": "ORCH_BACKEND",
+    "drain_timeout_s": "DRAIN_TIMEOUT_S",
+    "shutdown_timeout_s": "SHUTDOWN_TIMEOUT_S",
+    "default_timeout_s": "DEFAULT_TIMEOUT_S",
+    "delivery_limit": "DELIVERY_LIMIT",
+    "max_attempts": "MAX_ATTEMPTS",
+    "heartbeat_s": "HEARTBEAT_S",
+    "log_format": "LOG_FORMAT",
+    "libvirt_uri": "LIBVIRT_URI",
+    "libvirt_network": "LIBVIRT_NETWORK",
+    "libvirt_domain_type": "LIBVIRT_DOMAIN_TYPE",
+    "orchestrator_id": "ORCH_ID",
+}
+
+
+def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> DaemonSettings:
+    """Merge flags (None = not given) over the environment over defaults, then validate."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for name, env_name in ENV_NAMES.items():
+        value = flags.get(name)
+        if value is None and environ.get(env_name, "") != "":
+            value = environ[env_name]
+        if value is None:
+            continue
+        if name == "capacity_map" and isinstance(value, str):
+            try:
+                value = parse_capacity_map(value)
+            except ValueError as exc:
+                raise SettingsError(f"--capacity-map / CAPACITY_MAP: {exc}") from None
+        if name == "libvirt_network" and value in ("", "none"):
+            value = None
+        raw[name] = value
+    try:
+        return DaemonSettings.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        flag = "--" + name.replace("_", "-")
+        env_name = ENV_NAMES.get(name, "?")
+        raise SettingsError(f"{flag} / {env_name}: {first['msg']} (got {first.get('input')!r})") from None

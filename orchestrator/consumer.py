@@ -1,0 +1,162 @@
+"""Queue consumers and the one place where a delivery is acked, dead-lettered or requeued.
+
+Each job queue has its own channel and consumer. A consumer runs only while the capacity
+ledger says its label can start a job now (DESIGN.md "Capacity"): when the label or the
+host fills up it is cancelled, and any delivery that arrives before the broker confirms
+the cancel is requeued, so work this host cannot start goes to other hosts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from orchestrator.amqp import ConfirmedPublisher
+from orchestrator.logsetup import EventLogger
+from orchestrator.topology import REASON_HEADER, Topology
+
+log = EventLogger("orchestrator.consumer")
+
+
+class Verdict(str, enum.Enum):
+    START = "start"  # journaled: ack, then run the job
+    ANSWERED = "answered"  # a result was stored instead of running it: ack
+    FORWARDED = "forwarded"  # re-published elsewhere with confirms: ack
+    DUPLICATE = "duplicate"  # this host already has the job: ack and drop
+    DEAD_LETTER = "dead_letter"  # malformed: to the DLQ with the reason
+    REQUEUE = "requeue"  # cannot start it now: back to the queue for any host
+
+
+@dataclass
+class Decision:
+    verdict: Verdict
+    reason: str = ""
+    job_id: str | None = None
+    after_ack: Callable[[], None] | None = field(default=None, repr=False)
+
+
+Handler = Callable[[AbstractIncomingMessage], Awaitable[Decision]]
+
+
+class Settler:
+    """Owns every ack, reject and nack of job deliveries (and nothing else does)."""
+
+    def __init__(self, publisher: ConfirmedPublisher, topology: Topology) -> None:
+        self._publisher = publisher
+        self._topology = topology
+
+    async def settle(self, message: AbstractIncomingMessage, decision: Decision) -> None:
+        verdict = decision.verdict
+        try:
+            if verdict is Verdict.REQUEUE:
+                await message.nack(requeue=True)
+                return
+            if verdict is Verdict.DEAD_LETTER:
+                await self._dead_letter(message, decision.reason)
+                return
+            await message.ack()
+        except Exception as exc:
+            # The channel is gone: the broker returns the message to the queue by itself,
+            # and a redelivery of a journaled job is recognised as a duplicate.
+            log.warning("delivery.settle_failed", verdict=verdict.value, job_id=decision.job_id, error=str(exc))
+            return
+        if decision.after_ack is not None:
+            decision.after_ack()
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        headers = dict(message.headers or {})
+        headers[REASON_HEADER] = reason[:4000]
+        headers["x-orchestrator-original-routing-key"] = message.routing_key or ""
+        try:
+            await self._publisher.publish(
+                self._topology.dlx,
+                message.routing_key or "",
+                aio_pika.Message(
+                    body=message.body,
+                    headers=headers,
+                    content_type=message.content_type,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=message.message_id,
+                ),
+            )
+        except Exception as exc:
+            # Could not add our reason: let the broker dead-letter it (x-death headers).
+            log.warning("delivery.dead_letter_publish_failed", error=str(exc))
+            await message.reject(requeue=False)
+            return
+        await message.ack()
+
+
+class QueueConsumer:
+    """One queue on its own channel, with pause (cancel) and resume (qos + consume)."""
+
+    def __init__(self, name: str, channel: AbstractChannel, queue: AbstractQueue, handler: Handler, settler: Settler) -> None:
+        self.name = name
+        self._channel = channel
+        self._queue = queue
+        self._handler = handler
+        self._settler = settler
+        self._tag: str | None = None
+        self._prefetch = 0
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def open(
+        cls,
+        connection: AbstractRobustConnection,
+        queue_name: str,
+        handler: Handler,
+        settler: Settler,
+    ) -> QueueConsumer:
+        channel = await connection.channel(publisher_confirms=False)
+        queue = await channel.get_queue(queue_name, ensure=False)
+        return cls(queue_name, channel, queue, handler, settler)
+
+    @property
+    def running(self) -> bool:
+        return self._tag is not None
+
+    async def resume(self, prefetch: int) -> None:
+        prefetch = max(1, prefetch)
+        if prefetch != self._prefetch:
+            await self._channel.set_qos(prefetch_count=prefetch)
+            self._prefetch = prefetch
+        if self._tag is None:
+            self._tag = await self._queue.consume(self._on_message)
+
+    async def pause(self) -> None:
+        tag, self._tag = self._tag, None
+        if tag is not None and not self._channel.is_closed:
+            await self._queue.cancel(tag)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            try:
+                decision = await self._handler(message)
+            except Exception as exc:  # a bug in handling one message must not stop intake
+                log.error("delivery.handler_failed", queue=self.name, error=repr(exc), exc_info=True)
+                decision = Decision(Verdict.DEAD_LETTER, reason=f"internal error while handling: {exc!r}")
+            await self._settler.settle(message, decision)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def close(self) -> None:
+        """Stop consuming, let deliveries being handled settle, and close the channel so
+        the broker requeues anything still unacked."""
+        try:
+            await self.pause()
+        except Exception as exc:
+            log.warning("consumer.cancel_failed", queue=self.name, error=str(exc))
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if not self._channel.is_closed:
+            await self._channel.close()

@@ -1,0 +1,206 @@
+"""`orchestrator run`: wires broker, journal, capacity, consumers, runner and backends.
+
+Start-up declares the topology, publishes results left in the outbox, then starts the
+consumers. Shutdown (SIGINT/SIGTERM) stops consuming first, lets running jobs finish for
+up to `drain_timeout_s`, then shuts their VMs down and hands the jobs back to the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping
+
+from hypervisors.base import BackendName, Hypervisor
+from hypervisors.router import RouterHypervisor
+from orchestrator import __version__
+from orchestrator.amqp import ConfirmedPublisher, EventPublisher, connect
+from orchestrator.capacity import CapacityLedger
+from orchestrator.config import DaemonSettings
+from orchestrator.consumer import Settler
+from orchestrator.imagemap import ImageEntry, ImageMap
+from orchestrator.intake import JobIntake
+from orchestrator.journal import Journal
+from orchestrator.logsetup import EventLogger
+from orchestrator.messages import Heartbeat
+from orchestrator.outbox import ResultOutbox
+from orchestrator.runner import JobRunner, StopReason
+from orchestrator.scheduler import Scheduler
+from orchestrator.topology import Topology, declare_topology
+
+log = EventLogger("orchestrator.daemon")
+
+
+def backends_needed(settings: DaemonSettings, image_map: ImageMap) -> set[BackendName]:
+    return {settings.backend} | {image.backend for image in image_map.images.values() if image.backend}
+
+
+async def build_backends(settings: DaemonSettings, needed: set[BackendName]) -> dict[BackendName, Hypervisor]:
+    backends: dict[BackendName, Hypervisor] = {}
+    for name in needed:
+        if name is BackendName.NOOP:
+            from hypervisors.noop import NoopHypervisor
+
+            backends[name] = NoopHypervisor()
+        elif name is BackendName.LIBVIRT:
+            from hypervisors.libvirt import LibvirtHypervisor
+
+            backends[name] = await LibvirtHypervisor.connect(
+                uri=settings.libvirt_uri,
+                network=settings.libvirt_network,
+                domain_type=settings.libvirt_domain_type,
+                state_dir=settings.state_dir,
+                orchestrator_id=settings.orchestrator_id,
+            )
+        elif name is BackendName.ZONES:
+            from hypervisors.zones import ZonesHypervisor
+
+            backends[name] = ZonesHypervisor(state_dir=settings.state_dir, orchestrator_id=settings.orchestrator_id)
+    return backends
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: DaemonSettings,
+        image_map: ImageMap,
+        *,
+        backends: Mapping[BackendName, Hypervisor] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.image_map = image_map
+        self.topology = Topology(settings.amqp_prefix)
+        self._given_backends = backends
+        self.ledger = CapacityLedger(
+            max_concurrency=settings.max_concurrency,
+            per_label=settings.capacity_map,
+            cpus=settings.host_cpus,
+            memory_mb=settings.host_memory_mb,
+        )
+        self.router: RouterHypervisor | None = None
+        self.journal: Journal | None = None
+        self.runner: JobRunner | None = None
+        self.scheduler: Scheduler | None = None
+        self.outbox: ResultOutbox | None = None
+        self._connection = None
+        self._events: EventPublisher | None = None
+        self._publisher: ConfirmedPublisher | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    def _backend_of(self, image: ImageEntry) -> str:
+        assert self.router is not None
+        return self.router.backend_for(image.backend).name.value
+
+    async def start(self) -> None:
+        s = self.settings
+        for sub in ("logs", "overlays", "seeds"):
+            (s.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        backends = dict(self._given_backends) if self._given_backends is not None else await build_backends(
+            s, backends_needed(s, self.image_map)
+        )
+        self.router = RouterHypervisor(backends, s.backend)
+        self.journal = Journal(s.state_dir / "state.db")
+        self._connection = await connect(s.amqp_url, name=f"orchestrator@{s.host_name}")
+        setup = await self._connection.channel()
+        await declare_topology(setup, self.topology, self.image_map, delivery_limit=s.delivery_limit)
+        await setup.close()
+        self._publisher = await ConfirmedPublisher.open(self._connection)
+        self._events = await EventPublisher.open(self._connection, self.topology.events)
+        self.outbox = ResultOutbox(self.journal, self._publisher, self.topology)
+        self.outbox.start()
+        self.runner = JobRunner(
+            settings=s,
+            router=self.router,
+            journal=self.journal,
+            outbox=self.outbox,
+            publisher=self._publisher,
+            topology=self.topology,
+            ledger=self.ledger,
+            emit=self._events.emit,
+        )
+        intake = JobIntake(
+            image_map=self.image_map,
+            ledger=self.ledger,
+            journal=self.journal,
+            outbox=self.outbox,
+            publisher=self._publisher,
+            topology=self.topology,
+            host=s.host_name,
+            backend_of=self._backend_of,
+            start_job=self.runner.start,
+        )
+        self.scheduler = Scheduler(
+            image_map=self.image_map,
+            ledger=self.ledger,
+            intake=intake,
+            settler=Settler(self._publisher, self.topology),
+            topology=self.topology,
+        )
+        await self.scheduler.start(self._connection)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        log.info(
+            "daemon.started", host=s.host_name, version=__version__, prefix=s.amqp_prefix,
+            labels=sorted(self.image_map.images), max_concurrency=s.max_concurrency,
+            backends=sorted(b.value for b in backends),
+        )
+
+    def heartbeat(self) -> Heartbeat:
+        ledger = self.ledger
+        return Heartbeat(
+            host=self.settings.host_name,
+            version=__version__,
+            labels=sorted(self.image_map.images),
+            max_concurrency=ledger.max_concurrency,
+            running=ledger.running,
+            running_by_label=ledger.running_by_label(),
+            cpus_used=ledger.cpus_used,
+            cpus_total=ledger.cpus_total,
+            memory_mb_used=ledger.memory_mb_used,
+            memory_mb_total=ledger.memory_mb_total,
+            draining=ledger.draining,
+        )
+
+    async def _heartbeat(self) -> None:
+        assert self._events is not None
+        while True:
+            await self._events.emit(f"host.heartbeat.{self.settings.host_name}", self.heartbeat())
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def stop(self) -> None:
+        """Graceful: stop intake, drain, then shut down what is still running."""
+        s = self.settings
+        log.info("daemon.stopping", host=s.host_name, running=self.ledger.running, drain_timeout_s=s.drain_timeout_s)
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.runner is not None:
+            if not await self.runner.wait_idle(s.drain_timeout_s):
+                for job_id in list(self.runner.running):
+                    self.runner.stop_job(job_id, StopReason.SHUTDOWN)
+                await self.runner.wait_idle(s.shutdown_timeout_s + 30)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        if self.outbox is not None:
+            await self.outbox.stop()
+            await self.outbox.flush()
+        if self._connection is not None:
+            await self._connection.close()
+        if self.router is not None:
+            await self.router.close()
+        if self.journal is not None:
+            await self.journal.close()
+        log.info("daemon.stopped", host=s.host_name)
+
+
+async def run_daemon(settings: DaemonSettings, image_map: ImageMap) -> None:
+    """Run until SIGINT or SIGTERM, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = Daemon(settings, image_map)
+    await daemon.start()
+    try:
+        await stop.wait()
+    finally:
+        await daemon.stop()

@@ -1,0 +1,230 @@
+"""Wire contracts: every message that crosses RabbitMQ is one of these pydantic models.
+
+Field names follow the reference system's `jobrequest.v1` / `jobresult.v1`, so existing
+forge integrations keep working; fields we add are optional. Unknown fields are ignored,
+known fields are validated strictly: nothing from a message reaches a shell, XML or a
+path without passing these checks first.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+MAX_SCRIPT_BYTES = 256 * 1024
+MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_ENV_ENTRIES = 256
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
+ShortText = Annotated[str, StringConstraints(max_length=512)]
+
+
+def _no_control_chars(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+SafeText = Annotated[ShortText, AfterValidator(_no_control_chars)]
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+
+_SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[A-Za-z0-9._/~-]+$")
+_REPO_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStatus(str, enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class JobRequest(BaseModel):
+    """`jobrequest.v1`: what a forge (or `orchestrator enqueue`) asks a host to run."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: Literal["jobrequest.v1"] = "jobrequest.v1"
+    request_id: uuid.UUID
+    source: SafeText | None = None
+    repo_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    commit_sha: Annotated[str, StringConstraints(pattern=r"^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")]
+    runs_on: Label | None = None
+    workflow_path: SafeText | None = None
+    workflow_job_id: SafeText | None = None
+    repo_owner: SafeText | None = None
+    repo_name: SafeText | None = None
+    script_path: SafeText | None = None
+    submitted_at: UtcDatetime = Field(default_factory=now_utc)
+    # ours
+    script: Annotated[str, StringConstraints(max_length=MAX_SCRIPT_BYTES)] | None = None
+    env: dict[Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)], str] = Field(
+        default_factory=dict, max_length=MAX_ENV_ENTRIES
+    )
+    size: Label | None = None
+    cpus: Annotated[int, Field(ge=1, le=512)] | None = None
+    memory_mb: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)] | None = None
+    disk_gb: Annotated[int, Field(ge=1, le=64 * 1024)] | None = None
+    timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)] | None = None
+    deadline: UtcDatetime | None = None
+    attempt: Annotated[int, Field(ge=1, le=100)] = 1
+
+    @field_validator("repo_url")
+    @classmethod
+    def _repo_url(cls, value: str) -> str:
+        _no_control_chars(value)
+        if " " in value or value.startswith("-"):
+            raise ValueError("must not contain spaces or start with '-'")
+        if not (value.startswith(_REPO_SCHEMES) or _SCP_LIKE.match(value)):
+            raise ValueError(
+                "must be an https://, http://, ssh://, git:// or file:// URL, or user@host:path"
+            )
+        return value
+
+    @field_validator("commit_sha")
+    @classmethod
+    def _lower_sha(cls, value: str) -> str:
+        return value.lower()
+
+    @field_validator("env")
+    @classmethod
+    def _env_values(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if "\x00" in value:
+                raise ValueError(f"env {name}: value must not contain NUL bytes")
+            if len(value.encode()) > MAX_ENV_VALUE_BYTES:
+                raise ValueError(f"env {name}: value is over {MAX_ENV_VALUE_BYTES} bytes")
+        return env
+
+    @field_validator("script")
+    @classmethod
+    def _script(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL bytes")
+        return value
+
+    @property
+    def job_id(self) -> str:
+        return str(self.request_id)
+
+
+class JobResult(BaseModel):
+    """`jobresult.v1`: the one answer a host publishes for each job it took."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: Literal["jobresult.v1"] = "jobresult.v1"
+    request_id: uuid.UUID
+    repo_url: str | None = None
+    repo_owner: str | None = None
+    repo_name: str | None = None
+    commit_sha: str | None = None
+    success: bool
+    exit_code: int | None = None
+    summary: str
+    completed_at: UtcDatetime = Field(default_factory=now_utc)
+    # ours
+    status: JobStatus
+    host: str | None = None
+    label: str | None = None
+    attempt: int = 1
+    started_at: UtcDatetime | None = None
+    log_url: str | None = None
+    console_tail: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def for_request(
+        cls,
+        request: JobRequest | None,
+        *,
+        request_id: uuid.UUID | None = None,
+        status: JobStatus,
+        summary: str,
+        **fields: object,
+    ) -> JobResult:
+        """A result that echoes the request's identity fields, as forge integrations expect."""
+        identity: dict[str, object] = {}
+        if request is not None:
+            identity = {
+                "request_id": request.request_id,
+                "repo_url": request.repo_url,
+                "repo_owner": request.repo_owner,
+                "repo_name": request.repo_name,
+                "commit_sha": request.commit_sha,
+                "attempt": request.attempt,
+            }
+        elif request_id is not None:
+            identity = {"request_id": request_id}
+        return cls(
+            **identity,  # type: ignore[arg-type]
+            status=status,
+            success=status is JobStatus.SUCCEEDED,
+            summary=summary,
+            **fields,  # type: ignore[arg-type]
+        )
+
+
+class EventKind(str, enum.Enum):
+    ACCEPTED = "accepted"
+    STARTED = "started"
+    FINISHED = "finished"
+    REQUEUED = "requeued"
+    HEARTBEAT = "heartbeat"
+
+
+class JobEvent(BaseModel):
+    """A lifecycle event on `<prefix>.events` (routing key `job.<kind>.<label>`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: EventKind
+    request_id: uuid.UUID
+    host: str
+    label: str | None = None
+    status: JobStatus | None = None
+    at: UtcDatetime = Field(default_factory=now_utc)
+
+
+class Heartbeat(BaseModel):
+    """A host's periodic self-description on `<prefix>.events` (`host.heartbeat.<host>`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    host: str
+    version: str
+    labels: list[str]
+    max_concurrency: int
+    running: int
+    running_by_label: dict[str, int]
+    cpus_used: int
+    cpus_total: int
+    memory_mb_used: int
+    memory_mb_total: int
+    draining: bool = False
+    at: UtcDatetime = Field(default_factory=now_utc)

@@ -1,0 +1,109 @@
+"""Keeps each label's consumer running exactly while this host can start a job for it.
+
+The capacity ledger calls `poke()` after every reservation or release; one task then
+brings every consumer in line (cancel when the label or host is full, qos + consume when
+room appears), so a full label never blocks another and no host holds work it cannot
+start (DESIGN.md "Capacity").
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aio_pika.abc import AbstractRobustConnection
+
+from orchestrator.capacity import CapacityLedger
+from orchestrator.consumer import QueueConsumer, Settler
+from orchestrator.imagemap import ImageMap
+from orchestrator.intake import JobIntake
+from orchestrator.logsetup import EventLogger
+from orchestrator.topology import Topology
+
+log = EventLogger("orchestrator.scheduler")
+
+UNROUTABLE_PREFETCH = 16
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        image_map: ImageMap,
+        ledger: CapacityLedger,
+        intake: JobIntake,
+        settler: Settler,
+        topology: Topology,
+    ) -> None:
+        self._image_map = image_map
+        self._ledger = ledger
+        self._intake = intake
+        self._settler = settler
+        self._topology = topology
+        self._consumers: dict[str, QueueConsumer] = {}
+        self._unroutable: QueueConsumer | None = None
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        for label in self._image_map.images:
+            if self._ledger.label_limit(label) <= 0:
+                log.info("label.disabled", label=label, reason="capacity 0 in CAPACITY_MAP")
+                continue
+            self._consumers[label] = await QueueConsumer.open(
+                connection, self._topology.label_queue(label), self._intake.handler_for(label), self._settler
+            )
+        self._unroutable = await QueueConsumer.open(
+            connection, self._topology.unroutable_queue, self._intake.on_unroutable_message, self._settler
+        )
+        await self._unroutable.resume(UNROUTABLE_PREFETCH)
+        self._ledger.listeners.append(self.poke)
+        self._task = asyncio.create_task(self._loop(), name="scheduler")
+        self.poke()
+
+    def poke(self) -> None:
+        self._dirty.set()
+
+    def consuming(self) -> dict[str, bool]:
+        return {label: consumer.running for label, consumer in self._consumers.items()}
+
+    async def _loop(self) -> None:
+        while not self._stopped:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._rebalance()
+            except Exception as exc:  # a channel mid-reconnect: try again on the next change
+                log.warning("scheduler.rebalance_failed", error=str(exc))
+                await asyncio.sleep(0.5)
+                self._dirty.set()
+
+    async def _rebalance(self) -> None:
+        # Pauses first: a full host must stop taking work before anything else happens.
+        wanted: dict[str, bool] = {}
+        for label, consumer in self._consumers.items():
+            size = self._image_map.default_resources(label)
+            wanted[label] = not self._stopped and self._ledger.can_start(label, size.cpus, size.memory_mb)
+        for label, consumer in self._consumers.items():
+            if consumer.running and not wanted[label]:
+                await consumer.pause()
+                log.debug("label.paused", label=label)
+        for label, consumer in self._consumers.items():
+            if wanted[label] and not self._stopped:
+                # Prefetch is what the label can start now, so the broker never hands
+                # this host more than it can run at once.
+                await consumer.resume(self._ledger.free_slots(label))
+
+    async def stop(self) -> None:
+        """Stop taking work: cancel consumers and return undelivered work to the broker."""
+        self._stopped = True
+        self._dirty.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.poke in self._ledger.listeners:
+            self._ledger.listeners.remove(self.poke)
+        consumers = list(self._consumers.values())
+        if self._unroutable is not None:
+            consumers.append(self._unroutable)
+        await asyncio.gather(*(c.close() for c in consumers), return_exceptions=True)

@@ -1,0 +1,124 @@
+"""RabbitMQ names and their idempotent declaration (see DESIGN.md "The flow of one job").
+
+All names live under a prefix (`ci` by default), so several fleets or test runs can
+share one broker. Declaring twice is harmless; declaring with other arguments than an
+existing queue has fails, so every host must use the same `delivery_limit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from orchestrator.imagemap import ImageMap
+
+# The reference system's publishers use this fixed routing key; such messages reach the
+# unroutable queue and are routed again by their `runs_on` (DESIGN.md, drop-in compatibility).
+LEGACY_ROUTING_KEY = "jobrequest.v1"
+REASON_HEADER = "x-orchestrator-reason"
+REROUTED_HEADER = "x-orchestrator-rerouted"
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    @property
+    def unroutable_exchange(self) -> str:
+        return f"{self.prefix}.jobs.unroutable"
+
+    @property
+    def unroutable_queue(self) -> str:
+        return f"{self.prefix}.jobs.unroutable"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}.control"
+
+    @property
+    def dlx(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.jobs.dlq"
+
+    def label_queue(self, label: str) -> str:
+        return f"{self.prefix}.jobs.{label}"
+
+    def exchanges(self) -> list[str]:
+        return [self.jobs, self.unroutable_exchange, self.results, self.events, self.control, self.dlx]
+
+
+@dataclass
+class DeclaredTopology:
+    jobs: AbstractExchange
+    results: AbstractExchange
+    events: AbstractExchange
+    control: AbstractExchange
+    dlx: AbstractExchange
+    label_queues: dict[str, AbstractQueue]
+    unroutable: AbstractQueue
+    dlq: AbstractQueue
+
+
+def _job_queue_arguments(topology: Topology, delivery_limit: int) -> dict[str, object]:
+    # Quorum queues: replicated, and their delivery limit stops a message that keeps
+    # killing consumers from looping forever (it goes to the DLQ instead).
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": topology.dlx,
+        "x-delivery-limit": delivery_limit,
+    }
+
+
+async def declare_topology(
+    channel: AbstractChannel, topology: Topology, image_map: ImageMap, *, delivery_limit: int
+) -> DeclaredTopology:
+    dlx = await channel.declare_exchange(topology.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
+    dlq = await channel.declare_queue(topology.dlq, durable=True, arguments={"x-queue-type": "quorum"})
+    await dlq.bind(dlx, routing_key="")
+    unroutable_exchange = await channel.declare_exchange(
+        topology.unroutable_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    jobs = await channel.declare_exchange(
+        topology.jobs,
+        aio_pika.ExchangeType.DIRECT,
+        durable=True,
+        arguments={"alternate-exchange": topology.unroutable_exchange},
+    )
+    queue_args = _job_queue_arguments(topology, delivery_limit)
+    unroutable = await channel.declare_queue(topology.unroutable_queue, durable=True, arguments=queue_args)
+    await unroutable.bind(unroutable_exchange, routing_key="")
+    label_queues: dict[str, AbstractQueue] = {}
+    for label in image_map.images:
+        queue = await channel.declare_queue(topology.label_queue(label), durable=True, arguments=queue_args)
+        for key in image_map.routing_keys(label):
+            await queue.bind(jobs, routing_key=key)
+        label_queues[label] = queue
+    results = await channel.declare_exchange(topology.results, aio_pika.ExchangeType.TOPIC, durable=True)
+    events = await channel.declare_exchange(topology.events, aio_pika.ExchangeType.TOPIC, durable=True)
+    control = await channel.declare_exchange(topology.control, aio_pika.ExchangeType.FANOUT, durable=True)
+    return DeclaredTopology(jobs, results, events, control, dlx, label_queues, unroutable, dlq)
+
+
+async def delete_topology(channel: AbstractChannel, topology: Topology, labels: list[str]) -> None:
+    """Remove everything `declare_topology` made (tests and benchmarks clean up with it)."""
+    for name in [topology.label_queue(l) for l in labels] + [topology.unroutable_queue, topology.dlq]:
+        await channel.queue_delete(name)
+    for name in topology.exchanges():
+        await channel.exchange_delete(name)

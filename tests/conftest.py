@@ -1,0 +1,208 @@
+"""Shared fixtures: a real RabbitMQ (each test gets its own prefix and deletes its
+exchanges and queues afterwards), noop image maps, and in-process daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from hypervisors.base import BackendName
+from hypervisors.noop import NoopHypervisor
+from orchestrator.config import DaemonSettings
+from orchestrator.daemon import Daemon
+from orchestrator.imagemap import ImageMap, load_image_map
+from orchestrator.messages import JobRequest, JobResult
+from orchestrator.topology import Topology, delete_topology
+
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+NOOP_MAP = """\
+default_label: alpha-latest
+aliases:
+  alpha-latest: alpha
+  a: alpha-latest
+sizes:
+  small: {cpus: 1, memory_mb: 256}
+  big: {cpus: 64, memory_mb: 1024}
+images:
+  alpha:
+    backend: noop
+    local_path: /nonexistent/alpha.img
+    size: small
+    max_cpus: 8
+  beta:
+    backend: noop
+    local_path: /nonexistent/beta.img
+    size: small
+"""
+
+
+@pytest.fixture
+def noop_map_path(tmp_path: Path) -> Path:
+    path = tmp_path / "image-map.yaml"
+    path.write_text(NOOP_MAP)
+    return path
+
+
+@pytest.fixture
+def noop_map(noop_map_path: Path) -> ImageMap:
+    return load_image_map(noop_map_path)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def cleanup_topology(amqp, prefix: str) -> AsyncIterator[list[str]]:
+    """Labels to delete queues for at the end of the test (tests append extra ones)."""
+    labels: list[str] = ["alpha", "beta"]
+    yield labels
+    channel = await amqp.channel()
+    await delete_topology(channel, Topology(prefix), labels)
+    await channel.close()
+
+
+def make_settings(prefix: str, state_dir: Path, config: Path, **overrides: Any) -> DaemonSettings:
+    values: dict[str, Any] = {
+        "amqp_url": AMQP_URL,
+        "amqp_prefix": prefix,
+        "config": config,
+        "state_dir": state_dir,
+        "backend": BackendName.NOOP,
+        "host_cpus": 64,
+        "host_memory_mb": 64 * 1024,
+        "host_name": "test-host",
+        "drain_timeout_s": 10,
+        "heartbeat_s": 3600,
+    }
+    values.update(overrides)
+    return DaemonSettings.model_validate(values)
+
+
+@pytest.fixture
+async def daemon_factory(
+    tmp_path: Path, prefix: str, noop_map_path: Path, cleanup_topology
+) -> AsyncIterator[Callable[..., Any]]:
+    daemons: list[Daemon] = []
+
+    async def start(image_map: ImageMap | None = None, **overrides: Any) -> Daemon:
+        host = overrides.pop("host_name", f"host{len(daemons)}")
+        settings = make_settings(prefix, tmp_path / host, noop_map_path, host_name=host, **overrides)
+        daemon = Daemon(settings, image_map or load_image_map(noop_map_path), backends={BackendName.NOOP: NoopHypervisor()})
+        await daemon.start()
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        if daemon.journal is not None and not getattr(daemon, "_stopped_by_test", False):
+            await daemon.stop()
+
+
+class Broker:
+    """Test-side client: publish requests, collect results and dead letters."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractRobustConnection, prefix: str) -> None:
+        self.connection = connection
+        self.topology = Topology(prefix)
+        self.results: asyncio.Queue[JobResult] = asyncio.Queue()
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def open(self) -> None:
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        results = await self.channel.declare_exchange(self.topology.results, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(results, routing_key="#")
+
+        async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                await self.results.put(JobResult.model_validate_json(message.body))
+
+        await queue.consume(on_result)
+
+    async def publish_raw(self, body: bytes, routing_key: str, **headers: Any) -> None:
+        assert self.channel is not None
+        exchange = await self.channel.get_exchange(self.topology.jobs, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(body=body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers),
+            routing_key=routing_key,
+        )
+
+    async def submit(self, routing_key: str | None = None, **fields: Any) -> JobRequest:
+        fields.setdefault("request_id", str(uuid.uuid4()))
+        fields.setdefault("repo_url", "https://example.invalid/repo.git")
+        fields.setdefault("commit_sha", SHA)
+        request = JobRequest.model_validate(fields)
+        key = routing_key if routing_key is not None else (request.runs_on or "")
+        await self.publish_raw(request.model_dump_json().encode(), key)
+        return request
+
+    async def next_result(self, timeout_s: float = 20) -> JobResult:
+        return await asyncio.wait_for(self.results.get(), timeout=timeout_s)
+
+    async def collect(self, count: int, timeout_s: float = 60) -> dict[str, JobResult]:
+        got: dict[str, JobResult] = {}
+        async with asyncio.timeout(timeout_s):
+            while len(got) < count:
+                result = await self.results.get()
+                assert str(result.request_id) not in got, f"second result for {result.request_id}"
+                got[str(result.request_id)] = result
+        return got
+
+    async def dead_letters(self, count: int, timeout_s: float = 20) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        assert self.channel is not None
+        queue = await self.channel.get_queue(self.topology.dlq, ensure=False)
+        got = []
+        async with asyncio.timeout(timeout_s):
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    await message.ack()
+                    got.append(message)
+                    if len(got) == count:
+                        break
+        return got
+
+    async def ready_count(self, label: str) -> int:
+        assert self.channel is not None
+        channel = await self.connection.channel()
+        queue = await channel.declare_queue(self.topology.label_queue(label), passive=True)
+        count = queue.declaration_result.message_count
+        await channel.close()
+        return count
+
+
+@pytest.fixture
+async def broker(amqp, prefix: str) -> AsyncIterator[Broker]:
+    client = Broker(amqp, prefix)
+    yield client
+    if client.channel is not None:
+        await client.channel.close()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 20, what: str = "condition") -> None:
+    """Poll a cheap in-process predicate until it holds (tests never sleep and hope)."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
