@@ -100,10 +100,11 @@ def build_user_data(
         lines += ["  echo 'orchestrator: the job has neither script nor script_path'", "  return 2"]
     lines += [
         "}",
-        '( orch_job ) </dev/null >"$orch_console" 2>&1',
+        '( orch_job ) </dev/null >>"$orch_console" 2>&1',
         "orch_rc=$?",
         "sync",
-        f'echo "{RESULT_PREFIX} {nonce} $orch_rc" >"$orch_console"',
+        # A fresh line first: the job's last output may not end with a newline.
+        f'printf "\\n{RESULT_PREFIX} {nonce} %s\\n" "$orch_rc" >>"$orch_console"',
         "sync",
         "poweroff -f 2>/dev/null || poweroff 2>/dev/null || shutdown -h now",
         "",

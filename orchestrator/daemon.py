@@ -86,6 +86,7 @@ class Daemon:
         self._events: EventPublisher | None = None
         self._publisher: ConfirmedPublisher | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def _backend_of(self, image: ImageEntry) -> str:
         assert self.router is not None
@@ -168,6 +169,9 @@ class Daemon:
 
     async def stop(self) -> None:
         """Graceful: stop intake, drain, then shut down what is still running."""
+        if self._stopping:
+            return
+        self._stopping = True
         s = self.settings
         log.info("daemon.stopping", host=s.host_name, running=self.ledger.running, drain_timeout_s=s.drain_timeout_s)
         if self.scheduler is not None:

@@ -113,8 +113,7 @@ async def daemon_factory(
 
     yield start
     for daemon in daemons:
-        if daemon.journal is not None and not getattr(daemon, "_stopped_by_test", False):
-            await daemon.stop()
+        await daemon.stop()
 
 
 class Broker:

@@ -1,0 +1,131 @@
+"""Image-map loading: the shipped example, every refusal with file, line and key, alias
+chains and cycles, and resource merging."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from orchestrator.imagemap import ImageMapError, RequestRejected, Resources, load_image_map, parse_image_map
+from orchestrator.messages import JobRequest
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "orchestrator-image-map.yaml"
+
+
+def parse(text: str, tmp_path: Path):
+    return parse_image_map(text, filename="map.yaml", base_dir=tmp_path)
+
+
+def request(**fields) -> JobRequest:
+    return JobRequest(request_id=uuid.uuid4(), repo_url="https://x/y.git", commit_sha="a" * 40, **fields)
+
+
+def test_example_map_loads_with_the_documented_defaults():
+    image_map = load_image_map(EXAMPLE)
+    assert image_map.default_label == "illumos-latest"
+    assert image_map.resolve(None) == "openindiana-hipster"
+    assert image_map.resolve("illumos-latest") == "openindiana-hipster"
+    assert {n: (p.cpus, p.memory_mb) for n, p in image_map.sizes.items()} == {
+        "small": (1, 1024), "medium": (2, 2048), "large": (4, 4096)
+    }
+    assert {"openindiana-hipster", "ubuntu-22.04"} <= set(image_map.images)
+
+
+BASE = """\
+default_label: a
+images:
+  a:
+    backend: noop
+    local_path: /x
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (BASE + "    cpu: 2\n", "map.yaml:6: images.a.cpu: unknown key (did you mean 'cpus'?)"),
+        (BASE + "    memory_mb: 12\n", "map.yaml:6: images.a.memory_mb: Input should be greater than or equal to 64"),
+        (BASE + "    format: vmdk\n", "map.yaml:6: images.a.format: Input should be 'qcow2' or 'raw'"),
+        (BASE + "    backend: xen\n", "map.yaml:6: images.a.backend: Input should be 'libvirt', 'zones' or 'noop'"),
+        (BASE + "sizes:\n  s: {cpus: 0, memory_mb: 512}\n", "map.yaml:7: sizes.s.cpus: Input should be greater than or equal to 1"),
+        (BASE + "    size: huge\n", "map.yaml:6: images.a.size: unknown size preset 'huge'; define it under sizes"),
+        (BASE + "    kernel: /no/such/vmlinuz\n", "map.yaml:6: images.a.kernel: file /no/such/vmlinuz does not exist"),
+        (BASE + "    source: ftp://x/y\n", "map.yaml:6: images.a.source: String should match pattern"),
+        ("default_label: zz\nimages:\n  a: {backend: noop, local_path: /x}\n", "map.yaml:1: default_label: 'zz' is neither an image label nor an alias"),
+        ("images:\n  a: {backend: noop, local_path: /x}\n", "map.yaml:1: default_label: required key is missing"),
+        ("default_label: a\nimages:\n  a: {backend: libvirt, local_path: /no/such/img}\n",
+         "map.yaml:3: images.a.local_path: file /no/such/img does not exist and no source is given to fetch it"),
+        (BASE + "aliases:\n  b: c\n  c: b\n", "map.yaml:7: aliases.b: alias cycle: b -> c -> b"),
+        (BASE + "aliases:\n  b: nowhere\n", "map.yaml:7: aliases.b: 'nowhere' is neither an image label nor an alias"),
+        (BASE + "aliases:\n  a: a\n", "map.yaml:7: aliases.a: an alias must not have the name of an image label"),
+        (BASE + "    max_cpus: 1\n    cpus: 2\n", "map.yaml:7: images.a.cpus: default cpus 2 is above max_cpus 1"),
+        ("default_label: a\nimages: [\n", "map.yaml:3: not valid YAML"),
+        ("- just\n- a list\n", "map.yaml:1: the image map must be a YAML mapping"),
+    ],
+)
+def test_bad_image_map_is_refused_with_file_line_and_key(tmp_path, text, expected):
+    with pytest.raises(ImageMapError) as error:
+        parse(text, tmp_path)
+    assert expected in str(error.value)
+
+
+def test_missing_file_is_refused_with_its_path(tmp_path):
+    with pytest.raises(ImageMapError, match="cannot read the image map"):
+        load_image_map(tmp_path / "absent.yaml")
+
+
+def test_every_problem_is_reported_not_just_the_first(tmp_path):
+    with pytest.raises(ImageMapError) as error:
+        parse(BASE + "    cpu: 2\n    disk: 3\n", tmp_path)
+    assert str(error.value).count("\n") == 1
+
+
+def test_alias_chain_resolves_and_routing_keys_cover_it(tmp_path):
+    image_map = parse(BASE + "aliases:\n  b: a\n  c: b\n  d: c\n", tmp_path)
+    assert image_map.resolve("d") == "a"
+    assert image_map.routing_keys("a") == ["a", "b", "c", "d", ""]
+    with pytest.raises(RequestRejected, match="unknown label 'e'; this fleet knows: a, b, c, d"):
+        image_map.resolve("e")
+
+
+def test_relative_paths_resolve_against_the_map_file(tmp_path):
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    image_map = parse(BASE + "    kernel: vmlinuz\n", tmp_path)
+    assert image_map.images["a"].kernel == tmp_path / "vmlinuz"
+
+
+SIZED = """\
+default_label: a
+sizes:
+  small: {cpus: 1, memory_mb: 1024}
+  large: {cpus: 4, memory_mb: 4096, disk_gb: 40}
+images:
+  a:
+    backend: noop
+    local_path: /x
+    size: small
+    disk_gb: 10
+    max_cpus: 4
+    max_memory_mb: 4096
+  plain:
+    backend: noop
+    local_path: /y
+"""
+
+
+def test_resources_merge_image_defaults_then_request_preset_then_explicit(tmp_path):
+    image_map = parse(SIZED, tmp_path)
+    assert image_map.resources_for("a", request()) == Resources(1, 1024, 10)
+    assert image_map.resources_for("a", request(size="large")) == Resources(4, 4096, 40)
+    assert image_map.resources_for("a", request(size="large", memory_mb=2048)) == Resources(4, 2048, 40)
+    assert image_map.resources_for("plain", request()) == Resources(1, 1024, None)
+
+
+def test_requests_may_not_exceed_image_caps(tmp_path):
+    image_map = parse(SIZED, tmp_path)
+    with pytest.raises(RequestRejected, match=r"^cpus: 5 is above image 'a''s cap of 4"):
+        image_map.resources_for("a", request(cpus=5))
+    with pytest.raises(RequestRejected, match=r"^size: unknown size preset 'xl'; presets: large, small"):
+        image_map.resources_for("a", request(size="xl"))
