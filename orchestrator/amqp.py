@@ -80,7 +80,7 @@ class EventPublisher:
         try:
             if self._exchange is None:
                 self._exchange = await self._channel.get_exchange(self._exchange_name, ensure=False)
-            await self._exchange.publish(json_message(event, persistent=False), routing_key=routing_key)
+            await self._exchange.publish(json_message(event, persistent=False), routing_key=routing_key, mandatory=False)
         except Exception as exc:  # events are advisory: never let one fail a job
             log.warning("event.publish_failed", routing_key=routing_key, error=str(exc))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -104,6 +105,12 @@ class QueueConsumer:
         self._tag: str | None = None
         self._prefetch = 0
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._switch = asyncio.Lock()
+        # capacity hooks, set by the scheduler (defaults: always room, for the unroutable queue)
+        self.should_run: Callable[[], bool] = lambda: True
+        self.free_slots: Callable[[], int] = lambda: 1
+        self.requeued = 0
+        self._unacked: Counter[str] = Counter()
 
     @classmethod
     async def open(
@@ -121,33 +128,72 @@ class QueueConsumer:
     def running(self) -> bool:
         return self._tag is not None
 
-    async def resume(self, prefetch: int) -> None:
-        prefetch = max(1, prefetch)
-        if prefetch != self._prefetch:
-            await self._channel.set_qos(prefetch_count=prefetch)
-            self._prefetch = prefetch
-        if self._tag is None:
+    async def resume(self) -> None:
+        """Consume with prefetch = what the label can start now (set only here: a qos
+        round trip per job would cost more than it saves). Capacity is checked again
+        under the lock: it may have filled up since the caller looked."""
+        async with self._switch:
+            if self._tag is not None or not self.should_run():
+                return
+            prefetch = max(1, self.free_slots())
+            if prefetch != self._prefetch:
+                await self._channel.set_qos(prefetch_count=prefetch)
+                self._prefetch = prefetch
             self._tag = await self._queue.consume(self._on_message)
 
     async def pause(self) -> None:
-        tag, self._tag = self._tag, None
-        if tag is not None and not self._channel.is_closed:
-            await self._queue.cancel(tag)
+        async with self._switch:
+            tag, self._tag = self._tag, None
+            if tag is not None and not self._channel.is_closed:
+                await self._queue.cancel(tag)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
+        # Prefetch windows are per consumer (quorum queues have no channel-wide qos):
+        # count deliveries not yet settled per consumer tag.
+        tag = message.consumer_tag or ""
+        self._unacked[tag] += 1
+        counted = True
         try:
             try:
                 decision = await self._handler(message)
             except Exception as exc:  # a bug in handling one message must not stop intake
                 log.error("delivery.handler_failed", queue=self.name, error=repr(exc), exc_info=True)
                 decision = Decision(Verdict.DEAD_LETTER, reason=f"internal error while handling: {exc!r}")
+            if decision.verdict is Verdict.REQUEUE:
+                self.requeued += 1
+            if self._window_would_overflow(tag):
+                await self.pause()
+            self._uncount(tag)
+            counted = False
             await self._settler.settle(message, decision)
         finally:
+            if counted:
+                self._uncount(tag)
             if task is not None:
                 self._in_flight.discard(task)
+
+    def _uncount(self, tag: str) -> None:
+        self._unacked[tag] -= 1
+        if not self._unacked[tag]:
+            del self._unacked[tag]
+
+    def _window_would_overflow(self, tag: str) -> bool:
+        """Whether settling this delivery could let the broker send one we cannot start.
+
+        Settling frees a slot of its consumer's prefetch window: the broker may then
+        have up to `prefetch` minus that consumer's other unacked deliveries on their
+        way, and each needs a free slot. If not all would fit, cancel first (the broker
+        sends nothing after cancel-ok): on a quorum queue every requeue counts toward
+        the delivery limit. A delivery of an already cancelled consumer opens nothing."""
+        if self._tag is None:
+            return self._switch.locked()  # a pause is under way: wait for its cancel-ok
+        if tag != self._tag:
+            return False
+        others_unacked = self._unacked[tag] - 1
+        return self.free_slots() + others_unacked < self._prefetch
 
     async def close(self) -> None:
         """Stop consuming, let deliveries being handled settle, and close the channel so

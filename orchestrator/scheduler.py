@@ -9,6 +9,8 @@ start (DESIGN.md "Capacity").
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -50,16 +52,31 @@ class Scheduler:
             if self._ledger.label_limit(label) <= 0:
                 log.info("label.disabled", label=label, reason="capacity 0 in CAPACITY_MAP")
                 continue
-            self._consumers[label] = await QueueConsumer.open(
+            consumer = await QueueConsumer.open(
                 connection, self._topology.label_queue(label), self._intake.handler_for(label), self._settler
             )
+            consumer.should_run = self._should_run_for(label)
+            consumer.free_slots = functools.partial(self._ledger.free_slots, label)
+            self._consumers[label] = consumer
         self._unroutable = await QueueConsumer.open(
             connection, self._topology.unroutable_queue, self._intake.on_unroutable_message, self._settler
         )
-        await self._unroutable.resume(UNROUTABLE_PREFETCH)
+        self._unroutable.free_slots = lambda: UNROUTABLE_PREFETCH
+        await self._unroutable.resume()
         self._ledger.listeners.append(self.poke)
         self._task = asyncio.create_task(self._loop(), name="scheduler")
         self.poke()
+
+    def _should_run_for(self, label: str) -> Callable[[], bool]:
+        size = self._image_map.default_resources(label)
+
+        def should_run() -> bool:
+            return not self._stopped and self._ledger.can_start(label, size.cpus, size.memory_mb)
+
+        return should_run
+
+    def requeued(self) -> int:
+        return sum(consumer.requeued for consumer in self._consumers.values())
 
     def poke(self) -> None:
         self._dirty.set()
@@ -80,19 +97,16 @@ class Scheduler:
 
     async def _rebalance(self) -> None:
         # Pauses first: a full host must stop taking work before anything else happens.
-        wanted: dict[str, bool] = {}
-        for label, consumer in self._consumers.items():
-            size = self._image_map.default_resources(label)
-            wanted[label] = not self._stopped and self._ledger.can_start(label, size.cpus, size.memory_mb)
+        wanted = {label: consumer.should_run() for label, consumer in self._consumers.items()}
         for label, consumer in self._consumers.items():
             if consumer.running and not wanted[label]:
                 await consumer.pause()
                 log.debug("label.paused", label=label)
         for label, consumer in self._consumers.items():
-            if wanted[label] and not self._stopped:
+            if wanted[label]:
                 # Prefetch is what the label can start now, so the broker never hands
                 # this host more than it can run at once.
-                await consumer.resume(self._ledger.free_slots(label))
+                await consumer.resume()
 
     async def stop(self) -> None:
         """Stop taking work: cancel consumers and return undelivered work to the broker."""

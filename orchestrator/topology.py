@@ -42,6 +42,10 @@ class Topology:
         return f"{self.prefix}.results"
 
     @property
+    def results_queue(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
     def events(self) -> str:
         return f"{self.prefix}.events"
 
@@ -111,6 +115,10 @@ async def declare_topology(
             await queue.bind(jobs, routing_key=key)
         label_queues[label] = queue
     results = await channel.declare_exchange(topology.results, aio_pika.ExchangeType.TOPIC, durable=True)
+    # Results wait here for the forge integration even while it is down; `enqueue --wait`
+    # binds its own exclusive queue beside it.
+    results_queue = await channel.declare_queue(topology.results_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await results_queue.bind(results, routing_key="#")
     events = await channel.declare_exchange(topology.events, aio_pika.ExchangeType.TOPIC, durable=True)
     control = await channel.declare_exchange(topology.control, aio_pika.ExchangeType.FANOUT, durable=True)
     return DeclaredTopology(jobs, results, events, control, dlx, label_queues, unroutable, dlq)
@@ -118,7 +126,7 @@ async def declare_topology(
 
 async def delete_topology(channel: AbstractChannel, topology: Topology, labels: list[str]) -> None:
     """Remove everything `declare_topology` made (tests and benchmarks clean up with it)."""
-    for name in [topology.label_queue(l) for l in labels] + [topology.unroutable_queue, topology.dlq]:
+    for name in [topology.label_queue(l) for l in labels] + [topology.unroutable_queue, topology.dlq, topology.results_queue]:
         await channel.queue_delete(name)
     for name in topology.exchanges():
         await channel.exchange_delete(name)

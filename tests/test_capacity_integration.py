@@ -169,3 +169,18 @@ async def test_drain_timeout_hands_unfinished_job_back_as_next_attempt(prefix, t
     assert result.status is JobStatus.SUCCEEDED and result.host == "new" and result.attempt == 2
     assert broker.results.empty()
     await successor.stop()
+
+
+async def test_saturated_label_takes_exactly_what_it_can_start_without_requeues(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+    # Requeues count toward a quorum queue's delivery limit: under a steady backlog a
+    # host must not bounce work it was handed.
+    await broker.open()
+    setup = await start_daemon(prefix, tmp_path, noop_map_path, "setup", NoopHypervisor(), max_concurrency=1)
+    await setup.stop()
+    jobs = [await broker.submit(runs_on="alpha") for _ in range(150)]
+    daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", NoopHypervisor(), max_concurrency=4)
+    results = await broker.collect(150, timeout_s=60)
+    assert set(results) == {j.job_id for j in jobs}
+    assert daemon.scheduler.requeued() == 0
+    assert daemon.ledger.peak_running <= 4
+    await daemon.stop()
