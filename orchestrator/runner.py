@@ -21,6 +21,7 @@ from hypervisors.router import RouterHypervisor
 from orchestrator.amqp import ConfirmedPublisher, json_message
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
+from orchestrator.console import ConsoleFollower
 from orchestrator.intake import AcceptedJob
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
@@ -31,7 +32,6 @@ from orchestrator.topology import Topology
 log = EventLogger("orchestrator.runner")
 
 CONSOLE_TAIL_LINES = 40
-CONSOLE_TAIL_BYTES = 64 * 1024
 
 
 class StopReason(str, enum.Enum):
@@ -47,17 +47,10 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    console: ConsoleFollower = field(init=False)
 
-
-def read_console_tail(path: Path, limit: int = CONSOLE_TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as console:
-            console.seek(0, 2)
-            size = console.tell()
-            console.seek(max(0, size - limit))
-            return console.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
+    def __post_init__(self) -> None:
+        self.console = ConsoleFollower(self.spec.console_path)
 
 
 def tail_lines(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -171,10 +164,11 @@ class JobRunner:
                 await backend.start(spec)
             except BackendError as exc:
                 jlog.error("vm.start_failed", error=str(exc))
-                tail = await asyncio.to_thread(read_console_tail, spec.console_path)
+                tail = await running.console.finish()
                 await self._finish(running, JobStatus.ERROR, f"VM failed to start: {exc}", None, tail, accepted_at, None)
                 return
             started_at = time.time()
+            running.console.start()
             await self._journal.move(job.job_id, JobState.RUNNING, started_at=started_at)
             jlog.info("job.started", vm=spec.name, backend=backend.name.value)
             await self._emit(f"job.started.{job.label}", self._event(job, EventKind.STARTED))
@@ -182,7 +176,7 @@ class JobRunner:
             if status is None:
                 await self._hand_back(running, jlog)
                 return
-            tail = await asyncio.to_thread(read_console_tail, spec.console_path)
+            tail = await running.console.finish()
             exit_code = find_exit_code(tail, job.nonce)
             if status is JobStatus.SUCCEEDED:  # the VM stopped by itself: what did it say?
                 if exit_code is None:
@@ -196,9 +190,10 @@ class JobRunner:
             raise
         except Exception as exc:
             jlog.error("job.crashed", error=repr(exc), exc_info=True)
-            tail = await asyncio.to_thread(read_console_tail, spec.console_path)
+            tail = await running.console.finish()
             await self._finish(running, JobStatus.ERROR, f"orchestrator error: {exc!r}", None, tail, accepted_at, started_at)
         finally:
+            await running.console.finish()
             try:
                 await backend.destroy(spec)
             except Exception as exc:

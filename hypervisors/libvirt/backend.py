@@ -1,0 +1,226 @@
+"""The libvirt backend: qcow2 overlay + NoCloud seed + persistent domain per job.
+
+Domains are persistent (define, then start) rather than transient: a VM that stopped
+while the daemon was down is still defined, with our metadata tag, so the daemon can
+collect it after a restart; `destroy` undefines it. Nothing without our tag is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import libvirt
+
+from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
+from hypervisors.libvirt.connection import LibvirtConnection
+from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag
+from hypervisors.libvirt.overlay import create_overlay
+from hypervisors.libvirt.seed import write_seed_iso
+
+STATE_POLL_S = 5.0  # safety net under lifecycle events
+
+
+def _kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _not_found(exc: libvirt.libvirtError) -> bool:
+    return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+
+
+class LibvirtHypervisor:
+    name = BackendName.LIBVIRT
+
+    def __init__(self, *, state_dir: Path, orchestrator_id: str, network: str | None, domain_type: str) -> None:
+        self._state_dir = state_dir
+        self._orchestrator_id = orchestrator_id
+        self._network = network
+        self.domain_type = domain_type
+        self._stopped: dict[str, asyncio.Event] = {}
+        self.connection: LibvirtConnection
+
+    @classmethod
+    async def connect(
+        cls, *, uri: str, network: str | None, domain_type: str, state_dir: Path, orchestrator_id: str
+    ) -> LibvirtHypervisor:
+        backend = cls(state_dir=state_dir, orchestrator_id=orchestrator_id, network=network, domain_type=domain_type)
+        backend.connection = LibvirtConnection(uri, backend._on_lifecycle)
+        await backend.connection.open()
+        if domain_type == "auto":
+            backend.domain_type = await backend._detect_domain_type()
+        if network is not None:
+            await backend.ensure_network(network)
+        return backend
+
+    async def _detect_domain_type(self) -> str:
+        capabilities = await self.connection.call(lambda c: c.getCapabilities())
+        return "kvm" if "type='kvm'" in capabilities and _kvm_usable() else "qemu"
+
+    async def ensure_network(self, name: str) -> None:
+        """Make the network active and autostarted; a clear error when it does not exist."""
+
+        def ensure(conn: libvirt.virConnect) -> None:
+            try:
+                network = conn.networkLookupByName(name)
+            except libvirt.libvirtError:
+                raise BackendError(
+                    f"libvirt network {name!r} does not exist: define it (virsh net-define) "
+                    "or set LIBVIRT_NETWORK=none for VMs without a NIC"
+                ) from None
+            if not network.isActive():
+                network.create()
+            if not network.autostart():
+                network.setAutostart(1)
+
+        await self.connection.call(ensure)
+
+    # --- paths -------------------------------------------------------------------------
+    def files_for(self, spec: VmSpec) -> DomainFiles:
+        return DomainFiles(
+            overlay=self._state_dir / "overlays" / f"{spec.name}.qcow2",
+            seed=self._state_dir / "seeds" / f"{spec.name}.iso" if spec.seed is not None else None,
+            console=spec.console_path,
+        )
+
+    # --- events ------------------------------------------------------------------------
+    def _on_lifecycle(self, name: str, event: int, _detail: int) -> None:
+        if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
+            waiter = self._stopped.get(name)
+            if waiter is not None:
+                waiter.set()
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def prepare(self, spec: VmSpec) -> None:
+        if spec.image_path is None or spec.image_format is None:
+            raise BackendError(f"VM {spec.name}: the image map must give local_path and format for libvirt images")
+        files = self.files_for(spec)
+        try:
+            await create_overlay(spec.image_path, spec.image_format, files.overlay, spec.disk_gb)
+            if spec.seed is not None and files.seed is not None:
+                await asyncio.to_thread(write_seed_iso, spec.seed, files.seed)
+            spec.console_path.parent.mkdir(parents=True, exist_ok=True)
+            xml = build_domain_xml(
+                spec, files, domain_type=self.domain_type, orchestrator_id=self._orchestrator_id, network=self._network
+            )
+            await self.connection.call(lambda c: c.defineXML(xml))
+        except libvirt.libvirtError as exc:
+            await self._delete_files(files)
+            raise BackendError(f"VM {spec.name}: libvirt refused the domain: {exc.get_error_message()}") from None
+        except (BackendError, OSError) as exc:
+            await self._delete_files(files)
+            raise BackendError(f"VM {spec.name}: {exc}") from None
+
+    async def start(self, spec: VmSpec) -> None:
+        self._stopped[spec.name] = asyncio.Event()
+        try:
+            await self.connection.call(lambda c: c.lookupByName(spec.name).create())
+        except libvirt.libvirtError as exc:
+            raise BackendError(f"VM {spec.name} did not start: {exc.get_error_message()}") from None
+
+    async def _state(self, name: str) -> VmState:
+        def state(conn: libvirt.virConnect) -> VmState:
+            try:
+                code = conn.lookupByName(name).state()[0]
+            except libvirt.libvirtError as exc:
+                if _not_found(exc):
+                    return VmState.GONE
+                raise
+            if code in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+                return VmState.STOPPED
+            return VmState.RUNNING
+
+        return await self.connection.call(state)
+
+    async def wait_stopped(self, spec: VmSpec) -> VmState:
+        waiter = self._stopped.setdefault(spec.name, asyncio.Event())
+        while True:
+            # The state check runs after the waiter exists, so no stop event is missed;
+            # the poll also covers events lost while libvirtd restarted.
+            state = await self._state(spec.name)
+            if state in (VmState.STOPPED, VmState.GONE):
+                return state
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout=STATE_POLL_S)
+            except TimeoutError:
+                continue
+            waiter.clear()
+
+    async def shutdown(self, spec: VmSpec, *, timeout_s: float) -> None:
+        def press_power_button(conn: libvirt.virConnect) -> None:
+            try:
+                conn.lookupByName(spec.name).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            except libvirt.libvirtError as exc:
+                if not _not_found(exc) and exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+
+        try:
+            await self.connection.call(press_power_button)
+            await asyncio.wait_for(self.wait_stopped(spec), timeout=timeout_s)
+        except (TimeoutError, libvirt.libvirtError):
+            pass
+        await self.destroy(spec)
+
+    async def destroy(self, spec: VmSpec) -> None:
+        await self._destroy_domain(spec.name)
+        self._stopped.pop(spec.name, None)
+        await self._delete_files(self.files_for(spec))
+
+    async def _destroy_domain(self, name: str) -> None:
+        def destroy(conn: libvirt.virConnect) -> None:
+            try:
+                domain = conn.lookupByName(name)
+            except libvirt.libvirtError as exc:
+                if _not_found(exc):
+                    return
+                raise
+            try:
+                if domain.isActive():
+                    domain.destroy()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+            try:
+                domain.undefine()
+            except libvirt.libvirtError as exc:
+                if not _not_found(exc):
+                    raise
+
+        await self.connection.call(destroy)
+
+    async def _delete_files(self, files: DomainFiles) -> None:
+        def delete() -> None:
+            for path in (files.overlay, files.seed):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                    path.with_name(path.name + ".partial").unlink(missing_ok=True)
+
+        await asyncio.to_thread(delete)
+
+    async def list_ours(self) -> list[VmInfo]:
+        orchestrator_id = self._orchestrator_id
+
+        def scan(conn: libvirt.virConnect) -> list[VmInfo]:
+            found = []
+            for domain in conn.listAllDomains(0):
+                try:
+                    tag = read_job_tag(domain.XMLDesc(0))
+                    if tag is None or tag.orchestrator_id != orchestrator_id:
+                        continue
+                    code = domain.state()[0]
+                except libvirt.libvirtError:
+                    continue  # vanished while we looked
+                state = VmState.STOPPED if code in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED) else VmState.RUNNING
+                found.append(VmInfo(domain.name(), tag.job_id, BackendName.LIBVIRT, state, tag.console))
+            return found
+
+        return await self.connection.call(scan)
+
+    async def close(self) -> None:
+        await self.connection.close()

@@ -1,0 +1,137 @@
+"""Domain XML for a job VM, built as an ElementTree (never by string formatting).
+
+Per-VM facts the daemon needs after a restart (orchestrator id, job id, console path,
+overlay and seed paths) live in the domain's `<metadata>`, in our own namespace, so
+libvirt itself holds them and `list_ours` can tell our VMs from everyone else's.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from hypervisors.base import VmSpec
+
+METADATA_NS = "https://github.com/ci-vm-orchestrator/xmlns/job/1"
+METADATA_PREFIX = "orch"
+ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+
+
+@dataclass(frozen=True)
+class DomainFiles:
+    overlay: Path
+    seed: Path | None
+    console: Path
+
+
+@dataclass(frozen=True)
+class JobTag:
+    """What our `<metadata>` element says about a domain."""
+
+    orchestrator_id: str
+    job_id: str
+    console: Path | None
+    overlay: Path | None
+    seed: Path | None
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def metadata_element(orchestrator_id: str, job_id: str, files: DomainFiles) -> ET.Element:
+    job = ET.Element(f"{{{METADATA_NS}}}job")
+    for name, value in (
+        ("orchestrator", orchestrator_id),
+        ("job-id", job_id),
+        ("console", str(files.console)),
+        ("overlay", str(files.overlay)),
+        ("seed", str(files.seed) if files.seed else ""),
+    ):
+        ET.SubElement(job, f"{{{METADATA_NS}}}{name}").text = value
+    return job
+
+
+def build_domain_xml(
+    spec: VmSpec,
+    files: DomainFiles,
+    *,
+    domain_type: str,
+    orchestrator_id: str,
+    network: str | None,
+    disk_format: str = "qcow2",
+) -> str:
+    domain = ET.Element("domain", type=domain_type)
+    _sub(domain, "name", spec.name)
+    metadata = _sub(domain, "metadata")
+    metadata.append(metadata_element(orchestrator_id, spec.job_id, files))
+    _sub(domain, "memory", str(spec.memory_mb), unit="MiB")
+    _sub(domain, "vcpu", str(spec.cpus), placement="static")
+    os_element = _sub(domain, "os")
+    _sub(os_element, "type", "hvm", arch="x86_64", machine="pc")
+    if spec.direct_boot is not None:
+        _sub(os_element, "kernel", str(spec.direct_boot.kernel))
+        if spec.direct_boot.initrd is not None:
+            _sub(os_element, "initrd", str(spec.direct_boot.initrd))
+        if spec.direct_boot.cmdline:
+            _sub(os_element, "cmdline", spec.direct_boot.cmdline)
+    else:
+        _sub(os_element, "boot", dev="hd")
+    features = _sub(domain, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    if domain_type == "kvm":
+        _sub(domain, "cpu", mode="host-passthrough")
+    _sub(domain, "clock", offset="utc")
+    # A job VM that stops for any reason is over: never restart it.
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(domain, event, "destroy")
+    devices = _sub(domain, "devices")
+    disk = _sub(devices, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type=disk_format, discard="unmap")
+    _sub(disk, "source", file=str(files.overlay))
+    _sub(disk, "target", dev="vda", bus="virtio")
+    if files.seed is not None:
+        # IDE CD-ROM, not virtio: some cloud images look for their seed (and their root
+        # disk) in ways a virtio seed disk confuses.
+        cdrom = _sub(devices, "disk", type="file", device="cdrom")
+        _sub(cdrom, "driver", name="qemu", type="raw")
+        _sub(cdrom, "source", file=str(files.seed))
+        _sub(cdrom, "target", dev="hdc", bus="ide")
+        _sub(cdrom, "readonly")
+    if network is not None:
+        interface = _sub(devices, "interface", type="network")
+        _sub(interface, "source", network=network)
+        _sub(interface, "model", type="virtio")
+    serial = _sub(devices, "serial", type="file")
+    _sub(serial, "source", path=str(files.console), append="off")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="file")
+    _sub(console, "source", path=str(files.console), append="off")
+    _sub(console, "target", type="serial", port="0")
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    _sub(devices, "memballoon", model="none")
+    return ET.tostring(domain, encoding="unicode")
+
+
+def read_job_tag(domain_xml: str) -> JobTag | None:
+    """Our tag from a domain's XML, or None when the domain is not ours at all."""
+    root = ET.fromstring(domain_xml)
+    job = root.find(f"metadata/{{{METADATA_NS}}}job")
+    if job is None:
+        return None
+
+    def text(name: str) -> str:
+        element = job.find(f"{{{METADATA_NS}}}{name}")
+        return (element.text or "") if element is not None else ""
+
+    def path(name: str) -> Path | None:
+        value = text(name)
+        return Path(value) if value else None
+
+    return JobTag(text("orchestrator"), text("job-id"), path("console"), path("overlay"), path("seed"))

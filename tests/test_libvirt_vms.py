@@ -1,0 +1,124 @@
+"""Real VMs under libvirt + QEMU (software emulation), the tiny test image, the real
+broker, through the daemon. After every test no domain, overlay or seed of ours is left."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from hypervisors.base import BackendError, BackendName
+from hypervisors.libvirt import LibvirtHypervisor
+from orchestrator.daemon import Daemon
+from orchestrator.imagemap import load_image_map
+from orchestrator.messages import JobStatus
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.libvirt
+ROOT = Path(__file__).resolve().parent.parent
+TEST_IMAGE = Path("/var/cache/orchestrator/test-image")
+URI = "qemu:///system"
+
+
+@pytest.fixture(scope="session")
+def test_image() -> Path:
+    subprocess.run([sys.executable, str(ROOT / "examples" / "test-image" / "build.py"), str(TEST_IMAGE)], check=True)
+    return TEST_IMAGE
+
+
+def _network_xml(name: str) -> str:
+    # Isolated: a bridge with no address and no forwarding, so guests reach nothing.
+    bridge = "vb" + uuid.uuid4().hex[:10]
+    return f"<network><name>{name}</name><bridge name='{bridge}' stp='off'/></network>"
+
+
+@pytest.fixture(scope="session")
+def test_network() -> str:
+    name = f"orch-test-{uuid.uuid4().hex[:8]}"
+    conn = libvirt.open(URI)
+    network = conn.networkDefineXML(_network_xml(name))
+    yield name
+    if network.isActive():
+        network.destroy()
+    network.undefine()
+    conn.close()
+
+
+@pytest.fixture
+async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology) -> AsyncIterator[Daemon]:
+    cleanup_topology.extend(["demo", "demo-silent"])
+    map_path = test_image / "image-map.yaml"
+    settings = make_settings(
+        prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, max_concurrency=2,
+        libvirt_domain_type="qemu", libvirt_network=test_network, orchestrator_id=f"test-{prefix}",
+        host_cpus=4, host_memory_mb=2048,
+    )
+    daemon = Daemon(settings, load_image_map(map_path))
+    await daemon.start()
+    yield daemon
+    await daemon.stop()
+    # Nothing of ours may be left behind.
+    conn = libvirt.open(URI)
+    try:
+        names = [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        conn.close()
+    assert not [n for n in names if n.startswith("job-")], names
+    assert list((settings.state_dir / "overlays").iterdir()) == []
+    assert list((settings.state_dir / "seeds").iterdir()) == []
+
+
+async def test_jobs_exiting_0_and_3_run_at_once_in_real_vms(vm_daemon, broker):
+    await broker.open()
+    ok = await broker.submit(runs_on="demo", script="echo hello from $GREETING; uname -s", env={"GREETING": "the VM's shell"})
+    bad = await broker.submit(runs_on="demo", script="echo about to fail; exit 3")
+    results = await broker.collect(2, timeout_s=240)
+    assert vm_daemon.ledger.peak_running == 2
+    assert results[ok.job_id].status is JobStatus.SUCCEEDED and results[ok.job_id].exit_code == 0
+    assert results[bad.job_id].status is JobStatus.FAILED and results[bad.job_id].exit_code == 3
+    log = (vm_daemon.settings.logs_dir / f"{ok.job_id}.console").read_text()
+    assert "hello from the VM's shell" in log and "Linux" in log
+    assert f"NoCloud seed on /dev/sr0: {ok.job_id}" in log
+
+
+async def test_script_that_never_ends_times_out_and_vm_is_destroyed(vm_daemon, broker):
+    await broker.open()
+    job = await broker.submit(runs_on="demo", script="echo started; while true; do sleep 1; done", timeout_s=15)
+    result = await broker.next_result(timeout_s=120)
+    assert result.request_id == job.request_id
+    assert result.status is JobStatus.TIMEOUT
+    assert "started" in result.console_tail
+    assert await vm_daemon.router.list_ours() == []
+
+
+async def test_vm_that_never_prints_a_result_line_is_an_error_with_console_tail(vm_daemon, broker):
+    await broker.open()
+    await broker.submit(runs_on="demo-silent", script="echo never runs")
+    result = await broker.next_result(timeout_s=120)
+    assert result.status is JobStatus.ERROR
+    assert "without reporting a result" in result.summary
+    assert "skipping user-data" in result.console_tail and "never runs" not in result.console_tail
+
+
+async def test_network_is_made_active_and_autostarted(tmp_path, test_network):
+    conn = libvirt.open(URI)
+    network = conn.networkLookupByName(test_network)
+    if network.isActive():
+        network.destroy()
+    network.setAutostart(0)
+    backend = await LibvirtHypervisor.connect(
+        uri=URI, network=test_network, domain_type="qemu", state_dir=tmp_path, orchestrator_id="t"
+    )
+    await backend.close()
+    assert network.isActive() and network.autostart()
+    conn.close()
+
+
+async def test_missing_network_is_a_clear_error(tmp_path):
+    with pytest.raises(BackendError, match=r"libvirt network 'no-such-net' does not exist: define it .* LIBVIRT_NETWORK=none"):
+        await LibvirtHypervisor.connect(uri=URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t")
