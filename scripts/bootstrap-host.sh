@@ -17,7 +17,7 @@ fi
 
 debs=(rabbitmq-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config busybox-static zstd
-      python3-venv python3-dev gcc virtinst libxml2-utils cpio)
+      python3-venv python3-dev gcc virtinst libxml2-utils iptables dnsmasq-base git)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,6 +26,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # libvirtd sets up its firewall chains at start: restart it if iptables is new.
+    case " ${missing[*]} " in *" iptables "*) restart_libvirtd=1 ;; esac
 fi
 
 # --- RabbitMQ -------------------------------------------------------------------------
@@ -66,6 +68,15 @@ else
 fi
 timeout 60 sh -c 'until virsh -c qemu:///system version >/dev/null 2>&1; do sleep 0.25; done'
 
+# An isolated network for the demo (a bridge with no address and no forwarding: the
+# demo VM reaches nothing). The daemon itself makes it active and autostarted.
+if ! virsh -c qemu:///system net-info orchestrator-demo >/dev/null 2>&1; then
+    netxml=$(mktemp)
+    printf "<network><name>orchestrator-demo</name><bridge name='virbr-orchdemo' stp='off'/></network>\n" > "$netxml"
+    virsh -c qemu:///system net-define "$netxml" >/dev/null
+    rm -f "$netxml"
+fi
+
 # --- Python environment -------------------------------------------------------------
 venv="$here/.venv"
 stamp="$venv/.installed-$(sha256sum "$here/pyproject.toml" | cut -c1-16)"
@@ -73,7 +84,9 @@ if [ ! -e "$stamp" ]; then
     log "creating $venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
+    # libvirt-python builds against libvirt-dev here (gcc + Python headers).
     "$venv/bin/pip" install -q -e "$here[test]"
+    "$venv/bin/python" -c "import aio_pika, libvirt, pycdlib, zstandard, orchestrator" 
     rm -f "$venv"/.installed-*
     touch "$stamp"
 fi
