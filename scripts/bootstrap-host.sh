@@ -44,7 +44,7 @@ getent group kvm >/dev/null || groupadd -r kvm
 getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
 # The qemu driver looks up the built-in user even when qemu.conf says user="root".
 id libvirt-qemu >/dev/null 2>&1 || useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
-mkdir -p /var/log/libvirt /var/lib/libvirt /run/libvirt
+mkdir -p /var/log/libvirt /var/lib/libvirt/boot /var/lib/libvirt/images /run/libvirt
 qemu_conf='user = "root"
 group = "root"
 security_driver = "none"'
