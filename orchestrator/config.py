@@ -68,6 +68,10 @@ class DaemonSettings(BaseModel):
     libvirt_uri: str = "qemu:///system"
     libvirt_network: str | None = "default"
     libvirt_domain_type: Annotated[str, Field(pattern=r"^(kvm|qemu|auto)$")] = "auto"
+    # zones backend (illumos bhyve)
+    zones_dataset: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")] = "rpool/orchestrator"
+    zones_zonepath_root: Path = Path("/zones")
+    zones_global_nic: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")] | None = None
     orchestrator_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] = "ci-orchestrator"
 
     @field_validator("amqp_url")
@@ -107,6 +111,9 @@ ENV_NAMES: Mapping[str, str] = {
     "libvirt_uri": "LIBVIRT_URI",
     "libvirt_network": "LIBVIRT_NETWORK",
     "libvirt_domain_type": "LIBVIRT_DOMAIN_TYPE",
+    "zones_dataset": "ZONES_DATASET",
+    "zones_zonepath_root": "ZONES_ZONEPATH_ROOT",
+    "zones_global_nic": "ZONES_GLOBAL_NIC",
     "orchestrator_id": "ORCH_ID",
 }
 

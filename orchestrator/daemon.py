@@ -55,7 +55,13 @@ async def build_backends(settings: DaemonSettings, needed: set[BackendName]) -> 
         elif name is BackendName.ZONES:
             from hypervisors.zones import ZonesHypervisor
 
-            backends[name] = ZonesHypervisor(state_dir=settings.state_dir, orchestrator_id=settings.orchestrator_id)
+            backends[name] = ZonesHypervisor(
+                state_dir=settings.state_dir,
+                orchestrator_id=settings.orchestrator_id,
+                dataset=settings.zones_dataset,
+                zonepath_root=settings.zones_zonepath_root,
+                global_nic=settings.zones_global_nic,
+            )
     return backends
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from hypervisors.base import DirectBoot, ImageFormat, SeedFiles, VmSpec
 from hypervisors.libvirt.domain import METADATA_NS, DomainFiles, build_domain_xml, read_job_tag
-from hypervisors.libvirt.seed import read_seed_iso, volume_label, write_seed_iso
+from hypervisors.seed import read_seed_iso, volume_label, write_seed_iso
 
 
 def spec(**overrides) -> VmSpec:

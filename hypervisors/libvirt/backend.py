@@ -17,7 +17,7 @@ from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
 from hypervisors.libvirt.connection import LibvirtConnection
 from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag
 from hypervisors.libvirt.overlay import create_overlay
-from hypervisors.libvirt.seed import write_seed_iso
+from hypervisors.seed import write_seed_iso
 
 STATE_POLL_S = 5.0  # safety net under lifecycle events
 
