@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--wait", action="store_true", help="wait for the result, print it, exit with the job's status")
     enqueue.add_argument("--wait-timeout", type=float, default=3600, help="give up waiting after this many seconds (default 3600)")
 
+    images = commands.add_parser("images", help="prepare and list base images")
+    image_commands = images.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
+    prepare = image_commands.add_parser(
+        "prepare", help="download (and decompress, verify) images",
+        description="Download missing images (all, or the labels given); --refresh re-checks the source and replaces an image only when it changed.",
+    )
+    _add_broker_flags(prepare)
+    prepare.add_argument("labels", nargs="*", metavar="LABEL", help="labels or aliases (default: every image with a source)")
+    prepare.add_argument("--refresh", action="store_true", help="check the source for a newer image (ETag / Last-Modified)")
+    prepare.add_argument("--state-dir", type=Path, help="env STATE_DIR (image_dir defaults to STATE_DIR/images)")
+    prepare.add_argument("--image-dir", type=Path, help="where images may be written (env IMAGE_DIR)")
+    listing = image_commands.add_parser("list", help="each label's image file, size, format, sha256, source, fetch time")
+    _add_broker_flags(listing)
+
     config = commands.add_parser("config", help="inspect configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     check = config_commands.add_parser("check", help="validate the image map and settings and print what they resolve to")
@@ -241,6 +255,95 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- images ---------------------------------------------------------------------------------
+
+
+class ProgressPrinter:
+    """A progress bar on a terminal; a plain line every few seconds otherwise."""
+
+    def __init__(self, stream: Any = None, *, interval_s: float = 5.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval_s = 0.2 if self.tty else interval_s
+        self._last = 0.0
+
+    def __call__(self, status: Any) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return
+        self._last = now
+        elapsed = max(1e-6, now - (status.started_at or now))
+        rate = status.bytes_in / elapsed
+        total = status.bytes_total
+        mib = 2**20
+        if total:
+            eta = (total - status.bytes_in) / rate if rate else 0
+            text = f"{status.label}: {status.bytes_in / mib:.0f}/{total / mib:.0f} MiB {100 * status.bytes_in / total:3.0f}% {rate / mib:.1f} MiB/s ETA {eta:.0f}s"
+        else:
+            text = f"{status.label}: {status.bytes_in / mib:.0f} MiB {rate / mib:.1f} MiB/s"
+        if self.tty:
+            width = 24
+            done = int(width * (status.bytes_in / total)) if total else 0
+            print(f"\r[{'#' * done}{'.' * (width - done)}] {text}", end="", file=self.stream, flush=True)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            print(file=self.stream)
+
+
+def cmd_images_prepare(args: argparse.Namespace) -> int:
+    from orchestrator.images import ImagePreparer, ImagePrepError
+
+    settings = _settings(args)
+    image_map = _image_map(settings)
+    try:
+        labels = [image_map.resolve(label) for label in args.labels] or [
+            label for label, image in image_map.images.items() if image.source is not None
+        ]
+    except RequestRejected as exc:
+        raise CLIError(str(exc)) from None
+
+    async def prepare_all() -> int:
+        failures = 0
+        progress = ProgressPrinter()
+        preparer = ImagePreparer(image_map, image_dir=settings.images_dir, max_image_bytes=settings.max_image_bytes, on_progress=progress)
+        try:
+            for label in labels:
+                try:
+                    outcome = await preparer.prepare(label, refresh=args.refresh)
+                    progress.done()
+                    print(f"{label}: {outcome.value} ({image_map.images[label].local_path})")
+                except ImagePrepError as exc:
+                    progress.done()
+                    print(f"error: {exc}", file=sys.stderr)
+                    failures += 1
+        finally:
+            await preparer.close()
+        return 1 if failures else 0
+
+    return asyncio.run(prepare_all())
+
+
+def cmd_images_list(args: argparse.Namespace) -> int:
+    from orchestrator.images import ImageMeta
+
+    settings = _settings(args)
+    image_map = _image_map(settings)
+    for label, image in sorted(image_map.images.items()):
+        path = image.local_path
+        meta = ImageMeta.read(path) if path.exists() else None
+        size = f"{path.stat().st_size / 2**20:.0f} MiB" if path.exists() else "missing"
+        print(
+            f"{label}: {path} {size} format={(meta.format if meta else image.format.value if image.format else '?')} "
+            f"sha256={meta.sha256 if meta else '-'} source={image.source or '-'} fetched={meta.fetched_at if meta else '-'}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -251,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_enqueue(args)
         if args.command == "config":
             return cmd_config_check(args)
+        if args.command == "images":
+            return cmd_images_prepare(args) if args.images_command == "prepare" else cmd_images_list(args)
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

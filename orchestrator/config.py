@@ -56,6 +56,8 @@ class DaemonSettings(BaseModel):
         default_factory=lambda: socket.gethostname().split(".")[0] or "host"
     )
     state_dir: Path = Path("/var/lib/orchestrator")
+    image_dir: Path | None = None  # default: STATE_DIR/images
+    max_image_bytes: Annotated[int, Field(ge=1)] = 64 * 1024**3
     backend: BackendName = BackendName.LIBVIRT
     drain_timeout_s: Annotated[float, Field(ge=0)] = 300.0
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
@@ -82,6 +84,10 @@ class DaemonSettings(BaseModel):
         return value
 
     @property
+    def images_dir(self) -> Path:
+        return self.image_dir or self.state_dir / "images"
+
+    @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
 
@@ -100,6 +106,8 @@ ENV_NAMES: Mapping[str, str] = {
     "host_memory_mb": "HOST_MEMORY_MB",
     "host_name": "HOST_NAME",
     "state_dir": "STATE_DIR",
+    "image_dir": "IMAGE_DIR",
+    "max_image_bytes": "MAX_IMAGE_BYTES",
     "backend": "ORCH_BACKEND",
     "drain_timeout_s": "DRAIN_TIMEOUT_S",
     "shutdown_timeout_s": "SHUTDOWN_TIMEOUT_S",

@@ -19,6 +19,7 @@ from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
 from orchestrator.imagemap import ImageEntry, ImageMap
+from orchestrator.images import ImagePreparer
 from orchestrator.intake import JobIntake
 from orchestrator.journal import Journal
 from orchestrator.logsetup import EventLogger
@@ -92,6 +93,8 @@ class Daemon:
         self._events: EventPublisher | None = None
         self._publisher: ConfirmedPublisher | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._image_task: asyncio.Task[None] | None = None
+        self.images: ImagePreparer | None = None
         self._stopping = False
 
     def _backend_of(self, image: ImageEntry) -> str:
@@ -106,6 +109,7 @@ class Daemon:
             s, backends_needed(s, self.image_map)
         )
         self.router = RouterHypervisor(backends, s.backend)
+        self.images = ImagePreparer(self.image_map, image_dir=s.images_dir, max_image_bytes=s.max_image_bytes)
         self.journal = Journal(s.state_dir / "state.db")
         self._connection = await connect(s.amqp_url, name=f"orchestrator@{s.host_name}")
         setup = await self._connection.channel()
@@ -123,6 +127,7 @@ class Daemon:
             publisher=self._publisher,
             topology=self.topology,
             ledger=self.ledger,
+            images=self.images,
             emit=self._events.emit,
         )
         intake = JobIntake(
@@ -145,11 +150,24 @@ class Daemon:
         )
         await self.scheduler.start(self._connection)
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        self._image_task = asyncio.create_task(self._prepare_images(), name="prepare-images")
         log.info(
             "daemon.started", host=s.host_name, version=__version__, prefix=s.amqp_prefix,
             labels=sorted(self.image_map.images), max_concurrency=s.max_concurrency,
             backends=sorted(b.value for b in backends),
         )
+
+    async def _prepare_images(self) -> None:
+        """Fetch every missing image this host serves, in the background: jobs for
+        ready images start at once, jobs for these wait for their image."""
+        assert self.images is not None
+        for label, image in self.image_map.images.items():
+            if image.source is None or image.local_path.exists():
+                continue
+            try:
+                await self.images.prepare(label)
+            except Exception as exc:  # logged by the preparer; a job for it gets an error result
+                log.warning("image.prepare_at_start_failed", label=label, error=str(exc))
 
     def heartbeat(self) -> Heartbeat:
         ledger = self.ledger
@@ -187,9 +205,12 @@ class Daemon:
                 for job_id in list(self.runner.running):
                     self.runner.stop_job(job_id, StopReason.SHUTDOWN)
                 await self.runner.wait_idle(s.shutdown_timeout_s + 30)
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        for task in (self._heartbeat_task, self._image_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.images is not None:
+            await self.images.close()
         if self.outbox is not None:
             await self.outbox.stop()
             await self.outbox.flush()

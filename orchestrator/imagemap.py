@@ -190,6 +190,8 @@ def _describe(error: dict[str, Any], source: Any) -> str:
         return f"unknown key{fix}"
     if error["type"] == "missing":
         return "required key is missing"
+    if error["type"] == "string_type" and isinstance(error.get("input"), (int, float)):
+        return f"{error['msg']}: YAML read {error['input']!r} as a number; quote the value"
     return error["msg"]
 
 

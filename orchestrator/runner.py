@@ -22,6 +22,7 @@ from orchestrator.amqp import ConfirmedPublisher, json_message
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.console import ConsoleFollower
+from orchestrator.images import ImagePreparer, ImagePrepError
 from orchestrator.intake import AcceptedJob
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
@@ -72,6 +73,7 @@ class JobRunner:
         publisher: ConfirmedPublisher,
         topology: Topology,
         ledger: CapacityLedger,
+        images: ImagePreparer,
         emit: Callable[[str, JobEvent], Awaitable[None]],
     ) -> None:
         self._settings = settings
@@ -81,6 +83,7 @@ class JobRunner:
         self._publisher = publisher
         self._topology = topology
         self._ledger = ledger
+        self._images = images
         self._emit = emit
         self.running: dict[str, RunningJob] = {}
         self.idle = asyncio.Event()
@@ -159,6 +162,13 @@ class JobRunner:
         started_at: float | None = None
         try:
             await self._emit(f"job.accepted.{job.label}", self._event(job, EventKind.ACCEPTED))
+            if job.image.source is not None:
+                try:
+                    # Returns at once for a ready image; waits for one being prepared.
+                    await self._images.ensure(job.label)
+                except ImagePrepError as exc:
+                    await self._finish(running, JobStatus.ERROR, str(exc), None, "", accepted_at, None)
+                    return
             try:
                 await backend.prepare(spec)
                 await backend.start(spec)

@@ -52,6 +52,7 @@ images:
         (BASE + "sizes:\n  s: {cpus: 0, memory_mb: 512}\n", "map.yaml:7: sizes.s.cpus: Input should be greater than or equal to 1"),
         (BASE + "    size: huge\n", "map.yaml:6: images.a.size: unknown size preset 'huge'; define it under sizes"),
         (BASE + "    kernel: /no/such/vmlinuz\n", "map.yaml:6: images.a.kernel: file /no/such/vmlinuz does not exist"),
+        (BASE + "    sha256: 1234\n", "map.yaml:6: images.a.sha256: Input should be a valid string: YAML read 1234 as a number; quote the value"),
         (BASE + "    source: ftp://x/y\n", "map.yaml:6: images.a.source: String should match pattern"),
         ("default_label: zz\nimages:\n  a: {backend: noop, local_path: /x}\n", "map.yaml:1: default_label: 'zz' is neither an image label nor an alias"),
         ("images:\n  a: {backend: noop, local_path: /x}\n", "map.yaml:1: default_label: required key is missing"),

@@ -1,0 +1,254 @@
+"""Image preparation against a real HTTP server on 127.0.0.1 serving real zstd files:
+the happy paths, every fault with the old image left intact, concurrency and refresh."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import zstandard
+from aiohttp import web
+
+from orchestrator.imagemap import ImageEntry, parse_image_map
+from orchestrator.images import ImagePreparer, ImagePrepError, ImageMeta, Outcome
+from orchestrator.messages import JobStatus
+
+
+def disk_like_bytes(size: int, seed: int = 1) -> bytes:
+    """Compressible but not trivial: runs of text-like and random-like blocks."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choices(range(97, 123), k=rng.randint(2, 9))) for _ in range(500)]
+    out = bytearray()
+    while len(out) < size:
+        if rng.random() < 0.3:
+            out += rng.randbytes(4096)
+        else:
+            out += b" ".join(rng.choices(words, k=700))[:4096]
+    return bytes(out[:size])
+
+
+class ImageServer:
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: Counter[str] = Counter()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.mid_download = asyncio.Event()
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        mode, name = request.match_info["mode"], request.match_info["name"]
+        self.requests[name] += 1
+        if mode == "status":
+            return web.Response(status=int(name))
+        body = self.files[name]
+        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers={"ETag": etag})
+        response = web.StreamResponse(headers={"ETag": etag, "Content-Length": str(len(body))})
+        await response.prepare(request)
+        half = len(body) // 2
+        if mode == "reset":
+            await response.write(body[:half])
+            request.transport.abort()
+            return response
+        if mode == "truncate":  # a clean close, one byte short
+            await response.write(body[:-1])
+            request.transport.close()
+            return response
+        if mode == "slow":
+            await response.write(body[:half])
+            self.mid_download.set()
+            await self.release.wait()
+            await response.write(body[half:])
+            return response
+        await response.write(body)
+        return response
+
+    async def __aenter__(self) -> ImageServer:
+        app = web.Application()
+        app.router.add_get("/{mode}/{name}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def server():
+    async with ImageServer() as running:
+        yield running
+
+
+RAW = disk_like_bytes(3 * 1024 * 1024)
+RAW_ZST = zstandard.ZstdCompressor(level=3).compress(RAW)
+
+
+def preparer_for(tmp_path: Path, entry: str, **kwargs) -> ImagePreparer:
+    image_dir = tmp_path / "images"
+    text = f"default_label: img\nimages:\n  img:\n    backend: noop\n    local_path: {image_dir}/img.raw\n{entry}"
+    return ImagePreparer(parse_image_map(text, filename="map.yaml", base_dir=tmp_path), image_dir=image_dir, **kwargs)
+
+
+def target(tmp_path: Path) -> Path:
+    return tmp_path / "images" / "img.raw"
+
+
+def no_partials(tmp_path: Path) -> bool:
+    return not [p for p in (tmp_path / "images").iterdir() if p.name.endswith(".partial")]
+
+
+async def test_raw_image_downloads_verifies_and_installs(server, tmp_path):
+    server.files["a.raw"] = RAW
+    sha = hashlib.sha256(RAW).hexdigest()
+    preparer = preparer_for(tmp_path, f"    source: {server.url}/files/a.raw\n    sha256: {sha}\n    format: raw\n")
+    assert await preparer.prepare("img") is Outcome.DOWNLOADED
+    assert target(tmp_path).read_bytes() == RAW
+    meta = ImageMeta.read(target(tmp_path))
+    assert meta.sha256 == sha and meta.format == "raw" and meta.etag
+    assert await preparer.prepare("img") is Outcome.PRESENT
+    await preparer.close()
+
+
+async def test_zstd_image_is_decompressed_in_the_stream_over_http_and_file(server, tmp_path):
+    server.files["a.raw.zst"] = RAW_ZST
+    (tmp_path / "a.raw.zst").write_bytes(RAW_ZST)
+    sha = hashlib.sha256(RAW_ZST).hexdigest()  # of the downloaded (compressed) bytes
+    for source in (f"{server.url}/files/a.raw.zst", f"file://{tmp_path}/a.raw.zst"):
+        target(tmp_path).unlink(missing_ok=True)
+        preparer = preparer_for(tmp_path, f"    source: {source}\n    decompress: zstd\n    sha256: {sha}\n")
+        assert await preparer.prepare("img") is Outcome.DOWNLOADED
+        assert target(tmp_path).read_bytes() == RAW
+        assert not [p for p in (tmp_path / "images").iterdir() if p.suffix == ".zst"]
+        await preparer.close()
+
+
+def with_old_image(tmp_path: Path) -> None:
+    target(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+    target(tmp_path).write_bytes(b"old image")
+
+
+@pytest.mark.parametrize(
+    ("path", "entry_extra", "files", "kwargs", "message"),
+    [
+        ("status/404", "", {}, {}, "HTTP 404 Not Found"),
+        ("status/500", "", {}, {}, "HTTP 500 Internal Server Error"),
+        ("reset/a.raw", "", {"a.raw": RAW}, {}, "broke off"),
+        ("truncate/a.raw", "", {"a.raw": RAW}, {}, "Not enough data to satisfy content length"),
+        ("files/t.zst", "    decompress: zstd\n", {"t.zst": RAW_ZST[: len(RAW_ZST) // 2]}, {}, "truncated zstd data"),
+        ("files/c.zst", "    decompress: zstd\n", {"c.zst": b"\x28\xb5\x2f\xfd" + os.urandom(4096)}, {}, "corrupt zstd data"),
+        ("files/a.raw", "    sha256: " + "ab" * 32 + "\n", {"a.raw": RAW}, {}, "sha256 mismatch"),
+        ("files/a.raw.zst", "    decompress: zstd\n", {"a.raw.zst": RAW_ZST}, {"max_image_bytes": 1024 * 1024}, "decompression bomb"),
+        ("files/a.raw", "", {"a.raw": RAW}, {"min_free_bytes": 1 << 62}, "not enough free disk"),
+        ("files/a.raw", "    format: qcow2\n", {"a.raw": RAW}, {}, "format mismatch: the image map says qcow2, the file is raw"),
+    ],
+)
+async def test_fault_gives_clear_error_and_keeps_the_old_image(server, tmp_path, path, entry_extra, files, kwargs, message):
+    server.files.update(files)
+    with_old_image(tmp_path)
+    preparer = preparer_for(tmp_path, f"    source: {server.url}/{path}\n{entry_extra}", **kwargs)
+    with pytest.raises(ImagePrepError) as error:
+        await preparer.prepare("img", refresh=True)
+    assert str(error.value).startswith("image 'img' could not be prepared: ")
+    assert message in str(error.value)
+    assert target(tmp_path).read_bytes() == b"old image"
+    assert no_partials(tmp_path)
+    await preparer.close()
+
+
+async def test_unsupported_scheme_and_path_outside_image_dir_are_refused(tmp_path):
+    preparer = preparer_for(tmp_path, "    source: file:///x\n")
+    preparer._image_map.images["img"] = ImageEntry.model_construct(
+        **{**preparer._image_map.images["img"].__dict__, "source": "ftp://example.invalid/x.img"}
+    )
+    with pytest.raises(ImagePrepError, match="unsupported URL scheme 'ftp'"):
+        await preparer.prepare("img")
+    outside = ImagePreparer(preparer._image_map, image_dir=tmp_path / "elsewhere")
+    outside._image_map.images["img"] = ImageEntry.model_construct(
+        **{**preparer._image_map.images["img"].__dict__, "source": "file:///x"}
+    )
+    with pytest.raises(ImagePrepError, match=r"local_path .* is outside image_dir"):
+        await outside.prepare("img")
+
+
+async def test_concurrent_prepares_across_tasks_and_processes_download_once(server, tmp_path):
+    server.files["a.raw"] = RAW
+    entry = f"    source: {server.url}/files/a.raw\n"
+    first, second = preparer_for(tmp_path, entry), preparer_for(tmp_path, entry)  # two "processes"
+    outcomes = await asyncio.gather(first.prepare("img"), first.prepare("img"), second.prepare("img"), first.ensure("img"))
+    assert server.requests["a.raw"] == 1
+    assert sorted(o.value if isinstance(o, Outcome) else "path" for o in outcomes) == ["downloaded", "path", "present", "present"]
+    await first.close()
+    await second.close()
+
+
+async def test_refresh_replaces_only_on_change_and_running_readers_keep_the_old_file(server, tmp_path):
+    server.files["a.raw"] = RAW
+    preparer = preparer_for(tmp_path, f"    source: {server.url}/files/a.raw\n")
+    await preparer.prepare("img")
+    inode = target(tmp_path).stat().st_ino
+    assert await preparer.prepare("img", refresh=True) is Outcome.UNCHANGED
+    assert target(tmp_path).stat().st_ino == inode and server.requests["a.raw"] == 2
+    running_vm = target(tmp_path).open("rb")
+    server.files["a.raw"] = disk_like_bytes(len(RAW), seed=2)
+    assert await preparer.prepare("img", refresh=True) is Outcome.DOWNLOADED
+    assert target(tmp_path).read_bytes() == server.files["a.raw"]
+    assert running_vm.read() == RAW
+    running_vm.close()
+    await preparer.close()
+
+
+async def test_a_reader_never_sees_a_partial_file(server, tmp_path):
+    server.files["a.raw"] = RAW
+    with_old_image(tmp_path)
+    server.release.clear()
+    preparer = preparer_for(tmp_path, f"    source: {server.url}/slow/a.raw\n")
+    download = asyncio.create_task(preparer.prepare("img", refresh=True))
+    await asyncio.wait_for(server.mid_download.wait(), 10)
+    assert target(tmp_path).read_bytes() == b"old image"
+    assert preparer.status()["img"].state.value == "preparing"
+    server.release.set()
+    assert await download is Outcome.DOWNLOADED
+    assert target(tmp_path).read_bytes() == RAW
+    await preparer.close()
+
+
+def test_qcow2_format_is_detected(tmp_path):
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    from orchestrator.images import detect_format
+
+    assert asyncio.run(detect_format(image)).value == "qcow2"
+
+
+async def test_job_whose_image_cannot_be_prepared_gets_error_and_other_labels_work(server, daemon_factory, broker, tmp_path):
+    from orchestrator.imagemap import parse_image_map as parse
+    from tests.conftest import NOOP_MAP
+
+    broken = NOOP_MAP.replace(
+        "  beta:\n    backend: noop\n    local_path: /nonexistent/beta.img\n",
+        f"  beta:\n    backend: noop\n    local_path: {tmp_path}/host0/images/beta.img\n    source: {server.url}/status/404\n",
+    )
+    image_map = parse(broken, filename="map.yaml", base_dir=tmp_path)
+    await daemon_factory(image_map)
+    await broker.open()
+    bad = await broker.submit(runs_on="beta")
+    good = await broker.submit(runs_on="alpha")
+    results = await broker.collect(2)
+    assert results[bad.job_id].status is JobStatus.ERROR
+    assert "image 'beta' could not be prepared: fetching" in results[bad.job_id].summary
+    assert "HTTP 404" in results[bad.job_id].summary
+    assert results[good.job_id].status is JobStatus.SUCCEEDED
