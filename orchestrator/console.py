@@ -31,13 +31,16 @@ class ConsoleFollower:
         self.first_output_at: float | None = None
         self._tail = bytearray()
         self._task: asyncio.Task[None] | None = None
+        self._finished = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name=f"console-{self.path.name}")
 
     async def poll(self) -> int:
         """Read what is new; returns how many bytes that was."""
-        chunk = await asyncio.to_thread(_read_from, self.path, self.offset)
+        return self._take(await asyncio.to_thread(_read_from, self.path, self.offset))
+
+    def _take(self, chunk: bytes) -> int:
         if chunk:
             if self.first_output_at is None:
                 self.first_output_at = time.monotonic()
@@ -48,8 +51,8 @@ class ConsoleFollower:
 
     async def _follow(self) -> None:
         while True:
-            await self.poll()
             await asyncio.sleep(self.interval_s)
+            await self.poll()
 
     async def finish(self) -> str:
         """Stop following, read the rest, and return the tail as text."""
@@ -57,6 +60,8 @@ class ConsoleFollower:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        while await self.poll():
-            pass
+        if not self._finished:
+            # One read to the end: the VM has stopped writing.
+            self._finished = True
+            self._take(await asyncio.to_thread(_read_from, self.path, self.offset))
         return self._tail.decode("utf-8", errors="replace")

@@ -252,3 +252,38 @@ async def test_job_whose_image_cannot_be_prepared_gets_error_and_other_labels_wo
     assert "image 'beta' could not be prepared: fetching" in results[bad.job_id].summary
     assert "HTTP 404" in results[bad.job_id].summary
     assert results[good.job_id].status is JobStatus.SUCCEEDED
+
+
+def test_images_cli_prepares_with_progress_lines_and_lists(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    source = tmp_path / "src.raw.zst"
+    source.write_bytes(RAW_ZST)
+    image_dir = tmp_path / "images"
+    config = tmp_path / "map.yaml"
+    config.write_text(
+        "default_label: img\nimages:\n  img:\n    backend: noop\n"
+        f"    local_path: {image_dir}/img.raw\n    source: file://{source}\n    decompress: zstd\n"
+    )
+    assert main(["images", "prepare", "--config", str(config), "--image-dir", str(image_dir)]) == 0
+    out = capsys.readouterr()
+    assert f"img: downloaded ({image_dir}/img.raw)" in out.out
+    assert main(["images", "prepare", "img", "--config", str(config), "--image-dir", str(image_dir)]) == 0
+    assert "img: present" in capsys.readouterr().out
+    assert main(["images", "list", "--config", str(config)]) == 0
+    listing = capsys.readouterr().out
+    assert f"sha256={hashlib.sha256(RAW_ZST).hexdigest()}" in listing and "format=raw" in listing
+    assert main(["images", "prepare", "nope", "--config", str(config)]) == 2
+
+
+def test_progress_printer_writes_plain_lines_off_a_terminal():
+    import io
+
+    from orchestrator.cli import ProgressPrinter
+    from orchestrator.images import ImageStatus, PrepState
+
+    stream = io.StringIO()
+    printer = ProgressPrinter(stream, interval_s=0)
+    printer(ImageStatus("img", PrepState.PREPARING, bytes_in=50 * 2**20, bytes_total=100 * 2**20, started_at=0.0))
+    line = stream.getvalue()
+    assert line.startswith("img: 50/100 MiB  50%") and "MiB/s" in line and "ETA" in line and "\r" not in line
