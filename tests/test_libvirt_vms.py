@@ -3,8 +3,12 @@ broker, through the daemon. After every test no domain, overlay or seed of ours 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +21,7 @@ from hypervisors.libvirt import LibvirtHypervisor
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import load_image_map
 from orchestrator.messages import JobStatus
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_for
 
 pytestmark = pytest.mark.libvirt
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +46,10 @@ def test_network() -> str:
     name = f"orch-test-{uuid.uuid4().hex[:8]}"
     conn = libvirt.open(URI)
     network = conn.networkDefineXML(_network_xml(name))
+    conn.close()
     yield name
+    conn = libvirt.open(URI)  # a fresh connection: a test may have restarted libvirtd
+    network = conn.networkLookupByName(name)
     if network.isActive():
         network.destroy()
     network.undefine()
@@ -122,3 +129,37 @@ async def test_network_is_made_active_and_autostarted(tmp_path, test_network):
 async def test_missing_network_is_a_clear_error(tmp_path):
     with pytest.raises(BackendError, match=r"libvirt network 'no-such-net' does not exist: define it .* LIBVIRT_NETWORK=none"):
         await LibvirtHypervisor.connect(uri=URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t")
+
+
+def _libvirtd_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def _restart_libvirtd() -> None:
+    """Stop every libvirtd and start one again: a second libvirtd started while the
+    first still runs (or is still exiting) deletes the live daemon's socket."""
+    for pid in _libvirtd_pids():
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _libvirtd_pids():
+        assert time.monotonic() < deadline, "libvirtd did not stop"
+        time.sleep(0.1)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    while subprocess.run(["virsh", "-c", URI, "version"], capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline + 30, "libvirtd did not come back"
+        time.sleep(0.1)
+
+
+async def test_libvirtd_restart_mid_job_is_survived(vm_daemon, broker):
+    await broker.open()
+    job = await broker.submit(runs_on="demo", script="echo before; sleep 12; echo after")
+    console = vm_daemon.settings.logs_dir / f"{job.job_id}.console"
+    await wait_for(lambda: console.exists() and "before" in console.read_text(errors="replace"), timeout_s=60)
+    await asyncio.to_thread(_restart_libvirtd)
+    result = await broker.next_result(timeout_s=180)
+    assert result.request_id == job.request_id
+    assert result.status is JobStatus.SUCCEEDED, (result.summary, result.console_tail)
+    assert "after" in console.read_text()
+    backend = vm_daemon.router.backends[BackendName.LIBVIRT]
+    assert backend.connection.reconnects >= 1

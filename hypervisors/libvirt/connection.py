@@ -40,8 +40,9 @@ def ensure_event_loop_registered() -> None:
 
 
 class LibvirtConnection:
-    def __init__(self, uri: str, on_lifecycle: LifecycleCallback) -> None:
+    def __init__(self, uri: str, on_lifecycle: LifecycleCallback, *, reconnect_timeout_s: float = 30.0) -> None:
         self.uri = uri
+        self.reconnect_timeout_s = reconnect_timeout_s
         self._on_lifecycle = on_lifecycle
         self._conn: libvirt.virConnect | None = None
         self._callback_id: int | None = None
@@ -73,11 +74,23 @@ class LibvirtConnection:
         return self._conn is not None
 
     async def _reconnect(self, broken: libvirt.virConnect | None) -> libvirt.virConnect:
+        """Open a new connection, retrying with backoff while libvirtd is restarting."""
         async with self._reconnect_lock:
             if self._conn is not None and self._conn is not broken:
                 return self._conn
             self._conn = None
-            await self.open()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.reconnect_timeout_s
+            delay = 0.2
+            while True:
+                try:
+                    await self.open()
+                    break
+                except BackendError:
+                    if loop.time() + delay > deadline:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
             self.reconnects += 1
             assert self._conn is not None
             return self._conn
