@@ -80,6 +80,17 @@ class CapacityLedger:
         self._changed()
         return reservation
 
+    def force_reserve(self, job_id: str, label: str, cpus: int, memory_mb: int) -> Reservation:
+        """Hold capacity for a VM that already exists (adopted after a restart), even
+        past the limits: it is running whether or not there is room."""
+        reservation = Reservation(job_id, label, cpus, memory_mb)
+        self._held[job_id] = reservation
+        self._by_label[label] += 1
+        self.cpus_used += cpus
+        self.memory_mb_used += memory_mb
+        self._changed()
+        return reservation
+
     def release(self, reservation: Reservation) -> None:
         if self._held.pop(reservation.job_id, None) is None:
             return

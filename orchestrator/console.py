@@ -32,6 +32,7 @@ class ConsoleFollower:
         self._tail = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
+        self.has_output = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name=f"console-{self.path.name}")
@@ -44,6 +45,7 @@ class ConsoleFollower:
         if chunk:
             if self.first_output_at is None:
                 self.first_output_at = time.monotonic()
+                self.has_output.set()
             self.offset += len(chunk)
             self._tail += chunk
             del self._tail[:-TAIL_BYTES]

@@ -25,6 +25,7 @@ from orchestrator.journal import Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import Heartbeat
 from orchestrator.outbox import ResultOutbox
+from orchestrator.reconcile import Reconciliation, reconcile
 from orchestrator.runner import JobRunner, StopReason
 from orchestrator.scheduler import Scheduler
 from orchestrator.topology import Topology, declare_topology
@@ -95,6 +96,7 @@ class Daemon:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._image_task: asyncio.Task[None] | None = None
         self.images: ImagePreparer | None = None
+        self.reconciliation: Reconciliation | None = None
         self._stopping = False
 
     def _backend_of(self, image: ImageEntry) -> str:
@@ -147,6 +149,10 @@ class Daemon:
             intake=intake,
             settler=Settler(self._publisher, self.topology),
             topology=self.topology,
+        )
+        self.reconciliation = await reconcile(
+            settings=s, image_map=self.image_map, journal=self.journal, router=self.router,
+            runner=self.runner, ledger=self.ledger, outbox=self.outbox,
         )
         await self.scheduler.start(self._connection)
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="heartbeat")

@@ -64,6 +64,8 @@ class ImageEntry(BaseModel):
     max_memory_mb: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)] | None = None
     max_disk_gb: Annotated[int, Field(ge=1, le=64 * 1024)] | None = None
     timeout_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    max_timeout_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    boot_timeout_s: Annotated[int, Field(ge=1, le=24 * 3600)] | None = None
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: Annotated[str, StringConstraints(max_length=4096)] | None = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hypervisors.base import BackendError, DirectBoot, Hypervisor, SeedFiles, VmSpec
+from hypervisors.base import BackendError, DirectBoot, Hypervisor, SeedFiles, VmSpec, VmState
 from hypervisors.guest import build_meta_data, build_user_data, find_exit_code
 from hypervisors.router import RouterHypervisor
 from orchestrator.amqp import ConfirmedPublisher, json_message
@@ -48,6 +48,8 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    adopted_started_at: float | None = None  # set for a job taken back after a restart
+    interrupted_while_away: bool = False  # its VM was not running when taken back
     console: ConsoleFollower = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,11 +92,16 @@ class JobRunner:
         self.idle.set()
 
     # --- entry points ------------------------------------------------------------------
-    def start(self, job: AcceptedJob) -> None:
+    def start(self, job: AcceptedJob, *, adopted_started_at: float | None = None, vm_running: bool = True) -> None:
+        """Run a job; with `adopted_started_at`, take back a job journaled before a
+        restart (`vm_running`: whether its VM was still running then)."""
         # Both were checked by the intake before the job was accepted.
         spec = self.build_spec(job)
         backend = self._router.backend_for(job.image.backend)
-        running = RunningJob(job, spec, backend)
+        running = RunningJob(
+            job, spec, backend, adopted_started_at=adopted_started_at,
+            interrupted_while_away=adopted_started_at is not None and not vm_running,
+        )
         self.running[job.job_id] = running
         self.idle.clear()
         running.task = asyncio.create_task(self._run(running), name=f"job-{job.job_id}")
@@ -152,43 +159,32 @@ class JobRunner:
             nonce=job.nonce,
         )
 
-    def _timeout_s(self, job: AcceptedJob) -> int:
-        return job.request.timeout_s or job.image.timeout_s or self._settings.default_timeout_s
-
     async def _run(self, running: RunningJob) -> None:
         job, spec, backend = running.job, running.spec, running.backend
         jlog = log.bind(job_id=job.job_id, label=job.label, host=self._settings.host_name)
         accepted_at = time.time()
-        started_at: float | None = None
+        started_at = running.adopted_started_at
         try:
-            await self._emit(f"job.accepted.{job.label}", self._event(job, EventKind.ACCEPTED))
-            if job.image.source is not None:
-                try:
-                    # Returns at once for a ready image; waits for one being prepared.
-                    await self._images.ensure(job.label)
-                except ImagePrepError as exc:
-                    await self._finish(running, JobStatus.ERROR, str(exc), None, "", accepted_at, None)
+            if started_at is None:
+                started_at = await self._provision(running, jlog, accepted_at)
+                if started_at is None:
                     return
-            try:
-                await backend.prepare(spec)
-                await backend.start(spec)
-            except BackendError as exc:
-                jlog.error("vm.start_failed", error=str(exc))
-                tail = await running.console.finish()
-                await self._finish(running, JobStatus.ERROR, f"VM failed to start: {exc}", None, tail, accepted_at, None)
-                return
-            started_at = time.time()
+            else:
+                jlog.info("job.adopted", vm=spec.name, started_at=started_at)
             running.console.start()
-            await self._journal.move(job.job_id, JobState.RUNNING, started_at=started_at)
-            jlog.info("job.started", vm=spec.name, backend=backend.name.value)
-            await self._emit(f"job.started.{job.label}", self._event(job, EventKind.STARTED))
-            status, summary = await self._watch(running)
-            if status is None:
-                await self._hand_back(running, jlog)
+            outcome, summary, vm_state = await self._watch(running, started_at)
+            if outcome is None:
+                await self._hand_back(running, jlog, "host shutting down")
                 return
             tail = await running.console.finish()
             exit_code = find_exit_code(tail, job.nonce)
-            if status is JobStatus.SUCCEEDED:  # the VM stopped by itself: what did it say?
+            status = outcome
+            if outcome is JobStatus.SUCCEEDED:  # the VM stopped by itself: what did it say?
+                if exit_code is None and (vm_state is VmState.GONE or running.interrupted_while_away):
+                    # Its VM vanished or stopped while the daemon was down (host reboot,
+                    # manual cleanup) before reporting: run it again.
+                    await self._hand_back(running, jlog, "its VM stopped or vanished while the daemon was down")
+                    return
                 if exit_code is None:
                     status, summary = JobStatus.ERROR, "the VM powered off without reporting a result (see console_tail)"
                 elif exit_code != 0:
@@ -213,28 +209,84 @@ class JobRunner:
             if not self.running:
                 self.idle.set()
 
-    async def _watch(self, running: RunningJob) -> tuple[JobStatus | None, str]:
-        """Wait for the VM to stop, the timeout, or a stop request. Returns the status
-        (SUCCEEDED meaning "stopped by itself"; the console decides), or None for a
-        job to hand back to the broker."""
+    async def _provision(self, running: RunningJob, jlog: EventLogger, accepted_at: float) -> float | None:
+        """Image, VM, start; the start time, or None when the job already has its result."""
         job, spec, backend = running.job, running.spec, running.backend
-        timeout_s = self._timeout_s(job)
+        await self._emit(f"job.accepted.{job.label}", self._event(job, EventKind.ACCEPTED))
+        if job.image.source is not None:
+            try:
+                # Returns at once for a ready image; waits for one being prepared.
+                await self._images.ensure(job.label)
+            except ImagePrepError as exc:
+                await self._finish(running, JobStatus.ERROR, str(exc), None, "", accepted_at, None)
+                return None
+        try:
+            await backend.prepare(spec)
+            await backend.start(spec)
+        except BackendError as exc:
+            jlog.error("vm.start_failed", error=str(exc))
+            tail = await running.console.finish()
+            await self._finish(running, JobStatus.ERROR, f"VM failed to start: {exc}", None, tail, accepted_at, None)
+            return None
+        started_at = time.time()
+        await self._journal.move(job.job_id, JobState.RUNNING, started_at=started_at)
+        jlog.info("job.started", vm=spec.name, backend=backend.name.value)
+        await self._emit(f"job.started.{job.label}", self._event(job, EventKind.STARTED))
+        return started_at
+
+    def timeout_s(self, job: AcceptedJob) -> int:
+        """The request's timeout, else the image's, else the host's; capped by the image."""
+        wanted = job.request.timeout_s or job.image.timeout_s or self._settings.default_timeout_s
+        return min(wanted, job.image.max_timeout_s) if job.image.max_timeout_s else wanted
+
+    def boot_timeout_s(self, job: AcceptedJob) -> float:
+        return job.image.boot_timeout_s or self._settings.boot_timeout_s
+
+    async def _watch(self, running: RunningJob, started_at: float) -> tuple[JobStatus | None, str, VmState | None]:
+        """Wait for the VM to stop, a timeout, or a stop request. The status is SUCCEEDED
+        for "stopped by itself" (the console decides), None for "hand it back"."""
+        job, spec, backend = running.job, running.spec, running.backend
+        timeout_s = self.timeout_s(job)
+        elapsed = time.time() - started_at  # an adopted VM has been running already
+        boot_timeout_s = self.boot_timeout_s(job)
         stopped = asyncio.create_task(backend.wait_stopped(spec))
         stop_requested = asyncio.create_task(running.stop_requested.wait())
+        booted = asyncio.create_task(running.console.has_output.wait())
+        waiting = {stopped, stop_requested}
+        boot_deadline = asyncio.get_running_loop().time() + max(0.0, boot_timeout_s - elapsed)
+        deadline = asyncio.get_running_loop().time() + max(0.0, timeout_s - elapsed)
+        timed_out_booting = False
         try:
-            done, _ = await asyncio.wait({stopped, stop_requested}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                now = asyncio.get_running_loop().time()
+                watch = waiting | ({booted} if not booted.done() else set())
+                until = min(deadline, boot_deadline) if not booted.done() else deadline
+                done, _ = await asyncio.wait(watch, timeout=max(0.0, until - now), return_when=asyncio.FIRST_COMPLETED)
+                if done & waiting:
+                    break
+                now = asyncio.get_running_loop().time()
+                if not booted.done() and now >= boot_deadline:
+                    await running.console.poll()
+                    if not running.console.has_output.is_set():
+                        timed_out_booting = True
+                        break
+                if now >= deadline:
+                    break
         finally:
-            stop_requested.cancel()
-        if stopped in done:
-            return JobStatus.SUCCEEDED, ""
+            for task in (stop_requested, booted):
+                task.cancel()
+        if stopped.done():
+            return JobStatus.SUCCEEDED, "", stopped.result()
         stopped.cancel()
         if running.stop_reason is StopReason.SHUTDOWN:
             await backend.shutdown(spec, timeout_s=self._settings.shutdown_timeout_s)
-            return None, "host shutting down"
+            return None, "host shutting down", None
         await backend.destroy(spec)
         if running.stop_reason is StopReason.CANCEL:
-            return JobStatus.CANCELLED, "cancelled on request"
-        return JobStatus.TIMEOUT, f"job did not finish within {timeout_s} s; the VM was destroyed"
+            return JobStatus.CANCELLED, "cancelled on request; the VM was destroyed", None
+        if timed_out_booting:
+            return JobStatus.ERROR, f"boot timeout: no console output within {boot_timeout_s:g} s; the VM was destroyed", None
+        return JobStatus.TIMEOUT, f"job did not finish within {timeout_s} s; the VM was destroyed", None
 
     async def _finish(
         self,
@@ -268,13 +320,14 @@ class JobRunner:
         await self._outbox.deliver(result, stored=False)
         await self._emit(f"job.finished.{job.label}", self._event(job, EventKind.FINISHED, status))
 
-    async def _hand_back(self, running: RunningJob, jlog: EventLogger) -> None:
-        """The host is going away mid-job: give the job to another host as a new attempt."""
+    async def _hand_back(self, running: RunningJob, jlog: EventLogger, reason: str) -> None:
+        """The job cannot finish here (host shutting down, VM gone): give it to any host
+        as its next attempt, or give up with an error after `max_attempts`."""
         request = running.job.request
         if request.attempt >= self._settings.max_attempts:
             await self._finish(
                 running, JobStatus.ERROR,
-                f"interrupted by host shutdown on attempt {request.attempt} of {self._settings.max_attempts}",
+                f"gave up after attempt {request.attempt} of {self._settings.max_attempts}: {reason}",
                 None, "", time.time(), None,
             )
             return
@@ -283,7 +336,7 @@ class JobRunner:
             self._topology.jobs, running.job.label, json_message(retry, message_id=f"{request.job_id}/{retry.attempt}")
         )
         await self._journal.move(request.job_id, JobState.REQUEUED)
-        jlog.info("job.requeued", attempt=retry.attempt, reason="host shutdown")
+        jlog.info("job.requeued", attempt=retry.attempt, reason=reason)
         await self._emit(f"job.requeued.{running.job.label}", self._event(running.job, EventKind.REQUEUED))
 
     def _event(self, job: AcceptedJob, kind: EventKind, status: JobStatus | None = None) -> JobEvent:

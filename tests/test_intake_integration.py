@@ -136,6 +136,7 @@ async def test_redelivered_request_is_not_run_twice(daemon_factory, broker):
     # Results arrive in order per queue: the marker's result proves the duplicate was handled.
     second = await broker.next_result()
     assert str(second.request_id) == marker.job_id
+    assert not broker.conflicts and broker.redeliveries == 0
     async with asyncio.timeout(5):  # the confirm may land just after the result
         while (await daemon.journal.counts()) != {"published": 2}:
             await asyncio.sleep(0.01)

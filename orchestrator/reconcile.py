@@ -1,0 +1,132 @@
+"""Start-up reconciliation of the journal with the hypervisors (DESIGN.md "Durability").
+
+For every job the journal says is live (accepted or running) the runner takes it back:
+a running VM is adopted (its timeout counts from its real start), a stopped one is
+collected into a result from its console, and a job whose VM is gone is handed back to
+the broker as its next attempt (up to MAX_ATTEMPTS). VMs tagged as ours with no live job
+are destroyed with their overlay and seed; leftover overlays and seeds named like ours
+are deleted. Nothing untagged is touched: other VMs, and files not named `job-<uuid>.*`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypervisors.base import BackendError, VmInfo, VmSpec, VmState
+from hypervisors.router import RouterHypervisor
+from orchestrator.capacity import CapacityLedger
+from orchestrator.config import DaemonSettings
+from orchestrator.imagemap import ImageMap, RequestRejected
+from orchestrator.intake import AcceptedJob, vm_name_for
+from orchestrator.journal import LIVE_STATES, JobRecord, Journal
+from orchestrator.logsetup import EventLogger
+from orchestrator.messages import JobResult, JobStatus
+from orchestrator.outbox import ResultOutbox
+from orchestrator.runner import JobRunner, console_path
+
+log = EventLogger("orchestrator.reconcile")
+
+OUR_FILE = re.compile(r"^job-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.(qcow2|iso|zonecfg)(\.partial)?$")
+
+
+@dataclass
+class Reconciliation:
+    adopted: list[str] = field(default_factory=list)  # handed to the runner (watch, collect or hand back)
+    answered: list[str] = field(default_factory=list)  # could not be resumed: error result
+    destroyed_vms: list[str] = field(default_factory=list)
+    deleted_files: list[Path] = field(default_factory=list)
+
+
+async def reconcile(
+    *,
+    settings: DaemonSettings,
+    image_map: ImageMap,
+    journal: Journal,
+    router: RouterHypervisor,
+    runner: JobRunner,
+    ledger: CapacityLedger,
+    outbox: ResultOutbox,
+) -> Reconciliation:
+    report = Reconciliation()
+    live = {record.job_id: record for record in await journal.in_states(LIVE_STATES)}
+    vms = await router.list_ours()
+    running_jobs = {vm.job_id for vm in vms if vm.state is VmState.RUNNING}
+    for record in live.values():
+        await _resume(record, record.job_id in running_jobs, settings, image_map, runner, ledger, outbox, report)
+    for vm in vms:
+        if vm.job_id not in live:
+            await _destroy_orphan(vm, settings, router, journal, report)
+    live_names = {vm_name_for(job_id) for job_id in live}
+    report.deleted_files = await asyncio.to_thread(_delete_orphan_files, settings.state_dir, live_names)
+    log.info(
+        "reconcile.done", host=settings.host_name, adopted=len(report.adopted), answered=len(report.answered),
+        destroyed_vms=len(report.destroyed_vms), deleted_files=len(report.deleted_files),
+    )
+    return report
+
+
+async def _resume(
+    record: JobRecord,
+    vm_running: bool,
+    settings: DaemonSettings,
+    image_map: ImageMap,
+    runner: JobRunner,
+    ledger: CapacityLedger,
+    outbox: ResultOutbox,
+    report: Reconciliation,
+) -> None:
+    request, label = record.request, record.label
+    if request is None or record.nonce is None:
+        return  # live rows always have both; nothing to resume otherwise
+    try:
+        if label is None or label not in image_map.images:
+            raise RequestRejected(f"label {label!r} is no longer in the image map")
+        resources = image_map.resources_for(label, request)
+    except RequestRejected as exc:
+        result = JobResult.for_request(
+            request, status=JobStatus.ERROR, host=settings.host_name, label=label,
+            summary=f"could not resume after a restart: {exc}",
+        )
+        await outbox.deliver(result, stored=False)
+        report.answered.append(record.job_id)
+        return
+    # An adopted job holds capacity whatever the limits now say: its VM exists.
+    reservation = ledger.force_reserve(record.job_id, label, resources.cpus, resources.memory_mb)
+    job = AcceptedJob(request, label, image_map.images[label], resources, reservation, record.nonce, vm_name_for(record.job_id))
+    runner.start(job, adopted_started_at=record.started_at or record.accepted_at or 0.0, vm_running=vm_running)
+    report.adopted.append(record.job_id)
+
+
+async def _destroy_orphan(
+    vm: VmInfo, settings: DaemonSettings, router: RouterHypervisor, journal: Journal, report: Reconciliation
+) -> None:
+    known = await journal.get(vm.job_id)
+    spec = VmSpec(
+        name=vm.name, job_id=vm.job_id, image_path=None, image_format=None, cpus=1, memory_mb=64, disk_gb=None,
+        console_path=vm.console_path or console_path(settings, vm.job_id),
+    )
+    try:
+        await router.backend_for(vm.backend).destroy(spec)
+    except BackendError as exc:
+        log.error("reconcile.destroy_failed", vm=vm.name, job_id=vm.job_id, error=str(exc))
+        return
+    if known is None:  # no job of ours ever had it: its console is nobody's log
+        await asyncio.to_thread(spec.console_path.unlink, missing_ok=True)
+    report.destroyed_vms.append(vm.name)
+    log.info("reconcile.destroyed_orphan_vm", vm=vm.name, job_id=vm.job_id)
+
+
+def _delete_orphan_files(state_dir: Path, live_names: set[str]) -> list[Path]:
+    deleted = []
+    for sub in ("overlays", "seeds"):
+        directory = state_dir / sub
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            if OUR_FILE.match(path.name) and path.name.split(".")[0] not in live_names:
+                path.unlink(missing_ok=True)
+                deleted.append(path)
+    return deleted

@@ -1,0 +1,53 @@
+"""A daemon as a separate process, for tests that kill it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class DaemonProcess:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = {**os.environ, "LOG_FORMAT": "json", **env}
+        self.process: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    async def start(self, timeout_s: float = 60) -> DaemonProcess:
+        self._started.clear()
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        )
+        self._reader = asyncio.create_task(self._read(self.process))
+        await asyncio.wait_for(self._started.wait(), timeout_s)
+        return self
+
+    async def _read(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            text = line.decode(errors="replace")
+            self.lines.append(text)
+            if '"daemon.started"' in text:
+                self._started.set()
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+        if self._reader is not None:
+            await self._reader
+
+    async def stop(self, timeout_s: float = 60) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        if self._reader is not None:
+            await self._reader
+        return code

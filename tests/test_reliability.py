@@ -1,0 +1,144 @@
+"""Faults: daemon killed (SIGKILL) mid-job and with work queued, host "reboot", and
+reconciliation that touches only what is ours. Each asserts one result per job and no
+leaked VMs or files."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from orchestrator.messages import JobStatus
+from tests.conftest import AMQP_URL
+from tests.daemonproc import DaemonProcess
+from tests.test_libvirt_vms import TEST_IMAGE, URI, test_image, test_network  # noqa: F401 (fixtures)
+
+
+def daemon_env(prefix: str, state: Path, config: Path, **extra: str) -> dict[str, str]:
+    return {
+        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(config), "STATE_DIR": str(state),
+        "HOST_NAME": "h", "HOST_CPUS": "8", "HOST_MEMORY_MB": "8192", "DRAIN_TIMEOUT_S": "5", **extra,
+    }
+
+
+async def test_sigkill_with_jobs_running_and_queued_runs_each_exactly_once(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+    env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", MAX_CONCURRENCY="2")
+    first = await DaemonProcess(env).start()
+    await broker.open()
+    jobs = [await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "0.3"}) for _ in range(12)]
+    early = await broker.collect(3, timeout_s=30)
+    await first.kill()
+    second = await DaemonProcess(env).start()
+    rest = await broker.collect(12 - len(early), timeout_s=60)
+    assert not set(early) & set(rest)
+    results = {**early, **rest}
+    assert set(results) == {j.job_id for j in jobs}
+    assert all(r.status is JobStatus.SUCCEEDED for r in results.values())
+    assert await second.stop() == 0
+    assert broker.results.empty() and not broker.conflicts
+
+
+def _domains() -> list[str]:
+    conn = libvirt.open(URI)
+    try:
+        return [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):  # noqa: F811
+    cleanup_topology.extend(["demo", "demo-silent"])
+    return daemon_env(
+        prefix, tmp_path / "state", test_image / "image-map.yaml", ORCH_BACKEND="libvirt",
+        LIBVIRT_DOMAIN_TYPE="qemu", LIBVIRT_NETWORK=test_network, ORCH_ID=f"test-{prefix}", MAX_CONCURRENCY="2",
+    )
+
+
+async def _kill_mid_job(vm_env, broker, tmp_path) -> tuple[DaemonProcess, str, Path]:
+    first = await DaemonProcess(vm_env).start()
+    await broker.open()
+    job = await broker.submit(runs_on="demo", script="echo before; sleep 8; echo after")
+    console = tmp_path / "state" / "logs" / f"{job.job_id}.console"
+    async with asyncio.timeout(90):
+        while not (console.exists() and "before" in console.read_text(errors="replace")):
+            await asyncio.sleep(0.1)
+    await first.kill()
+    return first, job.job_id, console
+
+
+def _assert_nothing_left(tmp_path: Path) -> None:
+    assert not [n for n in _domains() if n.startswith("job-")]
+    assert list((tmp_path / "state" / "overlays").iterdir()) == []
+    assert list((tmp_path / "state" / "seeds").iterdir()) == []
+
+
+async def test_sigkill_mid_job_then_restart_adopts_and_finishes_the_vm(vm_env, broker, tmp_path):
+    _, job_id, console = await _kill_mid_job(vm_env, broker, tmp_path)
+    assert f"job-{job_id}" in _domains()  # the VM outlived the daemon
+    second = await DaemonProcess(vm_env).start()
+    result = await broker.next_result(timeout_s=120)
+    assert str(result.request_id) == job_id
+    assert result.status is JobStatus.SUCCEEDED and result.attempt == 1  # adopted, not re-run
+    assert any('"job.adopted"' in line for line in second.lines)
+    assert "after" in console.read_text()
+    assert await second.stop() == 0
+    assert broker.results.empty()
+    _assert_nothing_left(tmp_path)
+
+
+async def test_host_reboot_while_daemon_is_down_reruns_the_job(vm_env, broker, tmp_path):
+    _, job_id, _ = await _kill_mid_job(vm_env, broker, tmp_path)
+    subprocess.run(["virsh", "-c", URI, "destroy", f"job-{job_id}"], check=True, capture_output=True)  # "reboot"
+    second = await DaemonProcess(vm_env).start()
+    result = await broker.next_result(timeout_s=180)
+    assert str(result.request_id) == job_id
+    assert result.status is JobStatus.SUCCEEDED and result.attempt == 2
+    assert await second.stop() == 0
+    assert broker.results.empty()
+    _assert_nothing_left(tmp_path)
+
+
+def _domain_xml(name: str, metadata: str = "") -> str:
+    return (
+        f"<domain type='qemu'><name>{name}</name>{metadata}<memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"
+    )
+
+
+async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefix):
+    from hypervisors.libvirt.domain import METADATA_NS
+
+    ours_id = vm_env["ORCH_ID"]
+    orphan_job = str(uuid.uuid4())
+    tag = (
+        "<metadata><orch:job xmlns:orch='{ns}'><orch:orchestrator>{who}</orch:orchestrator>"
+        "<orch:job-id>{job}</orch:job-id></orch:job></metadata>"
+    )
+    conn = libvirt.open(URI)
+    foreign = conn.defineXML(_domain_xml(f"foreign-{prefix}"))
+    other = conn.defineXML(_domain_xml(f"job-{uuid.uuid4()}", tag.format(ns=METADATA_NS, who="another-orchestrator", job="x")))
+    orphan = conn.defineXML(_domain_xml(f"job-{orphan_job}", tag.format(ns=METADATA_NS, who=ours_id, job=orphan_job)))
+    overlays = tmp_path / "state" / "overlays"
+    overlays.mkdir(parents=True)
+    (overlays / "operator-disk.qcow2").write_bytes(b"keep me")
+    (overlays / f"job-{uuid.uuid4()}.qcow2").write_bytes(b"orphan")
+    try:
+        daemon = await DaemonProcess(vm_env).start()
+        assert await daemon.stop() == 0
+        names = _domains()
+        assert f"job-{orphan_job}" not in names
+        assert foreign.name() in names and other.name() in names
+        assert [p.name for p in overlays.iterdir()] == ["operator-disk.qcow2"]
+        assert (overlays / "operator-disk.qcow2").read_bytes() == b"keep me"
+    finally:
+        for domain in (foreign, other, orphan):
+            try:
+                domain.undefine()
+            except libvirt.libvirtError:
+                pass
+        conn.close()
