@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--wait", action="store_true", help="wait for the result, print it, exit with the job's status")
     enqueue.add_argument("--wait-timeout", type=float, default=3600, help="give up waiting after this many seconds (default 3600)")
 
+    cancel = commands.add_parser(
+        "cancel", help="cancel a job", description="Cancel a job: the host running it destroys its VM and publishes a cancelled result; a job still queued is dropped when a host takes it (cancels are remembered for a day)."
+    )
+    _add_broker_flags(cancel)
+    cancel.add_argument("job_id", help="the job's request_id")
+    cancel.add_argument("--answer-timeout", type=float, default=3.0, help="seconds to wait for hosts to answer (default 3)")
+
     images = commands.add_parser("images", help="prepare and list base images")
     image_commands = images.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
     prepare = image_commands.add_parser(
@@ -255,6 +262,64 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cancel ---------------------------------------------------------------------------------
+
+
+async def _cancel(settings: DaemonSettings, job_id: uuid.UUID, answer_timeout: float) -> int:
+    import aio_pika
+
+    from orchestrator.amqp import json_message
+    from orchestrator.messages import CancelOutcome, CancelReply, ControlKind, ControlMessage
+    from orchestrator.topology import Topology
+
+    topology = Topology(settings.amqp_prefix)
+    try:
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    except Exception as exc:
+        raise CLIError(f"cannot connect to the broker at {settings.masked_amqp_url()}: {exc}") from None
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        try:
+            control = await channel.get_exchange(topology.control, ensure=True)
+        except aio_pika.exceptions.ChannelClosed:
+            raise CLIError(f"exchange {topology.control} does not exist: no orchestrator daemon has started with prefix {settings.amqp_prefix!r}") from None
+        replies_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        message = json_message(ControlMessage(kind=ControlKind.CANCEL, request_id=job_id), persistent=False)
+        message.reply_to = replies_queue.name
+        await control.publish(message, routing_key="")
+        replies: list[CancelReply] = []
+        try:
+            async with asyncio.timeout(answer_timeout):
+                async with replies_queue.iterator() as incoming:
+                    async for reply_message in incoming:
+                        async with reply_message.process():
+                            replies.append(CancelReply.model_validate_json(reply_message.body))
+        except TimeoutError:
+            pass
+    for reply in replies:
+        if reply.outcome is CancelOutcome.CANCELLING:
+            print(f"job {job_id}: cancelling on {reply.host}; its VM is being destroyed and a cancelled result published")
+            return 0
+    for reply in replies:
+        if reply.outcome is CancelOutcome.FINISHED:
+            print(f"job {job_id}: already finished on {reply.host} ({reply.status.value if reply.status else 'done'}); nothing to cancel")
+            return 1
+    print(
+        f"job {job_id}: not running on any of the {len(replies)} host(s) that answered; "
+        "if it is still queued it will be dropped with a cancelled result when a host takes it"
+    )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        job_id = uuid.UUID(args.job_id)
+    except ValueError:
+        raise CLIError(f"job_id: {args.job_id!r} is not a UUID (a job's request_id)") from None
+    return asyncio.run(_cancel(settings, job_id, args.answer_timeout))
+
+
 # --- images ---------------------------------------------------------------------------------
 
 
@@ -354,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_enqueue(args)
         if args.command == "config":
             return cmd_config_check(args)
+        if args.command == "cancel":
+            return cmd_cancel(args)
         if args.command == "images":
             return cmd_images_prepare(args) if args.images_command == "prepare" else cmd_images_list(args)
     except CLIError as exc:

@@ -18,6 +18,7 @@ from orchestrator.amqp import ConfirmedPublisher, EventPublisher, connect
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
+from orchestrator.control import CancelRegistry, ControlListener
 from orchestrator.imagemap import ImageEntry, ImageMap
 from orchestrator.images import ImagePreparer
 from orchestrator.intake import JobIntake
@@ -97,6 +98,8 @@ class Daemon:
         self._image_task: asyncio.Task[None] | None = None
         self.images: ImagePreparer | None = None
         self.reconciliation: Reconciliation | None = None
+        self.control: ControlListener | None = None
+        self.cancels: CancelRegistry | None = None
         self._stopping = False
 
     def _backend_of(self, image: ImageEntry) -> str:
@@ -132,6 +135,8 @@ class Daemon:
             images=self.images,
             emit=self._events.emit,
         )
+        self.cancels = CancelRegistry(self.journal)
+        await self.cancels.load()
         intake = JobIntake(
             image_map=self.image_map,
             ledger=self.ledger,
@@ -142,6 +147,7 @@ class Daemon:
             host=s.host_name,
             backend_of=self._backend_of,
             start_job=self.runner.start,
+            cancelled=self.cancels,
         )
         self.scheduler = Scheduler(
             image_map=self.image_map,
@@ -154,6 +160,10 @@ class Daemon:
             settings=s, image_map=self.image_map, journal=self.journal, router=self.router,
             runner=self.runner, ledger=self.ledger, outbox=self.outbox,
         )
+        self.control = ControlListener(
+            topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner, cancels=self.cancels
+        )
+        await self.control.start(self._connection)
         await self.scheduler.start(self._connection)
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="heartbeat")
         self._image_task = asyncio.create_task(self._prepare_images(), name="prepare-images")
@@ -206,6 +216,8 @@ class Daemon:
         log.info("daemon.stopping", host=s.host_name, running=self.ledger.running, drain_timeout_s=s.drain_timeout_s)
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.control is not None:
+            await self.control.stop()
         if self.runner is not None:
             if not await self.runner.wait_idle(s.drain_timeout_s):
                 for job_id in list(self.runner.running):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -95,6 +95,7 @@ class JobIntake:
         host: str,
         backend_of: Callable[[ImageEntry], str],
         start_job: Callable[[AcceptedJob], None],
+        cancelled: Container[str] = frozenset(),
     ) -> None:
         self._image_map = image_map
         self._ledger = ledger
@@ -105,6 +106,7 @@ class JobIntake:
         self._host = host
         self._backend_of = backend_of
         self._start_job = start_job
+        self._cancelled = cancelled
 
     def handler_for(self, label: str) -> Callable[[AbstractIncomingMessage], object]:
         async def handle(message: AbstractIncomingMessage) -> Decision:
@@ -127,6 +129,8 @@ class JobIntake:
             log.warning("job.malformed", label=label, reason=str(exc), job_id=str(request_id_of(message.body)))
             return Decision(Verdict.DEAD_LETTER, reason=str(exc))
         job_id = request.job_id
+        if job_id in self._cancelled:
+            return await self._answer(request, label, JobStatus.CANCELLED, "cancelled before a host started it")
         if request.deadline is not None and request.deadline < now_utc():
             return await self._answer(request, label, JobStatus.ERROR, f"stale: deadline {request.deadline.isoformat()} passed before a host could start the job")
         image = self._image_map.images[label]

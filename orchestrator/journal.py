@@ -262,6 +262,22 @@ class Journal:
 
         await self._db.submit(op)
 
+    async def remember_cancel(self, job_id: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO cancels (job_id, at) VALUES (?, ?)", (job_id, time.time()))
+
+        await self._db.submit(op)
+
+    async def recent_cancels(self, max_age_s: float) -> set[str]:
+        """Cancels younger than `max_age_s`; older ones are forgotten (deleted)."""
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            cutoff = time.time() - max_age_s
+            conn.execute("DELETE FROM cancels WHERE at < ?", (cutoff,))
+            return {row[0] for row in conn.execute("SELECT job_id FROM cancels")}
+
+        return await self._db.submit(op)
+
     async def get(self, job_id: str) -> JobRecord | None:
         def op(conn: sqlite3.Connection) -> JobRecord | None:
             row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()

@@ -228,3 +228,32 @@ class Heartbeat(BaseModel):
     memory_mb_total: int
     draining: bool = False
     at: UtcDatetime = Field(default_factory=now_utc)
+
+
+class ControlKind(str, enum.Enum):
+    CANCEL = "cancel"
+
+
+class ControlMessage(BaseModel):
+    """On `<prefix>.control` (fanout): every host gets it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: ControlKind
+    request_id: uuid.UUID
+    at: UtcDatetime = Field(default_factory=now_utc)
+
+
+class CancelOutcome(str, enum.Enum):
+    CANCELLING = "cancelling"  # it runs here: its VM is being destroyed
+    FINISHED = "finished"  # it already has its result here
+    UNKNOWN = "unknown"  # not here (it may be queued: it will be dropped when taken)
+
+
+class CancelReply(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: uuid.UUID
+    host: str
+    outcome: CancelOutcome
+    status: JobStatus | None = None

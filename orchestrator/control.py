@@ -1,0 +1,91 @@
+"""Control messages (cancel) on `<prefix>.control`, a fanout every host listens to.
+
+A cancel is remembered by every host for a day (journal and memory): the host running
+the job destroys its VM and publishes a `cancelled` result; a host that later takes the
+job from its queue drops it with a `cancelled` result instead of running it. Each host
+answers the sender (`reply_to`) with what it knows, so `orchestrator cancel` can say
+whether the job was running, had finished, or is unknown.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from pydantic import ValidationError
+
+from orchestrator.amqp import json_message
+from orchestrator.journal import JobState, Journal
+from orchestrator.logsetup import EventLogger
+from orchestrator.messages import CancelOutcome, CancelReply, ControlKind, ControlMessage
+from orchestrator.runner import JobRunner, StopReason
+from orchestrator.topology import Topology
+
+log = EventLogger("orchestrator.control")
+
+CANCEL_MEMORY_S = 24 * 3600
+
+
+class CancelRegistry:
+    """Job ids cancelled in the last day, in memory for the hot path, journaled for restarts."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._ids: set[str] = set()
+
+    async def load(self) -> None:
+        self._ids = await self._journal.recent_cancels(CANCEL_MEMORY_S)
+
+    async def add(self, job_id: str) -> None:
+        await self._journal.remember_cancel(job_id)
+        self._ids.add(job_id)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._ids
+
+
+class ControlListener:
+    def __init__(self, *, topology: Topology, host: str, journal: Journal, runner: JobRunner, cancels: CancelRegistry) -> None:
+        self._topology = topology
+        self._host = host
+        self._journal = journal
+        self._runner = runner
+        self._cancels = cancels
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        self._channel = await connection.channel()
+        control = await self._channel.get_exchange(self._topology.control, ensure=False)
+        self._queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._queue.bind(control)
+        await self._queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        async with message.process(requeue=False, ignore_processed=True):
+            try:
+                control = ControlMessage.model_validate_json(message.body)
+            except ValidationError as exc:
+                log.warning("control.malformed", error=str(exc.errors()[:1]))
+                return
+            if control.kind is ControlKind.CANCEL:
+                reply = await self.cancel(str(control.request_id))
+                if message.reply_to and self._channel is not None:
+                    await self._channel.default_exchange.publish(
+                        json_message(reply, persistent=False), routing_key=message.reply_to, mandatory=False
+                    )
+
+    async def cancel(self, job_id: str) -> CancelReply:
+        await self._cancels.add(job_id)
+        record = await self._journal.get(job_id)
+        if self._runner.stop_job(job_id, StopReason.CANCEL):
+            outcome, status = CancelOutcome.CANCELLING, None
+        elif record is not None and record.state in (JobState.FINISHED, JobState.PUBLISHED) and record.result:
+            outcome, status = CancelOutcome.FINISHED, record.result.status
+        else:
+            outcome, status = CancelOutcome.UNKNOWN, None
+        log.info("job.cancel", job_id=job_id, host=self._host, outcome=outcome.value)
+        return CancelReply(request_id=job_id, host=self._host, outcome=outcome, status=status)
+
+    async def stop(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
