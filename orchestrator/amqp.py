@@ -16,7 +16,9 @@ log = EventLogger("orchestrator.amqp")
 
 async def connect(url: str, *, name: str) -> AbstractRobustConnection:
     """A robust connection: aio-pika reconnects and restores channels, QoS and consumers."""
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, heartbeat=30)
+    return await aio_pika.connect_robust(
+        url, client_properties={"connection_name": name}, heartbeat=30, reconnect_interval=1
+    )
 
 
 def json_message(

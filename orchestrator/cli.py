@@ -375,7 +375,13 @@ def cmd_images_prepare(args: argparse.Namespace) -> int:
     async def prepare_all() -> int:
         failures = 0
         progress = ProgressPrinter()
-        preparer = ImagePreparer(image_map, image_dir=settings.images_dir, max_image_bytes=settings.max_image_bytes, on_progress=progress)
+        def waiting(label: str, lock: Path) -> None:
+            print(f"{label}: another process is preparing this image ({lock}); waiting for it", file=sys.stderr, flush=True)
+
+        preparer = ImagePreparer(
+            image_map, image_dir=settings.images_dir, max_image_bytes=settings.max_image_bytes,
+            on_progress=progress, on_wait=waiting,
+        )
         try:
             for label in labels:
                 try:

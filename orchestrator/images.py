@@ -274,12 +274,14 @@ class ImagePreparer:
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         on_progress: ProgressCallback | None = None,
+        on_wait: Callable[[str, Path], None] | None = None,
     ) -> None:
         self._image_map = image_map
         self.image_dir = image_dir
         self.max_image_bytes = max_image_bytes
         self.min_free_bytes = min_free_bytes
         self._on_progress = on_progress
+        self._on_wait = on_wait
         self._locks: dict[str, asyncio.Lock] = {}
         self._status: dict[str, ImageStatus] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -316,7 +318,13 @@ class ImagePreparer:
             self._check_destination(label, image)
             image.local_path.parent.mkdir(parents=True, exist_ok=True)
             file_lock = filelock.FileLock(str(image.local_path) + ".lock", thread_local=False)
-            await asyncio.to_thread(file_lock.acquire)
+            try:
+                await asyncio.to_thread(file_lock.acquire, timeout=0)
+            except filelock.Timeout:
+                log.info("image.waiting", label=label, lock=file_lock.lock_file, reason="another process is preparing it")
+                if self._on_wait is not None:
+                    self._on_wait(label, Path(file_lock.lock_file))
+                await asyncio.to_thread(file_lock.acquire)
             try:
                 # Another process may have finished it while we waited for the lock.
                 if image.local_path.exists() and not refresh:

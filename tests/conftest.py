@@ -134,8 +134,10 @@ class Broker:
 
     async def open(self) -> None:
         self.channel = await self.connection.channel(publisher_confirms=True)
+        # The durable results queue, as a forge integration reads it: results published
+        # while this client's connection is down wait there.
         results = await self.channel.declare_exchange(self.topology.results, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        queue = await self.channel.declare_queue(self.topology.results_queue, durable=True, arguments={"x-queue-type": "quorum"})
         await queue.bind(results, routing_key="#")
 
         async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -221,3 +223,14 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 20, what: s
 
 def body(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
+
+
+@pytest.fixture(autouse=True)
+async def no_daemon_process_outlives_its_test():
+    from tests.daemonproc import DaemonProcess
+
+    yield
+    while DaemonProcess.started:
+        daemon = DaemonProcess.started.pop()
+        if daemon.process is not None and daemon.process.returncode is None:
+            await daemon.kill()

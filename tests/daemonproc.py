@@ -12,7 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class DaemonProcess:
+    """Every instance is recorded in `started` so a fixture can kill what a failed test left."""
+
+    started: list[DaemonProcess] = []
+
     def __init__(self, env: dict[str, str]) -> None:
+        DaemonProcess.started.append(self)
         self.env = {**os.environ, "LOG_FORMAT": "json", **env}
         self.process: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
@@ -38,7 +43,8 @@ class DaemonProcess:
 
     async def kill(self) -> None:
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
         await self.process.wait()
         if self._reader is not None:
             await self._reader

@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -186,13 +187,30 @@ async def test_unsupported_scheme_and_path_outside_image_dir_are_refused(tmp_pat
 
 async def test_concurrent_prepares_across_tasks_and_processes_download_once(server, tmp_path):
     server.files["a.raw"] = RAW
-    entry = f"    source: {server.url}/files/a.raw\n"
-    first, second = preparer_for(tmp_path, entry), preparer_for(tmp_path, entry)  # two "processes"
-    outcomes = await asyncio.gather(first.prepare("img"), first.prepare("img"), second.prepare("img"), first.ensure("img"))
+    server.release.clear()
+    entry = f"    source: {server.url}/slow/a.raw\n"
+    preparer = preparer_for(tmp_path, entry)
+    (tmp_path / "map.yaml").write_text(
+        f"default_label: img\nimages:\n  img:\n    backend: noop\n    local_path: {tmp_path}/images/img.raw\n{entry}"
+    )
+    # Three tasks here and the CLI in another process, all while the download is under way.
+    tasks = [asyncio.create_task(preparer.prepare("img")) for _ in range(2)] + [asyncio.create_task(preparer.ensure("img"))]
+    await asyncio.wait_for(server.mid_download.wait(), 10)
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orchestrator", "images", "prepare", "img", "--config", str(tmp_path / "map.yaml"),
+        "--image-dir", str(tmp_path / "images"), cwd=Path(__file__).resolve().parent.parent,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    waiting = await asyncio.wait_for(cli.stderr.readline(), 30)
+    assert b"another process is preparing this image" in waiting
+    server.release.set()
+    outcomes = await asyncio.gather(*tasks)
+    out, _ = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 0 and "img: present" in out.decode()
     assert server.requests["a.raw"] == 1
-    assert sorted(o.value if isinstance(o, Outcome) else "path" for o in outcomes) == ["downloaded", "path", "present", "present"]
-    await first.close()
-    await second.close()
+    assert sorted(str(o) for o in outcomes[:2]) == ["Outcome.DOWNLOADED", "Outcome.PRESENT"]
+    assert target(tmp_path).read_bytes() == RAW
+    await preparer.close()
 
 
 async def test_refresh_replaces_only_on_change_and_running_readers_keep_the_old_file(server, tmp_path):

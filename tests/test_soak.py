@@ -1,0 +1,60 @@
+"""Soak, bounded in time: 500 noop jobs while the daemon is SIGKILLed every few seconds
+and the broker is restarted once. At the end every job has exactly one outcome (a
+result redelivered with the same message_id and body counts once), and nothing is left
+in the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from orchestrator.messages import JobStatus
+from tests.daemonproc import DaemonProcess
+from tests.test_broker_faults import rabbitmqctl
+from tests.test_reliability import daemon_env
+
+JOBS = 500
+
+
+async def test_soak_kills_and_a_broker_restart_lose_and_duplicate_nothing(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+    rng = random.Random(7)
+    env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", MAX_CONCURRENCY="8", MAX_ATTEMPTS="20")
+    daemon = await DaemonProcess(env).start()
+    await broker.open()
+    jobs = [
+        await broker.submit(runs_on=rng.choice(["alpha", "beta"]), env={"NOOP_DURATION_S": f"{rng.uniform(0.1, 0.5):.2f}"})
+        for _ in range(JOBS)
+    ]
+    results: dict[str, object] = {}
+    kills = 0
+    broker_restarted = False
+
+    async def killer() -> None:
+        nonlocal daemon, kills, broker_restarted
+        while True:
+            await asyncio.sleep(rng.uniform(1.5, 3.0))
+            await daemon.kill()
+            kills += 1
+            if not broker_restarted and len(results) > JOBS // 3:
+                await rabbitmqctl("stop_app")
+                await rabbitmqctl("start_app")
+                await rabbitmqctl("await_startup")
+                broker_restarted = True
+            daemon = await DaemonProcess(env).start()
+
+    chaos = asyncio.create_task(killer())
+    try:
+        async with asyncio.timeout(300):
+            while len(results) < JOBS:
+                results.update(await broker.collect(1, timeout_s=300))
+    finally:
+        chaos.cancel()
+        await asyncio.gather(chaos, return_exceptions=True)
+    assert await daemon.stop() == 0
+    assert set(results) == {j.job_id for j in jobs}
+    assert all(r.status is JobStatus.SUCCEEDED for r in results.values())
+    assert not broker.conflicts
+    assert kills >= 3 and broker_restarted
+    assert await broker.ready_count("alpha") == 0 and await broker.ready_count("beta") == 0
+    print(f"soak: {JOBS} jobs, {kills} kills, 1 broker restart, {broker.redeliveries} result redeliveries, "
+          f"{sum(r.attempt > 1 for r in results.values())} jobs re-run")
