@@ -66,6 +66,7 @@ class DaemonSettings(BaseModel):
     delivery_limit: Annotated[int, Field(ge=1, le=1000)] = 50
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+    http_listen: Annotated[str, Field(pattern=r"^(off|[^\s:]+:\d{1,5})$")] = "127.0.0.1:9465"
     log_format: Annotated[str, Field(pattern=r"^(json|text)$")] = "json"
     # libvirt backend
     libvirt_uri: str = "qemu:///system"
@@ -117,6 +118,7 @@ ENV_NAMES: Mapping[str, str] = {
     "delivery_limit": "DELIVERY_LIMIT",
     "max_attempts": "MAX_ATTEMPTS",
     "heartbeat_s": "HEARTBEAT_S",
+    "http_listen": "HTTP_LISTEN",
     "log_format": "LOG_FORMAT",
     "libvirt_uri": "LIBVIRT_URI",
     "libvirt_network": "LIBVIRT_NETWORK",

@@ -11,6 +11,8 @@ import asyncio
 import signal
 from collections.abc import Mapping
 
+from aiohttp import web
+
 from hypervisors.base import BackendName, Hypervisor
 from hypervisors.router import RouterHypervisor
 from orchestrator import __version__
@@ -19,6 +21,7 @@ from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
 from orchestrator.control import CancelRegistry, ControlListener
+from orchestrator.httpapi import start_http
 from orchestrator.imagemap import ImageEntry, ImageMap
 from orchestrator.images import ImagePreparer
 from orchestrator.intake import JobIntake
@@ -98,6 +101,7 @@ class Daemon:
         self._image_task: asyncio.Task[None] | None = None
         self.images: ImagePreparer | None = None
         self.reconciliation: Reconciliation | None = None
+        self._http: web.AppRunner | None = None
         self.control: ControlListener | None = None
         self.cancels: CancelRegistry | None = None
         self._stopping = False
@@ -167,6 +171,9 @@ class Daemon:
         await self.scheduler.start(self._connection)
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="heartbeat")
         self._image_task = asyncio.create_task(self._prepare_images(), name="prepare-images")
+        if s.http_listen != "off":
+            address, _, port = s.http_listen.rpartition(":")
+            self._http = await start_http(self, address, int(port))
         log.info(
             "daemon.started", host=s.host_name, version=__version__, prefix=s.amqp_prefix,
             labels=sorted(self.image_map.images), max_concurrency=s.max_concurrency,
@@ -184,6 +191,27 @@ class Daemon:
                 await self.images.prepare(label)
             except Exception as exc:  # logged by the preparer; a job for it gets an error result
                 log.warning("image.prepare_at_start_failed", label=label, error=str(exc))
+
+    @property
+    def broker_connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    def status(self) -> dict[str, object]:
+        """What `/status` shows: capacity, running jobs, image preparation."""
+        images = {}
+        if self.images is not None:
+            for label, st in self.images.status().items():
+                images[label] = {
+                    "state": st.state.value, "bytes_in": st.bytes_in, "bytes_total": st.bytes_total,
+                    "percent": round(100 * st.fraction, 1) if st.fraction is not None else None, "error": st.error,
+                }
+        return {
+            **self.heartbeat().model_dump(mode="json"),
+            "broker": "connected" if self.broker_connected else "disconnected",
+            "jobs": sorted(self.runner.running) if self.runner is not None else [],
+            "images": images,
+        }
 
     def heartbeat(self) -> Heartbeat:
         ledger = self.ledger
@@ -232,6 +260,8 @@ class Daemon:
         if self.outbox is not None:
             await self.outbox.stop()
             await self.outbox.flush()
+        if self._http is not None:
+            await self._http.cleanup()
         if self._connection is not None:
             await self._connection.close()
         if self.router is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import Counter
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class JobRunner:
         self._images = images
         self._emit = emit
         self.running: dict[str, RunningJob] = {}
+        self.finished: Counter[str] = Counter()  # by status, for metrics
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -316,6 +318,7 @@ class JobRunner:
             console_tail=tail_lines(console_text) if status is not JobStatus.SUCCEEDED else None,
             timings=timings,
         )
+        self.finished[status.value] += 1
         log.info("job.finished", job_id=job.job_id, label=job.label, status=status.value, exit_code=exit_code, summary=summary)
         await self._outbox.deliver(result, stored=False)
         await self._emit(f"job.finished.{job.label}", self._event(job, EventKind.FINISHED, status))

@@ -75,6 +75,7 @@ async def cleanup_topology(amqp, prefix: str) -> AsyncIterator[list[str]]:
     """Labels to delete queues for at the end of the test (tests append extra ones)."""
     labels: list[str] = ["alpha", "beta"]
     yield labels
+    await asyncio.wait_for(amqp.connected.wait(), 60)  # a test may have restarted the broker
     channel = await amqp.channel()
     await delete_topology(channel, Topology(prefix), labels)
     await channel.close()
@@ -92,6 +93,7 @@ def make_settings(prefix: str, state_dir: Path, config: Path, **overrides: Any) 
         "host_name": "test-host",
         "drain_timeout_s": 10,
         "heartbeat_s": 3600,
+        "http_listen": "off",
     }
     values.update(overrides)
     return DaemonSettings.model_validate(values)

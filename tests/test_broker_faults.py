@@ -43,3 +43,53 @@ async def test_broker_restart_mid_job(daemon_factory, broker):
         await rabbitmqctl("await_startup")
 
     await _jobs_survive(daemon_factory, broker, restart)
+
+
+async def _get(url: str) -> tuple[int, str]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as response:
+            return response.status, await response.text()
+
+
+async def _until(url: str, status: int, timeout_s: float = 60) -> str:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            code, body = await _get(url)
+            if code == status:
+                return body
+            await asyncio.sleep(0.2)
+
+
+async def test_readiness_reports_the_broker_state_and_metrics_are_served(daemon_factory, broker):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = await daemon_factory(http_listen=f"127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    assert (await _get(f"{base}/healthz"))[0] == 200
+    assert '"broker": "connected"' in await _until(f"{base}/readyz", 200)
+    await broker.open()
+    await broker.submit(runs_on="alpha")
+    await broker.next_result()
+    assert await daemon.runner.wait_idle(10)  # the result goes out before the clean-up
+    async with asyncio.timeout(10):  # and the broker's confirm is recorded just after it
+        while daemon.outbox.published < 1:
+            await asyncio.sleep(0.01)
+    code, metrics = await _get(f"{base}/metrics")
+    assert code == 200 and 'orchestrator_jobs_finished_total{status="succeeded"} 1.0' in metrics
+    assert "orchestrator_results_published_total 1.0" in metrics
+    assert 'orchestrator_jobs_running{label="alpha"} 0.0' in metrics
+    code, status = await _get(f"{base}/status")
+    assert code == 200 and '"labels": ["alpha", "beta"]' in status and '"images": {}' in status
+    await rabbitmqctl("stop_app")
+    try:
+        body = await _until(f"{base}/readyz", 503)
+        assert "broker connection is down" in body
+    finally:
+        await rabbitmqctl("start_app")
+        await rabbitmqctl("await_startup")
+    await _until(f"{base}/readyz", 200)

@@ -131,7 +131,7 @@ async def test_sigterm_drains_running_jobs_and_loses_no_message(prefix, tmp_path
         **os.environ,
         "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(noop_map_path),
         "STATE_DIR": str(tmp_path / "sub"), "ORCH_BACKEND": "noop", "MAX_CONCURRENCY": "2",
-        "HOST_NAME": "sub", "DRAIN_TIMEOUT_S": "20", "HOST_CPUS": "8", "HOST_MEMORY_MB": "8192",
+        "HOST_NAME": "sub", "DRAIN_TIMEOUT_S": "20", "HTTP_LISTEN": "off", "HOST_CPUS": "8", "HOST_MEMORY_MB": "8192",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "orchestrator", "run", env=env, cwd=Path(__file__).parent.parent,

@@ -21,7 +21,7 @@ from tests.test_libvirt_vms import TEST_IMAGE, URI, test_image, test_network  # 
 def daemon_env(prefix: str, state: Path, config: Path, **extra: str) -> dict[str, str]:
     return {
         "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(config), "STATE_DIR": str(state),
-        "HOST_NAME": "h", "HOST_CPUS": "8", "HOST_MEMORY_MB": "8192", "DRAIN_TIMEOUT_S": "5", **extra,
+        "HOST_NAME": "h", "HOST_CPUS": "8", "HOST_MEMORY_MB": "8192", "DRAIN_TIMEOUT_S": "5", "HTTP_LISTEN": "off", **extra,
     }
 
 
