@@ -113,7 +113,7 @@ def virt_install(state: Path, runs: int) -> list[float]:
     times = []
     user_data = state / "user-data"
     user_data.write_text("#!/bin/sh\necho bench\n")
-    for i in range(runs):
+    for _ in range(runs):
         name = f"bench-vi-{uuid.uuid4().hex[:8]}"
         overlay = state / "overlays" / f"{name}.qcow2"
         qemu_img_overlay(overlay)

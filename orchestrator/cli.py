@@ -434,4 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `orchestrator ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
     return 2

@@ -183,7 +183,7 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path) or "(top level)"
 
 
-def _describe(error: dict[str, Any], source: Any) -> str:
+def _describe(error: dict[str, Any]) -> str:
     loc = error["loc"]
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
@@ -255,9 +255,11 @@ def _reference_problems(image_map: ImageMap, base_dir: Path) -> list[tuple[tuple
             )
         if image.decompress is Decompress.ZSTD and image.source is None:
             problems.append((where + ("decompress",), "decompress needs a source"))
+        if image.size is not None and image.size not in image_map.sizes:
+            continue  # reported above; the defaults cannot be worked out
+        defaults = image_map.default_resources(label)
         for cap, wanted in (("max_cpus", "cpus"), ("max_memory_mb", "memory_mb"), ("max_disk_gb", "disk_gb")):
-            limit = getattr(image, cap)
-            value = getattr(image_map.default_resources(label), wanted) if image.size is None or image.size in image_map.sizes else None
+            limit, value = getattr(image, cap), getattr(defaults, wanted)
             if limit is not None and value is not None and value > limit:
                 problems.append((where + (wanted,), f"default {wanted} {value} is above {cap} {limit}"))
     return problems
@@ -280,7 +282,7 @@ def parse_image_map(text: str, *, filename: str, base_dir: Path) -> ImageMap:
         image_map = ImageMap.model_validate(data)
     except ValidationError as exc:
         lines = [
-            f"{filename}:{_line_for(tuple(e['loc']), index)}: {_dotted(tuple(e['loc']))}: {_describe(e, data)}"
+            f"{filename}:{_line_for(tuple(e['loc']), index)}: {_dotted(tuple(e['loc']))}: {_describe(e)}"
             for e in exc.errors()
         ]
         raise ImageMapError("\n".join(lines)) from None

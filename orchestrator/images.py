@@ -20,7 +20,6 @@ import json
 import os
 import queue
 import shutil
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field

@@ -66,7 +66,7 @@ async def test_zone_runs_the_job_and_leaves_nothing(zones, tmp_path):
     assert config["attrs"]["vcpus"] == "2" and config["attrs"]["ram"] == "2048M"
     assert config["attrs"]["bootdisk"] == f"tank/orch/vms/{spec.name}"
     assert config["attrs"]["orch-job-id"] == spec.job_id
-    assert f"tank/orch/images/oi@base" in fake_state(tmp_path)["datasets"]
+    assert "tank/orch/images/oi@base" in fake_state(tmp_path)["datasets"]
     await zones.start(spec)
     assert [vm.job_id for vm in await zones.list_ours()] == [spec.job_id]
     assert await zones.wait_stopped(spec) is VmState.STOPPED

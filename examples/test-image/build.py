@@ -73,7 +73,7 @@ MAP = """\
 # Image map for the demo and the libvirt tests: the tiny test image.
 default_label: demo
 images:
-  demo:
+  demo: &test-image
     backend: libvirt
     local_path: {out}/base.qcow2
     format: qcow2
@@ -85,15 +85,8 @@ images:
     initrd: {out}/initramfs.cpio.gz
     cmdline: console=ttyS0 panic=-1 quiet
   demo-silent:
-    backend: libvirt
-    local_path: {out}/base.qcow2
-    format: qcow2
-    checkout: false
-    cpus: 1
-    memory_mb: 256
-    timeout_s: 300
-    kernel: {out}/vmlinuz
-    initrd: {out}/initramfs.cpio.gz
+    <<: *test-image
+    # the guest skips the user-data: a VM that powers off without a result line
     cmdline: console=ttyS0 panic=-1 quiet orch_test=no-userdata
 """
 
