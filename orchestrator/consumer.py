@@ -56,16 +56,15 @@ class Settler:
         try:
             if verdict is Verdict.REQUEUE:
                 await message.nack(requeue=True)
-                return
-            if verdict is Verdict.DEAD_LETTER:
+            elif verdict is Verdict.DEAD_LETTER:
                 await self._dead_letter(message, decision.reason)
-                return
-            await message.ack()
+            else:
+                await message.ack()
         except Exception as exc:
             # The channel is gone: the broker returns the message to the queue by itself,
             # and a redelivery of a journaled job is recognised as a duplicate.
             log.warning("delivery.settle_failed", verdict=verdict.value, job_id=decision.job_id, error=str(exc))
-            return
+        # A journaled job is this host's from now on, acked or not: run it.
         if decision.after_ack is not None:
             decision.after_ack()
 
@@ -165,7 +164,10 @@ class QueueConsumer:
             if decision.verdict is Verdict.REQUEUE:
                 self.requeued += 1
             if self._window_would_overflow(tag):
-                await self.pause()
+                try:
+                    await self.pause()
+                except Exception as exc:  # the channel is gone; settle as well as we can
+                    log.warning("consumer.pause_failed", queue=self.name, error=str(exc))
             self._uncount(tag)
             counted = False
             await self._settler.settle(message, decision)

@@ -335,9 +335,15 @@ class JobRunner:
             )
             return
         retry = request.model_copy(update={"attempt": request.attempt + 1})
-        await self._publisher.publish(
-            self._topology.jobs, running.job.label, json_message(retry, message_id=f"{request.job_id}/{retry.attempt}")
-        )
+        try:
+            await self._publisher.publish(
+                self._topology.jobs, running.job.label, json_message(retry, message_id=f"{request.job_id}/{retry.attempt}")
+            )
+        except Exception as exc:
+            # The broker is away: the job stays live in the journal, and the next start
+            # of this daemon finds its VM gone and hands it back then.
+            jlog.error("job.hand_back_failed", error=str(exc) or type(exc).__name__, reason=reason)
+            return
         await self._journal.move(request.job_id, JobState.REQUEUED)
         jlog.info("job.requeued", attempt=retry.attempt, reason=reason)
         await self._emit(f"job.requeued.{running.job.label}", self._event(running.job, EventKind.REQUEUED))

@@ -13,7 +13,7 @@ import libvirt
 import pytest
 
 from orchestrator.messages import JobStatus
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, wait_for
 from tests.daemonproc import DaemonProcess
 from tests.test_libvirt_vms import TEST_IMAGE, URI, test_image, test_network  # noqa: F401 (fixtures)
 
@@ -142,3 +142,48 @@ async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefi
             except libvirt.libvirtError:
                 pass
         conn.close()
+
+
+async def test_a_failed_ack_still_runs_the_journaled_job_and_its_redelivery_is_dropped(daemon_factory, broker, monkeypatch):
+    import aio_pika
+
+    real_ack = aio_pika.IncomingMessage.ack
+    failed: list[str] = []
+
+    async def ack_fails_once(self, multiple: bool = False) -> None:
+        if not failed:
+            failed.append(self.message_id or "?")
+            raise aio_pika.exceptions.ChannelInvalidStateError("simulated: channel closed under the ack")
+        await real_ack(self, multiple=multiple)
+
+    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", ack_fails_once)
+    first = await daemon_factory(host_name="same")
+    await broker.open()
+    job = await broker.submit(runs_on="alpha")
+    result = await broker.next_result()
+    assert failed and result.request_id == job.request_id and result.status is JobStatus.SUCCEEDED
+    await first.stop()  # its channel closes: the never-acked delivery goes back to the queue
+    second = await daemon_factory(host_name="same")  # same journal
+    marker = await broker.submit(runs_on="alpha")
+    assert (await broker.next_result()).request_id == marker.request_id
+    assert not broker.conflicts and broker.redeliveries == 0
+    assert await broker.ready_count("alpha") == 0
+    assert dict(second.runner.finished) == {"succeeded": 1}  # the marker only: no second VM
+
+
+async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_start(daemon_factory, broker, monkeypatch):
+    first = await daemon_factory(host_name="same", drain_timeout_s=0.2)
+    await broker.open()
+    job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "1"})
+    await wait_for(lambda: first.ledger.running == 1)
+
+    async def broker_away(*args, **kwargs):
+        raise ConnectionError("simulated broker outage")
+
+    monkeypatch.setattr(first._publisher, "publish", broker_away)
+    await first.stop()
+    monkeypatch.undo()
+    await daemon_factory(host_name="same")
+    result = await broker.next_result(timeout_s=20)
+    assert result.request_id == job.request_id
+    assert result.status is JobStatus.SUCCEEDED and result.attempt == 2
