@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -176,13 +178,12 @@ def _print_result(result: JobResult) -> None:
     print(result.model_dump_json(indent=2))
 
 
-async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: JobRequest, routing_key: str) -> int:
+@contextlib.asynccontextmanager
+async def _broker_exchange(settings: DaemonSettings, name: str) -> AsyncIterator[tuple[Any, Any]]:
+    """A confirm channel and an exchange the daemons declared; CLIError when either the
+    broker or the exchange is not there."""
     import aio_pika
 
-    from orchestrator.amqp import json_message
-    from orchestrator.topology import Topology
-
-    topology = Topology(settings.amqp_prefix)
     try:
         connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     except Exception as exc:
@@ -190,11 +191,20 @@ async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: 
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         try:
-            jobs = await channel.get_exchange(topology.jobs, ensure=True)
+            exchange = await channel.get_exchange(name, ensure=True)
         except aio_pika.exceptions.ChannelClosed:
             raise CLIError(
-                f"exchange {topology.jobs} does not exist: no orchestrator daemon with prefix {settings.amqp_prefix!r} has started on this broker yet"
+                f"exchange {name} does not exist: no orchestrator daemon with prefix {settings.amqp_prefix!r} has started on this broker yet"
             ) from None
+        yield channel, exchange
+
+
+async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: JobRequest, routing_key: str) -> int:
+    from orchestrator.amqp import json_message
+    from orchestrator.topology import Topology
+
+    topology = Topology(settings.amqp_prefix)
+    async with _broker_exchange(settings, topology.jobs) as (channel, jobs):
         results_queue = None
         if args.wait:
             results = await channel.get_exchange(topology.results, ensure=False)
@@ -266,23 +276,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 async def _cancel(settings: DaemonSettings, job_id: uuid.UUID, answer_timeout: float) -> int:
-    import aio_pika
-
     from orchestrator.amqp import json_message
     from orchestrator.messages import CancelOutcome, CancelReply, ControlKind, ControlMessage
     from orchestrator.topology import Topology
 
     topology = Topology(settings.amqp_prefix)
-    try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
-    except Exception as exc:
-        raise CLIError(f"cannot connect to the broker at {settings.masked_amqp_url()}: {exc}") from None
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        try:
-            control = await channel.get_exchange(topology.control, ensure=True)
-        except aio_pika.exceptions.ChannelClosed:
-            raise CLIError(f"exchange {topology.control} does not exist: no orchestrator daemon has started with prefix {settings.amqp_prefix!r}") from None
+    async with _broker_exchange(settings, topology.control) as (channel, control):
         replies_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         message = json_message(ControlMessage(kind=ControlKind.CANCEL, request_id=job_id), persistent=False)
         message.reply_to = replies_queue.name
