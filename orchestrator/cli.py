@@ -268,6 +268,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         )
     shown = settings.model_dump(mode="json")
     shown["amqp_url"] = settings.masked_amqp_url()
+    if shown.get("http_token"):
+        shown["http_token"] = "****"
     print("settings: " + json.dumps(shown, sort_keys=True))
     return 0
 

@@ -67,6 +67,8 @@ class DaemonSettings(BaseModel):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
     http_listen: Annotated[str, Field(pattern=r"^(off|[^\s:]+:\d{1,5})$")] = "127.0.0.1:9465"
+    http_token: str | None = None
+    public_url: Annotated[str, Field(pattern=r"^https?://\S+[^/]$")] | None = None
     log_format: Annotated[str, Field(pattern=r"^(json|text)$")] = "json"
     # libvirt backend
     libvirt_uri: str = "qemu:///system"
@@ -119,6 +121,8 @@ ENV_NAMES: Mapping[str, str] = {
     "max_attempts": "MAX_ATTEMPTS",
     "heartbeat_s": "HEARTBEAT_S",
     "http_listen": "HTTP_LISTEN",
+    "http_token": "HTTP_TOKEN",
+    "public_url": "PUBLIC_URL",
     "log_format": "LOG_FORMAT",
     "libvirt_uri": "LIBVIRT_URI",
     "libvirt_network": "LIBVIRT_NETWORK",

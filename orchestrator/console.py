@@ -56,6 +56,11 @@ class ConsoleFollower:
             await asyncio.sleep(self.interval_s)
             await self.poll()
 
+    def text_since(self, offset: int) -> str:
+        """What was read after `offset` (as far as the kept tail reaches)."""
+        new = self.offset - offset
+        return bytes(self._tail[-new:]).decode("utf-8", errors="replace") if new > 0 else ""
+
     async def finish(self) -> str:
         """Stop following, read the rest, and return the tail as text."""
         if self._task is not None:

@@ -316,6 +316,7 @@ class JobRunner:
             label=job.label,
             started_at=datetime.fromtimestamp(started_at, UTC) if started_at else None,
             console_tail=tail_lines(console_text) if status is not JobStatus.SUCCEEDED else None,
+            log_url=f"{self._settings.public_url}/jobs/{job.job_id}/log" if self._settings.public_url else None,
             timings=timings,
         )
         self.finished[status.value] += 1
