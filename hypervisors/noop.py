@@ -31,13 +31,12 @@ def _write_console(path: Path, text: str) -> None:
 
 
 class NoopHypervisor:
-    """In-process VMs; `start_calls` lets benchmarks time dispatch to the backend."""
+    """In-process VMs (benchmarks subclass it to time dispatch to `start`)."""
 
     name = BackendName.NOOP
 
     def __init__(self) -> None:
         self._vms: dict[str, _NoopVm] = {}
-        self.start_listeners: list = []
 
     async def prepare(self, spec: VmSpec) -> None:
         self._vms[spec.name] = _NoopVm(spec)
@@ -49,8 +48,6 @@ class NoopHypervisor:
             raise BackendError(f"noop VM {spec.name} was not prepared") from None
 
     async def start(self, spec: VmSpec) -> None:
-        for listener in self.start_listeners:
-            listener(spec)
         vm = self._vm(spec)
         if spec.env.get("NOOP_FAIL") == "boot":
             raise BackendError(f"noop VM {spec.name} failed to boot (NOOP_FAIL=boot)")
