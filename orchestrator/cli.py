@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id", help="the job's request_id")
     cancel.add_argument("--answer-timeout", type=float, default=3.0, help="seconds to wait for hosts to answer (default 3)")
 
+    hosts = commands.add_parser("hosts", help="the fleet: every host's labels, capacity and usage", description="Ask every host on the broker to describe itself and print the answers.")
+    _add_broker_flags(hosts)
+    hosts.add_argument("--answer-timeout", type=float, default=2.0, help="seconds to wait for hosts to answer (default 2)")
+    hosts.add_argument("--json", action="store_true", help="one JSON heartbeat per line")
+
     images = commands.add_parser("images", help="prepare and list base images")
     image_commands = images.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
     prepare = image_commands.add_parser(
@@ -284,19 +289,9 @@ async def _cancel(settings: DaemonSettings, job_id: uuid.UUID, answer_timeout: f
 
     topology = Topology(settings.amqp_prefix)
     async with _broker_exchange(settings, topology.control) as (channel, control):
-        replies_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         message = json_message(ControlMessage(kind=ControlKind.CANCEL, request_id=job_id), persistent=False)
-        message.reply_to = replies_queue.name
-        await control.publish(message, routing_key="")
-        replies: list[CancelReply] = []
-        try:
-            async with asyncio.timeout(answer_timeout):
-                async with replies_queue.iterator() as incoming:
-                    async for reply_message in incoming:
-                        async with reply_message.process():
-                            replies.append(CancelReply.model_validate_json(reply_message.body))
-        except TimeoutError:
-            pass
+        bodies = await _ask_hosts(control, channel, message, answer_timeout)
+    replies = [CancelReply.model_validate_json(body) for body in bodies]
     for reply in replies:
         if reply.outcome is CancelOutcome.CANCELLING:
             print(f"job {job_id}: cancelling on {reply.host}; its VM is being destroyed and a cancelled result published")
@@ -310,6 +305,48 @@ async def _cancel(settings: DaemonSettings, job_id: uuid.UUID, answer_timeout: f
         "if it is still queued it will be dropped with a cancelled result when a host takes it"
     )
     return 0
+
+
+async def _ask_hosts(control: Any, channel: Any, message: Any, answer_timeout: float) -> list[bytes]:
+    """Publish a control message with a reply queue; collect answers until the timeout."""
+    replies_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    message.reply_to = replies_queue.name
+    await control.publish(message, routing_key="")
+    bodies: list[bytes] = []
+    try:
+        async with asyncio.timeout(answer_timeout):
+            async with replies_queue.iterator() as incoming:
+                async for reply in incoming:
+                    async with reply.process():
+                        bodies.append(reply.body)
+    except TimeoutError:
+        pass
+    return bodies
+
+
+async def _hosts(settings: DaemonSettings, answer_timeout: float, as_json: bool) -> int:
+    from orchestrator.amqp import json_message
+    from orchestrator.messages import ControlKind, ControlMessage, Heartbeat
+    from orchestrator.topology import Topology
+
+    topology = Topology(settings.amqp_prefix)
+    async with _broker_exchange(settings, topology.control) as (channel, control):
+        message = json_message(ControlMessage(kind=ControlKind.DESCRIBE), persistent=False)
+        bodies = await _ask_hosts(control, channel, message, answer_timeout)
+    beats = sorted((Heartbeat.model_validate_json(b) for b in bodies), key=lambda h: h.host)
+    for beat in beats:
+        if as_json:
+            print(beat.model_dump_json())
+            continue
+        state = "draining" if beat.draining else "serving"
+        print(
+            f"{beat.host}: {state}, {beat.running}/{beat.max_concurrency} jobs, "
+            f"{beat.cpus_used}/{beat.cpus_total} vCPUs, {beat.memory_mb_used}/{beat.memory_mb_total} MiB, "
+            f"version {beat.version}, labels {', '.join(beat.labels)}"
+        )
+    if not as_json:
+        print(f"{len(beats)} host(s) answered within {answer_timeout:g} s")
+    return 0 if beats else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -428,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_config_check(args)
         if args.command == "cancel":
             return cmd_cancel(args)
+        if args.command == "hosts":
+            return asyncio.run(_hosts(_settings(args), args.answer_timeout, args.json))
         if args.command == "images":
             return cmd_images_prepare(args) if args.images_command == "prepare" else cmd_images_list(args)
     except CLIError as exc:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from pydantic import ValidationError
+from collections.abc import Callable
+
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.amqp import json_message
 from orchestrator.journal import JobState, Journal
@@ -44,12 +46,22 @@ class CancelRegistry:
 
 
 class ControlListener:
-    def __init__(self, *, topology: Topology, host: str, journal: Journal, runner: JobRunner, cancels: CancelRegistry) -> None:
+    def __init__(
+        self,
+        *,
+        topology: Topology,
+        host: str,
+        journal: Journal,
+        runner: JobRunner,
+        cancels: CancelRegistry,
+        describe: Callable[[], BaseModel],
+    ) -> None:
         self._topology = topology
         self._host = host
         self._journal = journal
         self._runner = runner
         self._cancels = cancels
+        self._describe = describe
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
 
@@ -67,12 +79,16 @@ class ControlListener:
             except ValidationError as exc:
                 log.warning("control.malformed", error=str(exc.errors()[:1]))
                 return
-            if control.kind is ControlKind.CANCEL:
-                reply = await self.cancel(str(control.request_id))
-                if message.reply_to and self._channel is not None:
-                    await self._channel.default_exchange.publish(
-                        json_message(reply, persistent=False), routing_key=message.reply_to, mandatory=False
-                    )
+            if control.kind is ControlKind.CANCEL and control.request_id is not None:
+                reply: BaseModel = await self.cancel(str(control.request_id))
+            elif control.kind is ControlKind.DESCRIBE:
+                reply = self._describe()
+            else:
+                return
+            if message.reply_to and self._channel is not None:
+                await self._channel.default_exchange.publish(
+                    json_message(reply, persistent=False), routing_key=message.reply_to, mandatory=False
+                )
 
     async def cancel(self, job_id: str) -> CancelReply:
         await self._cancels.add(job_id)

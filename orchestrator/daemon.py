@@ -165,7 +165,8 @@ class Daemon:
             runner=self.runner, ledger=self.ledger, outbox=self.outbox,
         )
         self.control = ControlListener(
-            topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner, cancels=self.cancels
+            topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,
+            cancels=self.cancels, describe=self.heartbeat,
         )
         await self.control.start(self._connection)
         await self.scheduler.start(self._connection)
@@ -218,7 +219,7 @@ class Daemon:
         return Heartbeat(
             host=self.settings.host_name,
             version=__version__,
-            labels=sorted(self.image_map.images),
+            labels=sorted(label for label in self.image_map.images if ledger.label_limit(label) > 0),
             max_concurrency=ledger.max_concurrency,
             running=ledger.running,
             running_by_label=ledger.running_by_label(),

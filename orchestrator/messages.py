@@ -232,6 +232,7 @@ class Heartbeat(BaseModel):
 
 class ControlKind(str, enum.Enum):
     CANCEL = "cancel"
+    DESCRIBE = "describe"  # every host answers with its heartbeat (`orchestrator hosts`)
 
 
 class ControlMessage(BaseModel):
@@ -240,7 +241,7 @@ class ControlMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     kind: ControlKind
-    request_id: uuid.UUID
+    request_id: uuid.UUID | None = None  # the job, for cancel
     at: UtcDatetime = Field(default_factory=now_utc)
 
 

@@ -62,3 +62,19 @@ async def test_cancels_are_remembered_across_a_restart(daemon_factory, broker, p
     await broker.submit(runs_on="beta", request_id=job_id)
     result = await broker.next_result()
     assert result.status is JobStatus.CANCELLED
+
+
+async def test_hosts_lists_every_daemon_with_its_capacity(daemon_factory, broker, prefix):
+    await daemon_factory(host_name="hv-a", max_concurrency=3)
+    await daemon_factory(host_name="hv-b", max_concurrency=5, capacity_map={"beta": 0})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orchestrator", "hosts", "--answer-timeout", "1.5",
+        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix}, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    lines = stdout.decode().splitlines()
+    assert process.returncode == 0
+    assert lines[0].startswith("hv-a: serving, 0/3 jobs, 0/64 vCPUs") and lines[0].endswith("labels alpha, beta")
+    assert lines[1].startswith("hv-b: serving, 0/5 jobs") and lines[1].endswith("labels alpha")
+    assert lines[2] == "2 host(s) answered within 1.5 s"
