@@ -108,6 +108,9 @@ class QueueConsumer:
         # capacity hooks, set by the scheduler (defaults: always room, for the unroutable queue)
         self.should_run: Callable[[], bool] = lambda: True
         self.free_slots: Callable[[], int] = lambda: 1
+        # called after this consumer paused itself, so the scheduler resumes it when
+        # there is still room (a pause may come after the scheduler last looked)
+        self.paused_itself: Callable[[], None] = lambda: None
         self.requeued = 0
         self._unacked: Counter[str] = Counter()
 
@@ -168,6 +171,7 @@ class QueueConsumer:
                     await self.pause()
                 except Exception as exc:  # the channel is gone; settle as well as we can
                     log.warning("consumer.pause_failed", queue=self.name, error=str(exc))
+                self.paused_itself()
             self._uncount(tag)
             counted = False
             await self._settler.settle(message, decision)

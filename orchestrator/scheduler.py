@@ -57,6 +57,7 @@ class Scheduler:
             )
             consumer.should_run = self._should_run_for(label)
             consumer.free_slots = functools.partial(self._ledger.free_slots, label)
+            consumer.paused_itself = self.poke
             self._consumers[label] = consumer
         self._unroutable = await QueueConsumer.open(
             connection, self._topology.unroutable_queue, self._intake.on_unroutable_message, self._settler

@@ -184,3 +184,18 @@ async def test_saturated_label_takes_exactly_what_it_can_start_without_requeues(
     assert daemon.scheduler.requeued() == 0
     assert daemon.ledger.peak_running <= 4
     await daemon.stop()
+
+
+async def test_label_with_room_left_keeps_taking_jobs_after_it_paused_itself(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+    # With prefetch 2 and one job taken, the consumer pauses before the ack (one more
+    # delivery might not fit); it must then resume at once, not when a job ends.
+    daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", NoopHypervisor(), max_concurrency=2)
+    await broker.open()
+    first = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"}, timeout_s=30)
+    await wait_for(lambda: daemon.ledger.running == 1)
+    second = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"}, timeout_s=30)
+    await wait_for(lambda: daemon.ledger.running == 2, timeout_s=10)
+    for job in (first, second):
+        daemon.runner.stop_job(job.job_id, StopReason.CANCEL)
+    await broker.collect(2)
+    await daemon.stop()
