@@ -187,3 +187,26 @@ async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_s
     result = await broker.next_result(timeout_s=20)
     assert result.request_id == job.request_id
     assert result.status is JobStatus.SUCCEEDED and result.attempt == 2
+
+
+async def test_vm_that_finished_while_the_daemon_was_down_is_collected(vm_env, broker, tmp_path):
+    first = await DaemonProcess(vm_env).start()
+    await broker.open()
+    job = await broker.submit(runs_on="demo", script="echo before; sleep 2; echo done; exit 5")
+    console = tmp_path / "state" / "logs" / f"{job.job_id}.console"
+    async with asyncio.timeout(90):
+        while not (console.exists() and "before" in console.read_text(errors="replace")):
+            await asyncio.sleep(0.1)
+    await first.kill()
+    async with asyncio.timeout(60):  # the guest finishes and powers off on its own
+        while "shut off" not in subprocess.run(
+            ["virsh", "-c", URI, "domstate", f"job-{job.job_id}"], capture_output=True, text=True
+        ).stdout:
+            await asyncio.sleep(0.2)
+    second = await DaemonProcess(vm_env).start()
+    result = await broker.next_result(timeout_s=60)
+    assert str(result.request_id) == job.job_id
+    assert result.status is JobStatus.FAILED and result.exit_code == 5 and result.attempt == 1  # collected, not re-run
+    assert await second.stop() == 0
+    assert broker.results.empty()
+    _assert_nothing_left(tmp_path)
