@@ -37,6 +37,25 @@ images:
 """
 
 
+class Counting:
+    """An acking consumer callback that sets `done` after `target` messages."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.count = 0
+        self.done = asyncio.Event()
+
+    def expect(self, target: int) -> None:
+        self.target, self.count = target, 0
+        self.done.clear()
+
+    async def __call__(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await message.ack()
+        self.count += 1
+        if self.count == self.target:
+            self.done.set()
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -52,19 +71,10 @@ async def raw_floor(url: str, n: int) -> tuple[float, float, float]:
         await asyncio.gather(*[
             channel.default_exchange.publish(aio_pika.Message(body, delivery_mode=2), routing_key=queue.name) for _ in range(n)
         ])
-        got = 0
-        done = asyncio.Event()
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal got
-            await message.ack()
-            got += 1
-            if got == n:
-                done.set()
-
+        consumed = Counting(n)
         t0 = time.perf_counter()
-        tag = await queue.consume(on_message)
-        await done.wait()
+        tag = await queue.consume(consumed)
+        await consumed.done.wait()
         rate = n / (time.perf_counter() - t0)
         await queue.cancel(tag)
 
@@ -113,18 +123,8 @@ async def daemon_run(url: str, concurrency: int, burst: int, paced: int) -> tupl
         declared = await declare_topology(channel, topology, image_map, delivery_limit=settings.delivery_limit)
         results_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await results_queue.bind(declared.results, routing_key="#")
-        results = 0
-        all_done = asyncio.Event()
-        target = burst
-
-        async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal results
-            await message.ack()
-            results += 1
-            if results == target:
-                all_done.set()
-
-        await results_queue.consume(on_result)
+        results = Counting(burst)
+        await results_queue.consume(results)
 
         def job() -> JobRequest:
             return JobRequest(request_id=uuid.uuid4(), repo_url="https://x/y", commit_sha="a" * 40, runs_on="bench")
@@ -137,12 +137,11 @@ async def daemon_run(url: str, concurrency: int, burst: int, paced: int) -> tupl
         daemon = Daemon(settings, image_map, backends={BackendName.NOOP: probe})
         t0 = time.perf_counter()
         await daemon.start()
-        await all_done.wait()
+        await results.done.wait()
         throughput = burst / (time.perf_counter() - t0)
 
         # Paced, open loop at half the throughput: latency without self-inflicted queueing.
-        results, target = 0, paced
-        all_done.clear()
+        results.expect(paced)
         interval = 2.0 / throughput
         sent: dict[str, float] = {}
         for _ in range(paced):
@@ -150,7 +149,7 @@ async def daemon_run(url: str, concurrency: int, burst: int, paced: int) -> tupl
             sent[j.job_id] = time.perf_counter()
             await declared.jobs.publish(aio_pika.Message(j.model_dump_json().encode(), delivery_mode=2), routing_key="bench")
             await asyncio.sleep(interval)
-        await all_done.wait()
+        await results.done.wait()
         latencies = [probe.started_at[k] - t for k, t in sent.items()]
         await daemon.stop()
         await delete_topology(channel, topology, ["bench"])

@@ -59,14 +59,20 @@ def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):  # noq
     )
 
 
+async def _wait_for_guest_output(tmp_path: Path, job_id: str, text: str) -> Path:
+    """The job's console file once the guest has printed `text` (polled, 90 s deadline)."""
+    console = tmp_path / "state" / "logs" / f"{job_id}.console"
+    async with asyncio.timeout(90):
+        while not (console.exists() and text in console.read_text(errors="replace")):
+            await asyncio.sleep(0.1)
+    return console
+
+
 async def _kill_mid_job(vm_env, broker, tmp_path) -> tuple[DaemonProcess, str, Path]:
     first = await DaemonProcess(vm_env).start()
     await broker.open()
     job = await broker.submit(runs_on="demo", script="echo before; sleep 8; echo after")
-    console = tmp_path / "state" / "logs" / f"{job.job_id}.console"
-    async with asyncio.timeout(90):
-        while not (console.exists() and "before" in console.read_text(errors="replace")):
-            await asyncio.sleep(0.1)
+    console = await _wait_for_guest_output(tmp_path, job.job_id, "before")
     await first.kill()
     return first, job.job_id, console
 
@@ -193,10 +199,7 @@ async def test_vm_that_finished_while_the_daemon_was_down_is_collected(vm_env, b
     first = await DaemonProcess(vm_env).start()
     await broker.open()
     job = await broker.submit(runs_on="demo", script="echo before; sleep 2; echo done; exit 5")
-    console = tmp_path / "state" / "logs" / f"{job.job_id}.console"
-    async with asyncio.timeout(90):
-        while not (console.exists() and "before" in console.read_text(errors="replace")):
-            await asyncio.sleep(0.1)
+    await _wait_for_guest_output(tmp_path, job.job_id, "before")
     await first.kill()
     async with asyncio.timeout(60):  # the guest finishes and powers off on its own
         while "shut off" not in subprocess.run(
