@@ -37,6 +37,10 @@ from orchestrator.topology import Topology, declare_topology
 log = EventLogger("orchestrator.daemon")
 
 
+class StartupError(Exception):
+    """The daemon cannot start; the message is one line: what failed and how to fix it."""
+
+
 def backends_needed(settings: DaemonSettings, image_map: ImageMap) -> set[BackendName]:
     return {settings.backend} | {image.backend for image in image_map.images.values() if image.backend}
 

@@ -27,7 +27,8 @@ from orchestrator.images import ImagePreparer, ImagePrepError
 from orchestrator.intake import AcceptedJob
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
-from orchestrator.messages import EventKind, JobEvent, JobResult, JobStatus
+from orchestrator.imagemap import ImageEntry
+from orchestrator.messages import EventKind, JobEvent, JobRequest, JobResult, JobStatus
 from orchestrator.outbox import ResultOutbox
 from orchestrator.topology import Topology
 
@@ -59,6 +60,12 @@ class RunningJob:
 
 def tail_lines(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+def job_timeout_s(request: JobRequest, image: ImageEntry, *, default_timeout_s: int) -> int:
+    """The request's timeout, else the image's, else the host's; capped by the image."""
+    wanted = request.timeout_s or image.timeout_s or default_timeout_s
+    return min(wanted, image.max_timeout_s) if image.max_timeout_s else wanted
 
 
 def console_path(settings: DaemonSettings, job_id: str) -> Path:
@@ -237,9 +244,7 @@ class JobRunner:
         return started_at
 
     def timeout_s(self, job: AcceptedJob) -> int:
-        """The request's timeout, else the image's, else the host's; capped by the image."""
-        wanted = job.request.timeout_s or job.image.timeout_s or self._settings.default_timeout_s
-        return min(wanted, job.image.max_timeout_s) if job.image.max_timeout_s else wanted
+        return job_timeout_s(job.request, job.image, default_timeout_s=self._settings.default_timeout_s)
 
     def boot_timeout_s(self, job: AcceptedJob) -> float:
         return job.image.boot_timeout_s or self._settings.boot_timeout_s
