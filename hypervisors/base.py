@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -108,6 +109,11 @@ class Hypervisor(Protocol):
 
     async def list_ours(self) -> list[VmInfo]:
         """VMs this orchestrator made (by its tag), whatever their state."""
+
+    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
+        """Remove what this backend made for jobs that are not live and whose VM is gone
+        (files, clones), and say what was removed. Never touches anything not named or
+        tagged as ours."""
 
     async def close(self) -> None:
         """Release connections; VMs keep running."""

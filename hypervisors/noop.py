@@ -9,6 +9,7 @@ without printing the result line), and `NOOP_OUTPUT` (text written to the consol
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,9 @@ class NoopHypervisor:
             VmInfo(vm.spec.name, vm.spec.job_id, self.name, vm.state, vm.spec.console_path)
             for vm in self._vms.values()
         ]
+
+    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
+        return []  # a simulated VM leaves nothing behind
 
     async def close(self) -> None:
         for name in list(self._vms):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from hypervisors.base import BackendError, BackendName, ImageFormat, VmInfo, VmSpec, VmState
 from hypervisors.seed import write_seed_iso
+from orchestrator.statedir import StateDir, job_id_of_file
 
 POLL_S = 2.0
 CONSOLE_SOCKET = "/tmp/vm.com1"
@@ -47,6 +49,12 @@ class ZoneTools:
         return process.returncode or 0, out, err
 
 
+def _zone_state(state: str) -> VmState:
+    """A zone state from `zoneadm list -p` as ours: a zone back to `installed` has a
+    guest that powered off."""
+    return VmState.RUNNING if state in ("running", "ready", "shutting_down") else VmState.STOPPED
+
+
 def _quote(value: str) -> str:
     if '"' in value or "\n" in value:
         raise BackendError(f"refusing to pass {value!r} to zonecfg")
@@ -67,7 +75,7 @@ class ZonesHypervisor:
         tools: ZoneTools | None = None,
         zvol_devices: Path = Path("/dev/zvol/rdsk"),
     ) -> None:
-        self._state_dir = state_dir
+        self._paths = StateDir(state_dir)
         self._orchestrator_id = orchestrator_id
         self._dataset = dataset
         self._zonepath_root = zonepath_root
@@ -81,7 +89,7 @@ class ZonesHypervisor:
         return f"{self._dataset}/vms/{spec.name}"
 
     def _seed(self, spec: VmSpec) -> Path:
-        return self._state_dir / "seeds" / f"{spec.name}.iso"
+        return self._paths.seed(spec.name)
 
     async def _base_snapshot(self, image: Path) -> str:
         """`<dataset>/images/<stem>@base`, made once from the raw image file."""
@@ -141,7 +149,7 @@ class ZonesHypervisor:
         if spec.seed is not None:
             await asyncio.to_thread(write_seed_iso, spec.seed, self._seed(spec))
         spec.console_path.parent.mkdir(parents=True, exist_ok=True)
-        script = self._state_dir / "seeds" / f"{spec.name}.zonecfg"
+        script = self._paths.zonecfg(spec.name)
         await asyncio.to_thread(script.write_text, self._zonecfg_script(spec))
         try:
             await self._tools.run("zonecfg", "-z", spec.name, "-f", str(script))
@@ -159,8 +167,7 @@ class ZonesHypervisor:
         if code != 0:
             return VmState.GONE
         fields = out.strip().split(":")
-        state = fields[2] if len(fields) > 2 else ""
-        return VmState.RUNNING if state in ("running", "ready", "shutting_down") else VmState.STOPPED
+        return _zone_state(fields[2] if len(fields) > 2 else "")
 
     async def wait_stopped(self, spec: VmSpec) -> VmState:
         while True:
@@ -218,9 +225,40 @@ class ZonesHypervisor:
                 continue
             job_id = await self._attr(name, "orch-job-id") or ""
             console = await self._attr(name, "orch-console")
-            state = VmState.RUNNING if fields[2] in ("running", "ready", "shutting_down") else VmState.STOPPED
-            found.append(VmInfo(name, job_id, BackendName.ZONES, state, Path(console) if console else None))
+            found.append(VmInfo(name, job_id, BackendName.ZONES, _zone_state(fields[2]), Path(console) if console else None))
         return found
+
+    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
+        """Seed ISOs and zonecfg scripts of jobs that are not live, and ZFS clones under
+        `<dataset>/vms/` whose zone is gone (a crash between `zfs clone` and `zonecfg`,
+        or a zone deleted by hand)."""
+        paths = self._paths
+
+        def delete_files() -> list[str]:
+            removed = []
+            if paths.seeds.is_dir():
+                for path in paths.seeds.iterdir():
+                    job_id = job_id_of_file(path)
+                    if job_id is not None and job_id not in live_job_ids and path.suffix in (".iso", ".zonecfg", ".partial"):
+                        path.unlink(missing_ok=True)
+                        removed.append(str(path))
+            return removed
+
+        removed = await asyncio.to_thread(delete_files)
+        parent = f"{self._dataset}/vms"
+        code, out, _ = await self._tools.run("zfs", "list", "-H", "-o", "name", "-d", "1", parent, check=False)
+        if code != 0:
+            return removed  # no clone was ever made on this host
+        for clone in out.split():
+            name = clone.rpartition("/")[2]
+            job_id = job_id_of_file(Path(name + "."))
+            if clone == parent or job_id is None or job_id in live_job_ids:
+                continue
+            if await self._state(name) is not VmState.GONE:
+                continue  # its zone is still there: the orphan-VM path destroys both
+            await self._tools.run("zfs", "destroy", "-r", clone, check=False)
+            removed.append(clone)
+        return removed
 
     async def close(self) -> None:
         for task in self._consoles.values():

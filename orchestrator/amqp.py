@@ -3,9 +3,11 @@ re-published jobs, dead letters) and fire-and-forget for events."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 import aio_pika
+import tenacity
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from pydantic import BaseModel
 
@@ -15,10 +17,45 @@ log = EventLogger("orchestrator.amqp")
 
 
 async def connect(url: str, *, name: str) -> AbstractRobustConnection:
-    """A robust connection: aio-pika reconnects and restores channels, QoS and consumers."""
-    return await aio_pika.connect_robust(
-        url, client_properties={"connection_name": name}, heartbeat=30, reconnect_interval=1
+    """A robust connection: aio-pika reconnects and restores channels, QoS and consumers.
+    Losing and regaining it is logged here, once each (aiormq's own lines are muted)."""
+    connection = await aio_pika.connect_robust(
+        url, client_properties={"connection_name": name}, heartbeat=30, reconnect_interval=1, timeout=10
     )
+    def lost(_connection: object, exc: BaseException | None = None) -> None:
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):  # not our own close()
+            log.warning("broker.connection_lost", error=describe_error(exc))
+
+    connection.close_callbacks.add(lost)
+    connection.reconnect_callbacks.add(lambda _conn: log.info("broker.reconnected"))
+    return connection
+
+
+async def connect_with_retry(url: str, *, name: str, timeout_s: float, masked_url: str) -> AbstractRobustConnection:
+    """The first connection, retried with backoff for `timeout_s` (under systemd the
+    broker may come up after us); each failed attempt is logged. Raises the last error."""
+    retrying = tenacity.AsyncRetrying(
+        stop=tenacity.stop_before_delay(timeout_s),
+        wait=tenacity.wait_exponential(multiplier=0.25, max=5),
+        retry=tenacity.retry_if_exception_type((OSError, asyncio.TimeoutError)),
+        before_sleep=lambda state: log.warning(
+            "broker.connect_failed", url=masked_url, attempt=state.attempt_number,
+            retry_in_s=round(state.upcoming_sleep, 2), error=describe_error(state.outcome.exception()),
+        ),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await connect(url, name=name)
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """An exception as one short line (aiormq's often have an empty str())."""
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip().replace("\n", " ")
+    return text or type(exc).__name__
 
 
 def json_message(
@@ -61,10 +98,6 @@ class ConfirmedPublisher:
         target = await self._exchange(exchange)
         await target.publish(message, routing_key=routing_key, timeout=timeout_s)
 
-    async def close(self) -> None:
-        if not self._channel.is_closed:
-            await self._channel.close()
-
 
 class EventPublisher:
     """Best-effort events: a lost event costs a dashboard update, never a job."""
@@ -85,7 +118,3 @@ class EventPublisher:
             await self._exchange.publish(json_message(event, persistent=False), routing_key=routing_key, mandatory=False)
         except Exception as exc:  # events are advisory: never let one fail a job
             log.warning("event.publish_failed", routing_key=routing_key, error=str(exc))
-
-    async def close(self) -> None:
-        if not self._channel.is_closed:
-            await self._channel.close()

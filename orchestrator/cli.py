@@ -129,13 +129,17 @@ def _image_map(settings: DaemonSettings) -> ImageMap:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.daemon import run_daemon
+    from orchestrator.daemon import StartupError, run_daemon
     from orchestrator.logsetup import configure_logging
 
     settings = _settings(args)
     image_map = _image_map(settings)
     configure_logging(fmt=settings.log_format)
-    asyncio.run(run_daemon(settings, image_map))
+    try:
+        asyncio.run(run_daemon(settings, image_map))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hypervisors.base import BackendName
 from orchestrator.imagemap import DEFAULT_IMAGE_MAP
 from orchestrator.messages import LABEL_PATTERN
+from orchestrator.statedir import StateDir
 
 
 class SettingsError(Exception):
@@ -46,6 +47,7 @@ class DaemonSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    broker_connect_timeout_s: Annotated[float, Field(ge=0)] = 60.0
     amqp_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")] = "ci"
     config: Path = DEFAULT_IMAGE_MAP
     max_concurrency: Annotated[int, Field(ge=1, le=1024)] = 2
@@ -88,12 +90,16 @@ class DaemonSettings(BaseModel):
         return value
 
     @property
-    def images_dir(self) -> Path:
-        return self.image_dir or self.state_dir / "images"
+    def state(self) -> StateDir:
+        return StateDir(self.state_dir)
 
     @property
     def logs_dir(self) -> Path:
-        return self.state_dir / "logs"
+        return self.state.logs
+
+    @property
+    def images_dir(self) -> Path:
+        return self.image_dir or self.state.default_images
 
     def masked_amqp_url(self) -> str:
         return re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:****@", self.amqp_url)
@@ -102,6 +108,7 @@ class DaemonSettings(BaseModel):
 # flag/field name -> environment variable
 ENV_NAMES: Mapping[str, str] = {
     "amqp_url": "AMQP_URL",
+    "broker_connect_timeout_s": "BROKER_CONNECT_TIMEOUT_S",
     "amqp_prefix": "AMQP_PREFIX",
     "config": "ORCH_CONFIG",
     "max_concurrency": "MAX_CONCURRENCY",

@@ -2,25 +2,30 @@
 
 The console file is the job's log (kept under STATE_DIR/logs/). The follower reads what
 is new every `interval_s` (off the event loop), keeps the tail for the result line and
-for error reports, and records when the guest first printed anything.
+for error reports, and sets `has_output` once the guest printed anything (the boot
+timeout watches it). Readers of the log for people use `orchestrator.joblog`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import os
 from pathlib import Path
 
 TAIL_BYTES = 64 * 1024
 
 
-def _read_from(path: Path, offset: int) -> bytes:
+def _read_tail(path: Path, offset: int) -> tuple[int, bytes]:
+    """The file's size now and its bytes after `offset`, at most the last `TAIL_BYTES`
+    of them: the follower keeps only the tail, so a fast printer costs no memory."""
     try:
         with path.open("rb") as console:
-            console.seek(offset)
-            return console.read()
+            size = os.fstat(console.fileno()).st_size
+            start = max(offset, size - TAIL_BYTES)
+            console.seek(start)
+            return size, console.read(size - start)
     except FileNotFoundError:
-        return b""
+        return offset, b""
 
 
 class ConsoleFollower:
@@ -28,7 +33,6 @@ class ConsoleFollower:
         self.path = path
         self.interval_s = interval_s
         self.offset = 0
-        self.first_output_at: float | None = None
         self._tail = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
@@ -39,27 +43,21 @@ class ConsoleFollower:
 
     async def poll(self) -> int:
         """Read what is new; returns how many bytes that was."""
-        return self._take(await asyncio.to_thread(_read_from, self.path, self.offset))
+        return self._take(*await asyncio.to_thread(_read_tail, self.path, self.offset))
 
-    def _take(self, chunk: bytes) -> int:
-        if chunk:
-            if self.first_output_at is None:
-                self.first_output_at = time.monotonic()
-                self.has_output.set()
-            self.offset += len(chunk)
+    def _take(self, size: int, chunk: bytes) -> int:
+        grown = size - self.offset
+        if grown > 0:
+            self.has_output.set()
+            self.offset = size
             self._tail += chunk
             del self._tail[:-TAIL_BYTES]
-        return len(chunk)
+        return max(0, grown)
 
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             await self.poll()
-
-    def text_since(self, offset: int) -> str:
-        """What was read after `offset` (as far as the kept tail reaches)."""
-        new = self.offset - offset
-        return bytes(self._tail[-new:]).decode("utf-8", errors="replace") if new > 0 else ""
 
     async def finish(self) -> str:
         """Stop following, read the rest, and return the tail as text."""
@@ -70,5 +68,5 @@ class ConsoleFollower:
         if not self._finished:
             # One read to the end: the VM has stopped writing.
             self._finished = True
-            self._take(await asyncio.to_thread(_read_from, self.path, self.offset))
+            self._take(*await asyncio.to_thread(_read_tail, self.path, self.offset))
         return self._tail.decode("utf-8", errors="replace")

@@ -1,27 +1,36 @@
 """`orchestrator run`: wires broker, journal, capacity, consumers, runner and backends.
 
-Start-up declares the topology, publishes results left in the outbox, then starts the
-consumers. Shutdown (SIGINT/SIGTERM) stops consuming first, lets running jobs finish for
-up to `drain_timeout_s`, then shuts their VMs down and hands the jobs back to the broker.
+Start-up opens each part in order and pushes its shutdown onto one `AsyncExitStack`, so
+a failed start closes exactly what was opened, in reverse, and `stop()` is that same
+path. The order makes shutdown graceful: consumers stop first (queued work stays in the
+broker), running jobs get `drain_timeout_s` to finish while results, heartbeats, cancels
+and the HTTP API keep working, then their VMs are shut down and the jobs handed back.
+
+`SIGHUP` re-reads the image map (`reload`): a bad map is refused and the old one stays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Mapping
+import sqlite3
+from collections.abc import Coroutine, Iterator, Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
 
-from aiohttp import web
+import aio_pika
 
-from hypervisors.base import BackendName, Hypervisor
+from hypervisors.base import BackendError, BackendName, Hypervisor
 from hypervisors.router import RouterHypervisor
 from orchestrator import __version__
-from orchestrator.amqp import ConfirmedPublisher, EventPublisher, connect
+from orchestrator.amqp import ConfirmedPublisher, EventPublisher, connect_with_retry, describe_error
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
 from orchestrator.control import CancelRegistry, ControlListener
-from orchestrator.httpapi import start_http
+from orchestrator.httpapi import MetricsSnapshot, start_http
 from orchestrator.imagemap import ImageEntry, ImageMap
 from orchestrator.images import ImagePreparer
 from orchestrator.intake import JobIntake
@@ -29,7 +38,7 @@ from orchestrator.journal import Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import Heartbeat
 from orchestrator.outbox import ResultOutbox
-from orchestrator.reconcile import Reconciliation, reconcile
+from orchestrator.reconcile import reconcile
 from orchestrator.runner import JobRunner, StopReason
 from orchestrator.scheduler import Scheduler
 from orchestrator.topology import Topology, declare_topology
@@ -41,38 +50,58 @@ class StartupError(Exception):
     """The daemon cannot start; the message is one line: what failed and how to fix it."""
 
 
-def backends_needed(settings: DaemonSettings, image_map: ImageMap) -> set[BackendName]:
-    return {settings.backend} | {image.backend for image in image_map.images.values() if image.backend}
+@contextlib.contextmanager
+def failing_as(what: str, fix: str | None = None) -> Iterator[None]:
+    """Turn the errors a start-up step can meet into one `StartupError` line."""
+    try:
+        yield
+    except StartupError:
+        raise
+    except (OSError, sqlite3.Error, BackendError, aio_pika.exceptions.AMQPError, asyncio.TimeoutError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else describe_error(exc)
+        raise StartupError(f"{what}: {detail}" + (f" ({fix})" if fix else "")) from None
 
 
-async def build_backends(settings: DaemonSettings, needed: set[BackendName]) -> dict[BackendName, Hypervisor]:
-    backends: dict[BackendName, Hypervisor] = {}
-    for name in needed:
+def backends_needed(settings: DaemonSettings, image_map: ImageMap) -> dict[BackendName, list[str]]:
+    """Each backend some image uses, with those images' labels: `ORCH_BACKEND` only fills
+    in images that name none, so a backend no image uses is never built."""
+    needed: dict[BackendName, list[str]] = {}
+    for label, image in sorted(image_map.images.items()):
+        needed.setdefault(image.backend or settings.backend, []).append(label)
+    return needed
+
+
+async def build_backend(settings: DaemonSettings, name: BackendName, labels: list[str]) -> Hypervisor:
+    """Connect one backend; `StartupError` naming what is missing when it cannot."""
+    with failing_as(f"backend {name.value} (images {', '.join(labels)})"):
         if name is BackendName.NOOP:
             from hypervisors.noop import NoopHypervisor
 
-            backends[name] = NoopHypervisor()
-        elif name is BackendName.LIBVIRT:
-            from hypervisors.libvirt import LibvirtHypervisor
-
-            backends[name] = await LibvirtHypervisor.connect(
-                uri=settings.libvirt_uri,
-                network=settings.libvirt_network,
-                domain_type=settings.libvirt_domain_type,
-                state_dir=settings.state_dir,
-                orchestrator_id=settings.orchestrator_id,
-            )
-        elif name is BackendName.ZONES:
+            return NoopHypervisor()
+        if name is BackendName.ZONES:
             from hypervisors.zones import ZonesHypervisor
 
-            backends[name] = ZonesHypervisor(
+            return ZonesHypervisor(
                 state_dir=settings.state_dir,
                 orchestrator_id=settings.orchestrator_id,
                 dataset=settings.zones_dataset,
                 zonepath_root=settings.zones_zonepath_root,
                 global_nic=settings.zones_global_nic,
             )
-    return backends
+        try:
+            from hypervisors.libvirt import LibvirtHypervisor
+        except ImportError:
+            raise StartupError(
+                f"images {', '.join(labels)} use the libvirt backend, but libvirt-python is not installed "
+                "(pip install '.[libvirt]' or Debian's python3-libvirt; or give those images another backend)"
+            ) from None
+        return await LibvirtHypervisor.connect(
+            uri=settings.libvirt_uri,
+            network=settings.libvirt_network,
+            domain_type=settings.libvirt_domain_type,
+            state_dir=settings.state_dir,
+            orchestrator_id=settings.orchestrator_id,
+        )
 
 
 class Daemon:
@@ -98,109 +127,49 @@ class Daemon:
         self.runner: JobRunner | None = None
         self.scheduler: Scheduler | None = None
         self.outbox: ResultOutbox | None = None
-        self._connection = None
+        self.images: ImagePreparer | None = None
+        self._intake: JobIntake | None = None
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._events: EventPublisher | None = None
         self._publisher: ConfirmedPublisher | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._image_task: asyncio.Task[None] | None = None
-        self.images: ImagePreparer | None = None
-        self.reconciliation: Reconciliation | None = None
-        self._http: web.AppRunner | None = None
-        self.control: ControlListener | None = None
-        self.cancels: CancelRegistry | None = None
-        self._stopping = False
+        self._stack = AsyncExitStack()
+        self._reload_lock = asyncio.Lock()
+        self._stopped = False
 
-    def _backend_of(self, image: ImageEntry) -> str:
-        assert self.router is not None
-        return self.router.backend_for(image.backend).name.value
-
-    async def start(self) -> None:
-        s = self.settings
-        for sub in ("logs", "overlays", "seeds"):
-            (s.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        backends = dict(self._given_backends) if self._given_backends is not None else await build_backends(
-            s, backends_needed(s, self.image_map)
-        )
-        self.router = RouterHypervisor(backends, s.backend)
-        self.images = ImagePreparer(self.image_map, image_dir=s.images_dir, max_image_bytes=s.max_image_bytes)
-        self.journal = Journal(s.state_dir / "state.db")
-        self._connection = await connect(s.amqp_url, name=f"orchestrator@{s.host_name}")
-        setup = await self._connection.channel()
-        await declare_topology(setup, self.topology, self.image_map, delivery_limit=s.delivery_limit)
-        await setup.close()
-        self._publisher = await ConfirmedPublisher.open(self._connection)
-        self._events = await EventPublisher.open(self._connection, self.topology.events)
-        self.outbox = ResultOutbox(self.journal, self._publisher, self.topology)
-        self.outbox.start()
-        self.runner = JobRunner(
-            settings=s,
-            router=self.router,
-            journal=self.journal,
-            outbox=self.outbox,
-            publisher=self._publisher,
-            topology=self.topology,
-            ledger=self.ledger,
-            images=self.images,
-            emit=self._events.emit,
-        )
-        self.cancels = CancelRegistry(self.journal)
-        await self.cancels.load()
-        intake = JobIntake(
-            image_map=self.image_map,
-            ledger=self.ledger,
-            journal=self.journal,
-            outbox=self.outbox,
-            publisher=self._publisher,
-            topology=self.topology,
-            host=s.host_name,
-            backend_of=self._backend_of,
-            start_job=self.runner.start,
-            cancelled=self.cancels,
-        )
-        self.scheduler = Scheduler(
-            image_map=self.image_map,
-            ledger=self.ledger,
-            intake=intake,
-            settler=Settler(self._publisher, self.topology),
-            topology=self.topology,
-        )
-        self.reconciliation = await reconcile(
-            settings=s, image_map=self.image_map, journal=self.journal, router=self.router,
-            runner=self.runner, ledger=self.ledger, outbox=self.outbox,
-        )
-        self.control = ControlListener(
-            topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,
-            cancels=self.cancels, describe=self.heartbeat,
-        )
-        await self.control.start(self._connection)
-        await self.scheduler.start(self._connection)
-        self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="heartbeat")
-        self._image_task = asyncio.create_task(self._prepare_images(), name="prepare-images")
-        if s.http_listen != "off":
-            address, _, port = s.http_listen.rpartition(":")
-            self._http = await start_http(self, address, int(port))
-        log.info(
-            "daemon.started", host=s.host_name, version=__version__, prefix=s.amqp_prefix,
-            labels=sorted(self.image_map.images), max_concurrency=s.max_concurrency,
-            backends=sorted(b.value for b in backends),
-        )
-
-    async def _prepare_images(self) -> None:
-        """Fetch every missing image this host serves, in the background: jobs for
-        ready images start at once, jobs for these wait for their image."""
-        assert self.images is not None
-        for label, image in self.image_map.images.items():
-            if image.source is None or image.local_path.exists():
-                continue
-            try:
-                await self.images.prepare(label)
-            except Exception as exc:  # logged by the preparer; a job for it gets an error result
-                log.warning("image.prepare_at_start_failed", label=label, error=str(exc))
+    # --- HostView (what the HTTP API reads) ---------------------------------------------
+    @property
+    def host_name(self) -> str:
+        return self.settings.host_name
 
     @property
     def broker_connected(self) -> bool:
         connection = self._connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if not self.broker_connected:
+            reasons.append("broker connection is down (reconnecting)")
+        if self.ledger.draining:
+            reasons.append("host is draining")
+        return reasons
+
+    def job_running(self, job_id: str) -> bool:
+        return self.runner is not None and job_id in self.runner.running
+
+    def console_path(self, job_id: str) -> Path:
+        return self.settings.state.console(job_id)
+
+    def metrics(self) -> MetricsSnapshot:
+        return MetricsSnapshot(
+            running_by_label={label: self.ledger.running_for(label) for label in self.image_map.images},
+            max_concurrency=self.ledger.max_concurrency,
+            cpus_used=self.ledger.cpus_used,
+            memory_mb_used=self.ledger.memory_mb_used,
+            broker_connected=self.broker_connected,
+            finished_by_status=dict(self.runner.finished) if self.runner is not None else {},
+            results_published=self.outbox.published if self.outbox is not None else 0,
+        )
 
     def status(self) -> dict[str, object]:
         """What `/status` shows: capacity, running jobs, image preparation."""
@@ -234,50 +203,173 @@ class Daemon:
             draining=ledger.draining,
         )
 
+    # --- start and stop ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open everything; on any failure close what was opened and raise (a
+        `StartupError` for what an operator can fix)."""
+        try:
+            await self._open(self._stack)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        log.info(
+            "daemon.started", host=self.settings.host_name, version=__version__, prefix=self.settings.amqp_prefix,
+            labels=sorted(self.image_map.images), max_concurrency=self.settings.max_concurrency,
+            backends=sorted(b.value for b in self._router.backends),
+        )
+
+    async def stop(self) -> None:
+        """Graceful: stop intake, drain, then shut down what is still running."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("daemon.stopping", host=self.settings.host_name, running=self.ledger.running,
+                 drain_timeout_s=self.settings.drain_timeout_s)
+        await self._stack.aclose()
+        log.info("daemon.stopped", host=self.settings.host_name)
+
+    @property
+    def _router(self) -> RouterHypervisor:
+        assert self.router is not None, "the daemon has not started"
+        return self.router
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        s = self.settings
+        with failing_as(f"cannot use STATE_DIR {s.state_dir}", "make it a directory this user can write, or set STATE_DIR"):
+            await asyncio.to_thread(s.state.create)
+            self.journal = Journal(s.state.journal)
+        stack.push_async_callback(self.journal.close)
+
+        self.router = RouterHypervisor({}, s.backend)
+        stack.push_async_callback(self.router.close)
+        given = self._given_backends
+        for name, labels in backends_needed(s, self.image_map).items():
+            self.router.add(given[name] if given is not None and name in given else await build_backend(s, name, labels))
+
+        self.images = ImagePreparer(self.image_map, image_dir=s.images_dir, max_image_bytes=s.max_image_bytes)
+        stack.push_async_callback(self.images.close)
+
+        self._connection = await self._connect_broker()
+        stack.push_async_callback(self._connection.close)
+        await self._declare(self.image_map)
+        self._publisher = await ConfirmedPublisher.open(self._connection)
+        self._events = await EventPublisher.open(self._connection, self.topology.events)
+        self.outbox = ResultOutbox(self.journal, self._publisher, self.topology)
+        self.outbox.start()
+        stack.push_async_callback(self._close_outbox)
+
+        if s.http_listen != "off":
+            with failing_as(f"cannot listen on HTTP_LISTEN {s.http_listen}", "choose a free address, or HTTP_LISTEN=off"):
+                http = await start_http(self, s.http_listen, token=s.http_token)
+            stack.push_async_callback(http.cleanup)
+        self._background(stack, self._heartbeat(), "heartbeat")
+
+        self.runner = JobRunner(
+            settings=s, router=self.router, journal=self.journal, outbox=self.outbox, publisher=self._publisher,
+            topology=self.topology, ledger=self.ledger, images=self.images, emit=self._events.emit,
+        )
+        cancels = CancelRegistry(self.journal)
+        await cancels.load()
+        self._intake = JobIntake(
+            image_map=self.image_map, ledger=self.ledger, journal=self.journal, outbox=self.outbox,
+            publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
+            start_job=self.runner.start, cancelled=cancels,
+        )
+        control = ControlListener(
+            topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,
+            cancels=cancels, describe=self.heartbeat,
+        )
+        await control.start(self._connection)
+        stack.push_async_callback(control.stop)
+        # Pushed after the control listener, so cancels still work while jobs drain.
+        stack.push_async_callback(self._drain)
+        await reconcile(
+            settings=s, image_map=self.image_map, journal=self.journal, router=self.router,
+            runner=self.runner, ledger=self.ledger, outbox=self.outbox,
+        )
+        self._background(stack, self._prepare_images(sorted(self.image_map.images)), "prepare-images")
+        self.scheduler = Scheduler(
+            image_map=self.image_map, ledger=self.ledger, intake=self._intake,
+            settler=Settler(self._publisher, self.topology), topology=self.topology,
+        )
+        await self.scheduler.start(self._connection)
+        stack.push_async_callback(self.scheduler.stop)
+
+    async def _connect_broker(self) -> aio_pika.abc.AbstractRobustConnection:
+        s = self.settings
+        try:
+            return await connect_with_retry(
+                s.amqp_url, name=f"orchestrator@{s.host_name}", timeout_s=s.broker_connect_timeout_s,
+                masked_url=s.masked_amqp_url(),
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise StartupError(
+                f"cannot connect to the broker at {s.masked_amqp_url()} within {s.broker_connect_timeout_s:g} s: "
+                f"{describe_error(exc)} (start RabbitMQ or fix AMQP_URL; BROKER_CONNECT_TIMEOUT_S sets how long to wait)"
+            ) from None
+
+    async def _declare(self, image_map: ImageMap) -> None:
+        assert self._connection is not None
+        with failing_as(
+            "cannot declare the broker's exchanges and queues",
+            "every host of a fleet must use the same DELIVERY_LIMIT; a queue declared with other arguments must be deleted first",
+        ):
+            channel = await self._connection.channel()
+            try:
+                await declare_topology(channel, self.topology, image_map, delivery_limit=self.settings.delivery_limit)
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+
+    def _background(self, stack: AsyncExitStack, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+
+        async def cancel() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        stack.push_async_callback(cancel)
+
+    async def _drain(self) -> None:
+        """Let running jobs finish for `drain_timeout_s`, then shut their VMs down and
+        hand the jobs back to the broker."""
+        runner, s = self.runner, self.settings
+        if runner is None or await runner.wait_idle(s.drain_timeout_s):
+            return
+        for job_id in list(runner.running):
+            runner.stop_job(job_id, StopReason.SHUTDOWN)
+        await runner.wait_idle(s.shutdown_timeout_s + 30)
+
+    async def _close_outbox(self) -> None:
+        assert self.outbox is not None
+        await self.outbox.stop()
+        await self.outbox.flush()
+
+    def _backend_of(self, image: ImageEntry) -> str:
+        return self._router.backend_for(image.backend).name.value
+
+    async def _prepare_images(self, labels: list[str]) -> None:
+        """Fetch every missing image this host serves, in the background: jobs for
+        ready images start at once, jobs for these wait for their image."""
+        assert self.images is not None
+        for label in labels:
+            image = self.image_map.images.get(label)
+            if image is None or image.source is None or image.local_path.exists():
+                continue
+            try:
+                await self.images.prepare(label)
+            except Exception as exc:  # logged by the preparer; a job for it gets an error result
+                log.warning("image.prepare_at_start_failed", label=label, error=str(exc))
+
     async def _heartbeat(self) -> None:
         assert self._events is not None
         while True:
             await self._events.emit(f"host.heartbeat.{self.settings.host_name}", self.heartbeat())
             await asyncio.sleep(self.settings.heartbeat_s)
 
-    async def stop(self) -> None:
-        """Graceful: stop intake, drain, then shut down what is still running."""
-        if self._stopping:
-            return
-        self._stopping = True
-        s = self.settings
-        log.info("daemon.stopping", host=s.host_name, running=self.ledger.running, drain_timeout_s=s.drain_timeout_s)
-        if self.scheduler is not None:
-            await self.scheduler.stop()
-        if self.control is not None:
-            await self.control.stop()
-        if self.runner is not None:
-            if not await self.runner.wait_idle(s.drain_timeout_s):
-                for job_id in list(self.runner.running):
-                    self.runner.stop_job(job_id, StopReason.SHUTDOWN)
-                await self.runner.wait_idle(s.shutdown_timeout_s + 30)
-        for task in (self._heartbeat_task, self._image_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if self.images is not None:
-            await self.images.close()
-        if self.outbox is not None:
-            await self.outbox.stop()
-            await self.outbox.flush()
-        if self._http is not None:
-            await self._http.cleanup()
-        if self._connection is not None:
-            await self._connection.close()
-        if self.router is not None:
-            await self.router.close()
-        if self.journal is not None:
-            await self.journal.close()
-        log.info("daemon.stopped", host=s.host_name)
-
 
 async def run_daemon(settings: DaemonSettings, image_map: ImageMap) -> None:
-    """Run until SIGINT or SIGTERM, then stop gracefully."""
+    """Run until SIGINT or SIGTERM, then stop gracefully. Raises `StartupError`."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ result. Nothing here acks: it only decides.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Container
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from orchestrator.journal import Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import JobRequest, JobResult, JobStatus, now_utc
 from orchestrator.outbox import ResultOutbox
+from orchestrator.statedir import vm_name_for
 from orchestrator.topology import REROUTED_HEADER, Topology
 
 log = EventLogger("orchestrator.intake")
@@ -42,14 +44,11 @@ class AcceptedJob:
     reservation: Reservation
     nonce: str
     vm_name: str
+    accepted_at: float  # when this host took the job (wall clock, as in the journal)
 
     @property
     def job_id(self) -> str:
         return self.request.job_id
-
-
-def vm_name_for(job_id: str) -> str:
-    return f"job-{job_id}"
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -150,9 +149,10 @@ class JobIntake:
             return Decision(Verdict.REQUEUE, reason="no capacity now", job_id=job_id)
         nonce = new_nonce()
         vm_name = vm_name_for(job_id)
+        accepted_at = time.time()
         try:
             fresh = await self._journal.accept(
-                request, label=label, nonce=nonce, vm_name=vm_name, backend=backend
+                request, label=label, nonce=nonce, vm_name=vm_name, backend=backend, accepted_at=accepted_at
             )
         except BaseException:
             self._ledger.release(reservation)
@@ -161,7 +161,7 @@ class JobIntake:
             self._ledger.release(reservation)
             log.info("job.duplicate", job_id=job_id, label=label)
             return Decision(Verdict.DUPLICATE, reason="already known", job_id=job_id)
-        accepted = AcceptedJob(request, label, image, resources, reservation, nonce, vm_name)
+        accepted = AcceptedJob(request, label, image, resources, reservation, nonce, vm_name, accepted_at)
         log.info("job.accepted", job_id=job_id, label=label, attempt=request.attempt)
         return Decision(Verdict.START, job_id=job_id, after_ack=lambda: self._start_job(accepted))
 

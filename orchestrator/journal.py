@@ -1,7 +1,8 @@
 """The host's durable job journal (SQLite, WAL).
 
 From the moment a job is acked, its row here is the truth about it on this host. Every
-state change goes through `Journal.move`, which checks it against `TRANSITIONS`.
+state change — a job entering the journal included — goes through one function,
+`_transition`, which checks it against `TRANSITIONS`.
 
 Writes go through one thread that commits in groups: all writes queued while a commit
 is running share the next one, so fsync cost is paid once per group, not once per job,
@@ -35,13 +36,22 @@ class JobState(str, enum.Enum):
 
 LIVE_STATES = frozenset({JobState.ACCEPTED, JobState.RUNNING})
 
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+# `None` is "not in the journal": a job enters it accepted, or answered without running
+# (unknown label, stale, rejected). A requeued job comes back only as a later attempt.
+TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
+    None: frozenset({JobState.ACCEPTED, JobState.FINISHED}),
     JobState.ACCEPTED: frozenset({JobState.RUNNING, JobState.FINISHED, JobState.REQUEUED}),
     JobState.RUNNING: frozenset({JobState.FINISHED, JobState.REQUEUED}),
     JobState.FINISHED: frozenset({JobState.PUBLISHED}),
     JobState.PUBLISHED: frozenset(),
     JobState.REQUEUED: frozenset({JobState.ACCEPTED}),
 }
+
+# What a transition may set besides the state.
+_FIELDS = frozenset({
+    "label", "attempt", "request", "nonce", "vm_name", "backend",
+    "accepted_at", "started_at", "finished_at", "result", "published_at",
+})
 
 
 class InvalidTransition(Exception):
@@ -110,6 +120,41 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
     )
 
 
+def _current(conn: sqlite3.Connection, job_id: str) -> tuple[JobState, int] | None:
+    row = conn.execute("SELECT state, attempt FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    return (JobState(row[0]), row[1]) if row else None
+
+
+def _transition(conn: sqlite3.Connection, job_id: str, to: JobState, fields: dict[str, Any]) -> None:
+    """The one function that changes a job's state (inserting a job new to the journal)."""
+    if not set(fields) <= _FIELDS:
+        raise ValueError(f"cannot set {sorted(set(fields) - _FIELDS)}")
+    found = _current(conn, job_id)
+    current = found[0] if found else None
+    if to not in TRANSITIONS[current]:
+        before = current.value if current else "(not in the journal)"
+        raise InvalidTransition(f"job {job_id}: {before} -> {to.value} is not allowed")
+    if current is JobState.REQUEUED and found is not None and fields.get("attempt", 0) <= found[1]:
+        raise InvalidTransition(f"job {job_id}: attempt {fields.get('attempt')} is not later than attempt {found[1]}")
+    values = {**fields, "state": to.value}
+    if found is None:
+        names = ", ".join(["job_id", *values])
+        marks = ", ".join("?" for _ in range(len(values) + 1))
+        conn.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", (job_id, *values.values()))
+    else:
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        conn.execute(f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*values.values(), job_id))
+
+
+def _try_transition(conn: sqlite3.Connection, job_id: str, to: JobState, fields: dict[str, Any]) -> bool:
+    """`_transition`, answering False instead of raising when the move is not allowed."""
+    try:
+        _transition(conn, job_id, to, fields)
+    except InvalidTransition:
+        return False
+    return True
+
+
 class _GroupCommitter:
     """One thread owning the connection; runs queued operations in shared transactions."""
 
@@ -121,7 +166,7 @@ class _GroupCommitter:
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
         self._wake = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"journal:{path}", daemon=True)
         self._thread.start()
 
     def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -189,76 +234,37 @@ class Journal:
         await asyncio.to_thread(self._db.close)
 
     async def accept(
-        self, request: JobRequest, *, label: str, nonce: str, vm_name: str, backend: str
+        self, request: JobRequest, *, label: str, nonce: str, vm_name: str, backend: str, accepted_at: float
     ) -> bool:
         """Record a job as accepted. False when this host already knows the job (a
         redelivery), unless its earlier attempt was handed back and this is a later one."""
-
-        def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT state, attempt FROM jobs WHERE job_id = ?", (request.job_id,)
-            ).fetchone()
-            values = (
-                label, JobState.ACCEPTED.value, request.attempt, request.model_dump_json(),
-                nonce, vm_name, backend, time.time(), request.job_id,
-            )
-            if row is None:
-                conn.execute(
-                    "INSERT INTO jobs (label, state, attempt, request, nonce, vm_name, backend, accepted_at, job_id)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    values,
-                )
-                return True
-            if row[0] == JobState.REQUEUED.value and request.attempt > row[1]:
-                conn.execute(
-                    "UPDATE jobs SET label=?, state=?, attempt=?, request=?, nonce=?, vm_name=?, backend=?,"
-                    " accepted_at=?, started_at=NULL, finished_at=NULL, result=NULL WHERE job_id=?",
-                    values,
-                )
-                return True
-            return False
-
-        return await self._db.submit(op)
+        fields = {
+            "label": label, "attempt": request.attempt, "request": request.model_dump_json(), "nonce": nonce,
+            "vm_name": vm_name, "backend": backend, "accepted_at": accepted_at,
+            "started_at": None, "finished_at": None, "result": None,
+        }
+        return await self._db.submit(lambda conn: _try_transition(conn, request.job_id, JobState.ACCEPTED, fields))
 
     async def record_answer(self, request: JobRequest | None, result: JobResult, *, label: str | None) -> bool:
         """Store a result for a job this host answers without running (unknown label,
         stale, rejected). False when the job is already known here."""
-
-        def op(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, label, state, attempt, request, accepted_at, finished_at, result)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    str(result.request_id), label, JobState.FINISHED.value, result.attempt,
-                    request.model_dump_json() if request else None, time.time(), time.time(),
-                    result.model_dump_json(),
-                ),
-            )
-            return cursor.rowcount == 1
-
-        return await self._db.submit(op)
+        now = time.time()
+        fields = {
+            "label": label, "attempt": result.attempt, "request": request.model_dump_json() if request else None,
+            "accepted_at": now, "finished_at": now, "result": result.model_dump_json(),
+        }
+        return await self._db.submit(lambda conn: _try_transition(conn, str(result.request_id), JobState.FINISHED, fields))
 
     async def move(self, job_id: str, to: JobState, **fields: Any) -> None:
-        """The one way a job changes state; raises `InvalidTransition` for a move that
+        """Move a job this host has; raises `InvalidTransition` for a move that
         `TRANSITIONS` does not allow."""
-        allowed_fields = {"started_at", "finished_at", "result", "published_at", "attempt"}
-        if not set(fields) <= allowed_fields:
-            raise ValueError(f"cannot set {sorted(set(fields) - allowed_fields)}")
         if isinstance(fields.get("result"), JobResult):
             fields["result"] = fields["result"].model_dump_json()
 
         def op(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None:
+            if _current(conn, job_id) is None:
                 raise InvalidTransition(f"job {job_id} is not in the journal")
-            current = JobState(row[0])
-            if to not in TRANSITIONS[current]:
-                raise InvalidTransition(f"job {job_id}: {current.value} -> {to.value} is not allowed")
-            assignments = ", ".join(["state = ?"] + [f"{k} = ?" for k in fields])
-            conn.execute(
-                f"UPDATE jobs SET {assignments} WHERE job_id = ?",
-                (to.value, *fields.values(), job_id),
-            )
+            _transition(conn, job_id, to, fields)
 
         await self._db.submit(op)
 

@@ -23,21 +23,21 @@ class EventLogger:
         bound = EventLogger(self._logger.name, **{**self._context, **context})
         return bound
 
-    def _log(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
+    def _log(self, level: int, event: str, fields: dict[str, Any], *, exc_info: bool = False) -> None:
         if self._logger.isEnabledFor(level):
             self._logger.log(level, event, exc_info=exc_info, extra={"fields": {**self._context, **fields}})
 
     def debug(self, event: str, **fields: Any) -> None:
-        self._log(logging.DEBUG, event, False, fields)
+        self._log(logging.DEBUG, event, fields)
 
     def info(self, event: str, **fields: Any) -> None:
-        self._log(logging.INFO, event, False, fields)
+        self._log(logging.INFO, event, fields)
 
     def warning(self, event: str, **fields: Any) -> None:
-        self._log(logging.WARNING, event, False, fields)
+        self._log(logging.WARNING, event, fields)
 
     def error(self, event: str, *, exc_info: bool = False, **fields: Any) -> None:
-        self._log(logging.ERROR, event, exc_info, fields)
+        self._log(logging.ERROR, event, fields, exc_info=exc_info)
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,6 +69,8 @@ def configure_logging(*, fmt: str = "json", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aio-pika/aiormq log every reconnect attempt at length; our own events say enough.
+    # aio-pika/aiormq log every reconnect attempt at length, with tracebacks; our own
+    # events (`broker.connect_failed`, `broker.connection_lost`, `broker.reconnected`)
+    # say the same once, in one line.
     for noisy in ("aio_pika", "aiormq"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)

@@ -55,6 +55,12 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
+def message_id_for(job_id: str, attempt: int) -> str:
+    """`<job id>/<attempt>`: the AMQP message id of a job's request and of its result.
+    Delivery is at least once; a consumer drops a copy it has seen by this id."""
+    return f"{job_id}/{attempt}"
+
+
 class JobStatus(str, enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"

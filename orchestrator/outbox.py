@@ -8,7 +8,7 @@ import asyncio
 from orchestrator.amqp import ConfirmedPublisher, json_message
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
-from orchestrator.messages import JobResult
+from orchestrator.messages import JobResult, message_id_for
 from orchestrator.topology import Topology
 
 log = EventLogger("orchestrator.outbox")
@@ -67,7 +67,7 @@ class ResultOutbox:
             await self._publisher.publish(
                 self._topology.results,
                 job_id,
-                json_message(result, message_id=f"{job_id}/{result.attempt}"),
+                json_message(result, message_id=message_id_for(job_id, result.attempt)),
                 timeout_s=10,
             )
         except Exception as exc:

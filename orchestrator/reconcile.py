@@ -4,32 +4,31 @@ For every job the journal says is live (accepted or running) the runner takes it
 a running VM is adopted (its timeout counts from its real start), a stopped one is
 collected into a result from its console, and a job whose VM is gone is handed back to
 the broker as its next attempt (up to MAX_ATTEMPTS). VMs tagged as ours with no live job
-are destroyed with their overlay and seed; leftover overlays and seeds named like ours
-are deleted. Nothing untagged is touched: other VMs, and files not named `job-<uuid>.*`.
+are destroyed with their overlay and seed; then each backend removes what it left behind
+for jobs that are not live (`Hypervisor.leftovers`). Nothing untagged is touched: other
+VMs, and files not named `job-<uuid>.*`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hypervisors.base import BackendError, VmInfo, VmSpec, VmState
 from hypervisors.router import RouterHypervisor
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.imagemap import ImageMap, RequestRejected
-from orchestrator.intake import AcceptedJob, vm_name_for
+from orchestrator.intake import AcceptedJob
 from orchestrator.journal import LIVE_STATES, JobRecord, Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import JobResult, JobStatus
 from orchestrator.outbox import ResultOutbox
-from orchestrator.runner import JobRunner, console_path
+from orchestrator.runner import JobRunner
+from orchestrator.statedir import vm_name_for
 
 log = EventLogger("orchestrator.reconcile")
-
-OUR_FILE = re.compile(r"^job-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.(qcow2|iso|zonecfg)(\.partial)?$")
 
 
 @dataclass
@@ -37,7 +36,7 @@ class Reconciliation:
     adopted: list[str] = field(default_factory=list)  # handed to the runner (watch, collect or hand back)
     answered: list[str] = field(default_factory=list)  # could not be resumed: error result
     destroyed_vms: list[str] = field(default_factory=list)
-    deleted_files: list[Path] = field(default_factory=list)
+    removed_leftovers: list[str] = field(default_factory=list)
 
 
 async def reconcile(
@@ -59,11 +58,10 @@ async def reconcile(
     for vm in vms:
         if vm.job_id not in live:
             await _destroy_orphan(vm, settings, router, journal, report)
-    live_names = {vm_name_for(job_id) for job_id in live}
-    report.deleted_files = await asyncio.to_thread(_delete_orphan_files, settings.state_dir, live_names)
+    report.removed_leftovers = await router.leftovers(set(live))
     log.info(
         "reconcile.done", host=settings.host_name, adopted=len(report.adopted), answered=len(report.answered),
-        destroyed_vms=len(report.destroyed_vms), deleted_files=len(report.deleted_files),
+        destroyed_vms=len(report.destroyed_vms), removed_leftovers=len(report.removed_leftovers),
     )
     return report
 
@@ -95,7 +93,10 @@ async def _resume(
         return
     # An adopted job holds capacity whatever the limits now say: its VM exists.
     reservation = ledger.force_reserve(record.job_id, label, resources.cpus, resources.memory_mb)
-    job = AcceptedJob(request, label, image_map.images[label], resources, reservation, record.nonce, vm_name_for(record.job_id))
+    job = AcceptedJob(
+        request, label, image_map.images[label], resources, reservation, record.nonce, vm_name_for(record.job_id),
+        accepted_at=record.accepted_at or time.time(),
+    )
     runner.start(job, adopted_started_at=record.started_at or record.accepted_at or 0.0, vm_running=vm_running)
     report.adopted.append(record.job_id)
 
@@ -106,7 +107,7 @@ async def _destroy_orphan(
     known = await journal.get(vm.job_id)
     spec = VmSpec(
         name=vm.name, job_id=vm.job_id, image_path=None, image_format=None, cpus=1, memory_mb=64, disk_gb=None,
-        console_path=vm.console_path or console_path(settings, vm.job_id),
+        console_path=vm.console_path or settings.state.console(vm.job_id),
     )
     try:
         await router.backend_for(vm.backend).destroy(spec)
@@ -117,16 +118,3 @@ async def _destroy_orphan(
         await asyncio.to_thread(spec.console_path.unlink, missing_ok=True)
     report.destroyed_vms.append(vm.name)
     log.info("reconcile.destroyed_orphan_vm", vm=vm.name, job_id=vm.job_id)
-
-
-def _delete_orphan_files(state_dir: Path, live_names: set[str]) -> list[Path]:
-    deleted = []
-    for sub in ("overlays", "seeds"):
-        directory = state_dir / sub
-        if not directory.is_dir():
-            continue
-        for path in directory.iterdir():
-            if OUR_FILE.match(path.name) and path.name.split(".")[0] not in live_names:
-                path.unlink(missing_ok=True)
-                deleted.append(path)
-    return deleted

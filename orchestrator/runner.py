@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from hypervisors.base import BackendError, DirectBoot, Hypervisor, SeedFiles, VmSpec, VmState
 from hypervisors.guest import build_meta_data, build_user_data, find_exit_code
@@ -28,7 +27,7 @@ from orchestrator.intake import AcceptedJob
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.imagemap import ImageEntry
-from orchestrator.messages import EventKind, JobEvent, JobRequest, JobResult, JobStatus
+from orchestrator.messages import EventKind, JobEvent, JobRequest, JobResult, JobStatus, message_id_for
 from orchestrator.outbox import ResultOutbox
 from orchestrator.topology import Topology
 
@@ -66,10 +65,6 @@ def job_timeout_s(request: JobRequest, image: ImageEntry, *, default_timeout_s: 
     """The request's timeout, else the image's, else the host's; capped by the image."""
     wanted = request.timeout_s or image.timeout_s or default_timeout_s
     return min(wanted, image.max_timeout_s) if image.max_timeout_s else wanted
-
-
-def console_path(settings: DaemonSettings, job_id: str) -> Path:
-    return settings.logs_dir / f"{job_id}.console"
 
 
 class JobRunner:
@@ -161,7 +156,7 @@ class JobRunner:
             cpus=job.resources.cpus,
             memory_mb=job.resources.memory_mb,
             disk_gb=job.resources.disk_gb,
-            console_path=console_path(self._settings, job.job_id),
+            console_path=self._settings.state.console(job.job_id),
             seed=seed,
             direct_boot=direct_boot,
             env=env,
@@ -171,7 +166,7 @@ class JobRunner:
     async def _run(self, running: RunningJob) -> None:
         job, spec, backend = running.job, running.spec, running.backend
         jlog = log.bind(job_id=job.job_id, label=job.label, host=self._settings.host_name)
-        accepted_at = time.time()
+        accepted_at = job.accepted_at
         started_at = running.adopted_started_at
         try:
             if started_at is None:
@@ -337,13 +332,13 @@ class JobRunner:
             await self._finish(
                 running, JobStatus.ERROR,
                 f"gave up after attempt {request.attempt} of {self._settings.max_attempts}: {reason}",
-                None, "", time.time(), None,
+                None, "", running.job.accepted_at, None,
             )
             return
         retry = request.model_copy(update={"attempt": request.attempt + 1})
         try:
             await self._publisher.publish(
-                self._topology.jobs, running.job.label, json_message(retry, message_id=f"{request.job_id}/{retry.attempt}")
+                self._topology.jobs, running.job.label, json_message(retry, message_id=message_id_for(request.job_id, retry.attempt))
             )
         except Exception as exc:
             # The broker is away: the job stays live in the journal, and the next start

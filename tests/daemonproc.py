@@ -30,7 +30,14 @@ class DaemonProcess:
             sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE
         )
         self._reader = asyncio.create_task(self._read(self.process))
-        await asyncio.wait_for(self._started.wait(), timeout_s)
+        started = asyncio.create_task(self._started.wait())
+        exited = asyncio.create_task(self.process.wait())
+        await asyncio.wait({started, exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        exited.cancel()
+        if not self._started.is_set():
+            await asyncio.sleep(0.1)  # let the reader take the last lines
+            raise AssertionError(f"the daemon did not start within {timeout_s} s:\n{''.join(self.lines[-20:])}")
         return self
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:

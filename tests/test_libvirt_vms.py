@@ -127,7 +127,7 @@ async def test_network_is_made_active_and_autostarted(tmp_path, test_network):
 
 
 async def test_missing_network_is_a_clear_error(tmp_path):
-    with pytest.raises(BackendError, match=r"libvirt network 'no-such-net' does not exist: define it .* LIBVIRT_NETWORK=none"):
+    with pytest.raises(BackendError, match=r"libvirt network 'no-such-net' does not exist \(define it .* LIBVIRT_NETWORK=none"):
         await LibvirtHypervisor.connect(uri=URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import libvirt
@@ -18,6 +19,7 @@ from hypervisors.libvirt.connection import LibvirtConnection
 from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag
 from hypervisors.libvirt.overlay import create_overlay
 from hypervisors.seed import write_seed_iso
+from orchestrator.statedir import StateDir, job_id_of_file
 
 STATE_POLL_S = 5.0  # safety net under lifecycle events
 
@@ -35,11 +37,16 @@ def _not_found(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
 
 
+def _vm_state(code: int) -> VmState:
+    """A libvirt domain state as ours: shut off or crashed is stopped, the rest runs."""
+    return VmState.STOPPED if code in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED) else VmState.RUNNING
+
+
 class LibvirtHypervisor:
     name = BackendName.LIBVIRT
 
     def __init__(self, *, state_dir: Path, orchestrator_id: str, network: str | None, domain_type: str) -> None:
-        self._state_dir = state_dir
+        self._paths = StateDir(state_dir)
         self._orchestrator_id = orchestrator_id
         self._network = network
         self.domain_type = domain_type
@@ -71,8 +78,8 @@ class LibvirtHypervisor:
                 network = conn.networkLookupByName(name)
             except libvirt.libvirtError:
                 raise BackendError(
-                    f"libvirt network {name!r} does not exist: define it (virsh net-define) "
-                    "or set LIBVIRT_NETWORK=none for VMs without a NIC"
+                    f"libvirt network {name!r} does not exist (define it with virsh net-define, "
+                    "or set LIBVIRT_NETWORK=none for VMs without a NIC)"
                 ) from None
             if not network.isActive():
                 network.create()
@@ -84,8 +91,8 @@ class LibvirtHypervisor:
     # --- paths -------------------------------------------------------------------------
     def files_for(self, spec: VmSpec) -> DomainFiles:
         return DomainFiles(
-            overlay=self._state_dir / "overlays" / f"{spec.name}.qcow2",
-            seed=self._state_dir / "seeds" / f"{spec.name}.iso" if spec.seed is not None else None,
+            overlay=self._paths.overlay(spec.name),
+            seed=self._paths.seed(spec.name) if spec.seed is not None else None,
             console=spec.console_path,
         )
 
@@ -127,14 +134,11 @@ class LibvirtHypervisor:
     async def _state(self, name: str) -> VmState:
         def state(conn: libvirt.virConnect) -> VmState:
             try:
-                code = conn.lookupByName(name).state()[0]
+                return _vm_state(conn.lookupByName(name).state()[0])
             except libvirt.libvirtError as exc:
                 if _not_found(exc):
                     return VmState.GONE
                 raise
-            if code in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
-                return VmState.STOPPED
-            return VmState.RUNNING
 
         return await self.connection.call(state)
 
@@ -216,11 +220,29 @@ class LibvirtHypervisor:
                     code = domain.state()[0]
                 except libvirt.libvirtError:
                     continue  # vanished while we looked
-                state = VmState.STOPPED if code in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED) else VmState.RUNNING
-                found.append(VmInfo(domain.name(), tag.job_id, BackendName.LIBVIRT, state, tag.console))
+                found.append(VmInfo(domain.name(), tag.job_id, BackendName.LIBVIRT, _vm_state(code), tag.console))
             return found
 
         return await self.connection.call(scan)
+
+    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
+        """Overlays and seeds named `job-<uuid>.*` (and their `.partial`s) of jobs that
+        are not live; an operator's own files in these directories are never touched."""
+        paths = self._paths
+
+        def delete() -> list[str]:
+            removed = []
+            for directory in (paths.overlays, paths.seeds):
+                if not directory.is_dir():
+                    continue
+                for path in directory.iterdir():
+                    job_id = job_id_of_file(path)
+                    if job_id is not None and job_id not in live_job_ids and path.suffix in (".qcow2", ".iso", ".partial"):
+                        path.unlink(missing_ok=True)
+                        removed.append(str(path))
+            return removed
+
+        return await asyncio.to_thread(delete)
 
     async def close(self) -> None:
         await self.connection.close()

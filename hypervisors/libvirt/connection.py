@@ -69,10 +69,6 @@ class LibvirtConnection:
     def _on_close(self, _conn: libvirt.virConnect, _reason: int, _opaque: object) -> None:
         self._conn = None
 
-    @property
-    def alive(self) -> bool:
-        return self._conn is not None
-
     async def _reconnect(self, broken: libvirt.virConnect | None) -> libvirt.virConnect:
         """Open a new connection, retrying with backoff while libvirtd is restarting."""
         async with self._reconnect_lock:

@@ -1,0 +1,89 @@
+"""The layout of a host's state directory (`STATE_DIR`): the one place that names its files.
+
+```
+STATE_DIR/            0750
+  state.db            the job journal (SQLite, WAL)
+  logs/<job>.console  each job's console log (its live log, kept after the job)
+  overlays/           per-job disk overlays (libvirt)
+  seeds/              per-job NoCloud seed ISOs and zonecfg scripts
+  channels/           per-VM sockets (warm pools)
+  images/             base images, unless IMAGE_DIR says otherwise
+```
+
+Backends are given a `StateDir` and ask it for paths; they never build them themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_DIR_MODE = 0o750
+PRIVATE_FILE_MODE = 0o640  # files holding a job's env or output (seeds, consoles, images)
+
+# `job-<uuid>`: the VM name of a job, and the stem of every per-job file.
+JOB_FILE = re.compile(r"^job-(?P<job_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.")
+
+
+def vm_name_for(job_id: str) -> str:
+    return f"job-{job_id}"
+
+
+def job_id_of_file(path: Path) -> str | None:
+    """The job a per-job file belongs to, or None when it is not named like ours."""
+    match = JOB_FILE.match(path.name)
+    return match.group("job_id") if match else None
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def overlays(self) -> Path:
+        return self.root / "overlays"
+
+    @property
+    def seeds(self) -> Path:
+        return self.root / "seeds"
+
+    @property
+    def channels(self) -> Path:
+        return self.root / "channels"
+
+    @property
+    def default_images(self) -> Path:
+        return self.root / "images"
+
+    def console(self, job_id: str) -> Path:
+        return self.logs / f"{job_id}.console"
+
+    def overlay(self, vm_name: str) -> Path:
+        return self.overlays / f"{vm_name}.qcow2"
+
+    def seed(self, vm_name: str) -> Path:
+        return self.seeds / f"{vm_name}.iso"
+
+    def zonecfg(self, vm_name: str) -> Path:
+        return self.seeds / f"{vm_name}.zonecfg"
+
+    def create(self) -> None:
+        """Make the directories (the root 0750 whatever the umask). Raises OSError."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, STATE_DIR_MODE)
+        for sub in (self.logs, self.overlays, self.seeds):
+            sub.mkdir(exist_ok=True)
+        # Fail now, not at the first job, when the directory cannot be written.
+        probe = self.root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
