@@ -171,6 +171,18 @@ async def test_drain_timeout_hands_unfinished_job_back_as_next_attempt(prefix, t
     await successor.stop()
 
 
+async def test_job_given_up_after_its_last_attempt_counts_time_from_its_acceptance(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+    daemon = await start_daemon(prefix, tmp_path, noop_map_path, "old", NoopHypervisor(), drain_timeout_s=0.5, max_attempts=1)
+    await broker.open()
+    job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "30"})
+    await wait_for(lambda: daemon.ledger.running == 1, what="the job to start")
+    await daemon.stop()  # drains for 0.5 s, then gives the job up: attempt 1 of 1
+    result = await broker.next_result()
+    assert result.request_id == job.request_id and result.status is JobStatus.ERROR
+    assert result.summary == "gave up after attempt 1 of 1: host shutting down"
+    assert result.timings["total_s"] >= 0.5, result.timings
+
+
 async def test_saturated_label_takes_exactly_what_it_can_start_without_requeues(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
     # Requeues count toward a quorum queue's delivery limit: under a steady backlog a
     # host must not bounce work it was handed.

@@ -8,6 +8,7 @@ import uuid
 import aiohttp
 
 from orchestrator.messages import JobStatus
+from orchestrator.runner import StopReason
 from tests.conftest import wait_for
 
 
@@ -44,3 +45,89 @@ async def test_job_log_is_served_plain_and_live_with_a_token(daemon_factory, bro
             assert response.status == 400 and "UUID" in await response.text()
         async with http.get(f"{base}/jobs/{uuid.uuid4()}/log", headers=auth) as response:
             assert response.status == 404
+
+
+CONSOLE = "line one\r\nline two\r\nprogress 10%\rprogress 100%\r\nevent: end\r\ndata: forged\r\nid: 7"
+
+
+async def test_logs_are_text_with_lf_and_one_event_per_console_line(daemon_factory, broker):
+    port = free_port()
+    daemon = await daemon_factory(http_listen=f"127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    await broker.open()
+    job = await broker.submit(runs_on="alpha", env={"NOOP_OUTPUT": CONSOLE})
+    await broker.next_result()
+    await wait_for(lambda: not daemon.job_running(job.job_id), what="the job to leave the runner")
+    raw = daemon.console_path(job.job_id).read_bytes()
+    assert b"\r\n" in raw  # the file keeps what the guest wrote
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/jobs/{job.job_id}/log") as response:
+            text = await response.text()
+            assert response.headers["Accept-Ranges"] == "bytes"
+        assert "\r" not in text
+        assert text.startswith("line one\nline two\nprogress 10%\nprogress 100%\nevent: end\ndata: forged\nid: 7\n")
+        async with http.get(f"{base}/jobs/{job.job_id}/log/stream") as response:
+            stream = (await response.read()).decode()
+    events = [event for event in stream.split("\n\n") if event]
+    data = [line.removeprefix("data: ") for event in events for line in event.split("\n") if line.startswith("data: ")]
+    assert data[:7] == ["line one", "line two", "progress 10%", "progress 100%", "event: end", "data: forged", "id: 7"]
+    assert data[7].startswith("ORCH-RESULT ")
+    assert [e for e in events if e.startswith("event:")] == ["event: end\ndata: "], "only the real end event"
+    assert all(len([ln for ln in e.split("\n") if ln.startswith("data:")]) == 1 for e in events)
+
+
+async def test_log_ranges_resume_a_download(daemon_factory, broker):
+    port = free_port()
+    daemon = await daemon_factory(http_listen=f"127.0.0.1:{port}")
+    await broker.open()
+    job = await broker.submit(runs_on="alpha", env={"NOOP_OUTPUT": CONSOLE})
+    await broker.next_result()
+    await wait_for(lambda: not daemon.job_running(job.job_id), what="the job to leave the runner")
+    url = f"http://127.0.0.1:{port}/jobs/{job.job_id}/log"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as response:
+            whole = await response.read()
+        async with http.get(url, headers={"Range": "bytes=5-"}) as response:
+            assert response.status == 206
+            assert response.headers["Content-Range"] == f"bytes 5-{len(whole) - 1}/{len(whole)}"
+            assert await response.read() == whole[5:]
+        async with http.get(url, headers={"Range": "bytes=10-19"}) as response:
+            assert response.status == 206 and await response.read() == whole[10:20]
+        async with http.get(url, headers={"Range": "bytes=-6"}) as response:
+            assert response.status == 206 and await response.read() == whole[-6:]
+        async with http.get(url, headers={"Range": f"bytes={len(whole)}-"}) as response:
+            assert response.status == 416 and response.headers["Content-Range"] == f"bytes */{len(whole)}"
+
+
+async def test_sse_resumes_from_last_event_id(daemon_factory, broker):
+    port = free_port()
+    daemon = await daemon_factory(http_listen=f"127.0.0.1:{port}")
+    await broker.open()
+    job = await broker.submit(runs_on="alpha", env={"NOOP_OUTPUT": "first\nsecond", "NOOP_DURATION_S": "30"})
+    console = daemon.console_path(job.job_id)
+    await wait_for(lambda: console.exists() and console.read_bytes().endswith(b"second\n"), what="the guest's output")
+    url = f"http://127.0.0.1:{port}/jobs/{job.job_id}/log/stream"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as response:
+            first = (await response.content.readuntil(b"\n\n")).decode()
+            second = (await response.content.readuntil(b"\n\n")).decode()
+        assert first == "data: first\n\n"
+        assert second == f"id: {len('first second ')}\ndata: second\n\n"  # the offset after "second\n"
+        assert daemon.runner.stop_job(job.job_id, StopReason.CANCEL)
+        await broker.next_result()
+        async with http.get(url, headers={"Last-Event-ID": "6"}) as response:
+            rest = (await response.read()).decode()
+    assert rest == "id: 13\ndata: second\n\nevent: end\ndata: \n\n"
+
+
+async def test_a_token_that_is_not_utf8_is_just_a_wrong_token(daemon_factory):
+    import asyncio
+
+    port = free_port()
+    await daemon_factory(http_listen=f"127.0.0.1:{port}", http_token="s3cret")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\x80\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]

@@ -3,7 +3,9 @@ here; they are the only fakes): a guest runs the real user-data from the seed IS
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 import shutil
 import sys
 import tempfile
@@ -96,6 +98,22 @@ async def test_zones_without_our_tag_are_not_ours(zones, tmp_path):
     assert await other.list_ours() == []
     assert [vm.name for vm in await zones.list_ours()] == [spec.name]
     await zones.destroy(spec)
+
+
+async def test_leftovers_are_clones_without_a_zone_and_files_of_jobs_not_live(zones, tmp_path):
+    live, crashed = job_spec(tmp_path, "true"), job_spec(tmp_path, "true")
+    await zones.prepare(live)
+    await zones.prepare(crashed)
+    await asyncio.to_thread(subprocess.run, [str(zones._tools._bin_dir / "zonecfg"), "-z", crashed.name, "delete", "-F"], check=True)
+    operator_file = tmp_path / "state" / "seeds" / "operator-notes.iso"
+    operator_file.write_text("keep")
+    removed = await zones.leftovers({live.job_id})
+    datasets = fake_state(tmp_path)["datasets"]
+    assert f"tank/orch/vms/{crashed.name}" not in datasets and f"tank/orch/vms/{live.name}" in datasets
+    assert f"tank/orch/vms/{crashed.name}" in removed
+    assert not (tmp_path / "state" / "seeds" / f"{crashed.name}.iso").exists()
+    assert (tmp_path / "state" / "seeds" / f"{live.name}.iso").exists() and operator_file.exists()
+    await zones.destroy(live)
 
 
 async def test_qcow2_images_are_refused_for_bhyve(zones, tmp_path):

@@ -48,6 +48,11 @@ def zfs(args: list[str]) -> None:
             if args[-1] not in sets:
                 fail(f"cannot open '{args[-1]}': dataset does not exist")
             print(args[-1])
+            if "-d" in args:  # `-d 1`: the children too, as zfs lists them
+                depth = args[-1].count("/") + 1
+                for name in sets:
+                    if name.startswith(args[-1] + "/") and name.count("/") == depth and "@" not in name:
+                        print(name)
         elif args[0] == "create":
             name = args[-1]
             sets.append(name)
@@ -59,6 +64,9 @@ def zfs(args: list[str]) -> None:
         elif args[0] == "clone":
             if args[-2] not in sets:
                 fail(f"cannot open '{args[-2]}': dataset does not exist")
+            if "-p" in args:  # creates the missing parents, as zfs does
+                parts = args[-1].split("/")
+                sets.extend(p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p not in sets)
             sets.append(args[-1])
         elif args[0] == "set":
             pass
