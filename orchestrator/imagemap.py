@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from hypervisors.base import BackendName, ImageFormat
-from orchestrator.messages import LABEL_PATTERN, JobRequest
+from orchestrator.messages import LABEL_PATTERN, Cpus, DiskGb, JobRequest, MemoryMb, TimeoutS
+from orchestrator.yamlfile import YamlError, parse_yaml
 
 DEFAULT_IMAGE_MAP = Path("examples/orchestrator-image-map.yaml")
+MAP_MAX_BYTES = 1024 * 1024
 LabelName = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
 
 
@@ -40,9 +41,9 @@ class RequestRejected(Exception):
 class SizePreset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    cpus: Annotated[int, Field(ge=1, le=512)]
-    memory_mb: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)]
-    disk_gb: Annotated[int, Field(ge=1, le=64 * 1024)] | None = None
+    cpus: Cpus
+    memory_mb: MemoryMb
+    disk_gb: DiskGb | None = None
 
 
 class ImageEntry(BaseModel):
@@ -57,14 +58,14 @@ class ImageEntry(BaseModel):
     nocloud: bool = True
     checkout: bool = True
     size: LabelName | None = None
-    cpus: Annotated[int, Field(ge=1, le=512)] | None = None
-    memory_mb: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)] | None = None
-    disk_gb: Annotated[int, Field(ge=1, le=64 * 1024)] | None = None
-    max_cpus: Annotated[int, Field(ge=1, le=512)] | None = None
-    max_memory_mb: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)] | None = None
-    max_disk_gb: Annotated[int, Field(ge=1, le=64 * 1024)] | None = None
-    timeout_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
-    max_timeout_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    cpus: Cpus | None = None
+    memory_mb: MemoryMb | None = None
+    disk_gb: DiskGb | None = None
+    max_cpus: Cpus | None = None
+    max_memory_mb: MemoryMb | None = None
+    max_disk_gb: DiskGb | None = None
+    timeout_s: TimeoutS | None = None
+    max_timeout_s: TimeoutS | None = None
     boot_timeout_s: Annotated[int, Field(ge=1, le=24 * 3600)] | None = None
     kernel: Path | None = None
     initrd: Path | None = None
@@ -92,15 +93,23 @@ class ImageMap(BaseModel):
     # --- label resolution ----------------------------------------------------------------
     def resolve(self, label: str | None) -> str:
         """The canonical label (an `images` key) for `runs_on`; None means the default."""
-        current = label or self.default_label
-        seen: list[str] = []
+        canonical, _ = self.follow_aliases(label or self.default_label)
+        if canonical is None:
+            raise RequestRejected(f"runs_on: unknown label {label!r}; this fleet knows: {', '.join(self.known_labels())}")
+        return canonical
+
+    def follow_aliases(self, name: str) -> tuple[str | None, str | None]:
+        """The image label `name` leads to through the alias chain, or None and why not."""
+        chain: list[str] = []
+        current = name
         while current not in self.images:
-            if current in seen or current not in self.aliases:
-                known = ", ".join(self.known_labels())
-                raise RequestRejected(f"runs_on: unknown label {label!r}; this fleet knows: {known}")
-            seen.append(current)
+            if current in chain:
+                return None, "alias cycle: " + " -> ".join(chain + [current])
+            if current not in self.aliases:
+                return None, f"{current!r} is neither an image label nor an alias"
+            chain.append(current)
             current = self.aliases[current]
-        return current
+        return current, None
 
     def known_labels(self) -> list[str]:
         return sorted(set(self.images) | set(self.aliases))
@@ -143,40 +152,25 @@ class ImageMap(BaseModel):
             memory_mb=request.memory_mb or resources.memory_mb,
             disk_gb=request.disk_gb or resources.disk_gb,
         )
-        for field_name, cap in (
-            ("cpus", image.max_cpus),
-            ("memory_mb", image.max_memory_mb),
-            ("disk_gb", image.max_disk_gb),
-        ):
-            wanted = getattr(resources, field_name)
-            if cap is not None and wanted is not None and wanted > cap:
-                raise RequestRejected(
-                    f"{field_name}: {wanted} is above image {canonical!r}'s cap of {cap}; ask for less or a smaller size"
-                )
+        for field_name, _ in self.cap_problems(canonical, resources):
+            wanted, cap = getattr(resources, field_name), getattr(image, f"max_{field_name}")
+            raise RequestRejected(
+                f"{field_name}: {wanted} is above image {canonical!r}'s cap of {cap}; ask for less or a smaller size"
+            )
         return resources
+
+    def cap_problems(self, canonical: str, resources: Resources) -> list[tuple[str, str]]:
+        """Each resource above the image's cap, as (field, "<field> <value> is above max_<field> <cap>")."""
+        image = self.images[canonical]
+        problems = []
+        for field_name in ("cpus", "memory_mb", "disk_gb"):
+            wanted, cap = getattr(resources, field_name), getattr(image, f"max_{field_name}")
+            if cap is not None and wanted is not None and wanted > cap:
+                problems.append((field_name, f"{field_name} {wanted} is above max_{field_name} {cap}"))
+        return problems
 
 
 # --- loading -------------------------------------------------------------------------------
-
-
-def _line_index(node: yaml.Node, path: tuple[Any, ...], index: dict[tuple[Any, ...], int]) -> None:
-    index.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            index[path + (key,)] = key_node.start_mark.line + 1
-            _line_index(value_node, path + (key,), index)
-            index[path + (key,)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_index(item, path + (i,), index)
-
-
-def _line_for(path: tuple[Any, ...], index: dict[tuple[Any, ...], int]) -> int:
-    for cut in range(len(path), -1, -1):
-        if path[:cut] in index:
-            return index[path[:cut]]
-    return 1
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -207,32 +201,31 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def _reference_problems(image_map: ImageMap, base_dir: Path) -> list[tuple[tuple[Any, ...], str]]:
+def _with_absolute_paths(image_map: ImageMap, base_dir: Path) -> ImageMap:
+    """Relative `local_path`, `kernel` and `initrd` resolved against the map's directory."""
+    images = {}
+    for label, image in image_map.images.items():
+        update = {
+            key: (base_dir / path).resolve()
+            for key in ("local_path", "kernel", "initrd")
+            if (path := getattr(image, key)) is not None and not path.is_absolute()
+        }
+        images[label] = image.model_copy(update=update) if update else image
+    return image_map.model_copy(update={"images": images})
+
+
+def _reference_problems(image_map: ImageMap) -> list[tuple[tuple[Any, ...], str]]:
+    """What the schema cannot see: references between entries, files, default caps."""
     problems: list[tuple[tuple[Any, ...], str]] = []
-    for alias, target in image_map.aliases.items():
+    for alias in image_map.aliases:
         if alias in image_map.images:
             problems.append((("aliases", alias), "an alias must not have the name of an image label"))
-        chain = [alias]
-        current = target
-        while current not in image_map.images:
-            if current in chain:
-                cycle = " -> ".join(chain + [current])
-                problems.append((("aliases", alias), f"alias cycle: {cycle}"))
-                break
-            if current not in image_map.aliases:
-                problems.append(
-                    (("aliases", alias), f"{current!r} is neither an image label nor an alias")
-                )
-                break
-            chain.append(current)
-            current = image_map.aliases[current]
-    if not problems:
-        try:
-            image_map.resolve(None)
-        except RequestRejected:
-            problems.append(
-                (("default_label",), f"{image_map.default_label!r} is neither an image label nor an alias")
-            )
+            continue
+        _, problem = image_map.follow_aliases(alias)
+        if problem is not None:
+            problems.append((("aliases", alias), problem))
+    if not problems and image_map.follow_aliases(image_map.default_label)[0] is None:
+        problems.append((("default_label",), f"{image_map.default_label!r} is neither an image label nor an alias"))
     for label, image in image_map.images.items():
         where = ("images", label)
         if image.size is not None and image.size not in image_map.sizes:
@@ -241,10 +234,6 @@ def _reference_problems(image_map: ImageMap, base_dir: Path) -> list[tuple[tuple
             problems.append((where + ("initrd",), "initrd needs kernel"))
         if image.cmdline is not None and image.kernel is None:
             problems.append((where + ("cmdline",), "cmdline needs kernel"))
-        for key in ("local_path", "kernel", "initrd"):
-            path = getattr(image, key)
-            if path is not None and not path.is_absolute():
-                setattr(image, key, (base_dir / path).resolve())
         for key in ("kernel", "initrd"):
             path = getattr(image, key)
             if path is not None and not path.is_file():
@@ -257,50 +246,37 @@ def _reference_problems(image_map: ImageMap, base_dir: Path) -> list[tuple[tuple
             problems.append((where + ("decompress",), "decompress needs a source"))
         if image.size is not None and image.size not in image_map.sizes:
             continue  # reported above; the defaults cannot be worked out
-        defaults = image_map.default_resources(label)
-        for cap, wanted in (("max_cpus", "cpus"), ("max_memory_mb", "memory_mb"), ("max_disk_gb", "disk_gb")):
-            limit, value = getattr(image, cap), getattr(defaults, wanted)
-            if limit is not None and value is not None and value > limit:
-                problems.append((where + (wanted,), f"default {wanted} {value} is above {cap} {limit}"))
+        for key, over in image_map.cap_problems(label, image_map.default_resources(label)):
+            problems.append((where + (key,), f"default {over}"))
     return problems
 
 
-def parse_image_map(text: str, *, filename: str, base_dir: Path) -> ImageMap:
+def parse_image_map(text: str | bytes, *, filename: str, base_dir: Path, max_bytes: int = MAP_MAX_BYTES) -> ImageMap:
     """Validate image-map YAML; raise `ImageMapError` listing every problem with its line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        raise ImageMapError(f"{filename}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict) or node is None:
+        document = parse_yaml(text, filename=filename, max_bytes=max_bytes)
+    except YamlError as exc:
+        raise ImageMapError(str(exc)) from None
+    if not isinstance(document.data, dict):
         raise ImageMapError(f"{filename}:1: the image map must be a YAML mapping with an `images` key")
-    index: dict[tuple[Any, ...], int] = {}
-    _line_index(node, (), index)
     try:
-        image_map = ImageMap.model_validate(data)
+        image_map = _with_absolute_paths(ImageMap.model_validate(document.data), base_dir)
     except ValidationError as exc:
-        lines = [
-            f"{filename}:{_line_for(tuple(e['loc']), index)}: {_dotted(tuple(e['loc']))}: {_describe(e)}"
-            for e in exc.errors()
-        ]
-        raise ImageMapError("\n".join(lines)) from None
-    problems = _reference_problems(image_map, base_dir)
+        raise ImageMapError("\n".join(
+            f"{document.where(tuple(e['loc']))}: {_dotted(tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()
+        )) from None
+    problems = _reference_problems(image_map)
     if problems:
-        raise ImageMapError(
-            "\n".join(f"{filename}:{_line_for(path, index)}: {_dotted(path)}: {msg}" for path, msg in problems)
-        )
+        raise ImageMapError("\n".join(f"{document.where(path)}: {_dotted(path)}: {msg}" for path, msg in problems))
     return image_map
 
 
-def load_image_map(path: Path) -> ImageMap:
+def load_image_map(path: Path, *, max_bytes: int = MAP_MAX_BYTES) -> ImageMap:
     """Read and validate the image map at `path` (relative paths inside resolve against
-    the file's directory)."""
+    the file's directory). A file above `max_bytes` is refused without reading it all."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            text = handle.read(max_bytes + 1)
     except OSError as exc:
         raise ImageMapError(f"{path}: cannot read the image map: {exc.strerror or exc}") from None
-    return parse_image_map(text, filename=str(path), base_dir=path.resolve().parent)
-
-
+    return parse_image_map(text, filename=str(path), base_dir=path.resolve().parent, max_bytes=max_bytes)

@@ -31,6 +31,11 @@ MAX_ENV_ENTRIES = 256
 MAX_TIMEOUT_S = 7 * 24 * 3600
 
 Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
+# Resource bounds, shared by job requests and the image map.
+Cpus = Annotated[int, Field(ge=1, le=512)]
+MemoryMb = Annotated[int, Field(ge=64, le=4 * 1024 * 1024)]
+DiskGb = Annotated[int, Field(ge=1, le=64 * 1024)]
+TimeoutS = Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)]
 ShortText = Annotated[str, StringConstraints(max_length=512)]
 
 
@@ -92,10 +97,10 @@ class JobRequest(BaseModel):
         default_factory=dict, max_length=MAX_ENV_ENTRIES
     )
     size: Label | None = None
-    cpus: Annotated[int, Field(ge=1, le=512)] | None = None
-    memory_mb: Annotated[int, Field(ge=64, le=4 * 1024 * 1024)] | None = None
-    disk_gb: Annotated[int, Field(ge=1, le=64 * 1024)] | None = None
-    timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)] | None = None
+    cpus: Cpus | None = None
+    memory_mb: MemoryMb | None = None
+    disk_gb: DiskGb | None = None
+    timeout_s: TimeoutS | None = None
     deadline: UtcDatetime | None = None
     attempt: Annotated[int, Field(ge=1, le=100)] = 1
 
@@ -200,7 +205,6 @@ class EventKind(str, enum.Enum):
     STARTED = "started"
     FINISHED = "finished"
     REQUEUED = "requeued"
-    HEARTBEAT = "heartbeat"
 
 
 class JobEvent(BaseModel):

@@ -14,9 +14,6 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from orchestrator.imagemap import ImageMap
 
-# The reference system's publishers use this fixed routing key; such messages reach the
-# unroutable queue and are routed again by their `runs_on` (DESIGN.md, drop-in compatibility).
-LEGACY_ROUTING_KEY = "jobrequest.v1"
 REASON_HEADER = "x-orchestrator-reason"
 REROUTED_HEADER = "x-orchestrator-rerouted"
 

@@ -48,7 +48,10 @@ images:
         (BASE + "    cpu: 2\n", "map.yaml:6: images.a.cpu: unknown key (did you mean 'cpus'?)"),
         (BASE + "    memory_mb: 12\n", "map.yaml:6: images.a.memory_mb: Input should be greater than or equal to 64"),
         (BASE + "    format: vmdk\n", "map.yaml:6: images.a.format: Input should be 'qcow2' or 'raw'"),
-        (BASE + "    backend: xen\n", "map.yaml:6: images.a.backend: Input should be 'libvirt', 'zones' or 'noop'"),
+        ("default_label: a\nimages:\n  a:\n    local_path: /x\n    backend: xen\n",
+         "map.yaml:5: images.a.backend: Input should be 'libvirt', 'zones' or 'noop'"),
+        (BASE + "    backend: libvirt\n", "map.yaml:6: duplicate key 'backend' (first on line 4)"),
+        ("default_label: a\ndefault_label: b\nimages: {}\n", "map.yaml:2: duplicate key 'default_label' (first on line 1)"),
         (BASE + "sizes:\n  s: {cpus: 0, memory_mb: 512}\n", "map.yaml:7: sizes.s.cpus: Input should be greater than or equal to 1"),
         (BASE + "    size: huge\n", "map.yaml:6: images.a.size: unknown size preset 'huge'; define it under sizes"),
         (BASE + "    kernel: /no/such/vmlinuz\n", "map.yaml:6: images.a.kernel: file /no/such/vmlinuz does not exist"),
@@ -130,3 +133,59 @@ def test_requests_may_not_exceed_image_caps(tmp_path):
         image_map.resources_for("a", request(cpus=5))
     with pytest.raises(RequestRejected, match=r"^size: unknown size preset 'xl'; presets: large, small"):
         image_map.resources_for("a", request(size="xl"))
+
+
+# --- hostile maps: each runs `orchestrator config check` in a child with its address
+# space capped, so a regression is a failed assertion, not a swapping test host ---------
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(9)
+)  # 10**10 leaves once expanded
+
+
+def config_check_limited(path: Path, *, address_space: int = 1024**3) -> tuple[int, str, float]:
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "config", "check", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, preexec_fn=limit, cwd=Path(__file__).parent.parent,
+    )
+    return done.returncode, done.stderr, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (LAUGHS + BASE, "aliases expand to more than 100000 nodes"),
+        ("default_label: &d [*d]\n" + BASE.split("\n", 1)[1], "an anchor contains an alias to itself"),
+        ("default_label: a\nimages: " + "[" * 5000 + "]" * 5000 + "\n", "not valid YAML"),
+        (BASE + "x: " + "9" * 5000 + "\n", "number too long (5000 digits)"),
+    ],
+    ids=["billion-laughs", "anchor-in-itself", "deep-nesting", "long-number"],
+)
+def test_hostile_map_is_refused_with_a_line_and_bounded_memory(tmp_path, text, expected):
+    path = tmp_path / "map.yaml"
+    path.write_text(text)
+    code, err, seconds = config_check_limited(path)
+    assert code == 2 and err.startswith(f"error: {path}:") and expected in err, err
+    assert "Traceback" not in err and seconds < 30
+
+
+def test_map_above_the_size_limit_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "map.yaml"
+    with path.open("w") as handle:
+        handle.write(BASE)
+        handle.write("# filler\n" * (50 * 1024 * 1024 // 9))  # 50 MB: parsing it took minutes
+    code, err, seconds = config_check_limited(path)
+    assert code == 2 and f"{path}:1: the file is" in err and "above the limit of 1048576" in err, err
+    assert seconds < 10
