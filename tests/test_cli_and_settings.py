@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.config import SettingsError, load_settings, parse_capacity_map
+from orchestrator.daemon import StartupError
 
 
 def test_capacity_map_parses_and_bad_entries_name_the_setting():
@@ -38,6 +39,16 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert err.count("\n") == 1
+
+
+def test_run_that_cannot_start_says_why_in_one_line_and_exits_1(capsys, monkeypatch, noop_map_path, tmp_path):
+    async def cannot_start(settings, image_map):
+        raise StartupError("libvirt: cannot connect to qemu:///system (start libvirtd)")
+
+    monkeypatch.setattr("orchestrator.daemon.run_daemon", cannot_start)
+    monkeypatch.setattr("orchestrator.logsetup.configure_logging", lambda **_: None)
+    assert main(["run", "--config", str(noop_map_path), "--state-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "error: libvirt: cannot connect to qemu:///system (start libvirtd)\n"
 
 
 def test_config_check_prints_resolved_labels_and_masks_secrets(capsys, monkeypatch):
