@@ -6,16 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import uuid
-from typing import Any
-
-from pydantic import ValidationError
 
 from orchestrator.cli.broker import broker_exchange
 from orchestrator.cli.common import STATUS_EXIT_CODES, CLIError, Commands, add_command, load_cli_image_map, load_cli_settings
+from orchestrator.cli.request import request_from_flags
 from orchestrator.config import DaemonSettings
 from orchestrator.imagemap import ImageMap, RequestRejected
-from orchestrator.messages import JobRequest, JobResult
+from orchestrator.messages import MAX_SCRIPT_BYTES, JobRequest, JobResult
 
 
 def register(commands: Commands) -> None:
@@ -26,6 +23,11 @@ def register(commands: Commands) -> None:
     script = enqueue.add_mutually_exclusive_group()
     script.add_argument("--script", help="inline shell script to run in the VM")
     script.add_argument("--script-path", help="script inside the repository to run")
+    script.add_argument(
+        "--script-file", metavar="PATH",
+        help=f"shell script to run in the VM, read from a UTF-8 file ('-': stdin; at most {MAX_SCRIPT_BYTES} bytes); "
+        "for scripts too long for one command-line argument",
+    )
     enqueue.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the job (repeatable)")
     enqueue.add_argument("--size", help="size preset from the image map")
     enqueue.add_argument("--timeout", type=int, help="job timeout in seconds")
@@ -36,7 +38,7 @@ def register(commands: Commands) -> None:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
-    request = _build_request(args)
+    request = request_from_flags(args)
     routing_key = request.runs_on or ""
     # Check the label against the image map when there is one here, so a typo is
     # reported at once; without a local map the fleet answers with an error result.
@@ -50,39 +52,6 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         except RequestRejected as exc:
             raise CLIError(str(exc)) from None
     return asyncio.run(_enqueue(args, settings, request, routing_key))
-
-
-def _parse_env(pairs: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise CLIError(f"--env {pair!r}: expected NAME=VALUE")
-        env[name] = value
-    return env
-
-
-def _build_request(args: argparse.Namespace) -> JobRequest:
-    fields: dict[str, Any] = {
-        "request_id": args.request_id or str(uuid.uuid4()),
-        "source": "cli",
-        "repo_url": args.repo,
-        "commit_sha": args.commit,
-        "runs_on": args.runs_on,
-        "script": args.script,
-        "script_path": args.script_path,
-        "env": _parse_env(args.env),
-        "size": args.size,
-        "timeout_s": args.timeout,
-    }
-    try:
-        return JobRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "request"
-        flag = {"repo_url": "--repo", "commit_sha": "--commit", "runs_on": "--runs-on", "request_id": "--request-id",
-                "timeout_s": "--timeout"}.get(field, "--" + field.replace("_", "-"))
-        raise CLIError(f"{flag}: {error['msg']}") from None
 
 
 async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: JobRequest, routing_key: str) -> int:
