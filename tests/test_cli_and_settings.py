@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import re
+import sys
+
 import pytest
 
 from orchestrator.cli import main
+from orchestrator.cli.request import ENV_NAME_RULE
 from orchestrator.config import SettingsError, load_settings, parse_capacity_map
+from orchestrator.daemon import StartupError
+from orchestrator.messages import ENV_NAME_PATTERN, MAX_ENV_ENTRIES, MAX_ENV_VALUE_BYTES, MAX_SCRIPT_BYTES
+
+ENQUEUE = ["enqueue", "--repo", "https://x/y", "--commit", "a" * 40]
 
 
 def test_capacity_map_parses_and_bad_entries_name_the_setting():
@@ -38,6 +47,113 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert err.count("\n") == 1
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (["BAD-NAME=x"], f"--env 'BAD-NAME=x': BAD-NAME is not a valid variable name ({ENV_NAME_RULE})"),
+        (["1ABC=x"], f"--env '1ABC=x': 1ABC is not a valid variable name ({ENV_NAME_RULE})"),
+        (["=x"], f"--env '=x': '' is not a valid variable name ({ENV_NAME_RULE})"),
+        ([f"{'N' * 129}=x"], f"is not a valid variable name ({ENV_NAME_RULE})"),
+        (["NUL=a\x00b"], "--env 'NUL=a\\x00b': the value contains a NUL byte"),
+        (
+            [f"BIG={'v' * (MAX_ENV_VALUE_BYTES + 1)}"],
+            f"...: the value is {MAX_ENV_VALUE_BYTES + 1} bytes, more than the {MAX_ENV_VALUE_BYTES} bytes allowed",
+        ),
+        (
+            [f"V{i}=x" for i in range(MAX_ENV_ENTRIES + 1)],
+            f"--env 'V{MAX_ENV_ENTRIES}=x': more than {MAX_ENV_ENTRIES} variables, the most a job may have",
+        ),
+    ],
+)
+def test_bad_env_entries_name_the_entry_and_the_rule(capsys, env, message):
+    argv = ENQUEUE + [arg for entry in env for arg in ("--env", entry)]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("--env ") and message in line
+    assert len(line) < 300  # a 32 KiB value is cut short, not echoed
+
+
+def test_env_name_rule_says_what_the_pattern_accepts():
+    assert "at most 128 characters" in ENV_NAME_RULE
+    assert re.fullmatch(ENV_NAME_PATTERN, "A" * 128) and not re.fullmatch(ENV_NAME_PATTERN, "A" * 129)
+    assert re.fullmatch(ENV_NAME_PATTERN, "_a1") and not re.fullmatch(ENV_NAME_PATTERN, "1a")
+    assert not re.fullmatch(ENV_NAME_PATTERN, "A-B")
+
+
+def test_as_many_env_entries_as_allowed_and_repeated_names_pass(capsys):
+    # Repeating a name replaces its value, as in a shell: it is not one entry more.
+    entries = [f"V{i}=x" for i in range(MAX_ENV_ENTRIES)] + ["V0=y"]
+    argv = ENQUEUE + [arg for entry in entries for arg in ("--env", entry)] + ["--amqp-url", "amqp://127.0.0.1:1/"]
+    assert main(argv) == 2
+    assert one_error_line(capsys).startswith("cannot connect to the broker")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--timeout", "0"], "--timeout: Input should be greater than or equal to 1"),
+        (["--size", "two words"], "--size: String should match pattern"),
+        (["--runs-on", "no/slash"], "--runs-on: String should match pattern"),
+        (["--request-id", "job-1"], "--request-id: Input should be a valid UUID"),
+        (["--script", "a\x00b"], "--script: must not contain NUL bytes"),
+        (["--script-path", "a\nb"], "--script-path: must not contain control characters"),
+    ],
+)
+def test_request_errors_name_the_flag_the_user_typed(capsys, flags, message):
+    assert main(ENQUEUE + flags) == 2
+    assert one_error_line(capsys).startswith(message)
+
+
+def test_script_file_errors_name_the_file(capsys, tmp_path):
+    missing = tmp_path / "missing.sh"
+    assert main(ENQUEUE + ["--script-file", str(missing)]) == 2
+    assert one_error_line(capsys) == f"--script-file {str(missing)!r}: cannot read it: No such file or directory"
+
+    latin1 = tmp_path / "latin1.sh"
+    latin1.write_bytes("echo café\n".encode("latin-1"))
+    assert main(ENQUEUE + ["--script-file", str(latin1)]) == 2
+    assert one_error_line(capsys) == f"--script-file {str(latin1)!r}: not UTF-8 text (byte 0xe9 at offset 8)"
+
+    oversize = tmp_path / "oversize.sh"
+    oversize.write_bytes(b"#" * (MAX_SCRIPT_BYTES + 1))
+    assert main(ENQUEUE + ["--script-file", str(oversize)]) == 2
+    assert one_error_line(capsys) == f"--script-file {str(oversize)!r}: larger than {MAX_SCRIPT_BYTES} bytes, the most a job script may be"
+
+    with_nul = tmp_path / "nul.sh"
+    with_nul.write_bytes(b"echo a\x00b\n")
+    assert main(ENQUEUE + ["--script-file", str(with_nul)]) == 2
+    assert one_error_line(capsys) == f"--script-file {str(with_nul)!r}: must not contain NUL bytes"
+
+
+def test_oversize_script_on_stdin_is_refused_after_reading_one_byte_over_the_limit(capsys, monkeypatch):
+    stdin = io.BytesIO(b"#" * (2 * MAX_SCRIPT_BYTES))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stdin))
+    assert main(ENQUEUE + ["--script-file", "-"]) == 2
+    assert one_error_line(capsys) == f"--script-file '-': larger than {MAX_SCRIPT_BYTES} bytes, the most a job script may be"
+    assert stdin.tell() == MAX_SCRIPT_BYTES + 1
+
+
+def test_script_file_excludes_the_other_script_flags(capsys, tmp_path):
+    assert main(ENQUEUE + ["--script", "true", "--script-file", str(tmp_path / "s.sh")]) == 2
+    assert "argument --script-file: not allowed with argument --script" in one_error_line(capsys)
+
+
+def test_run_that_cannot_start_says_why_in_one_line_and_exits_1(capsys, monkeypatch, noop_map_path, tmp_path):
+    async def cannot_start(settings, image_map):
+        raise StartupError("libvirt: cannot connect to qemu:///system (start libvirtd)")
+
+    monkeypatch.setattr("orchestrator.daemon.run_daemon", cannot_start)
+    monkeypatch.setattr("orchestrator.logsetup.configure_logging", lambda **_: None)
+    assert main(["run", "--config", str(noop_map_path), "--state-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "error: libvirt: cannot connect to qemu:///system (start libvirtd)\n"
 
 
 def test_config_check_prints_resolved_labels_and_masks_secrets(capsys, monkeypatch):

@@ -1,0 +1,40 @@
+"""`orchestrator hosts`: every host on the broker describes itself (labels, capacity, usage)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from orchestrator.cli.broker import ask_hosts
+from orchestrator.cli.common import Commands, add_command, load_cli_settings
+from orchestrator.config import DaemonSettings
+from orchestrator.messages import ControlKind, ControlMessage, Heartbeat
+
+
+def register(commands: Commands) -> None:
+    hosts = add_command(commands, "hosts", cmd_hosts, help="the fleet: every host's labels, capacity and usage", description="Ask every host on the broker to describe itself and print the answers.")
+    hosts.add_argument("--answer-timeout", type=float, default=2.0, help="seconds to wait for hosts to answer (default 2)")
+    hosts.add_argument("--json", action="store_true", help="one JSON heartbeat per line")
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    return asyncio.run(_hosts(load_cli_settings(args), args.answer_timeout, as_json=args.json))
+
+
+async def _hosts(settings: DaemonSettings, answer_timeout: float, *, as_json: bool) -> int:
+    question = ControlMessage(kind=ControlKind.DESCRIBE)
+    bodies = await ask_hosts(settings, question, answer_timeout)
+    beats = sorted((Heartbeat.model_validate_json(b) for b in bodies), key=lambda h: h.host)
+    for beat in beats:
+        if as_json:
+            print(beat.model_dump_json())
+            continue
+        state = "draining" if beat.draining else "serving"
+        print(
+            f"{beat.host}: {state}, {beat.running}/{beat.max_concurrency} jobs, "
+            f"{beat.cpus_used}/{beat.cpus_total} vCPUs, {beat.memory_mb_used}/{beat.memory_mb_total} MiB, "
+            f"version {beat.version}, labels {', '.join(beat.labels)}"
+        )
+    if not as_json:
+        print(f"{len(beats)} host(s) answered within {answer_timeout:g} s")
+    return 0 if beats else 1
