@@ -175,14 +175,20 @@ class Broker:
         return request
 
     async def next_result(self, timeout_s: float = 20) -> JobResult:
-        return await asyncio.wait_for(self.results.get(), timeout=timeout_s)
+        try:
+            return await asyncio.wait_for(self.results.get(), timeout=timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"waited {timeout_s:g} s for a result, in vain") from None
 
     async def collect(self, count: int, timeout_s: float = 60) -> dict[str, JobResult]:
         got: dict[str, JobResult] = {}
-        async with asyncio.timeout(timeout_s):
-            while len(got) < count:
-                result = await self.results.get()
-                got[str(result.request_id)] = result
+        try:
+            async with asyncio.timeout(timeout_s):
+                while len(got) < count:
+                    result = await self.results.get()
+                    got[str(result.request_id)] = result
+        except TimeoutError:
+            raise AssertionError(f"waited {timeout_s:g} s for {count} results, got {len(got)}") from None
         assert not self.conflicts, self.conflicts
         return got
 
@@ -216,11 +222,16 @@ async def broker(amqp, prefix: str) -> AsyncIterator[Broker]:
         await client.channel.close()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 20, what: str = "condition") -> None:
-    """Poll a cheap in-process predicate until it holds (tests never sleep and hope)."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
+async def wait_for(predicate: Callable[[], bool], *, what: str, timeout_s: float = 20, interval_s: float = 0.01) -> None:
+    """Poll a cheap predicate until it holds (tests never sleep and hope). Fails the test
+    with an AssertionError naming `what` it waited for, and for how long, when
+    `timeout_s` passes first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f"waited {timeout_s:g} s for {what}, in vain")
+        await asyncio.sleep(interval_s)
 
 
 def body(**fields: Any) -> bytes:

@@ -75,13 +75,13 @@ async def test_full_label_does_not_block_other_label(prefix, tmp_path, noop_map_
     daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", backend, max_concurrency=4, capacity_map={"alpha": 1})
     await broker.open()
     blocker = await broker.submit(runs_on="alpha", env={"LABEL": "alpha", "NOOP_FAIL": "hang"}, timeout_s=30)
-    await wait_for(lambda: daemon.ledger.running_for("alpha") == 1)
+    await wait_for(lambda: daemon.ledger.running_for("alpha") == 1, what="the blocker to be running")
     waiting = [await broker.submit(runs_on="alpha", env={"LABEL": "alpha"}) for _ in range(3)]
     betas = [await broker.submit(runs_on="beta", env={"LABEL": "beta"}) for _ in range(3)]
     results = await broker.collect(3, timeout_s=10)
     assert set(results) == {b.job_id for b in betas}
     # The alpha jobs this host cannot start stay in the queue for other hosts.
-    await wait_for(lambda: not daemon.scheduler.consuming()["alpha"])
+    await wait_for(lambda: not daemon.scheduler.consuming()["alpha"], what="the full alpha label to stop consuming")
     assert await broker.ready_count("alpha") == 3
     daemon.runner.stop_job(blocker.job_id, StopReason.CANCEL)
     rest = await broker.collect(4, timeout_s=10)
@@ -97,7 +97,7 @@ async def test_two_daemons_share_work_and_hold_only_what_they_run(prefix, tmp_pa
     ]
     await broker.open()
     jobs = [await broker.submit(runs_on="alpha", env={"LABEL": "alpha", "NOOP_FAIL": "hang"}, timeout_s=2) for _ in range(4)]
-    await wait_for(lambda: all(d.ledger.running == 1 for d in daemons))
+    await wait_for(lambda: all(d.ledger.running == 1 for d in daemons), what="one job running on each host")
     # Each host runs one; the other two are ready in the queue, held by no one.
     assert await broker.ready_count("alpha") == 2
     results = await broker.collect(4, timeout_s=20)
@@ -160,7 +160,7 @@ async def test_drain_timeout_hands_unfinished_job_back_as_next_attempt(prefix, t
     daemon = await start_daemon(prefix, tmp_path, noop_map_path, "old", NoopHypervisor(), drain_timeout_s=0.2)
     await broker.open()
     job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "2"})
-    await wait_for(lambda: daemon.ledger.running == 1)
+    await wait_for(lambda: daemon.ledger.running == 1, what="the job to be running")
     await daemon.stop()
     assert await daemon.router.list_ours() == []
     successor = await start_daemon(prefix, tmp_path, noop_map_path, "new", NoopHypervisor())
@@ -192,9 +192,9 @@ async def test_label_with_room_left_keeps_taking_jobs_after_it_paused_itself(pre
     daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", NoopHypervisor(), max_concurrency=2)
     await broker.open()
     first = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"}, timeout_s=30)
-    await wait_for(lambda: daemon.ledger.running == 1)
+    await wait_for(lambda: daemon.ledger.running == 1, what="the first job to be running")
     second = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"}, timeout_s=30)
-    await wait_for(lambda: daemon.ledger.running == 2, timeout_s=10)
+    await wait_for(lambda: daemon.ledger.running == 2, timeout_s=10, what="the second job to start while the label has room")
     for job in (first, second):
         daemon.runner.stop_job(job.job_id, StopReason.CANCEL)
     await broker.collect(2)

@@ -155,7 +155,8 @@ async def test_libvirtd_restart_mid_job_is_survived(vm_daemon, broker):
     await broker.open()
     job = await broker.submit(runs_on="demo", script="echo before; sleep 12; echo after")
     console = vm_daemon.settings.logs_dir / f"{job.job_id}.console"
-    await wait_for(lambda: console.exists() and "before" in console.read_text(errors="replace"), timeout_s=60)
+    await wait_for(lambda: console.exists() and "before" in console.read_text(errors="replace"), timeout_s=60,
+                   interval_s=0.1, what="the guest to print 'before'")
     await asyncio.to_thread(_restart_libvirtd)
     result = await broker.next_result(timeout_s=180)
     assert result.request_id == job.request_id

@@ -4,7 +4,6 @@ leaked VMs or files."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import uuid
 from pathlib import Path
@@ -62,9 +61,8 @@ def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):  # noq
 async def _wait_for_guest_output(tmp_path: Path, job_id: str, text: str) -> Path:
     """The job's console file once the guest has printed `text` (polled, 90 s deadline)."""
     console = tmp_path / "state" / "logs" / f"{job_id}.console"
-    async with asyncio.timeout(90):
-        while not (console.exists() and text in console.read_text(errors="replace")):
-            await asyncio.sleep(0.1)
+    await wait_for(lambda: console.exists() and text in console.read_text(errors="replace"), timeout_s=90,
+                   interval_s=0.1, what=f"the guest of job {job_id} to print {text!r}")
     return console
 
 
@@ -181,7 +179,7 @@ async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_s
     first = await daemon_factory(host_name="same", drain_timeout_s=0.2)
     await broker.open()
     job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "1"})
-    await wait_for(lambda: first.ledger.running == 1)
+    await wait_for(lambda: first.ledger.running == 1, what="the job to be running")
 
     async def broker_away(*args, **kwargs):
         raise ConnectionError("simulated broker outage")
@@ -201,11 +199,9 @@ async def test_vm_that_finished_while_the_daemon_was_down_is_collected(vm_env, b
     job = await broker.submit(runs_on="demo", script="echo before; sleep 2; echo done; exit 5")
     await _wait_for_guest_output(tmp_path, job.job_id, "before")
     await first.kill()
-    async with asyncio.timeout(60):  # the guest finishes and powers off on its own
-        while "shut off" not in subprocess.run(
-            ["virsh", "-c", URI, "domstate", f"job-{job.job_id}"], capture_output=True, text=True
-        ).stdout:
-            await asyncio.sleep(0.2)
+    domstate = ["virsh", "-c", URI, "domstate", f"job-{job.job_id}"]
+    await wait_for(lambda: "shut off" in subprocess.run(domstate, capture_output=True, text=True).stdout,
+                   timeout_s=60, interval_s=0.2, what="the guest to finish and power off on its own")
     second = await DaemonProcess(vm_env).start()
     result = await broker.next_result(timeout_s=60)
     assert str(result.request_id) == job.job_id
