@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
 import libvirt
@@ -80,12 +80,53 @@ async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology
     assert list((settings.state_dir / "seeds").iterdir()) == []
 
 
+def _active_domains(conn: libvirt.virConnect) -> set[str]:
+    return {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+
+
+class ActiveDomains:
+    """How many of the domains `names` libvirt shows active at once, sampled every
+    `interval_s` over a connection of the test's own: `peak` is the most seen."""
+
+    def __init__(self, names: Collection[str], interval_s: float = 0.1) -> None:
+        self.names = set(names)
+        self.interval_s = interval_s
+        self.peak = 0
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ActiveDomains:
+        self._task = asyncio.create_task(self._sample(), name="sample-active-domains")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        if self._task.done():
+            self._task.result()  # a sampler that died fails the test
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _sample(self) -> None:
+        conn = await asyncio.to_thread(libvirt.open, URI)
+        try:
+            while True:
+                active = await asyncio.to_thread(_active_domains, conn)
+                self.peak = max(self.peak, len(active & self.names))
+                self.samples += 1
+                await asyncio.sleep(self.interval_s)
+        finally:
+            conn.close()
+
+
 async def test_jobs_exiting_0_and_3_run_at_once_in_real_vms(vm_daemon, broker):
     await broker.open()
-    ok = await broker.submit(runs_on="demo", script="echo hello from $GREETING; uname -s", env={"GREETING": "the VM's shell"})
-    bad = await broker.submit(runs_on="demo", script="echo about to fail; exit 3")
-    results = await broker.collect(2, timeout_s=240)
-    assert vm_daemon.ledger.peak_running == 2
+    ok_id, bad_id = str(uuid.uuid4()), str(uuid.uuid4())
+    async with ActiveDomains({f"job-{ok_id}", f"job-{bad_id}"}) as domains:
+        ok = await broker.submit(request_id=ok_id, runs_on="demo", script="echo hello from $GREETING; uname -s",
+                                 env={"GREETING": "the VM's shell"})
+        bad = await broker.submit(request_id=bad_id, runs_on="demo", script="echo about to fail; exit 3")
+        results = await broker.collect(2, timeout_s=240)
+    assert domains.samples > 10 and domains.peak == 2  # seen by libvirt: both VMs ran at once
     assert results[ok.job_id].status is JobStatus.SUCCEEDED and results[ok.job_id].exit_code == 0
     assert results[bad.job_id].status is JobStatus.FAILED and results[bad.job_id].exit_code == 3
     log = (vm_daemon.settings.logs_dir / f"{ok.job_id}.console").read_text()
