@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -21,6 +22,7 @@ from orchestrator.daemon import Daemon
 from orchestrator.imagemap import ImageMap, load_image_map
 from orchestrator.messages import JobRequest, JobResult
 from orchestrator.topology import Topology, delete_topology
+from tests.amqpproxy import AmqpProxy
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -61,6 +63,15 @@ def noop_map(noop_map_path: Path) -> ImageMap:
 @pytest.fixture
 def prefix() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def amqp_proxy() -> AsyncIterator[AmqpProxy]:
+    """A proxy to the broker that a test can cut (see tests/amqpproxy.py)."""
+    broker = urlsplit(AMQP_URL)
+    proxy = await AmqpProxy((broker.hostname or "127.0.0.1", broker.port or 5672)).start()
+    yield proxy
+    await proxy.close()
 
 
 @pytest.fixture

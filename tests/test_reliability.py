@@ -11,8 +11,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from hypervisors.noop import NoopHypervisor
 from orchestrator.messages import JobStatus
+from tests.amqpproxy import BASIC_ACK
 from tests.conftest import AMQP_URL, wait_for
+from tests.fakes.counting_noop import CountingNoop
 from tests.daemonproc import DaemonProcess
 from tests.test_libvirt_vms import TEST_IMAGE, URI, test_image, test_network  # noqa: F401 (fixtures)
 
@@ -148,49 +151,41 @@ async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefi
         conn.close()
 
 
-async def test_a_failed_ack_still_runs_the_journaled_job_and_its_redelivery_is_dropped(daemon_factory, broker, monkeypatch):
-    import aio_pika
-
-    real_ack = aio_pika.IncomingMessage.ack
-    failed: list[str] = []
-
-    async def ack_fails_once(self, multiple: bool = False) -> None:
-        if not failed:
-            failed.append(self.message_id or "?")
-            raise aio_pika.exceptions.ChannelInvalidStateError("simulated: channel closed under the ack")
-        await real_ack(self, multiple=multiple)
-
-    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", ack_fails_once)
-    first = await daemon_factory(host_name="same")
+async def test_a_lost_ack_still_runs_the_journaled_job_once_and_its_redelivery_is_dropped(daemon_factory, broker, amqp_proxy):
+    # The connection is cut as the daemon acks: after its journal commit, before the broker has the ack.
+    ack_lost = amqp_proxy.cut_at(BASIC_ACK)
+    backend = CountingNoop()
+    daemon = await daemon_factory(amqp_url=amqp_proxy.url, backend=backend)
     await broker.open()
     job = await broker.submit(runs_on="alpha")
-    result = await broker.next_result()
-    assert failed and result.request_id == job.request_id and result.status is JobStatus.SUCCEEDED
-    await first.stop()  # its channel closes: the never-acked delivery goes back to the queue
-    second = await daemon_factory(host_name="same")  # same journal
+    result = await broker.next_result(timeout_s=30)
+    assert ack_lost.is_set() and amqp_proxy.connections >= 2  # cut, and the daemon came back
+    assert result.request_id == job.request_id and result.status is JobStatus.SUCCEEDED
+    # The broker gave the unacked job back: it is delivered again ahead of the marker.
     marker = await broker.submit(runs_on="alpha")
-    assert (await broker.next_result()).request_id == marker.request_id
-    assert not broker.conflicts and broker.redeliveries == 0
-    assert await broker.ready_count("alpha") == 0
-    assert dict(second.runner.finished) == {"succeeded": 1}  # the marker only: no second VM
+    assert (await broker.next_result(timeout_s=30)).request_id == marker.request_id
+    await daemon.stop()  # a delivery it had not acked would go back to the queue now
+    assert await broker.ready_count("alpha") == 0  # the redelivery was taken and acked
+    assert backend.starts == {job.job_id: 1, marker.job_id: 1}  # and started no second VM
+    assert broker.results.empty() and not broker.conflicts and broker.redeliveries == 0
 
 
-async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_start(daemon_factory, broker, monkeypatch):
-    first = await daemon_factory(host_name="same", drain_timeout_s=0.2)
+async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_start(daemon_factory, broker, amqp_proxy):
+    backend = NoopHypervisor()
+    first = await daemon_factory(host_name="same", drain_timeout_s=0.2, amqp_url=amqp_proxy.url, backend=backend)
     await broker.open()
-    job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "1"})
-    await wait_for(lambda: first.ledger.running == 1, what="the job to be running")
-
-    async def broker_away(*args, **kwargs):
-        raise ConnectionError("simulated broker outage")
-
-    monkeypatch.setattr(first._publisher, "publish", broker_away)
-    await first.stop()
-    monkeypatch.undo()
-    await daemon_factory(host_name="same")
+    job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "2"})
+    await wait_for(lambda: backend.alive == 1, what="the job's VM to be running")
+    amqp_proxy.down()
+    await first.stop()  # drains for 0.2 s, stops the VM and cannot hand the job back
+    assert backend.alive == 0
+    assert await broker.ready_count("alpha") == 0  # no hand-back reached the broker
+    amqp_proxy.up()
+    await daemon_factory(host_name="same", amqp_url=amqp_proxy.url)  # same journal
     result = await broker.next_result(timeout_s=20)
     assert result.request_id == job.request_id
     assert result.status is JobStatus.SUCCEEDED and result.attempt == 2
+    assert broker.results.empty() and not broker.conflicts
 
 
 async def test_vm_that_finished_while_the_daemon_was_down_is_collected(vm_env, broker, tmp_path):

@@ -5,6 +5,7 @@ leaves no VM or file behind."""
 from __future__ import annotations
 
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 from hypervisors.base import BackendName
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import parse_image_map
-from orchestrator.messages import JobStatus
+from orchestrator.messages import JobRequest, JobStatus
+from orchestrator.runner import job_timeout_s
 from tests.conftest import make_settings
 from tests.test_libvirt_vms import TEST_IMAGE, _network_xml, test_image, test_network  # noqa: F401 (fixtures)
 
@@ -89,22 +91,13 @@ async def test_guest_that_prints_is_not_a_boot_timeout(daemon_factory, broker):
 
 
 def test_timeout_is_request_else_image_else_host_capped_by_image(tmp_path):
-    import uuid
-
-    from orchestrator.config import DaemonSettings
-    from orchestrator.intake import AcceptedJob
-    from orchestrator.messages import JobRequest
-    from orchestrator.runner import JobRunner
-
     text = ("default_label: a\nimages:\n  a: {backend: noop, local_path: /x, timeout_s: 600, max_timeout_s: 900}\n"
             "  b: {backend: noop, local_path: /y}\n")
     image_map = parse_image_map(text, filename="m", base_dir=tmp_path)
-    runner = JobRunner.__new__(JobRunner)
-    runner._settings = DaemonSettings(default_timeout_s=1200)
 
     def timeout(label: str, **request) -> int:
         job = JobRequest(request_id=uuid.uuid4(), repo_url="https://x/y", commit_sha="a" * 40, **request)
-        return runner.timeout_s(AcceptedJob(job, label, image_map.images[label], None, None, "n", "v"))
+        return job_timeout_s(job, image_map.images[label], default_timeout_s=1200)
 
     assert timeout("a") == 600
     assert timeout("a", timeout_s=60) == 60
