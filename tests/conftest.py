@@ -4,10 +4,13 @@ exchanges and queues afterwards), noop image maps, and in-process daemons."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +49,59 @@ images:
     local_path: /nonexistent/beta.img
     size: small
 """
+
+
+# --- libvirt (import libvirt only inside: tests marked `libvirt` alone may need it) ---
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_IMAGE = Path("/var/cache/orchestrator/test-image")
+LIBVIRT_URI = "qemu:///system"
+
+
+LIBVIRT_FIXTURES = frozenset({"test_image", "test_network"})  # every libvirt fixture uses one of them
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`-m "not libvirt"` must be a suite without libvirt: a test that needs it unmarked
+    is a collection error."""
+    unmarked = [
+        item.nodeid for item in items
+        if LIBVIRT_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("libvirt") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests using libvirt fixtures without @pytest.mark.libvirt: {unmarked}")
+
+
+@pytest.fixture(scope="session")
+def test_image() -> Path:
+    subprocess.run([sys.executable, str(ROOT / "examples" / "test-image" / "build.py"), str(TEST_IMAGE)], check=True)
+    return TEST_IMAGE
+
+
+def _network_xml(name: str) -> str:
+    # Isolated: a bridge with no address and no forwarding, so guests reach nothing.
+    bridge = "vb" + uuid.uuid4().hex[:10]
+    return f"<network><name>{name}</name><bridge name='{bridge}' stp='off'/></network>"
+
+
+@pytest.fixture(scope="session")
+def test_network() -> Iterator[str]:
+    import libvirt
+
+    name = f"orch-test-{uuid.uuid4().hex[:8]}"
+    conn = libvirt.open(LIBVIRT_URI)
+    conn.networkDefineXML(_network_xml(name))
+    conn.close()
+    yield name
+    conn = libvirt.open(LIBVIRT_URI)  # a fresh connection: a test may have restarted libvirtd
+    network = conn.networkLookupByName(name)
+    if network.isActive():
+        network.destroy()
+    network.undefine()
+    conn.close()
+
+
+# --- the broker and noop daemons ---
 
 
 @pytest.fixture
@@ -235,13 +291,20 @@ async def broker(amqp, prefix: str) -> AsyncIterator[Broker]:
         await client.channel.close()
 
 
-async def wait_for(predicate: Callable[[], bool], *, what: str, timeout_s: float = 20, interval_s: float = 0.01) -> None:
-    """Poll a cheap predicate until it holds (tests never sleep and hope). Fails the test
-    with an AssertionError naming `what` it waited for, and for how long, when
-    `timeout_s` passes first."""
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], *, what: str, timeout_s: float = 20, interval_s: float = 0.01
+) -> None:
+    """Poll a cheap predicate (plain or async) until it holds (tests never sleep and
+    hope). Fails the test with an AssertionError naming `what` it waited for, and for
+    how long, when `timeout_s` passes first."""
+
+    async def holds() -> bool:
+        outcome = predicate()
+        return await outcome if inspect.isawaitable(outcome) else outcome
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while not predicate():
+    while not await holds():
         if loop.time() >= deadline:
             raise AssertionError(f"waited {timeout_s:g} s for {what}, in vain")
         await asyncio.sleep(interval_s)

@@ -7,8 +7,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
@@ -21,41 +19,9 @@ from hypervisors.libvirt import LibvirtHypervisor
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import load_image_map
 from orchestrator.messages import JobStatus
-from tests.conftest import make_settings, wait_for
+from tests.conftest import LIBVIRT_URI, make_settings, wait_for
 
 pytestmark = pytest.mark.libvirt
-ROOT = Path(__file__).resolve().parent.parent
-TEST_IMAGE = Path("/var/cache/orchestrator/test-image")
-URI = "qemu:///system"
-
-
-@pytest.fixture(scope="session")
-def test_image() -> Path:
-    subprocess.run([sys.executable, str(ROOT / "examples" / "test-image" / "build.py"), str(TEST_IMAGE)], check=True)
-    return TEST_IMAGE
-
-
-def _network_xml(name: str) -> str:
-    # Isolated: a bridge with no address and no forwarding, so guests reach nothing.
-    bridge = "vb" + uuid.uuid4().hex[:10]
-    return f"<network><name>{name}</name><bridge name='{bridge}' stp='off'/></network>"
-
-
-@pytest.fixture(scope="session")
-def test_network() -> str:
-    name = f"orch-test-{uuid.uuid4().hex[:8]}"
-    conn = libvirt.open(URI)
-    network = conn.networkDefineXML(_network_xml(name))
-    conn.close()
-    yield name
-    conn = libvirt.open(URI)  # a fresh connection: a test may have restarted libvirtd
-    network = conn.networkLookupByName(name)
-    if network.isActive():
-        network.destroy()
-    network.undefine()
-    conn.close()
-
-
 @pytest.fixture
 async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology) -> AsyncIterator[Daemon]:
     cleanup_topology.extend(["demo", "demo-silent"])
@@ -70,7 +36,7 @@ async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology
     yield daemon
     await daemon.stop()
     # Nothing of ours may be left behind.
-    conn = libvirt.open(URI)
+    conn = libvirt.open(LIBVIRT_URI)
     try:
         names = [d.name() for d in conn.listAllDomains(0)]
     finally:
@@ -107,7 +73,7 @@ class ActiveDomains:
         await asyncio.gather(self._task, return_exceptions=True)
 
     async def _sample(self) -> None:
-        conn = await asyncio.to_thread(libvirt.open, URI)
+        conn = await asyncio.to_thread(libvirt.open, LIBVIRT_URI)
         try:
             while True:
                 active = await asyncio.to_thread(_active_domains, conn)
@@ -154,13 +120,13 @@ async def test_vm_that_never_prints_a_result_line_is_an_error_with_console_tail(
 
 
 async def test_network_is_made_active_and_autostarted(tmp_path, test_network):
-    conn = libvirt.open(URI)
+    conn = libvirt.open(LIBVIRT_URI)
     network = conn.networkLookupByName(test_network)
     if network.isActive():
         network.destroy()
     network.setAutostart(0)
     backend = await LibvirtHypervisor.connect(
-        uri=URI, network=test_network, domain_type="qemu", state_dir=tmp_path, orchestrator_id="t"
+        uri=LIBVIRT_URI, network=test_network, domain_type="qemu", state_dir=tmp_path, orchestrator_id="t"
     )
     await backend.close()
     assert network.isActive() and network.autostart()
@@ -169,27 +135,38 @@ async def test_network_is_made_active_and_autostarted(tmp_path, test_network):
 
 async def test_missing_network_is_a_clear_error(tmp_path):
     with pytest.raises(BackendError, match=r"libvirt network 'no-such-net' does not exist: define it .* LIBVIRT_NETWORK=none"):
-        await LibvirtHypervisor.connect(uri=URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t")
+        await LibvirtHypervisor.connect(uri=LIBVIRT_URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t")
 
 
-def _libvirtd_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
+LIBVIRTD_PID_FILE = Path("/run/libvirtd.pid")
 
 
-def _restart_libvirtd() -> None:
-    """Stop every libvirtd and start one again: a second libvirtd started while the
-    first still runs (or is still exiting) deletes the live daemon's socket."""
-    for pid in _libvirtd_pids():
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while _libvirtd_pids():
-        assert time.monotonic() < deadline, "libvirtd did not stop"
-        time.sleep(0.1)
-    subprocess.run(["libvirtd", "-d"], check=True)
-    while subprocess.run(["virsh", "-c", URI, "version"], capture_output=True).returncode != 0:
-        assert time.monotonic() < deadline + 30, "libvirtd did not come back"
-        time.sleep(0.1)
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie no init has reaped yet is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def _virsh_answers() -> bool:
+    virsh = await asyncio.create_subprocess_exec(
+        "virsh", "-c", LIBVIRT_URI, "version", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return await virsh.wait() == 0
+
+
+async def _restart_libvirtd() -> None:
+    """Stop the libvirtd named in its pid file and start it again, as
+    scripts/bootstrap-host.sh does: no other libvirtd on the (shared) host is signalled,
+    and none is started while that one still runs (it would delete the live socket)."""
+    pid = int(LIBVIRTD_PID_FILE.read_text())
+    os.kill(pid, signal.SIGTERM)
+    await wait_for(lambda: not _running(pid), timeout_s=30, interval_s=0.1, what=f"libvirtd (pid {pid}) to exit on SIGTERM")
+    started = await asyncio.create_subprocess_exec("libvirtd", "-d")
+    assert await started.wait() == 0
+    await wait_for(_virsh_answers, timeout_s=30, interval_s=0.1, what="the new libvirtd to answer `virsh version`")
 
 
 async def test_libvirtd_restart_mid_job_is_survived(vm_daemon, broker):
@@ -198,7 +175,7 @@ async def test_libvirtd_restart_mid_job_is_survived(vm_daemon, broker):
     console = vm_daemon.settings.logs_dir / f"{job.job_id}.console"
     await wait_for(lambda: console.exists() and "before" in console.read_text(errors="replace"), timeout_s=60,
                    interval_s=0.1, what="the guest to print 'before'")
-    await asyncio.to_thread(_restart_libvirtd)
+    await _restart_libvirtd()
     result = await broker.next_result(timeout_s=180)
     assert result.request_id == job.request_id
     assert result.status is JobStatus.SUCCEEDED, (result.summary, result.console_tail)

@@ -8,16 +8,14 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from hypervisors.noop import NoopHypervisor
 from orchestrator.messages import JobStatus
 from tests.amqpproxy import BASIC_ACK
-from tests.conftest import AMQP_URL, wait_for
+from tests.conftest import AMQP_URL, LIBVIRT_URI, wait_for
 from tests.fakes.counting_noop import CountingNoop
 from tests.daemonproc import DaemonProcess
-from tests.test_libvirt_vms import TEST_IMAGE, URI, test_image, test_network  # noqa: F401 (fixtures)
 
 
 def daemon_env(prefix: str, state: Path, config: Path, **extra: str) -> dict[str, str]:
@@ -45,7 +43,9 @@ async def test_sigkill_with_jobs_running_and_queued_runs_each_exactly_once(prefi
 
 
 def _domains() -> list[str]:
-    conn = libvirt.open(URI)
+    import libvirt
+
+    conn = libvirt.open(LIBVIRT_URI)
     try:
         return [d.name() for d in conn.listAllDomains(0)]
     finally:
@@ -53,7 +53,7 @@ def _domains() -> list[str]:
 
 
 @pytest.fixture
-def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):  # noqa: F811
+def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):
     cleanup_topology.extend(["demo", "demo-silent"])
     return daemon_env(
         prefix, tmp_path / "state", test_image / "image-map.yaml", ORCH_BACKEND="libvirt",
@@ -84,6 +84,7 @@ def _assert_nothing_left(tmp_path: Path) -> None:
     assert list((tmp_path / "state" / "seeds").iterdir()) == []
 
 
+@pytest.mark.libvirt
 async def test_sigkill_mid_job_then_restart_adopts_and_finishes_the_vm(vm_env, broker, tmp_path):
     _, job_id, console = await _kill_mid_job(vm_env, broker, tmp_path)
     assert f"job-{job_id}" in _domains()  # the VM outlived the daemon
@@ -98,9 +99,10 @@ async def test_sigkill_mid_job_then_restart_adopts_and_finishes_the_vm(vm_env, b
     _assert_nothing_left(tmp_path)
 
 
+@pytest.mark.libvirt
 async def test_host_reboot_while_daemon_is_down_reruns_the_job(vm_env, broker, tmp_path):
     _, job_id, _ = await _kill_mid_job(vm_env, broker, tmp_path)
-    subprocess.run(["virsh", "-c", URI, "destroy", f"job-{job_id}"], check=True, capture_output=True)  # "reboot"
+    subprocess.run(["virsh", "-c", LIBVIRT_URI, "destroy", f"job-{job_id}"], check=True, capture_output=True)  # "reboot"
     second = await DaemonProcess(vm_env).start()
     result = await broker.next_result(timeout_s=180)
     assert str(result.request_id) == job_id
@@ -117,7 +119,10 @@ def _domain_xml(name: str, metadata: str = "") -> str:
     )
 
 
+@pytest.mark.libvirt
 async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefix):
+    import libvirt
+
     from hypervisors.libvirt.domain import METADATA_NS
 
     ours_id = vm_env["ORCH_ID"]
@@ -126,7 +131,7 @@ async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefi
         "<metadata><orch:job xmlns:orch='{ns}'><orch:orchestrator>{who}</orch:orchestrator>"
         "<orch:job-id>{job}</orch:job-id></orch:job></metadata>"
     )
-    conn = libvirt.open(URI)
+    conn = libvirt.open(LIBVIRT_URI)
     foreign = conn.defineXML(_domain_xml(f"foreign-{prefix}"))
     other = conn.defineXML(_domain_xml(f"job-{uuid.uuid4()}", tag.format(ns=METADATA_NS, who="another-orchestrator", job="x")))
     orphan = conn.defineXML(_domain_xml(f"job-{orphan_job}", tag.format(ns=METADATA_NS, who=ours_id, job=orphan_job)))
@@ -188,13 +193,14 @@ async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_s
     assert broker.results.empty() and not broker.conflicts
 
 
+@pytest.mark.libvirt
 async def test_vm_that_finished_while_the_daemon_was_down_is_collected(vm_env, broker, tmp_path):
     first = await DaemonProcess(vm_env).start()
     await broker.open()
     job = await broker.submit(runs_on="demo", script="echo before; sleep 2; echo done; exit 5")
     await _wait_for_guest_output(tmp_path, job.job_id, "before")
     await first.kill()
-    domstate = ["virsh", "-c", URI, "domstate", f"job-{job.job_id}"]
+    domstate = ["virsh", "-c", LIBVIRT_URI, "domstate", f"job-{job.job_id}"]
     await wait_for(lambda: "shut off" in subprocess.run(domstate, capture_output=True, text=True).stdout,
                    timeout_s=60, interval_s=0.2, what="the guest to finish and power off on its own")
     second = await DaemonProcess(vm_env).start()

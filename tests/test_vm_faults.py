@@ -16,8 +16,7 @@ from orchestrator.daemon import Daemon
 from orchestrator.imagemap import parse_image_map
 from orchestrator.messages import JobRequest, JobStatus
 from orchestrator.runner import job_timeout_s
-from tests.conftest import make_settings
-from tests.test_libvirt_vms import TEST_IMAGE, _network_xml, test_image, test_network  # noqa: F401 (fixtures)
+from tests.conftest import TEST_IMAGE, make_settings
 
 
 def broken_map(tmp_path: Path, **image: str) -> str:
@@ -57,7 +56,8 @@ async def run_one(tmp_path, prefix, network, text: str, state: Path, broker, **j
     return daemon, result
 
 
-async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, prefix, test_network, cleanup_topology, broker):  # noqa: F811
+@pytest.mark.libvirt
+async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, prefix, test_network, cleanup_topology, broker):
     not_a_kernel = tmp_path / "not-a-kernel"
     not_a_kernel.write_text("this is not a kernel\n")
     text = broken_map(tmp_path, kernel=str(not_a_kernel))
@@ -65,7 +65,8 @@ async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, pr
     assert result.status is JobStatus.ERROR and result.summary.startswith("VM failed to start: VM job-")
 
 
-async def test_full_disk_while_creating_the_overlay_is_an_error(tmp_path, prefix, test_network, tiny_disk, cleanup_topology, broker):  # noqa: F811
+@pytest.mark.libvirt
+async def test_full_disk_while_creating_the_overlay_is_an_error(tmp_path, prefix, test_network, tiny_disk, cleanup_topology, broker):
     _, result = await run_one(tmp_path, prefix, test_network, broken_map(tmp_path, disk_gb="2"), tiny_disk, broker)
     assert result.status is JobStatus.ERROR
     assert "No space left on device" in result.summary
