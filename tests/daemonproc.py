@@ -30,7 +30,11 @@ class DaemonProcess:
             sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE
         )
         self._reader = asyncio.create_task(self._read(self.process))
-        await asyncio.wait_for(self._started.wait(), timeout_s)
+        try:
+            await asyncio.wait_for(self._started.wait(), timeout_s)
+        except TimeoutError:
+            tail = "".join(self.lines[-5:])
+            raise AssertionError(f"the daemon did not log daemon.started within {timeout_s:g} s; its last lines:\n{tail}") from None
         return self
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
