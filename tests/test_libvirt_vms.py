@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
+from typing import Self
 
 import libvirt
 import pytest
@@ -61,7 +62,7 @@ class ActiveDomains:
         self.samples = 0
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> ActiveDomains:
+    async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._sample(), name="sample-active-domains")
         return self
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: reach the repository's modules
-from tests.fakes.guest_sandbox import sandbox_user_data  # noqa: E402
+from tests.fakes.guest_sandbox import sandbox_user_data
 
 STATE = Path(os.environ["FAKE_ILLUMOS_STATE"])
 DEVROOT = Path(os.environ["FAKE_ZVOL_ROOT"])
