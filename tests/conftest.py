@@ -56,8 +56,6 @@ images:
 ROOT = Path(__file__).resolve().parent.parent
 TEST_IMAGE = Path("/var/cache/orchestrator/test-image")
 LIBVIRT_URI = "qemu:///system"
-
-
 LIBVIRT_FIXTURES = frozenset({"test_image", "test_network"})  # every libvirt fixture uses one of them
 
 
