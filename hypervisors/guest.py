@@ -5,6 +5,12 @@ taken from a job request is either single-quoted (env names are validated identi
 values are quoted) or passed through a here-document whose delimiter is a random token
 checked not to occur in the text, so nothing from a request is ever parsed as shell code
 by the wrapper itself.
+
+Hook for sandboxes (tests, fakes of other hypervisors): the script's first assignments
+are one line each, `orch_console=...` (where output goes), `orch_workdir=...` (where the
+job runs) and `orch_poweroff='...'` (the command run last, through `eval`). A sandbox
+replaces exactly these lines, named in `SANDBOX_HOOKS`, to run the script off a VM;
+their names and one-line form are kept stable for that.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import re
 import secrets
 
 RESULT_PREFIX = "ORCH-RESULT"
+SANDBOX_HOOKS: tuple[str, ...] = ("orch_console", "orch_workdir", "orch_poweroff")
 _RESULT_RE = re.compile(rf"^{RESULT_PREFIX} ([0-9a-f]+) (\d+)\s*$")
 
 
@@ -73,6 +80,7 @@ def build_user_data(
         "orch_console=/dev/ttyS0",
         '[ -w "$orch_console" ] || orch_console=/dev/console',
         "orch_workdir=/var/tmp/orch-job",
+        "orch_poweroff='poweroff -f 2>/dev/null || poweroff 2>/dev/null || shutdown -h now'",
         "orch_job() {",
         "  set -u",
     ]
@@ -106,7 +114,7 @@ def build_user_data(
         # A fresh line first: the job's last output may not end with a newline.
         f'printf "\\n{RESULT_PREFIX} {nonce} %s\\n" "$orch_rc" >>"$orch_console"',
         "sync",
-        "poweroff -f 2>/dev/null || poweroff 2>/dev/null || shutdown -h now",
+        'eval "$orch_poweroff"',
         "",
     ]
     return "\n".join(lines).encode()

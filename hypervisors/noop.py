@@ -4,6 +4,9 @@ It exists for development, tests and benchmarks. A job steers it through its env
 `NOOP_DURATION_S` (seconds the VM runs, default 0), `NOOP_EXIT_CODE` (default 0),
 `NOOP_FAIL` = `boot` (start fails) | `hang` (never stops by itself) | `no-result` (stops
 without printing the result line), and `NOOP_OUTPUT` (text written to the console).
+
+It counts, for tests measuring concurrency from outside the daemon, how many VMs are
+alive (from `start` until the VM stops or is destroyed): `alive` now, `peak_alive` at most.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class _NoopVm:
     state: VmState = VmState.DEFINED
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    alive: bool = False
 
 
 def _write_console(path: Path, text: str) -> None:
@@ -38,6 +42,8 @@ class NoopHypervisor:
 
     def __init__(self) -> None:
         self._vms: dict[str, _NoopVm] = {}
+        self.alive = 0
+        self.peak_alive = 0
 
     async def prepare(self, spec: VmSpec) -> None:
         self._vms[spec.name] = _NoopVm(spec)
@@ -53,7 +59,15 @@ class NoopHypervisor:
         if spec.env.get("NOOP_FAIL") == "boot":
             raise BackendError(f"noop VM {spec.name} failed to boot (NOOP_FAIL=boot)")
         vm.state = VmState.RUNNING
+        vm.alive = True
+        self.alive += 1
+        self.peak_alive = max(self.peak_alive, self.alive)
         vm.task = asyncio.create_task(self._run(vm), name=f"noop-vm-{spec.name}")
+
+    def _no_longer_alive(self, vm: _NoopVm) -> None:
+        if vm.alive:
+            vm.alive = False
+            self.alive -= 1
 
     async def _run(self, vm: _NoopVm) -> None:
         env = vm.spec.env
@@ -73,6 +87,7 @@ class NoopHypervisor:
                 )
         finally:
             vm.state = VmState.STOPPED
+            self._no_longer_alive(vm)
             vm.stopped.set()
 
     async def wait_stopped(self, spec: VmSpec) -> VmState:
@@ -96,6 +111,8 @@ class NoopHypervisor:
                 await vm.task
             except asyncio.CancelledError:
                 pass
+        # A task cancelled before it ran never reaches its `finally`.
+        self._no_longer_alive(vm)
         vm.state = VmState.GONE
         vm.stopped.set()
 

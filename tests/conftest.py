@@ -4,12 +4,16 @@ exchanges and queues afterwards), noop image maps, and in-process daemons."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -21,6 +25,7 @@ from orchestrator.daemon import Daemon
 from orchestrator.imagemap import ImageMap, load_image_map
 from orchestrator.messages import JobRequest, JobResult
 from orchestrator.topology import Topology, delete_topology
+from tests.amqpproxy import AmqpProxy
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -46,6 +51,57 @@ images:
 """
 
 
+# --- libvirt (import libvirt only inside: tests marked `libvirt` alone may need it) ---
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_IMAGE = Path("/var/cache/orchestrator/test-image")
+LIBVIRT_URI = "qemu:///system"
+LIBVIRT_FIXTURES = frozenset({"test_image", "test_network"})  # every libvirt fixture uses one of them
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`-m "not libvirt"` must be a suite without libvirt: a test that needs it unmarked
+    is a collection error."""
+    unmarked = [
+        item.nodeid for item in items
+        if LIBVIRT_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("libvirt") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests using libvirt fixtures without @pytest.mark.libvirt: {unmarked}")
+
+
+@pytest.fixture(scope="session")
+def test_image() -> Path:
+    subprocess.run([sys.executable, str(ROOT / "examples" / "test-image" / "build.py"), str(TEST_IMAGE)], check=True)
+    return TEST_IMAGE
+
+
+def _network_xml(name: str) -> str:
+    # Isolated: a bridge with no address and no forwarding, so guests reach nothing.
+    bridge = "vb" + uuid.uuid4().hex[:10]
+    return f"<network><name>{name}</name><bridge name='{bridge}' stp='off'/></network>"
+
+
+@pytest.fixture(scope="session")
+def test_network() -> Iterator[str]:
+    import libvirt
+
+    name = f"orch-test-{uuid.uuid4().hex[:8]}"
+    conn = libvirt.open(LIBVIRT_URI)
+    conn.networkDefineXML(_network_xml(name))
+    conn.close()
+    yield name
+    conn = libvirt.open(LIBVIRT_URI)  # a fresh connection: a test may have restarted libvirtd
+    network = conn.networkLookupByName(name)
+    if network.isActive():
+        network.destroy()
+    network.undefine()
+    conn.close()
+
+
+# --- the broker and noop daemons ---
+
+
 @pytest.fixture
 def noop_map_path(tmp_path: Path) -> Path:
     path = tmp_path / "image-map.yaml"
@@ -61,6 +117,15 @@ def noop_map(noop_map_path: Path) -> ImageMap:
 @pytest.fixture
 def prefix() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def amqp_proxy() -> AsyncIterator[AmqpProxy]:
+    """A proxy to the broker that a test can cut (see tests/amqpproxy.py)."""
+    broker = urlsplit(AMQP_URL)
+    proxy = await AmqpProxy((broker.hostname or "127.0.0.1", broker.port or 5672)).start()
+    yield proxy
+    await proxy.close()
 
 
 @pytest.fixture
@@ -105,10 +170,12 @@ async def daemon_factory(
 ) -> AsyncIterator[Callable[..., Any]]:
     daemons: list[Daemon] = []
 
-    async def start(image_map: ImageMap | None = None, **overrides: Any) -> Daemon:
+    async def start(image_map: ImageMap | None = None, *, backend: NoopHypervisor | None = None, **overrides: Any) -> Daemon:
+        """A daemon on the noop backend (pass `backend` to keep a handle on it to measure)."""
         host = overrides.pop("host_name", f"host{len(daemons)}")
         settings = make_settings(prefix, tmp_path / host, noop_map_path, host_name=host, **overrides)
-        daemon = Daemon(settings, image_map or load_image_map(noop_map_path), backends={BackendName.NOOP: NoopHypervisor()})
+        backends = {BackendName.NOOP: backend if backend is not None else NoopHypervisor()}
+        daemon = Daemon(settings, image_map or load_image_map(noop_map_path), backends=backends)
         await daemon.start()
         daemons.append(daemon)
         return daemon
@@ -175,14 +242,20 @@ class Broker:
         return request
 
     async def next_result(self, timeout_s: float = 20) -> JobResult:
-        return await asyncio.wait_for(self.results.get(), timeout=timeout_s)
+        try:
+            return await asyncio.wait_for(self.results.get(), timeout=timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"waited {timeout_s:g} s for a result, in vain") from None
 
     async def collect(self, count: int, timeout_s: float = 60) -> dict[str, JobResult]:
         got: dict[str, JobResult] = {}
-        async with asyncio.timeout(timeout_s):
-            while len(got) < count:
-                result = await self.results.get()
-                got[str(result.request_id)] = result
+        try:
+            async with asyncio.timeout(timeout_s):
+                while len(got) < count:
+                    result = await self.results.get()
+                    got[str(result.request_id)] = result
+        except TimeoutError:
+            raise AssertionError(f"waited {timeout_s:g} s for {count} results, got {len(got)}") from None
         assert not self.conflicts, self.conflicts
         return got
 
@@ -216,11 +289,23 @@ async def broker(amqp, prefix: str) -> AsyncIterator[Broker]:
         await client.channel.close()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 20, what: str = "condition") -> None:
-    """Poll a cheap in-process predicate until it holds (tests never sleep and hope)."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], *, what: str, timeout_s: float = 20, interval_s: float = 0.01
+) -> None:
+    """Poll a cheap predicate (plain or async) until it holds (tests never sleep and
+    hope). Fails the test with an AssertionError naming `what` it waited for, and for
+    how long, when `timeout_s` passes first."""
+
+    async def holds() -> bool:
+        outcome = predicate()
+        return await outcome if inspect.isawaitable(outcome) else outcome
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await holds():
+        if loop.time() >= deadline:
+            raise AssertionError(f"waited {timeout_s:g} s for {what}, in vain")
+        await asyncio.sleep(interval_s)
 
 
 def body(**fields: Any) -> bytes:

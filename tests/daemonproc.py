@@ -36,8 +36,10 @@ class DaemonProcess:
         started.cancel()
         exited.cancel()
         if not self._started.is_set():
-            await asyncio.sleep(0.1)  # let the reader take the last lines
-            raise AssertionError(f"the daemon did not start within {timeout_s} s:\n{''.join(self.lines[-20:])}")
+            if self.process.returncode is not None:
+                await self._reader  # its last lines, up to the end of its stderr
+            tail = "".join(self.lines[-20:])
+            raise AssertionError(f"the daemon did not log daemon.started within {timeout_s:g} s; its last lines:\n{tail}")
         return self
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:

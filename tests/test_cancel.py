@@ -28,9 +28,9 @@ async def test_cancel_running_queued_finished_and_unknown(daemon_factory, broker
     daemon = await daemon_factory(capacity_map={"alpha": 1})
     await broker.open()
     running = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"})
-    await wait_for(lambda: daemon.ledger.running_for("alpha") == 1)
+    await wait_for(lambda: daemon.ledger.running_for("alpha") == 1, what="the alpha job to be running")
     queued = await broker.submit(runs_on="alpha")
-    await wait_for(lambda: not daemon.scheduler.consuming()["alpha"])
+    await wait_for(lambda: not daemon.scheduler.consuming()["alpha"], what="the full alpha label to stop consuming")
 
     code, out = await cancel(prefix, queued.job_id)
     assert code == 0 and "not running on any of the 1 host(s)" in out and "dropped" in out

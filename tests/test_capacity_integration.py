@@ -12,38 +12,14 @@ from pathlib import Path
 
 import aio_pika
 
-from hypervisors.base import BackendName, VmSpec
+from hypervisors.base import BackendName
 from hypervisors.noop import NoopHypervisor
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import load_image_map
 from orchestrator.messages import JobStatus
 from orchestrator.runner import StopReason
 from tests.conftest import AMQP_URL, make_settings, wait_for
-
-
-class CountingNoop(NoopHypervisor):
-    """Measures how many VMs really run at once, overall and per label (from env)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: Counter[str] = Counter()
-        self.peak: Counter[str] = Counter()
-        self.started = 0
-
-    async def start(self, spec: VmSpec) -> None:
-        await super().start(spec)
-        label = spec.env["LABEL"]
-        self.live[label] += 1
-        self.live["*"] += 1
-        self.started += 1
-        for key in (label, "*"):
-            self.peak[key] = max(self.peak[key], self.live[key])
-
-    async def destroy(self, spec: VmSpec) -> None:
-        if spec.name in self._vms and self._vms[spec.name].task is not None:
-            self.live[spec.env["LABEL"]] -= 1
-            self.live["*"] -= 1
-        await super().destroy(spec)
+from tests.fakes.counting_noop import CountingNoop
 
 
 async def start_daemon(prefix, tmp_path, noop_map_path, host, backend, **overrides) -> Daemon:
@@ -63,11 +39,10 @@ async def test_concurrency_never_exceeds_global_and_label_limits(prefix, tmp_pat
     results = await broker.collect(12)
     await daemon.stop()
     assert all(r.status is JobStatus.SUCCEEDED for r in results.values())
-    assert backend.started == 12
-    # The limits were reached (the test can fail) and never exceeded.
-    assert backend.peak["*"] == 3
-    assert backend.peak["alpha"] == 2
-    assert daemon.ledger.peak_running == 3
+    assert sum(backend.starts.values()) == 12
+    # Counted by the backend, not the ledger: the limits were reached and never exceeded.
+    assert backend.peak_alive == 3
+    assert backend.peak_by_label["alpha"] == 2
 
 
 async def test_full_label_does_not_block_other_label(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
@@ -75,13 +50,13 @@ async def test_full_label_does_not_block_other_label(prefix, tmp_path, noop_map_
     daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", backend, max_concurrency=4, capacity_map={"alpha": 1})
     await broker.open()
     blocker = await broker.submit(runs_on="alpha", env={"LABEL": "alpha", "NOOP_FAIL": "hang"}, timeout_s=30)
-    await wait_for(lambda: daemon.ledger.running_for("alpha") == 1)
+    await wait_for(lambda: daemon.ledger.running_for("alpha") == 1, what="the blocker to be running")
     waiting = [await broker.submit(runs_on="alpha", env={"LABEL": "alpha"}) for _ in range(3)]
     betas = [await broker.submit(runs_on="beta", env={"LABEL": "beta"}) for _ in range(3)]
     results = await broker.collect(3, timeout_s=10)
     assert set(results) == {b.job_id for b in betas}
     # The alpha jobs this host cannot start stay in the queue for other hosts.
-    await wait_for(lambda: not daemon.scheduler.consuming()["alpha"])
+    await wait_for(lambda: not daemon.scheduler.consuming()["alpha"], what="the full alpha label to stop consuming")
     assert await broker.ready_count("alpha") == 3
     daemon.runner.stop_job(blocker.job_id, StopReason.CANCEL)
     rest = await broker.collect(4, timeout_s=10)
@@ -97,7 +72,7 @@ async def test_two_daemons_share_work_and_hold_only_what_they_run(prefix, tmp_pa
     ]
     await broker.open()
     jobs = [await broker.submit(runs_on="alpha", env={"LABEL": "alpha", "NOOP_FAIL": "hang"}, timeout_s=2) for _ in range(4)]
-    await wait_for(lambda: all(d.ledger.running == 1 for d in daemons))
+    await wait_for(lambda: all(d.ledger.running == 1 for d in daemons), what="one job running on each host")
     # Each host runs one; the other two are ready in the queue, held by no one.
     assert await broker.ready_count("alpha") == 2
     results = await broker.collect(4, timeout_s=20)
@@ -160,7 +135,7 @@ async def test_drain_timeout_hands_unfinished_job_back_as_next_attempt(prefix, t
     daemon = await start_daemon(prefix, tmp_path, noop_map_path, "old", NoopHypervisor(), drain_timeout_s=0.2)
     await broker.open()
     job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "2"})
-    await wait_for(lambda: daemon.ledger.running == 1)
+    await wait_for(lambda: daemon.ledger.running == 1, what="the job to be running")
     await daemon.stop()
     assert await daemon.router.list_ours() == []
     successor = await start_daemon(prefix, tmp_path, noop_map_path, "new", NoopHypervisor())
@@ -190,11 +165,12 @@ async def test_saturated_label_takes_exactly_what_it_can_start_without_requeues(
     setup = await start_daemon(prefix, tmp_path, noop_map_path, "setup", NoopHypervisor(), max_concurrency=1)
     await setup.stop()
     jobs = [await broker.submit(runs_on="alpha") for _ in range(150)]
-    daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", NoopHypervisor(), max_concurrency=4)
+    backend = NoopHypervisor()
+    daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", backend, max_concurrency=4)
     results = await broker.collect(150, timeout_s=60)
     assert set(results) == {j.job_id for j in jobs}
     assert daemon.scheduler.requeued() == 0
-    assert daemon.ledger.peak_running <= 4
+    assert backend.peak_alive <= 4
     await daemon.stop()
 
 
@@ -204,9 +180,9 @@ async def test_label_with_room_left_keeps_taking_jobs_after_it_paused_itself(pre
     daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", NoopHypervisor(), max_concurrency=2)
     await broker.open()
     first = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"}, timeout_s=30)
-    await wait_for(lambda: daemon.ledger.running == 1)
+    await wait_for(lambda: daemon.ledger.running == 1, what="the first job to be running")
     second = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"}, timeout_s=30)
-    await wait_for(lambda: daemon.ledger.running == 2, timeout_s=10)
+    await wait_for(lambda: daemon.ledger.running == 2, timeout_s=10, what="the second job to start while the label has room")
     for job in (first, second):
         daemon.runner.stop_job(job.job_id, StopReason.CANCEL)
     await broker.collect(2)

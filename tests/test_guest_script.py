@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hypervisors.guest import build_user_data, find_exit_code, result_line
+from hypervisors.guest import build_user_data, find_exit_code, result_line, shell_quote
+from tests.fakes.guest_sandbox import sandbox_user_data
 
 HOSTILE = [
     "it's",
@@ -24,10 +25,9 @@ HOSTILE = [
 
 def run_sandboxed(script: bytes, sandbox: Path) -> subprocess.CompletedProcess[str]:
     """Run the user-data with its console, workdir and poweroff pointed into `sandbox`."""
-    text = script.decode()
-    text = text.replace("orch_console=/dev/ttyS0", f"orch_console={sandbox}/console")
-    text = text.replace("orch_workdir=/var/tmp/orch-job", f"orch_workdir={sandbox}/work")
-    text = text.replace("poweroff -f 2>/dev/null || poweroff 2>/dev/null || shutdown -h now", f"touch {sandbox}/powered-off")
+    text = sandbox_user_data(
+        script, console=sandbox / "console", workdir=sandbox / "work", poweroff=f"touch {shell_quote(str(sandbox))}/powered-off"
+    )
     (sandbox / "console").touch()
     path = sandbox / "user-data"
     path.write_text(text)
@@ -82,3 +82,15 @@ def test_result_line_needs_the_nonce():
     text = "\n".join([result_line("0000", 0), "noise", result_line("abcd", 5)])
     assert find_exit_code(text, "abcd") == 5
     assert find_exit_code(text, "ffff") is None
+
+
+def test_a_sandbox_whose_hook_is_missing_or_repeated_is_refused():
+    user_data = build_user_data(job_id="j", nonce="ff", env={}, repo_url=None, commit_sha=None,
+                                checkout=False, script="true", script_path=None)
+    where = {"console": Path("/nonexistent/console"), "workdir": Path("/nonexistent/work"), "poweroff": "true"}
+    assert "orch_poweroff='true'" in sandbox_user_data(user_data, **where)
+    without = user_data.replace(b"\norch_poweroff=", b"\n: orch_poweroff=")
+    with pytest.raises(ValueError, match="assigns orch_poweroff on 0 lines"):
+        sandbox_user_data(without, **where)
+    with pytest.raises(ValueError, match="assigns orch_workdir on 2 lines"):
+        sandbox_user_data(user_data + b"orch_workdir=/elsewhere\n", **where)

@@ -25,7 +25,7 @@ async def test_job_log_is_served_plain_and_live_with_a_token(daemon_factory, bro
     auth = {"Authorization": "Bearer s3cret"}
     await broker.open()
     job = await broker.submit(runs_on="alpha", env={"NOOP_OUTPUT": "hello from the log", "NOOP_DURATION_S": "1.5"})
-    await wait_for(lambda: daemon.ledger.running == 1)
+    await wait_for(lambda: daemon.ledger.running == 1, what="the job to be running")
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/healthz") as response:
             assert response.status == 200

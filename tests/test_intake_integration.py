@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 from orchestrator.messages import JobStatus
 from orchestrator.topology import REASON_HEADER
-from tests.conftest import SHA
+from tests.conftest import SHA, wait_for
 
 
 async def test_enqueued_job_runs_and_succeeds(daemon_factory, broker):
@@ -137,6 +136,7 @@ async def test_redelivered_request_is_not_run_twice(daemon_factory, broker):
     second = await broker.next_result()
     assert str(second.request_id) == marker.job_id
     assert not broker.conflicts and broker.redeliveries == 0
-    async with asyncio.timeout(5):  # the confirm may land just after the result
-        while (await daemon.journal.counts()) != {"published": 2}:
-            await asyncio.sleep(0.01)
+    async def both_confirmed() -> bool:  # the confirm may land just after the result
+        return await daemon.journal.counts() == {"published": 2}
+
+    await wait_for(both_confirmed, timeout_s=5, what="both results' publish confirms in the journal")

@@ -7,11 +7,10 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
+from typing import Self
 
 import libvirt
 import pytest
@@ -21,41 +20,9 @@ from hypervisors.libvirt import LibvirtHypervisor
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import load_image_map
 from orchestrator.messages import JobStatus
-from tests.conftest import make_settings, wait_for
+from tests.conftest import LIBVIRT_URI, make_settings, wait_for
 
 pytestmark = pytest.mark.libvirt
-ROOT = Path(__file__).resolve().parent.parent
-TEST_IMAGE = Path("/var/cache/orchestrator/test-image")
-URI = "qemu:///system"
-
-
-@pytest.fixture(scope="session")
-def test_image() -> Path:
-    subprocess.run([sys.executable, str(ROOT / "examples" / "test-image" / "build.py"), str(TEST_IMAGE)], check=True)
-    return TEST_IMAGE
-
-
-def _network_xml(name: str) -> str:
-    # Isolated: a bridge with no address and no forwarding, so guests reach nothing.
-    bridge = "vb" + uuid.uuid4().hex[:10]
-    return f"<network><name>{name}</name><bridge name='{bridge}' stp='off'/></network>"
-
-
-@pytest.fixture(scope="session")
-def test_network() -> str:
-    name = f"orch-test-{uuid.uuid4().hex[:8]}"
-    conn = libvirt.open(URI)
-    network = conn.networkDefineXML(_network_xml(name))
-    conn.close()
-    yield name
-    conn = libvirt.open(URI)  # a fresh connection: a test may have restarted libvirtd
-    network = conn.networkLookupByName(name)
-    if network.isActive():
-        network.destroy()
-    network.undefine()
-    conn.close()
-
-
 @pytest.fixture
 async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology) -> AsyncIterator[Daemon]:
     cleanup_topology.extend(["demo", "demo-silent"])
@@ -70,7 +37,7 @@ async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology
     yield daemon
     await daemon.stop()
     # Nothing of ours may be left behind.
-    conn = libvirt.open(URI)
+    conn = libvirt.open(LIBVIRT_URI)
     try:
         names = [d.name() for d in conn.listAllDomains(0)]
     finally:
@@ -80,12 +47,53 @@ async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology
     assert list((settings.state_dir / "seeds").iterdir()) == []
 
 
+def _active_domains(conn: libvirt.virConnect) -> set[str]:
+    return {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+
+
+class ActiveDomains:
+    """How many of the domains `names` libvirt shows active at once, sampled every
+    `interval_s` over a connection of the test's own: `peak` is the most seen."""
+
+    def __init__(self, names: Collection[str], interval_s: float = 0.1) -> None:
+        self.names = set(names)
+        self.interval_s = interval_s
+        self.peak = 0
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._sample(), name="sample-active-domains")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        if self._task.done():
+            self._task.result()  # a sampler that died fails the test
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _sample(self) -> None:
+        conn = await asyncio.to_thread(libvirt.open, LIBVIRT_URI)
+        try:
+            while True:
+                active = await asyncio.to_thread(_active_domains, conn)
+                self.peak = max(self.peak, len(active & self.names))
+                self.samples += 1
+                await asyncio.sleep(self.interval_s)
+        finally:
+            conn.close()
+
+
 async def test_jobs_exiting_0_and_3_run_at_once_in_real_vms(vm_daemon, broker):
     await broker.open()
-    ok = await broker.submit(runs_on="demo", script="echo hello from $GREETING; uname -s", env={"GREETING": "the VM's shell"})
-    bad = await broker.submit(runs_on="demo", script="echo about to fail; exit 3")
-    results = await broker.collect(2, timeout_s=240)
-    assert vm_daemon.ledger.peak_running == 2
+    ok_id, bad_id = str(uuid.uuid4()), str(uuid.uuid4())
+    async with ActiveDomains({f"job-{ok_id}", f"job-{bad_id}"}) as domains:
+        ok = await broker.submit(request_id=ok_id, runs_on="demo", script="echo hello from $GREETING; uname -s",
+                                 env={"GREETING": "the VM's shell"})
+        bad = await broker.submit(request_id=bad_id, runs_on="demo", script="echo about to fail; exit 3")
+        results = await broker.collect(2, timeout_s=240)
+    assert domains.samples > 10 and domains.peak == 2  # seen by libvirt: both VMs ran at once
     assert results[ok.job_id].status is JobStatus.SUCCEEDED and results[ok.job_id].exit_code == 0
     assert results[bad.job_id].status is JobStatus.FAILED and results[bad.job_id].exit_code == 3
     log = (vm_daemon.settings.logs_dir / f"{ok.job_id}.console").read_text()
@@ -113,13 +121,13 @@ async def test_vm_that_never_prints_a_result_line_is_an_error_with_console_tail(
 
 
 async def test_network_is_made_active_and_autostarted(tmp_path, test_network):
-    conn = libvirt.open(URI)
+    conn = libvirt.open(LIBVIRT_URI)
     network = conn.networkLookupByName(test_network)
     if network.isActive():
         network.destroy()
     network.setAutostart(0)
     backend = await LibvirtHypervisor.connect(
-        uri=URI, network=test_network, domain_type="qemu", state_dir=tmp_path, orchestrator_id="t"
+        uri=LIBVIRT_URI, network=test_network, domain_type="qemu", state_dir=tmp_path, orchestrator_id="t"
     )
     await backend.close()
     assert network.isActive() and network.autostart()
@@ -128,35 +136,47 @@ async def test_network_is_made_active_and_autostarted(tmp_path, test_network):
 
 async def test_missing_network_is_a_clear_error(tmp_path):
     with pytest.raises(BackendError, match=r"libvirt network 'no-such-net' does not exist \(define it .* LIBVIRT_NETWORK=none"):
-        await LibvirtHypervisor.connect(uri=URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t")
+        await LibvirtHypervisor.connect(uri=LIBVIRT_URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t")
 
 
-def _libvirtd_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
+LIBVIRTD_PID_FILE = Path("/run/libvirtd.pid")
 
 
-def _restart_libvirtd() -> None:
-    """Stop every libvirtd and start one again: a second libvirtd started while the
-    first still runs (or is still exiting) deletes the live daemon's socket."""
-    for pid in _libvirtd_pids():
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while _libvirtd_pids():
-        assert time.monotonic() < deadline, "libvirtd did not stop"
-        time.sleep(0.1)
-    subprocess.run(["libvirtd", "-d"], check=True)
-    while subprocess.run(["virsh", "-c", URI, "version"], capture_output=True).returncode != 0:
-        assert time.monotonic() < deadline + 30, "libvirtd did not come back"
-        time.sleep(0.1)
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie no init has reaped yet is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def _virsh_answers() -> bool:
+    virsh = await asyncio.create_subprocess_exec(
+        "virsh", "-c", LIBVIRT_URI, "version", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return await virsh.wait() == 0
+
+
+async def _restart_libvirtd() -> None:
+    """Stop the libvirtd named in its pid file and start it again, as
+    scripts/bootstrap-host.sh does: no other libvirtd on the (shared) host is signalled,
+    and none is started while that one still runs (it would delete the live socket)."""
+    pid = int(LIBVIRTD_PID_FILE.read_text())
+    os.kill(pid, signal.SIGTERM)
+    await wait_for(lambda: not _running(pid), timeout_s=30, interval_s=0.1, what=f"libvirtd (pid {pid}) to exit on SIGTERM")
+    started = await asyncio.create_subprocess_exec("libvirtd", "-d")
+    assert await started.wait() == 0
+    await wait_for(_virsh_answers, timeout_s=30, interval_s=0.1, what="the new libvirtd to answer `virsh version`")
 
 
 async def test_libvirtd_restart_mid_job_is_survived(vm_daemon, broker):
     await broker.open()
     job = await broker.submit(runs_on="demo", script="echo before; sleep 12; echo after")
     console = vm_daemon.settings.logs_dir / f"{job.job_id}.console"
-    await wait_for(lambda: console.exists() and "before" in console.read_text(errors="replace"), timeout_s=60)
-    await asyncio.to_thread(_restart_libvirtd)
+    await wait_for(lambda: console.exists() and "before" in console.read_text(errors="replace"), timeout_s=60,
+                   interval_s=0.1, what="the guest to print 'before'")
+    await _restart_libvirtd()
     result = await broker.next_result(timeout_s=180)
     assert result.request_id == job.request_id
     assert result.status is JobStatus.SUCCEEDED, (result.summary, result.console_tail)

@@ -4,18 +4,18 @@ leaked VMs or files."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import uuid
 from pathlib import Path
 
-import libvirt
 import pytest
 
+from hypervisors.noop import NoopHypervisor
 from orchestrator.messages import JobStatus
-from tests.conftest import AMQP_URL, wait_for
+from tests.amqpproxy import BASIC_ACK
+from tests.conftest import AMQP_URL, LIBVIRT_URI, wait_for
+from tests.fakes.counting_noop import CountingNoop
 from tests.daemonproc import DaemonProcess
-from tests.test_libvirt_vms import TEST_IMAGE, URI, test_image, test_network  # noqa: F401 (fixtures)
 
 
 def daemon_env(prefix: str, state: Path, config: Path, **extra: str) -> dict[str, str]:
@@ -43,7 +43,9 @@ async def test_sigkill_with_jobs_running_and_queued_runs_each_exactly_once(prefi
 
 
 def _domains() -> list[str]:
-    conn = libvirt.open(URI)
+    import libvirt
+
+    conn = libvirt.open(LIBVIRT_URI)
     try:
         return [d.name() for d in conn.listAllDomains(0)]
     finally:
@@ -51,7 +53,7 @@ def _domains() -> list[str]:
 
 
 @pytest.fixture
-def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):  # noqa: F811
+def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):
     cleanup_topology.extend(["demo", "demo-silent"])
     return daemon_env(
         prefix, tmp_path / "state", test_image / "image-map.yaml", ORCH_BACKEND="libvirt",
@@ -62,9 +64,8 @@ def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):  # noq
 async def _wait_for_guest_output(tmp_path: Path, job_id: str, text: str) -> Path:
     """The job's console file once the guest has printed `text` (polled, 90 s deadline)."""
     console = tmp_path / "state" / "logs" / f"{job_id}.console"
-    async with asyncio.timeout(90):
-        while not (console.exists() and text in console.read_text(errors="replace")):
-            await asyncio.sleep(0.1)
+    await wait_for(lambda: console.exists() and text in console.read_text(errors="replace"), timeout_s=90,
+                   interval_s=0.1, what=f"the guest of job {job_id} to print {text!r}")
     return console
 
 
@@ -83,6 +84,7 @@ def _assert_nothing_left(tmp_path: Path) -> None:
     assert list((tmp_path / "state" / "seeds").iterdir()) == []
 
 
+@pytest.mark.libvirt
 async def test_sigkill_mid_job_then_restart_adopts_and_finishes_the_vm(vm_env, broker, tmp_path):
     _, job_id, console = await _kill_mid_job(vm_env, broker, tmp_path)
     assert f"job-{job_id}" in _domains()  # the VM outlived the daemon
@@ -97,9 +99,10 @@ async def test_sigkill_mid_job_then_restart_adopts_and_finishes_the_vm(vm_env, b
     _assert_nothing_left(tmp_path)
 
 
+@pytest.mark.libvirt
 async def test_host_reboot_while_daemon_is_down_reruns_the_job(vm_env, broker, tmp_path):
     _, job_id, _ = await _kill_mid_job(vm_env, broker, tmp_path)
-    subprocess.run(["virsh", "-c", URI, "destroy", f"job-{job_id}"], check=True, capture_output=True)  # "reboot"
+    subprocess.run(["virsh", "-c", LIBVIRT_URI, "destroy", f"job-{job_id}"], check=True, capture_output=True)  # "reboot"
     second = await DaemonProcess(vm_env).start()
     result = await broker.next_result(timeout_s=180)
     assert str(result.request_id) == job_id
@@ -116,7 +119,10 @@ def _domain_xml(name: str, metadata: str = "") -> str:
     )
 
 
+@pytest.mark.libvirt
 async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefix):
+    import libvirt
+
     from hypervisors.libvirt.domain import METADATA_NS
 
     ours_id = vm_env["ORCH_ID"]
@@ -125,7 +131,7 @@ async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefi
         "<metadata><orch:job xmlns:orch='{ns}'><orch:orchestrator>{who}</orch:orchestrator>"
         "<orch:job-id>{job}</orch:job-id></orch:job></metadata>"
     )
-    conn = libvirt.open(URI)
+    conn = libvirt.open(LIBVIRT_URI)
     foreign = conn.defineXML(_domain_xml(f"foreign-{prefix}"))
     other = conn.defineXML(_domain_xml(f"job-{uuid.uuid4()}", tag.format(ns=METADATA_NS, who="another-orchestrator", job="x")))
     orphan = conn.defineXML(_domain_xml(f"job-{orphan_job}", tag.format(ns=METADATA_NS, who=ours_id, job=orphan_job)))
@@ -150,62 +156,53 @@ async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefi
         conn.close()
 
 
-async def test_a_failed_ack_still_runs_the_journaled_job_and_its_redelivery_is_dropped(daemon_factory, broker, monkeypatch):
-    import aio_pika
-
-    real_ack = aio_pika.IncomingMessage.ack
-    failed: list[str] = []
-
-    async def ack_fails_once(self, multiple: bool = False) -> None:
-        if not failed:
-            failed.append(self.message_id or "?")
-            raise aio_pika.exceptions.ChannelInvalidStateError("simulated: channel closed under the ack")
-        await real_ack(self, multiple=multiple)
-
-    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", ack_fails_once)
-    first = await daemon_factory(host_name="same")
+async def test_a_lost_ack_still_runs_the_journaled_job_once_and_its_redelivery_is_dropped(daemon_factory, broker, amqp_proxy):
+    # The connection is cut as the daemon acks: after its journal commit, before the broker has the ack.
+    ack_lost = amqp_proxy.cut_at(BASIC_ACK)
+    backend = CountingNoop()
+    daemon = await daemon_factory(amqp_url=amqp_proxy.url, backend=backend)
     await broker.open()
     job = await broker.submit(runs_on="alpha")
-    result = await broker.next_result()
-    assert failed and result.request_id == job.request_id and result.status is JobStatus.SUCCEEDED
-    await first.stop()  # its channel closes: the never-acked delivery goes back to the queue
-    second = await daemon_factory(host_name="same")  # same journal
+    result = await broker.next_result(timeout_s=30)
+    assert ack_lost.is_set() and amqp_proxy.connections >= 2  # cut, and the daemon came back
+    assert result.request_id == job.request_id and result.status is JobStatus.SUCCEEDED
+    # The broker gave the unacked job back: it is delivered again ahead of the marker.
     marker = await broker.submit(runs_on="alpha")
-    assert (await broker.next_result()).request_id == marker.request_id
-    assert not broker.conflicts and broker.redeliveries == 0
-    assert await broker.ready_count("alpha") == 0
-    assert dict(second.runner.finished) == {"succeeded": 1}  # the marker only: no second VM
+    assert (await broker.next_result(timeout_s=30)).request_id == marker.request_id
+    await daemon.stop()  # a delivery it had not acked would go back to the queue now
+    assert await broker.ready_count("alpha") == 0  # the redelivery was taken and acked
+    assert backend.starts == {job.job_id: 1, marker.job_id: 1}  # and started no second VM
+    assert broker.results.empty() and not broker.conflicts and broker.redeliveries == 0
 
 
-async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_start(daemon_factory, broker, monkeypatch):
-    first = await daemon_factory(host_name="same", drain_timeout_s=0.2)
+async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_start(daemon_factory, broker, amqp_proxy):
+    backend = NoopHypervisor()
+    first = await daemon_factory(host_name="same", drain_timeout_s=0.2, amqp_url=amqp_proxy.url, backend=backend)
     await broker.open()
-    job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "1"})
-    await wait_for(lambda: first.ledger.running == 1)
-
-    async def broker_away(*args, **kwargs):
-        raise ConnectionError("simulated broker outage")
-
-    monkeypatch.setattr(first._publisher, "publish", broker_away)
-    await first.stop()
-    monkeypatch.undo()
-    await daemon_factory(host_name="same")
+    job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "2"})
+    await wait_for(lambda: backend.alive == 1, what="the job's VM to be running")
+    amqp_proxy.down()
+    await first.stop()  # drains for 0.2 s, stops the VM and cannot hand the job back
+    assert backend.alive == 0
+    assert await broker.ready_count("alpha") == 0  # no hand-back reached the broker
+    amqp_proxy.up()
+    await daemon_factory(host_name="same", amqp_url=amqp_proxy.url)  # same journal
     result = await broker.next_result(timeout_s=20)
     assert result.request_id == job.request_id
     assert result.status is JobStatus.SUCCEEDED and result.attempt == 2
+    assert broker.results.empty() and not broker.conflicts
 
 
+@pytest.mark.libvirt
 async def test_vm_that_finished_while_the_daemon_was_down_is_collected(vm_env, broker, tmp_path):
     first = await DaemonProcess(vm_env).start()
     await broker.open()
     job = await broker.submit(runs_on="demo", script="echo before; sleep 2; echo done; exit 5")
     await _wait_for_guest_output(tmp_path, job.job_id, "before")
     await first.kill()
-    async with asyncio.timeout(60):  # the guest finishes and powers off on its own
-        while "shut off" not in subprocess.run(
-            ["virsh", "-c", URI, "domstate", f"job-{job.job_id}"], capture_output=True, text=True
-        ).stdout:
-            await asyncio.sleep(0.2)
+    domstate = ["virsh", "-c", LIBVIRT_URI, "domstate", f"job-{job.job_id}"]
+    await wait_for(lambda: "shut off" in subprocess.run(domstate, capture_output=True, text=True).stdout,
+                   timeout_s=60, interval_s=0.2, what="the guest to finish and power off on its own")
     second = await DaemonProcess(vm_env).start()
     result = await broker.next_result(timeout_s=60)
     assert str(result.request_id) == job.job_id

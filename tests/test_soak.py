@@ -42,14 +42,22 @@ async def test_soak_kills_and_a_broker_restart_lose_and_duplicate_nothing(prefix
                 broker_restarted = True
             daemon = await DaemonProcess(env).start()
 
-    chaos = asyncio.create_task(killer())
+    async def collect_all() -> None:
+        while len(results) < JOBS:
+            results.update(await broker.collect(1, timeout_s=300))
+
+    chaos = asyncio.create_task(killer(), name="killer")
+    collecting = asyncio.create_task(collect_all(), name="collect-results")
     try:
-        async with asyncio.timeout(300):
-            while len(results) < JOBS:
-                results.update(await broker.collect(1, timeout_s=300))
+        done, _ = await asyncio.wait({chaos, collecting}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
+        if chaos in done:
+            chaos.result()  # the killer died (a daemon that would not start): fail with its error now
+        assert collecting in done, f"waited 300 s for {JOBS} results, got {len(results)}"
+        collecting.result()
     finally:
-        chaos.cancel()
-        await asyncio.gather(chaos, return_exceptions=True)
+        for task in (chaos, collecting):
+            task.cancel()
+        await asyncio.gather(chaos, collecting, return_exceptions=True)
     assert await daemon.stop() == 0
     assert set(results) == {j.job_id for j in jobs}
     assert all(r.status is JobStatus.SUCCEEDED for r in results.values())

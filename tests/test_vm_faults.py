@@ -5,6 +5,7 @@ leaves no VM or file behind."""
 from __future__ import annotations
 
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import pytest
 from hypervisors.base import BackendName
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import parse_image_map
-from orchestrator.messages import JobStatus
-from tests.conftest import make_settings
-from tests.test_libvirt_vms import TEST_IMAGE, _network_xml, test_image, test_network  # noqa: F401 (fixtures)
+from orchestrator.messages import JobRequest, JobStatus
+from orchestrator.runner import job_timeout_s
+from tests.conftest import TEST_IMAGE, make_settings
 
 
 def broken_map(tmp_path: Path, **image: str) -> str:
@@ -55,7 +56,8 @@ async def run_one(tmp_path, prefix, network, text: str, state: Path, broker, **j
     return daemon, result
 
 
-async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, prefix, test_network, cleanup_topology, broker):  # noqa: F811
+@pytest.mark.libvirt
+async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, prefix, test_network, cleanup_topology, broker):
     not_a_kernel = tmp_path / "not-a-kernel"
     not_a_kernel.write_text("this is not a kernel\n")
     text = broken_map(tmp_path, kernel=str(not_a_kernel))
@@ -63,7 +65,8 @@ async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, pr
     assert result.status is JobStatus.ERROR and result.summary.startswith("VM failed to start: VM job-")
 
 
-async def test_full_disk_while_creating_the_overlay_is_an_error(tmp_path, prefix, test_network, tiny_disk, cleanup_topology, broker):  # noqa: F811
+@pytest.mark.libvirt
+async def test_full_disk_while_creating_the_overlay_is_an_error(tmp_path, prefix, test_network, tiny_disk, cleanup_topology, broker):
     _, result = await run_one(tmp_path, prefix, test_network, broken_map(tmp_path, disk_gb="2"), tiny_disk, broker)
     assert result.status is JobStatus.ERROR
     assert "No space left on device" in result.summary
@@ -89,11 +92,6 @@ async def test_guest_that_prints_is_not_a_boot_timeout(daemon_factory, broker):
 
 
 def test_timeout_is_request_else_image_else_host_capped_by_image(tmp_path):
-    import uuid
-
-    from orchestrator.messages import JobRequest
-    from orchestrator.runner import job_timeout_s
-
     text = ("default_label: a\nimages:\n  a: {backend: noop, local_path: /x, timeout_s: 600, max_timeout_s: 900}\n"
             "  b: {backend: noop, local_path: /y}\n")
     image_map = parse_image_map(text, filename="m", base_dir=tmp_path)

@@ -12,7 +12,7 @@ from orchestrator.cli.common import STATUS_EXIT_CODES, CLIError, Commands, add_c
 from orchestrator.cli.request import request_from_flags
 from orchestrator.config import DaemonSettings
 from orchestrator.imagemap import ImageMap, RequestRejected
-from orchestrator.messages import MAX_SCRIPT_BYTES, JobRequest, JobResult
+from orchestrator.messages import MAX_SCRIPT_BYTES, JobRequest, JobResult, message_id_for
 
 
 def register(commands: Commands) -> None:
@@ -65,7 +65,7 @@ async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: 
             results = await channel.get_exchange(topology.results, ensure=False)
             results_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             await results_queue.bind(results, routing_key=request.job_id)
-        await jobs.publish(json_message(request, message_id=f"{request.job_id}/{request.attempt}"), routing_key=routing_key)
+        await jobs.publish(json_message(request, message_id=message_id_for(request.job_id, request.attempt)), routing_key=routing_key)
         print(f"enqueued job {request.job_id} (routing key {routing_key!r})", file=sys.stderr)
         if results_queue is None:
             print(request.job_id)

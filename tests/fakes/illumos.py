@@ -1,8 +1,9 @@
 """Fake zonecfg / zoneadm / zfs for the zones backend's tests (they cannot run off
-illumos). Run as `python illumos.py TOOL ARGS...` from wrappers named after each tool; state lives in the JSON file
-$FAKE_ILLUMOS_STATE. `zoneadm boot` runs the job's user-data from the zone's seed ISO
-(with its console and poweroff redirected) and serves the output on the zone's com1
-socket, like a bhyve guest would."""
+illumos). Run as `python illumos.py TOOL ARGS...` from wrappers named after each tool;
+state lives in the JSON file $FAKE_ILLUMOS_STATE. `zoneadm boot` runs the job's
+user-data from the zone's seed ISO (console, workdir and poweroff redirected through the
+script's sandbox hooks) and serves the output on the zone's com1 socket, like a bhyve
+guest would."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: reach the repository's modules
+from tests.fakes.guest_sandbox import sandbox_user_data
 
 STATE = Path(os.environ["FAKE_ILLUMOS_STATE"])
 DEVROOT = Path(os.environ["FAKE_ZVOL_ROOT"])
@@ -147,10 +151,7 @@ def guest(name: str) -> None:
     work = Path(tempfile.mkdtemp())
     console = work / "console"
     console.touch()
-    script = buffer.getvalue().decode()
-    script = script.replace("orch_console=/dev/ttyS0", f"orch_console={console}")
-    script = script.replace("orch_workdir=/var/tmp/orch-job", f"orch_workdir={work}/job")
-    script = script.replace("poweroff -f 2>/dev/null || poweroff 2>/dev/null || shutdown -h now", "true")
+    script = sandbox_user_data(buffer.getvalue(), console=console, workdir=work / "job", poweroff="true")
     (work / "user-data").write_text(script)
     connection, _ = server.accept()
     subprocess.run(["sh", str(work / "user-data")])
