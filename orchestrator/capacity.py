@@ -38,9 +38,6 @@ class CapacityLedger:
         self.memory_mb_used = 0
         self.draining = False
         self.listeners: list[Callable[[], None]] = []
-        # high-water marks, so tests and benchmarks can prove the limits held
-        self.peak_running = 0
-        self.peak_by_label: Counter[str] = Counter()
 
     @property
     def running(self) -> int:
@@ -75,8 +72,6 @@ class CapacityLedger:
         self._by_label[label] += 1
         self.cpus_used += cpus
         self.memory_mb_used += memory_mb
-        self.peak_running = max(self.peak_running, self.running)
-        self.peak_by_label[label] = max(self.peak_by_label[label], self._by_label[label])
         self._changed()
         return reservation
 
