@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hypervisors.base import BackendName
-from orchestrator.imagemap import DEFAULT_IMAGE_MAP
+from orchestrator.imagemap import DEFAULT_IMAGE_MAP, MAP_MAX_BYTES
 from orchestrator.messages import LABEL_PATTERN
 from orchestrator.statedir import StateDir
 
@@ -50,6 +50,7 @@ class DaemonSettings(BaseModel):
     broker_connect_timeout_s: Annotated[float, Field(ge=0)] = 60.0
     amqp_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")] = "ci"
     config: Path = DEFAULT_IMAGE_MAP
+    map_max_bytes: Annotated[int, Field(ge=1024)] = MAP_MAX_BYTES
     max_concurrency: Annotated[int, Field(ge=1, le=1024)] = 2
     capacity_map: dict[str, Annotated[int, Field(ge=0, le=1024)]] = Field(default_factory=dict)
     host_cpus: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
@@ -111,6 +112,7 @@ ENV_NAMES: Mapping[str, str] = {
     "broker_connect_timeout_s": "BROKER_CONNECT_TIMEOUT_S",
     "amqp_prefix": "AMQP_PREFIX",
     "config": "ORCH_CONFIG",
+    "map_max_bytes": "MAP_MAX_BYTES",
     "max_concurrency": "MAX_CONCURRENCY",
     "capacity_map": "CAPACITY_MAP",
     "host_cpus": "HOST_CPUS",

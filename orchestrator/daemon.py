@@ -31,7 +31,7 @@ from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
 from orchestrator.control import CancelRegistry, ControlListener
 from orchestrator.httpapi import MetricsSnapshot, start_http
-from orchestrator.imagemap import ImageEntry, ImageMap
+from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, load_image_map
 from orchestrator.images import ImagePreparer
 from orchestrator.intake import JobIntake
 from orchestrator.journal import Journal
@@ -104,6 +104,24 @@ async def build_backend(settings: DaemonSettings, name: BackendName, labels: lis
         )
 
 
+class BackgroundTasks:
+    """Tasks the daemon starts and forgets until shutdown, which cancels them."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, object], *, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel_all(self) -> None:
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Daemon:
     def __init__(
         self,
@@ -134,6 +152,8 @@ class Daemon:
         self._publisher: ConfirmedPublisher | None = None
         self._stack = AsyncExitStack()
         self._reload_lock = asyncio.Lock()
+        self._started = asyncio.Event()
+        self._preparations = BackgroundTasks()  # image preparations at start and after reloads
         self._stopped = False
 
     # --- HostView (what the HTTP API reads) ---------------------------------------------
@@ -212,6 +232,7 @@ class Daemon:
         except BaseException:
             await self._stack.aclose()
             raise
+        self._started.set()
         log.info(
             "daemon.started", host=self.settings.host_name, version=__version__, prefix=self.settings.amqp_prefix,
             labels=sorted(self.image_map.images), max_concurrency=self.settings.max_concurrency,
@@ -219,8 +240,9 @@ class Daemon:
         )
 
     async def stop(self) -> None:
-        """Graceful: stop intake, drain, then shut down what is still running."""
-        if self._stopped:
+        """Graceful: stop intake, drain, then shut down what is still running. (A start
+        that failed has already closed what it opened.)"""
+        if self._stopped or not self._started.is_set():
             return
         self._stopped = True
         log.info("daemon.stopping", host=self.settings.host_name, running=self.ledger.running,
@@ -287,7 +309,8 @@ class Daemon:
             settings=s, image_map=self.image_map, journal=self.journal, router=self.router,
             runner=self.runner, ledger=self.ledger, outbox=self.outbox,
         )
-        self._background(stack, self._prepare_images(sorted(self.image_map.images)), "prepare-images")
+        stack.push_async_callback(self._preparations.cancel_all)
+        self._preparations.spawn(self._prepare_images(sorted(self.image_map.images)), name="prepare-images")
         self.scheduler = Scheduler(
             image_map=self.image_map, ledger=self.ledger, intake=self._intake,
             settler=Settler(self._publisher, self.topology), topology=self.topology,
@@ -322,13 +345,9 @@ class Daemon:
                     await channel.close()
 
     def _background(self, stack: AsyncExitStack, work: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(work, name=name)
-
-        async def cancel() -> None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-        stack.push_async_callback(cancel)
+        tasks = BackgroundTasks()
+        tasks.spawn(work, name=name)
+        stack.push_async_callback(tasks.cancel_all)
 
     async def _drain(self) -> None:
         """Let running jobs finish for `drain_timeout_s`, then shut their VMs down and
@@ -344,6 +363,38 @@ class Daemon:
         assert self.outbox is not None
         await self.outbox.stop()
         await self.outbox.flush()
+
+    async def reload(self) -> bool:
+        """Re-read the image map (`SIGHUP`). A map that does not load is refused with its
+        file:line message and the old one stays in force. New labels get queues and
+        consumers, removed labels stop being consumed (their queued jobs stay in the
+        broker for other hosts), changed images are prepared again; running jobs keep
+        the entry they started with."""
+        await self._started.wait()  # a SIGHUP during start-up is served once it is done
+        async with self._reload_lock:
+            s = self.settings
+            try:
+                new_map = await asyncio.to_thread(load_image_map, s.config, max_bytes=s.map_max_bytes)
+                for name, labels in backends_needed(s, new_map).items():
+                    if name not in self._router.backends:
+                        self._router.add(await build_backend(s, name, labels))
+                await self._declare(new_map)
+            except (ImageMapError, StartupError) as exc:
+                log.error("config.reload_refused", config=str(s.config), error=str(exc))
+                return False
+            old, self.image_map = self.image_map, new_map
+            assert self._intake is not None and self.images is not None and self.scheduler is not None
+            self._intake.update_map(new_map)
+            self.images.update_map(new_map)
+            await self.scheduler.update_map(new_map)
+            changed = sorted(
+                label for label, image in new_map.images.items() if old.images.get(label) not in (None, image)
+            )
+            added = sorted(set(new_map.images) - set(old.images))
+            log.info("config.reloaded", config=str(s.config), added=added, changed=changed,
+                     removed=sorted(set(old.images) - set(new_map.images)))
+            self._preparations.spawn(self._prepare_images(added + changed), name="prepare-images")
+            return True
 
     def _backend_of(self, image: ImageEntry) -> str:
         return self._router.backend_for(image.backend).name.value
@@ -369,14 +420,20 @@ class Daemon:
 
 
 async def run_daemon(settings: DaemonSettings, image_map: ImageMap) -> None:
-    """Run until SIGINT or SIGTERM, then stop gracefully. Raises `StartupError`."""
+    """Run until SIGINT or SIGTERM, then stop gracefully; SIGHUP reloads the image map.
+    Raises `StartupError`."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     daemon = Daemon(settings, image_map)
-    await daemon.start()
+    reloads = BackgroundTasks()
+    # Installed before start: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(daemon.reload(), name="reload"))
     try:
+        await daemon.start()
         await stop.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        await reloads.cancel_all()
         await daemon.stop()

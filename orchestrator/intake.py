@@ -107,6 +107,10 @@ class JobIntake:
         self._start_job = start_job
         self._cancelled = cancelled
 
+    def update_map(self, image_map: ImageMap) -> None:
+        """A reloaded image map; jobs already accepted keep the entry they were taken with."""
+        self._image_map = image_map
+
     def handler_for(self, label: str) -> Callable[[AbstractIncomingMessage], object]:
         async def handle(message: AbstractIncomingMessage) -> Decision:
             return await self.on_job_message(label, message)
@@ -132,7 +136,9 @@ class JobIntake:
             return await self._answer(request, label, JobStatus.CANCELLED, "cancelled before a host started it")
         if request.deadline is not None and request.deadline < now_utc():
             return await self._answer(request, label, JobStatus.ERROR, f"stale: deadline {request.deadline.isoformat()} passed before a host could start the job")
-        image = self._image_map.images[label]
+        image = self._image_map.images.get(label)
+        if image is None:  # the label left the map (reload) while this was delivered
+            return Decision(Verdict.REQUEUE, reason=f"label {label} is no longer served here", job_id=job_id)
         try:
             resources = self._image_map.resources_for(label, request)
             backend = self._backend_of(image)

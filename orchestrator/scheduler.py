@@ -43,22 +43,18 @@ class Scheduler:
         self._topology = topology
         self._consumers: dict[str, QueueConsumer] = {}
         self._unroutable: QueueConsumer | None = None
+        self._connection: AbstractRobustConnection | None = None
+        # Held while consumers are switched or added/removed, so a rebalance never sees
+        # the set of consumers change under it.
+        self._switching = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
     async def start(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
         for label in self._image_map.images:
-            if self._ledger.label_limit(label) <= 0:
-                log.info("label.disabled", label=label, reason="capacity 0 in CAPACITY_MAP")
-                continue
-            consumer = await QueueConsumer.open(
-                connection, self._topology.label_queue(label), self._intake.handler_for(label), self._settler
-            )
-            consumer.should_run = self._should_run_for(label)
-            consumer.free_slots = functools.partial(self._ledger.free_slots, label)
-            consumer.paused_itself = self.poke
-            self._consumers[label] = consumer
+            await self._add_consumer(label)
         self._unroutable = await QueueConsumer.open(
             connection, self._topology.unroutable_queue, self._intake.on_unroutable_message, self._settler
         )
@@ -66,6 +62,35 @@ class Scheduler:
         await self._unroutable.resume()
         self._ledger.listeners.append(self.poke)
         self._task = asyncio.create_task(self._loop(), name="scheduler")
+        self.poke()
+
+    async def _add_consumer(self, label: str) -> None:
+        if self._ledger.label_limit(label) <= 0:
+            log.info("label.disabled", label=label, reason="capacity 0 in CAPACITY_MAP")
+            return
+        assert self._connection is not None
+        consumer = await QueueConsumer.open(
+            self._connection, self._topology.label_queue(label), self._intake.handler_for(label), self._settler
+        )
+        consumer.should_run = self._should_run_for(label)
+        consumer.free_slots = functools.partial(self._ledger.free_slots, label)
+        consumer.paused_itself = self.poke
+        self._consumers[label] = consumer
+
+    async def update_map(self, image_map: ImageMap) -> None:
+        """A reloaded image map: consume new labels, stop consuming removed ones (their
+        queued jobs stay in the broker for other hosts; deliveries being handled settle
+        first), and size the others by their new defaults."""
+        async with self._switching:
+            self._image_map = image_map
+            for label in [label for label in self._consumers if label not in image_map.images]:
+                await self._consumers.pop(label).close()
+                log.info("label.removed", label=label)
+            for label in image_map.images:
+                if label in self._consumers:
+                    self._consumers[label].should_run = self._should_run_for(label)
+                else:
+                    await self._add_consumer(label)
         self.poke()
 
     def _should_run_for(self, label: str) -> Callable[[], bool]:
@@ -97,6 +122,10 @@ class Scheduler:
                 self._dirty.set()
 
     async def _rebalance(self) -> None:
+        async with self._switching:
+            await self._switch_consumers()
+
+    async def _switch_consumers(self) -> None:
         # Pauses first: a full host must stop taking work before anything else happens.
         wanted = {label: consumer.should_run() for label, consumer in self._consumers.items()}
         for label, consumer in self._consumers.items():

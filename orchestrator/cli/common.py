@@ -67,6 +67,6 @@ def load_cli_settings(args: argparse.Namespace) -> DaemonSettings:
 
 def load_cli_image_map(settings: DaemonSettings) -> ImageMap:
     try:
-        return load_image_map(settings.config)
+        return load_image_map(settings.config, max_bytes=settings.map_max_bytes)
     except ImageMapError as exc:
         raise CLIError(str(exc)) from None
