@@ -21,7 +21,7 @@ import os
 import queue
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,7 @@ log = EventLogger("orchestrator.images")
 
 CHUNK = 1024 * 1024
 QUEUE_CHUNKS = 32  # up to 32 MiB downloaded ahead of the decompressor
+ZSTD_SLICE = 2048  # zstd expands at most ~32768x: one slice is at most 64 MiB of output
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024**3
 DEFAULT_MIN_FREE_BYTES = 256 * 1024**2
 FREE_CHECK_EVERY = 64 * 1024**2
@@ -127,7 +128,7 @@ class _Sink:
 
     def run(self) -> _SinkResult:
         digest = hashlib.sha256()
-        decompressor = zstandard.ZstdDecompressor().decompressobj() if self.zstd else None
+        frames = _ZstdFrames() if self.zstd else None
         written = 0
         next_free_check = FREE_CHECK_EVERY
         ended = False
@@ -136,29 +137,19 @@ class _Sink:
                 while (chunk := self.queue.get()) is not None:
                     digest.update(chunk)
                     self.status.bytes_in += len(chunk)
-                    data = chunk
-                    if decompressor is not None:
-                        try:
-                            data = decompressor.decompress(chunk)
-                            # A file may hold several frames; each needs its own decompressor.
-                            while decompressor.eof and decompressor.unused_data:
-                                rest = decompressor.unused_data
-                                decompressor = zstandard.ZstdDecompressor().decompressobj()
-                                data += decompressor.decompress(rest)
-                        except zstandard.ZstdError as exc:
-                            raise ImagePrepError(f"corrupt zstd data: {exc}") from None
-                    written += len(data)
-                    if written > self.max_bytes:
-                        raise ImagePrepError(
-                            f"decompressed size passed max_image_bytes ({self.max_bytes} bytes): refusing a possible decompression bomb"
-                        )
-                    if written >= next_free_check:
-                        next_free_check += FREE_CHECK_EVERY
-                        check_free_space(self.target.parent, self.min_free, 0)
-                    out.write(data)
+                    for data in frames.decompress(chunk) if frames is not None else (chunk,):
+                        written += len(data)
+                        if written > self.max_bytes:
+                            raise ImagePrepError(
+                                f"decompressed size passed max_image_bytes ({self.max_bytes} bytes): refusing a possible decompression bomb"
+                            )
+                        if written >= next_free_check:
+                            next_free_check += FREE_CHECK_EVERY
+                            check_free_space(self.target.parent, self.min_free, 0)
+                        out.write(data)
                     self.status.bytes_out = written
                 ended = True
-                if decompressor is not None and not decompressor.eof:
+                if frames is not None and not frames.complete:
                     raise ImagePrepError("truncated zstd data: the stream ended inside a frame")
                 out.flush()
                 os.fsync(out.fileno())
@@ -169,6 +160,41 @@ class _Sink:
                 pass
             raise
         return _SinkResult(digest.hexdigest(), self.status.bytes_in, written)
+
+
+class _ZstdFrames:
+    """Decompresses a stream of one or more zstd frames and knows whether it ended between
+    frames.
+
+    One decompressobj per frame rather than zstandard's `read_across_frames=True`: in that
+    mode `eof` never turns true, so a download cut off inside a frame would pass as a
+    complete (short) image. Input goes in in ZSTD_SLICE pieces because one call returns
+    everything its input expands to: a 1 MiB chunk of a zstd bomb is 32 GiB of output, in
+    memory, before the size guard could look at it.
+    """
+
+    def __init__(self) -> None:
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+
+    @property
+    def complete(self) -> bool:
+        """True when the input so far ends exactly at the end of a frame."""
+        return self._frame.eof
+
+    def decompress(self, chunk: bytes) -> Iterator[bytes]:
+        view = memoryview(chunk)
+        for start in range(0, len(view), ZSTD_SLICE):
+            data: memoryview | bytes = view[start : start + ZSTD_SLICE]
+            while data:
+                if self._frame.eof:  # the previous frame ended: the next one needs a new decompressor
+                    self._frame = zstandard.ZstdDecompressor().decompressobj()
+                try:
+                    out = self._frame.decompress(data)
+                except zstandard.ZstdError as exc:
+                    raise ImagePrepError(f"corrupt zstd data: {exc}") from None
+                data = memoryview(self._frame.unused_data) if self._frame.eof else b""
+                if out:
+                    yield out
 
 
 def check_free_space(directory: Path, min_free: int, needed: int) -> None:

@@ -137,6 +137,54 @@ async def test_zstd_image_is_decompressed_in_the_stream_over_http_and_file(serve
         await preparer.close()
 
 
+def frame_of_exactly(size: int, seed: int) -> bytes:
+    """One zstd frame whose compressed size is exactly `size` (random data is stored raw)."""
+    data = random.Random(seed).randbytes(size)
+    for length in range(size - 256, size):
+        frame = zstandard.ZstdCompressor(level=1).compress(data[:length])
+        if len(frame) == size:
+            return frame
+    raise AssertionError(f"no frame of exactly {size} bytes")
+
+
+async def test_multi_frame_zstd_decompresses_also_when_a_frame_ends_at_a_read_boundary(tmp_path):
+    from orchestrator.images import CHUNK
+
+    # The file:// source reads CHUNK bytes at a time, so the first frame ends exactly
+    # where a read ends; the second frame is split across reads.
+    first = frame_of_exactly(CHUNK, seed=3)
+    second = zstandard.ZstdCompressor(level=3).compress(RAW)
+    source = tmp_path / "multi.raw.zst"
+    source.write_bytes(first + second)
+    preparer = preparer_for(tmp_path, f"    source: file://{source}\n    decompress: zstd\n")
+    assert await preparer.prepare("img") is Outcome.DOWNLOADED
+    expected = zstandard.ZstdDecompressor().decompress(first) + RAW
+    assert target(tmp_path).read_bytes() == expected
+    source.write_bytes(first + second[: len(second) // 2])
+    with pytest.raises(ImagePrepError, match="truncated zstd data"):
+        await preparer.prepare("img", refresh=True)
+    assert target(tmp_path).read_bytes() == expected
+    await preparer.close()
+
+
+async def test_decompression_bomb_is_stopped_without_holding_its_output_in_memory(tmp_path):
+    import tracemalloc
+
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(1024 * 1024**2))  # 1 GiB of zeros in ~32 KiB
+    source = tmp_path / "bomb.raw.zst"
+    source.write_bytes(bomb)
+    preparer = preparer_for(tmp_path, f"    source: file://{source}\n    decompress: zstd\n", max_image_bytes=1024**2)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImagePrepError, match="decompression bomb"):
+            await preparer.prepare("img")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(bomb) < 1024**2 and peak < 128 * 1024**2
+    await preparer.close()
+
+
 def with_old_image(tmp_path: Path) -> None:
     target(tmp_path).parent.mkdir(parents=True, exist_ok=True)
     target(tmp_path).write_bytes(b"old image")
