@@ -25,12 +25,13 @@ import json
 import os
 import queue
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, BinaryIO, Literal
 from urllib.parse import unquote, urlparse
 
 import aiohttp
@@ -117,6 +118,7 @@ class ImageStatus:
 
 
 MAX_META_BYTES = 64 * 1024
+FILE_MODE = 0o640  # images and their records: the process umask may only make them tighter
 
 
 class ImageMeta(BaseModel):
@@ -142,20 +144,59 @@ class ImageMeta(BaseModel):
         """The record of the image at `image`; None when there is none or it is unreadable,
         oversized or does not validate (all mean: no record)."""
         try:
-            with meta_path(image).open("rb") as handle:
-                text = handle.read(MAX_META_BYTES + 1)
+            text = _read_regular_file(meta_path(image), MAX_META_BYTES + 1)
         except OSError:
             return None
-        if len(text) > MAX_META_BYTES:
+        if text is None or len(text) > MAX_META_BYTES:
             return None
         try:
             return cls.model_validate_json(text)
         except ValidationError:
             return None
 
+    def write(self, image: Path) -> None:
+        """Write the record of the image at `image` (0640, replaced atomically)."""
+        record = meta_path(image)
+        tmp = record.with_name(record.name + ".tmp")
+        with _create_private(tmp) as out:
+            out.write(self.model_dump_json(indent=2).encode())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, record)
+
 
 def meta_path(image: Path) -> Path:
     return image.with_name(image.name + ".meta.json")
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes | None:
+    """Up to `limit` bytes of the regular file at `path`; None when it is something else.
+    A symlink is refused (ELOOP) and a FIFO cannot block: image_dir may hold things
+    nobody here put there."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return handle.read(limit)
+
+
+def _create_private(path: Path) -> BinaryIO:
+    """A new file at `path`, mode 0640 whatever the umask, never through a symlink. A
+    leftover (a crash's) is replaced."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+def resolve_image_path(image: ImageEntry, *, image_dir: Path) -> Path:
+    """`local_path` with every symlink resolved, or `ImagePrepError` when that lies outside
+    `image_dir`: a symlink there must not lead a job, a listing or a write to a file
+    elsewhere (resolving first, then checking, is what makes the check mean anything)."""
+    resolved = image.local_path.resolve()
+    if resolved.is_relative_to(image_dir.resolve()):
+        return resolved
+    where = f"resolves to {resolved}, outside" if resolved != image.local_path else "is outside"
+    raise ImagePrepError(f"local_path {image.local_path} {where} image_dir {image_dir}")
 
 
 ProgressCallback = Callable[[ImageStatus], None]
@@ -168,14 +209,20 @@ def check_image(image: ImageEntry, *, image_dir: Path) -> ImageState:
     """What is installed for `image`, against the entry: READY, MISSING, STALE (with what
     changed) or FAILED (the file cannot be used). Cheap enough to call per request: a
     stat and a small read. An image without a source (an operator-provided file) has no
-    identity to check: it is ready when the file exists."""
-    path = image.local_path
+    identity to check: it is ready when the file exists. A local_path that resolves
+    outside `image_dir` is FAILED, whatever is there."""
     try:
-        size = path.stat().st_size
+        path = resolve_image_path(image, image_dir=image_dir)
+        info = path.stat()
+    except ImagePrepError as exc:
+        return ImageState(PrepState.FAILED, str(exc))
     except FileNotFoundError:
         return ImageState(PrepState.MISSING)
     except OSError as exc:
-        return ImageState(PrepState.FAILED, f"cannot read {path}: {exc.strerror}")
+        return ImageState(PrepState.FAILED, f"cannot read {image.local_path}: {exc.strerror}")
+    if not stat.S_ISREG(info.st_mode):
+        return ImageState(PrepState.FAILED, f"{image.local_path} is not a regular file")
+    size = info.st_size
     if image.source is None:
         return ImageState(PrepState.READY)
     meta = ImageMeta.read(path)
@@ -213,12 +260,13 @@ def describe_image(label: str, image: ImageEntry, *, image_dir: Path, state: Ima
     source and fetch time. `state` defaults to `check_image`; a daemon passes
     `ImagePreparer.state(label)`, which also knows preparations under way."""
     state = state or check_image(image, image_dir=image_dir)
-    path = image.local_path
-    meta = ImageMeta.read(path) if image.source is not None else None
+    path, meta, size = image.local_path, None, "-"
     try:
-        size = f"{path.stat().st_size / 2**20:.0f} MiB"
-    except OSError:
-        size = "-"
+        resolved = resolve_image_path(image, image_dir=image_dir)
+        meta = ImageMeta.read(resolved) if image.source is not None else None
+        size = f"{resolved.stat().st_size / 2**20:.0f} MiB"
+    except (ImagePrepError, OSError):
+        pass  # refused or missing: the state says which
     image_format = meta.format.value if meta else image.format.value if image.format else "?"
     return (
         f"{label}: {state.summary} {path} {size} format={image_format} sha256={meta.sha256 if meta else '-'} "
@@ -255,7 +303,7 @@ class _Sink:
         next_free_check = FREE_CHECK_EVERY
         ended = False
         try:
-            with self.target.open("wb") as out:
+            with _create_private(self.target) as out:
                 while (chunk := self.queue.get()) is not None:
                     digest.update(chunk)
                     self.status.bytes_in += len(chunk)
@@ -489,13 +537,13 @@ class ImagePreparer:
         while True:
             found = check_image(image, image_dir=self.image_dir)
             if found.ready:
-                return image.local_path
+                return resolve_image_path(image, image_dir=self.image_dir)
             await self._prepare(label, image, refresh=False)
             current = self._entry(label)
             if current == image:
                 found = check_image(image, image_dir=self.image_dir)
                 if found.ready:
-                    return image.local_path
+                    return resolve_image_path(image, image_dir=self.image_dir)
                 raise ImagePrepError(f"image {label!r} is {found} right after its preparation")
             image = current  # the map changed while we prepared: prepare for the new entry
 
@@ -533,9 +581,13 @@ class ImagePreparer:
     async def _prepare_locked(self, label: str, image: ImageEntry, *, refresh: bool) -> Outcome:
         """The part under the file lock, which other processes (the CLI, a second daemon)
         respect too."""
-        self._check_destination(image)
-        image.local_path.parent.mkdir(parents=True, exist_ok=True)
-        file_lock = filelock.FileLock(str(image.local_path) + ".lock", thread_local=False)
+        _check_scheme(image)
+        target = resolve_image_path(image, image_dir=self.image_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = target.with_name(target.name + ".lock")
+        if lock_path.is_symlink():  # older filelock releases open it without O_NOFOLLOW
+            raise ImagePrepError(f"{lock_path} is a symlink; remove it")
+        file_lock = filelock.FileLock(str(lock_path), thread_local=False)
         try:
             await asyncio.to_thread(file_lock.acquire, timeout=0)
         except filelock.Timeout:
@@ -553,9 +605,9 @@ class ImagePreparer:
             self._status[label] = status
             # Only a ready image may be asked "has it changed?": for any other, an answer
             # of "not modified" would keep an image the map does not describe.
-            installed = ImageMeta.read(image.local_path) if found.ready else None
+            installed = ImageMeta.read(target) if found.ready else None
             try:
-                outcome = await self._fetch(label, image, status, installed)
+                outcome = await self._fetch(label, image, target, status, installed)
             except BaseException:
                 # Not preparing any more; the caller records a failure, a cancellation
                 # leaves the image's state to what is on disk.
@@ -566,15 +618,6 @@ class ImagePreparer:
         finally:
             await asyncio.to_thread(file_lock.release)
 
-    def _check_destination(self, image: ImageEntry) -> None:
-        assert image.source is not None
-        scheme = urlparse(image.source).scheme
-        if scheme not in ("http", "https", "file"):
-            raise ImagePrepError(f"unsupported URL scheme {scheme!r} in source (use http, https or file)")
-        target = image.local_path.resolve()
-        if not target.is_relative_to(self.image_dir.resolve()):
-            raise ImagePrepError(f"local_path {image.local_path} is outside image_dir {self.image_dir}")
-
     async def _open(self, url: str, installed: ImageMeta | None) -> _Response:
         if url.startswith("file://"):
             return _open_file(url)
@@ -582,11 +625,13 @@ class ImagePreparer:
             self._session = aiohttp.ClientSession(auto_decompress=False)
         return await _open_http(self._session, url, installed)
 
-    async def _fetch(self, label: str, image: ImageEntry, status: ImageStatus, installed: ImageMeta | None) -> Outcome:
-        """Download, verify and install. `installed` is the record of a ready image (a
-        refresh): it allows a conditional request, and an identical download is UNCHANGED."""
+    async def _fetch(
+        self, label: str, image: ImageEntry, target: Path, status: ImageStatus, installed: ImageMeta | None
+    ) -> Outcome:
+        """Download, verify and install at `target` (local_path resolved). `installed` is the
+        record of a ready image (a refresh): it allows a conditional request, and an
+        identical download is UNCHANGED."""
         assert image.source is not None
-        target = image.local_path
         response = await self._open(image.source, installed)
         if response.status == 304:
             log.info("image.unchanged", label=label, source=image.source, reason="not modified")
@@ -652,16 +697,20 @@ class ImagePreparer:
             await asyncio.to_thread(sink.queue.put, None)
 
 
+def _check_scheme(image: ImageEntry) -> None:
+    assert image.source is not None
+    scheme = urlparse(image.source).scheme
+    if scheme not in ("http", "https", "file"):
+        raise ImagePrepError(f"unsupported URL scheme {scheme!r} in source (use http, https or file)")
+
+
 def _install(partial: Path, target: Path, meta: ImageMeta) -> None:
     """Put the verified image and its record in place. The old record goes first, so a
     crash in between leaves an image without a record (stale, fetched again), never a
     record that describes another file."""
-    meta_file = meta_path(target)
-    meta_file.unlink(missing_ok=True)
+    meta_path(target).unlink(missing_ok=True)
     os.replace(partial, target)
-    meta_tmp = meta_file.with_name(meta_file.name + ".tmp")
-    meta_tmp.write_text(meta.model_dump_json(indent=2))
-    os.replace(meta_tmp, meta_file)
+    meta.write(target)
     directory = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import random
+import stat
 import subprocess
 import sys
 from collections import Counter
@@ -245,6 +246,81 @@ async def test_unsupported_scheme_and_path_outside_image_dir_are_refused(tmp_pat
     )
     with pytest.raises(ImagePrepError, match=r"local_path .* is outside image_dir"):
         await outside.prepare("img")
+
+
+@pytest.mark.parametrize("how", ["the file", "its directory"])
+@pytest.mark.parametrize("source", [False, True])
+async def test_a_local_path_whose_symlink_leaves_image_dir_is_refused_never_ready(tmp_path, how, source):
+    secret = tmp_path / "outside" / "shadow"
+    secret.parent.mkdir()
+    secret.write_bytes(b"root:$6$...")
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    if how == "the file":
+        (image_dir / "img.raw").symlink_to(secret)
+    else:
+        (image_dir / "sub").symlink_to(secret.parent)
+        (image_dir / "sub" / "img.raw").symlink_to(secret)
+    local_path = image_dir / ("img.raw" if how == "the file" else "sub/img.raw")
+    (tmp_path / "a.raw").write_bytes(RAW)
+    entry = f"    source: file://{tmp_path}/a.raw\n" if source else ""
+    text = f"default_label: img\nimages:\n  img:\n    backend: noop\n    local_path: {local_path}\n{entry}"
+    image_map = parse_image_map(text, filename="map.yaml", base_dir=tmp_path)
+    preparer = ImagePreparer(image_map, image_dir=image_dir)
+    refusal = f"local_path {local_path} resolves to {secret}, outside image_dir {image_dir}"
+    assert str(preparer.state("img")) == f"failed: {refusal}"
+    with pytest.raises(ImagePrepError) as error:
+        await preparer.ensure("img")
+    assert str(error.value) == f"image 'img' could not be prepared: {refusal}"
+    with pytest.raises(ImagePrepError, match="outside image_dir"):
+        await preparer.prepare("img", refresh=True)
+    line = describe_image("img", image_map.images["img"], image_dir=image_dir)
+    assert line.startswith(f"img: failed: {refusal} {local_path} - format=? sha256=-")
+    assert secret.read_bytes() == b"root:$6$..." and not preparer.state("img").ready
+    await preparer.close()
+
+
+async def test_symlinks_and_fifos_beside_an_image_are_neither_followed_nor_waited_on(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"do not touch")
+    (tmp_path / "a.raw").write_bytes(RAW)
+    preparer = preparer_for(tmp_path, f"    source: file://{tmp_path}/a.raw\n")
+    await preparer.prepare("img")
+    sidecar = target(tmp_path).with_name("img.raw.meta.json")
+    sidecar.unlink()
+    os.mkfifo(sidecar)  # opening it for reading would block the event loop
+    assert str(preparer.state("img")) == "stale (no record of where it came from)"
+    sidecar.unlink()
+    sidecar.symlink_to(secret)
+    assert str(preparer.state("img")) == "stale (no record of where it came from)"
+    lock = target(tmp_path).with_name("img.raw.lock")
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(secret)
+    with pytest.raises(ImagePrepError, match=r"img.raw.lock is a symlink; remove it"):
+        await preparer.prepare("img")
+    lock.unlink()
+    assert await preparer.prepare("img") is Outcome.DOWNLOADED
+    assert not sidecar.is_symlink() and preparer.state("img").ready
+    assert secret.read_bytes() == b"do not touch"
+    await preparer.close()
+
+
+async def test_installed_images_and_records_are_0640_whatever_the_umask(server, tmp_path):
+    server.files["a.raw"] = RAW
+    source = tmp_path / "a.raw"
+    source.write_bytes(RAW)
+    source.chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        for url in (f"file://{source}", f"{server.url}/files/a.raw"):
+            target(tmp_path).unlink(missing_ok=True)
+            preparer = preparer_for(tmp_path, f"    source: {url}\n")
+            assert await preparer.prepare("img") is Outcome.DOWNLOADED
+            await preparer.close()
+            for path in (target(tmp_path), target(tmp_path).with_name("img.raw.meta.json")):
+                assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    finally:
+        os.umask(old_umask)
 
 
 async def test_concurrent_prepares_across_tasks_and_processes_download_once(server, tmp_path):
