@@ -195,10 +195,16 @@ class Daemon:
         """What `/status` shows: capacity, running jobs, image preparation."""
         images = {}
         if self.images is not None:
-            for label, st in self.images.status().items():
+            progress = self.images.status()
+            for label, image in sorted(self.image_map.images.items()):
+                if image.source is None:
+                    continue  # the operator's own file: nothing to prepare
+                st, state = progress.get(label), self.images.state(label)
                 images[label] = {
-                    "state": st.state.value, "bytes_in": st.bytes_in, "bytes_total": st.bytes_total,
-                    "percent": round(100 * st.fraction, 1) if st.fraction is not None else None, "error": st.error,
+                    "state": state.summary, "detail": str(state),
+                    "bytes_in": st.bytes_in if st else 0, "bytes_total": st.bytes_total if st else None,
+                    "percent": round(100 * st.fraction, 1) if st and st.fraction is not None else None,
+                    "error": st.error if st else None,
                 }
         return {
             **self.heartbeat().model_dump(mode="json"),
@@ -400,12 +406,11 @@ class Daemon:
         return self._router.backend_for(image.backend).name.value
 
     async def _prepare_images(self, labels: list[str]) -> None:
-        """Fetch every missing image this host serves, in the background: jobs for
+        """Fetch every missing or stale image of `labels`, in the background: jobs for
         ready images start at once, jobs for these wait for their image."""
         assert self.images is not None
         for label in labels:
-            image = self.image_map.images.get(label)
-            if image is None or image.source is None or image.local_path.exists():
+            if label not in self.image_map.images or not self.images.needs_preparation(label):
                 continue
             try:
                 await self.images.prepare(label)

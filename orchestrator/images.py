@@ -489,10 +489,6 @@ class ImagePreparer:
         self._status: dict[str, ImageStatus] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    def update_map(self, image_map: ImageMap) -> None:
-        """A reloaded image map; preparations under way finish with the entry they began with."""
-        self._image_map = image_map
-
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -5,7 +5,6 @@ stays, and running jobs are never touched."""
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import aio_pika
 
@@ -67,3 +66,41 @@ async def test_sighup_reloads_a_running_daemon(prefix, tmp_path, noop_map_path, 
     result = await broker.next_result()
     assert result.request_id == job.request_id and result.status is JobStatus.SUCCEEDED and result.label == "gamma"
     assert await daemon.stop() == 0
+
+
+def file_image_map(source: Path, image_dir: Path, sha256: str) -> str:
+    return (
+        "default_label: alpha\nimages:\n"
+        "  alpha:\n    backend: noop\n    local_path: /nonexistent/alpha.img\n"
+        f"  beta:\n    backend: noop\n    source: file://{source}\n    local_path: {image_dir}/beta.img\n"
+        f"    sha256: \"{sha256}\"\n"
+    )
+
+
+async def test_a_changed_image_is_stale_after_reload_and_prepared_again(daemon_factory, broker, noop_map_path, tmp_path):
+    import hashlib
+
+    from orchestrator.imagemap import load_image_map
+    from orchestrator.images import ImageMeta
+
+    source, image_dir = tmp_path / "release.img", tmp_path / "images"
+    source.write_bytes(b"release one\n" * 4096)
+    first_sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    noop_map_path.write_text(file_image_map(source, image_dir, first_sha))
+    daemon = await daemon_factory(load_image_map(noop_map_path), image_dir=image_dir)
+    await wait_for(lambda: daemon.images.state("beta").ready, what="the first release to be installed")
+    source.write_bytes(b"release two\n" * 4096)  # a new release, pinned by the map
+    second_sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    noop_map_path.write_text(file_image_map(source, image_dir, second_sha))
+    assert await daemon.reload()
+    await wait_for(lambda: daemon.images.state("beta").ready, what="the second release to be installed")
+    assert ImageMeta.read(image_dir / "beta.img").sha256 == second_sha
+    # A pin the source does not serve: never a run on the old image, an error naming why.
+    noop_map_path.write_text(file_image_map(source, image_dir, "0" * 64))
+    assert await daemon.reload()
+    await broker.open()
+    job = await broker.submit(runs_on="beta")
+    result = await broker.next_result()
+    assert result.request_id == job.request_id and result.status is JobStatus.ERROR
+    assert result.summary.startswith(f"image 'beta' is stale (sha256 changed: the map pins {'0' * 64}, the installed image is {second_sha})")
+    assert daemon.status()["images"]["beta"]["state"] == "stale (sha256 changed)"

@@ -66,16 +66,10 @@ def cmd_images_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_images_list(args: argparse.Namespace) -> int:
-    from orchestrator.images import ImageMeta
+    from orchestrator.images import describe_image
 
     settings = load_cli_settings(args)
     image_map = load_cli_image_map(settings)
     for label, image in sorted(image_map.images.items()):
-        path = image.local_path
-        meta = ImageMeta.read(path) if path.exists() else None
-        size = f"{path.stat().st_size / 2**20:.0f} MiB" if path.exists() else "missing"
-        print(
-            f"{label}: {path} {size} format={(meta.format if meta else image.format.value if image.format else '?')} "
-            f"sha256={meta.sha256 if meta else '-'} source={image.source or '-'} fetched={meta.fetched_at if meta else '-'}"
-        )
+        print(describe_image(label, image, image_dir=settings.images_dir))
     return 0
