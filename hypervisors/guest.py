@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shlex
 
 RESULT_PREFIX = "ORCH-RESULT"
 SANDBOX_HOOKS: tuple[str, ...] = ("orch_console", "orch_workdir", "orch_poweroff")
@@ -42,10 +43,6 @@ def find_exit_code(console_text: str, nonce: str) -> int | None:
             code = int(match.group(2))
     return code
 
-
-def shell_quote(value: str) -> str:
-    """Single-quote for POSIX sh: the only character that needs care is the quote itself."""
-    return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -84,15 +81,15 @@ def build_user_data(
         "orch_job() {",
         "  set -u",
     ]
-    lines += [f"  export {name}={shell_quote(value)}" for name, value in sorted(env.items())]
+    lines += [f"  export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
     lines += ['  mkdir -p "$orch_workdir" && cd "$orch_workdir" || return 125']
     if checkout and repo_url and commit_sha:
         lines += [
             "  command -v git >/dev/null 2>&1 || { echo 'orchestrator: git is not installed in this image (set checkout: false in the image map if the job does not need it)'; return 127; }",
-            f"  echo orchestrator: checking out {shell_quote(commit_sha)}",
+            f"  echo orchestrator: checking out {shlex.quote(commit_sha)}",
             "  git init -q . &&",
-            f"  git remote add origin {shell_quote(repo_url)} &&",
-            f"  git fetch -q --depth 1 origin {shell_quote(commit_sha)} &&",
+            f"  git remote add origin {shlex.quote(repo_url)} &&",
+            f"  git fetch -q --depth 1 origin {shlex.quote(commit_sha)} &&",
             "  git checkout -q FETCH_HEAD || { echo 'orchestrator: checkout failed'; return 126; }",
         ]
     if script is not None:
@@ -103,7 +100,7 @@ def build_user_data(
         else:
             lines += ['  sh -e "$orch_workdir/.orch-script"']
     elif script_path is not None:
-        lines += [f"  sh -e {shell_quote(script_path)}"]
+        lines += [f"  sh -e {shlex.quote(script_path)}"]
     else:
         lines += ["  echo 'orchestrator: the job has neither script nor script_path'", "  return 2"]
     lines += [

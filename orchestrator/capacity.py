@@ -94,7 +94,7 @@ class CapacityLedger:
         self.memory_mb_used -= reservation.memory_mb
         self._changed()
 
-    def set_draining(self, draining: bool) -> None:
+    def set_draining(self, *, draining: bool) -> None:
         self.draining = draining
         self._changed()
 

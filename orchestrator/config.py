@@ -95,10 +95,6 @@ class DaemonSettings(BaseModel):
         return StateDir(self.state_dir)
 
     @property
-    def logs_dir(self) -> Path:
-        return self.state.logs
-
-    @property
     def images_dir(self) -> Path:
         return self.image_dir or self.state.default_images
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import sqlite3
 import threading
 import time
@@ -203,7 +204,7 @@ class _GroupCommitter:
             except sqlite3.Error as exc:
                 outcomes = [(False, exc)] * len(batch)
             for (ok, value), (_, future, loop) in zip(outcomes, batch):
-                loop.call_soon_threadsafe(_settle, future, ok, value)
+                loop.call_soon_threadsafe(functools.partial(_settle, future, value, ok=ok))
         self._conn.close()
 
     def close(self) -> None:
@@ -213,7 +214,7 @@ class _GroupCommitter:
         self._thread.join()
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+def _settle(future: asyncio.Future[Any], value: Any, *, ok: bool) -> None:
     if future.done():
         return
     if ok:

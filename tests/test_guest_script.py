@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from hypervisors.guest import build_user_data, find_exit_code, result_line, shell_quote
+from hypervisors.guest import build_user_data, find_exit_code, result_line
 from tests.fakes.guest_sandbox import sandbox_user_data
 
 HOSTILE = [
@@ -26,7 +27,7 @@ HOSTILE = [
 def run_sandboxed(script: bytes, sandbox: Path) -> subprocess.CompletedProcess[str]:
     """Run the user-data with its console, workdir and poweroff pointed into `sandbox`."""
     text = sandbox_user_data(
-        script, console=sandbox / "console", workdir=sandbox / "work", poweroff=f"touch {shell_quote(str(sandbox))}/powered-off"
+        script, console=sandbox / "console", workdir=sandbox / "work", poweroff=f"touch {shlex.quote(str(sandbox))}/powered-off"
     )
     (sandbox / "console").touch()
     path = sandbox / "user-data"
@@ -88,7 +89,7 @@ def test_a_sandbox_whose_hook_is_missing_or_repeated_is_refused():
     user_data = build_user_data(job_id="j", nonce="ff", env={}, repo_url=None, commit_sha=None,
                                 checkout=False, script="true", script_path=None)
     where = {"console": Path("/nonexistent/console"), "workdir": Path("/nonexistent/work"), "poweroff": "true"}
-    assert "orch_poweroff='true'" in sandbox_user_data(user_data, **where)
+    assert "orch_poweroff=true" in sandbox_user_data(user_data, **where)
     without = user_data.replace(b"\norch_poweroff=", b"\n: orch_poweroff=")
     with pytest.raises(ValueError, match="assigns orch_poweroff on 0 lines"):
         sandbox_user_data(without, **where)

@@ -18,7 +18,7 @@ async def test_enqueued_job_runs_and_succeeds(daemon_factory, broker):
     assert result.status is JobStatus.SUCCEEDED and result.success and result.exit_code == 0
     assert result.host == daemon.settings.host_name and result.label == "alpha"
     assert result.commit_sha == SHA
-    console = (daemon.settings.logs_dir / f"{request.job_id}.console").read_text()
+    console = (daemon.console_path(request.job_id)).read_text()
     assert "hello from noop" in console
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,61 +18,52 @@ def request(attempt: int = 1, job_id: uuid.UUID | None = None) -> JobRequest:
     return JobRequest(request_id=job_id or uuid.uuid4(), repo_url="https://x/y", commit_sha="a" * 40, attempt=attempt)
 
 
+@pytest.fixture
+async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
+    journal = Journal(tmp_path / "state.db")
+    yield journal
+    await journal.close()
+
+
 async def accept(journal: Journal, req: JobRequest) -> bool:
     return await journal.accept(req, label="alpha", nonce="n", vm_name=f"job-{req.job_id}", backend="noop", accepted_at=1.0)
 
 
-async def test_accept_records_a_job_once_and_a_redelivery_is_refused(tmp_path: Path):
-    journal = Journal(tmp_path / "state.db")
-    try:
-        req = request()
-        assert await accept(journal, req)
-        assert not await accept(journal, req)
-        record = await journal.get(req.job_id)
-        assert record is not None and record.state is JobState.ACCEPTED and record.accepted_at == 1.0
-    finally:
-        await journal.close()
+async def test_accept_records_a_job_once_and_a_redelivery_is_refused(journal: Journal):
+    req = request()
+    assert await accept(journal, req)
+    assert not await accept(journal, req)
+    record = await journal.get(req.job_id)
+    assert record is not None and record.state is JobState.ACCEPTED and record.accepted_at == 1.0
 
 
-async def test_a_requeued_job_comes_back_only_as_a_later_attempt(tmp_path: Path):
-    journal = Journal(tmp_path / "state.db")
-    try:
-        req = request()
-        await accept(journal, req)
-        await journal.move(req.job_id, JobState.REQUEUED)
-        assert not await accept(journal, req)  # the same attempt again: a redelivery
-        assert await accept(journal, request(attempt=2, job_id=req.request_id))
-        assert (await journal.get(req.job_id)).attempt == 2
-    finally:
-        await journal.close()
+async def test_a_requeued_job_comes_back_only_as_a_later_attempt(journal: Journal):
+    req = request()
+    await accept(journal, req)
+    await journal.move(req.job_id, JobState.REQUEUED)
+    assert not await accept(journal, req)  # the same attempt again: a redelivery
+    assert await accept(journal, request(attempt=2, job_id=req.request_id))
+    assert (await journal.get(req.job_id)).attempt == 2
 
 
-async def test_answers_enter_as_finished_and_never_overwrite_a_known_job(tmp_path: Path):
-    journal = Journal(tmp_path / "state.db")
-    try:
-        req = request()
-        answer = JobResult.for_request(req, status=JobStatus.ERROR, summary="stale")
-        assert await journal.record_answer(req, answer, label="alpha")
-        assert not await journal.record_answer(req, answer, label="alpha")
-        assert not await accept(journal, req)
-        assert (await journal.get(req.job_id)).state is JobState.FINISHED
-    finally:
-        await journal.close()
+async def test_answers_enter_as_finished_and_never_overwrite_a_known_job(journal: Journal):
+    req = request()
+    answer = JobResult.for_request(req, status=JobStatus.ERROR, summary="stale")
+    assert await journal.record_answer(req, answer, label="alpha")
+    assert not await journal.record_answer(req, answer, label="alpha")
+    assert not await accept(journal, req)
+    assert (await journal.get(req.job_id)).state is JobState.FINISHED
 
 
-async def test_moves_outside_the_table_are_refused(tmp_path: Path):
-    journal = Journal(tmp_path / "state.db")
-    try:
-        req = request()
-        with pytest.raises(InvalidTransition, match="not in the journal"):
-            await journal.move(req.job_id, JobState.RUNNING)
-        await accept(journal, req)
-        with pytest.raises(InvalidTransition, match="accepted -> published is not allowed"):
-            await journal.move(req.job_id, JobState.PUBLISHED)
-        with pytest.raises(ValueError, match="cannot set"):
-            await journal.move(req.job_id, JobState.RUNNING, state="finished")
-    finally:
-        await journal.close()
+async def test_moves_outside_the_table_are_refused(journal: Journal):
+    req = request()
+    with pytest.raises(InvalidTransition, match="not in the journal"):
+        await journal.move(req.job_id, JobState.RUNNING)
+    await accept(journal, req)
+    with pytest.raises(InvalidTransition, match="accepted -> published is not allowed"):
+        await journal.move(req.job_id, JobState.PUBLISHED)
+    with pytest.raises(ValueError, match="cannot set"):
+        await journal.move(req.job_id, JobState.RUNNING, state="finished")
     # Nothing of the refused moves reached the file.
-    with sqlite3.connect(tmp_path / "state.db") as db:
+    with sqlite3.connect(journal.path) as db:
         assert db.execute("SELECT state FROM jobs").fetchall() == [("accepted",)]

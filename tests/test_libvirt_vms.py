@@ -96,7 +96,7 @@ async def test_jobs_exiting_0_and_3_run_at_once_in_real_vms(vm_daemon, broker):
     assert domains.samples > 10 and domains.peak == 2  # seen by libvirt: both VMs ran at once
     assert results[ok.job_id].status is JobStatus.SUCCEEDED and results[ok.job_id].exit_code == 0
     assert results[bad.job_id].status is JobStatus.FAILED and results[bad.job_id].exit_code == 3
-    log = (vm_daemon.settings.logs_dir / f"{ok.job_id}.console").read_text()
+    log = (vm_daemon.console_path(ok.job_id)).read_text()
     assert "hello from the VM's shell" in log and "Linux" in log
     assert f"NoCloud seed on /dev/sr0: {ok.job_id}" in log
 
@@ -173,7 +173,7 @@ async def _restart_libvirtd() -> None:
 async def test_libvirtd_restart_mid_job_is_survived(vm_daemon, broker):
     await broker.open()
     job = await broker.submit(runs_on="demo", script="echo before; sleep 12; echo after")
-    console = vm_daemon.settings.logs_dir / f"{job.job_id}.console"
+    console = vm_daemon.console_path(job.job_id)
     await wait_for(lambda: console.exists() and "before" in console.read_text(errors="replace"), timeout_s=60,
                    interval_s=0.1, what="the guest to print 'before'")
     await _restart_libvirtd()

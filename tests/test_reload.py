@@ -5,6 +5,7 @@ stays, and running jobs are never touched."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import aio_pika
 

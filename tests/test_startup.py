@@ -18,8 +18,8 @@ from orchestrator.daemon import Daemon, StartupError
 from orchestrator.imagemap import load_image_map
 from tests.conftest import AMQP_URL, make_settings
 from tests.daemonproc import ROOT, DaemonProcess
+from tests.fakes.illumos_bin import install_fake_illumos_tools
 
-FAKE_ILLUMOS = ROOT / "tests" / "fakes" / "illumos.py"
 UNREACHABLE_LIBVIRT = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
 
 
@@ -87,16 +87,10 @@ async def test_zones_only_map_starts_with_libvirt_not_importable(prefix, tmp_pat
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "libvirt.py").write_text("raise ImportError('libvirt-python is not installed (test shadow)')\n")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("zonecfg", "zoneadm", "zfs"):
-        wrapper = bin_dir / tool
-        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_ILLUMOS} {tool} "$@"\n')
-        wrapper.chmod(0o755)
+    bin_dir, fake_env = install_fake_illumos_tools(tmp_path)
     env = env_for(
         prefix, tmp_path, write_map(tmp_path, "zones", format="raw"), ORCH_BACKEND="libvirt",
-        PYTHONPATH=str(shadow), PATH=f"{bin_dir}:{os.environ['PATH']}",
-        FAKE_ILLUMOS_STATE=str(tmp_path / "illumos.json"), FAKE_ZVOL_ROOT=str(tmp_path / "dev"),
+        PYTHONPATH=str(shadow), PATH=f"{bin_dir}:{os.environ['PATH']}", **fake_env,
     )
     daemon = await DaemonProcess(env).start()
     assert await daemon.stop() == 0

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import shutil
-import sys
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -16,22 +15,21 @@ from pathlib import Path
 import pytest
 
 from hypervisors.base import BackendError, ImageFormat, SeedFiles, VmSpec, VmState
-from hypervisors.guest import build_meta_data, build_user_data, find_exit_code, new_nonce
+from hypervisors.guest import (
+    build_meta_data,
+    build_user_data,
+    find_exit_code,
+    new_nonce,
+)
 from hypervisors.zones import ZonesHypervisor, ZoneTools
-
-FAKE = Path(__file__).parent / "fakes" / "illumos.py"
+from tests.fakes.illumos_bin import install_fake_illumos_tools
 
 
 @pytest.fixture
 def zones(tmp_path, monkeypatch) -> Iterator[ZonesHypervisor]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("zonecfg", "zoneadm", "zfs"):
-        wrapper = bin_dir / tool
-        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} {tool} "$@"\n')
-        wrapper.chmod(0o755)
-    monkeypatch.setenv("FAKE_ILLUMOS_STATE", str(tmp_path / "illumos.json"))
-    monkeypatch.setenv("FAKE_ZVOL_ROOT", str(tmp_path / "dev"))
+    bin_dir, fake_env = install_fake_illumos_tools(tmp_path)
+    for name, value in fake_env.items():
+        monkeypatch.setenv(name, value)
     (tmp_path / "state" / "seeds").mkdir(parents=True)
     # A short zonepath: the console socket's path must fit AF_UNIX's 108 bytes, as
     # /zones/job-<uuid>/root/tmp/vm.com1 does on a real host.

@@ -4,13 +4,14 @@ pointed at a test's own console file, work directory and poweroff command."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
-from hypervisors.guest import SANDBOX_HOOKS, shell_quote
+from hypervisors.guest import SANDBOX_HOOKS
 
 
 def _assign(text: str, name: str, value: str) -> str:
-    line = f"{name}={shell_quote(value)}"
+    line = f"{name}={shlex.quote(value)}"
     text, found = re.subn(rf"^{name}=.*$", lambda _: line, text, flags=re.MULTILINE)
     if found != 1:
         raise ValueError(f"the user-data assigns {name} on {found} lines, not 1: the sandbox hook moved")
