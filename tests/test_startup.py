@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.daemon import Daemon, StartupError
 from orchestrator.imagemap import load_image_map
-from tests.conftest import AMQP_URL, make_settings
+from tests.conftest import AMQP_URL, make_settings, wait_for
 from tests.daemonproc import ROOT, DaemonProcess
 from tests.fakes.illumos_bin import install_fake_illumos_tools
 
@@ -114,6 +114,22 @@ async def test_unreachable_broker_is_retried_then_one_line(prefix, tmp_path):
     attempts = [line for line in lines if '"broker.connect_failed"' in line]
     assert len(attempts) >= 2, "each failed attempt is logged"
     assert error
+
+
+async def test_a_broker_that_comes_up_after_the_daemon_is_waited_for(prefix, tmp_path, amqp_proxy, broker, cleanup_topology):
+    cleanup_topology.append("a")
+    amqp_proxy.down()  # under systemd the broker may start after us
+    env = env_for(prefix, tmp_path, write_map(tmp_path, "noop"), AMQP_URL=amqp_proxy.url, BROKER_CONNECT_TIMEOUT_S="60")
+    daemon = DaemonProcess(env)
+    starting = asyncio.create_task(daemon.start())
+    await wait_for(lambda: sum('"broker.connect_failed"' in line for line in daemon.lines) >= 2,
+                   what="two logged connection attempts")
+    amqp_proxy.up()
+    await starting
+    await broker.open()
+    job = await broker.submit(runs_on="a")
+    assert (await broker.next_result()).request_id == job.request_id
+    assert await daemon.stop() == 0
 
 
 async def test_unusable_state_dir_is_one_line(prefix, tmp_path):
