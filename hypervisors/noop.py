@@ -3,7 +3,8 @@
 It exists for development, tests and benchmarks. A job steers it through its env:
 `NOOP_DURATION_S` (seconds the VM runs, default 0), `NOOP_EXIT_CODE` (default 0),
 `NOOP_FAIL` = `boot` (start fails) | `hang` (never stops by itself) | `no-result` (stops
-without printing the result line), and `NOOP_OUTPUT` (text written to the console).
+without printing the result line), `NOOP_OUTPUT` (a line written to the console) and
+`NOOP_OUTPUT_REPEAT` (how many times, default 1: a guest that prints without end).
 
 It counts, for tests measuring concurrency from outside the daemon, how many VMs are
 alive (from `start` until the VM stops or is destroyed): `alive` now, `peak_alive` at most.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
 from hypervisors.guest import result_line
+from orchestrator.statedir import open_private
 
 
 @dataclass
@@ -31,8 +33,19 @@ class _NoopVm:
 
 def _write_console(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as console:
-        console.write(text)
+    with open_private(path, append=True) as console:
+        console.write(text.encode())
+
+
+async def _print(path: Path, line: str, repeat: int) -> None:
+    """`line` `repeat` times, in writes of about 1 MiB, yielding between them as a
+    guest's serial port would let the host read meanwhile."""
+    per_write = max(1, (1024 * 1024) // max(1, len(line)))
+    while repeat > 0:
+        count = min(per_write, repeat)
+        await asyncio.to_thread(_write_console, path, line * count)
+        repeat -= count
+        await asyncio.sleep(0.001)
 
 
 class NoopHypervisor:
@@ -74,7 +87,7 @@ class NoopHypervisor:
         try:
             output = env.get("NOOP_OUTPUT", "")
             if output:
-                await asyncio.to_thread(_write_console, vm.spec.console_path, output + "\n")
+                await _print(vm.spec.console_path, output + "\n", int(env.get("NOOP_OUTPUT_REPEAT", "1") or 1))
             if env.get("NOOP_FAIL") == "hang":
                 await asyncio.Event().wait()
             duration = float(env.get("NOOP_DURATION_S", "0") or 0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pycdlib
 
 from hypervisors.base import SeedFiles
+from orchestrator.statedir import open_private
 
 _NAMES = (("USERDATA.;1", "user-data"), ("METADATA.;1", "meta-data"), ("NETCONFI.;1", "network-config"))
 
@@ -31,7 +32,8 @@ def write_seed_iso(seed: SeedFiles, path: Path) -> None:
             iso.add_fp(io.BytesIO(data), len(data), "/" + iso_name, rr_name=name, joliet_path="/" + name)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        iso.write(str(partial))
+        with open_private(partial) as target:  # it holds the job's env
+            iso.write_fp(target)
     finally:
         iso.close()
     os.replace(partial, path)

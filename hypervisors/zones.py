@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hypervisors.base import BackendError, BackendName, ImageFormat, VmInfo, VmSpec, VmState
 from hypervisors.seed import write_seed_iso
-from orchestrator.statedir import StateDir, job_id_of_file
+from orchestrator.statedir import StateDir, job_id_of_file, open_private
 
 POLL_S = 2.0
 CONSOLE_SOCKET = "/tmp/vm.com1"
@@ -279,7 +279,7 @@ async def _copy_console(socket_path: Path, console_path: Path) -> None:
                 return
             await asyncio.sleep(0.2)
     try:
-        with console_path.open("ab") as console:
+        with open_private(console_path, append=True) as console:
             while chunk := await reader.read(65536):
                 await asyncio.to_thread(console.write, chunk)
                 await asyncio.to_thread(console.flush)

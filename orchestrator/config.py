@@ -66,6 +66,7 @@ class DaemonSettings(BaseModel):
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
     default_timeout_s: Annotated[int, Field(ge=1)] = 3600
     boot_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    console_max_bytes: Annotated[int, Field(ge=4 * 1024 * 1024)] = 64 * 1024 * 1024
     delivery_limit: Annotated[int, Field(ge=1, le=1000)] = 50
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
@@ -122,6 +123,7 @@ ENV_NAMES: Mapping[str, str] = {
     "shutdown_timeout_s": "SHUTDOWN_TIMEOUT_S",
     "default_timeout_s": "DEFAULT_TIMEOUT_S",
     "boot_timeout_s": "BOOT_TIMEOUT_S",
+    "console_max_bytes": "CONSOLE_MAX_BYTES",
     "delivery_limit": "DELIVERY_LIMIT",
     "max_attempts": "MAX_ATTEMPTS",
     "heartbeat_s": "HEARTBEAT_S",

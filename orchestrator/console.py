@@ -2,8 +2,9 @@
 
 The console file is the job's log (kept under STATE_DIR/logs/). The follower reads what
 is new every `interval_s` (off the event loop), keeps the tail for the result line and
-for error reports, and sets `has_output` once the guest printed anything (the boot
-timeout watches it). Readers of the log for people use `orchestrator.joblog`.
+for error reports, sets `has_output` once the guest printed anything (the boot timeout
+watches it), and keeps the file under `max_bytes` (`orchestrator.consolecap`). Readers
+of the log for people use `orchestrator.joblog`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+
+from orchestrator.consolecap import cap_console, read_cut_state, settle
 
 TAIL_BYTES = 64 * 1024
 
@@ -21,16 +24,30 @@ def _read_tail(path: Path, offset: int) -> tuple[int, bytes]:
     try:
         with path.open("rb") as console:
             size = os.fstat(console.fileno()).st_size
-            start = max(offset, size - TAIL_BYTES)
+            start = min(max(offset, size - TAIL_BYTES), size)
             console.seek(start)
             return size, console.read(size - start)
     except FileNotFoundError:
         return offset, b""
 
 
+def _cap(path: Path, max_bytes: int, offset: int) -> int:
+    """Cut the file when it is over `max_bytes`; where `offset` points afterwards. A
+    file shorter than `offset` was replaced (libvirt's virtlogd rotates console files
+    at 2 MiB when qemu.conf says `stdio_handler = "logd"`): read the new one whole."""
+    try:
+        before = read_cut_state(path)
+        if cap_console(path, max_bytes=max_bytes):
+            offset = read_cut_state(path).moved(offset, since=before)
+        return offset if path.stat().st_size >= offset else 0
+    except FileNotFoundError:
+        return offset
+
+
 class ConsoleFollower:
-    def __init__(self, path: Path, *, interval_s: float = 0.5) -> None:
+    def __init__(self, path: Path, *, max_bytes: int, interval_s: float = 0.5) -> None:
         self.path = path
+        self.max_bytes = max_bytes
         self.interval_s = interval_s
         self.offset = 0
         self._tail = bytearray()
@@ -41,8 +58,18 @@ class ConsoleFollower:
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name=f"console-{self.path.name}")
 
+    async def skip_existing(self) -> None:
+        """Start after what the file holds now (an earlier attempt's output on this host):
+        only this run's output counts as booting, and for the result."""
+        try:
+            self.offset = (await asyncio.to_thread(self.path.stat)).st_size
+        except FileNotFoundError:
+            self.offset = 0
+
     async def poll(self) -> int:
-        """Read what is new; returns how many bytes that was."""
+        """Read what is new (cutting the file first when it is over `max_bytes`);
+        returns how many bytes that was."""
+        self.offset = await asyncio.to_thread(_cap, self.path, self.max_bytes, self.offset)
         return self._take(*await asyncio.to_thread(_read_tail, self.path, self.offset))
 
     def _take(self, size: int, chunk: bytes) -> int:
@@ -68,5 +95,7 @@ class ConsoleFollower:
         if not self._finished:
             # One read to the end: the VM has stopped writing.
             self._finished = True
+            self.offset = await asyncio.to_thread(_cap, self.path, self.max_bytes, self.offset)
             self._take(*await asyncio.to_thread(_read_tail, self.path, self.offset))
+            await asyncio.to_thread(settle, self.path)
         return self._tail.decode("utf-8", errors="replace")

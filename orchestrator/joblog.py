@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.consolecap import read_cut_state
+
 CHUNK_BYTES = 1024 * 1024
 MAX_LINE_BYTES = 16 * 1024  # a longer console line is sent in pieces of about this size
 MAX_LINE_CHARS = MAX_LINE_BYTES
@@ -123,6 +125,7 @@ class LineFollower:
         self.path = path
         self.offset = offset
         self._after_cr = offset > 0 and self._byte_at(offset - 1) == b"\r"
+        self._cuts = read_cut_state(path)
 
     def _byte_at(self, offset: int) -> bytes:
         try:
@@ -131,10 +134,17 @@ class LineFollower:
             return b""
 
     def read_lines(self, max_bytes: int = CHUNK_BYTES, *, final: bool = False) -> list[str]:
+        cuts = read_cut_state(self.path)
+        if cuts.cutting:
+            return []  # the middle of the file is being cut: read after it
+        if cuts != self._cuts:
+            self.offset, self._cuts = cuts.moved(self.offset, since=self._cuts), cuts
         try:
             chunk = _read(self.path, self.offset, max_bytes)
         except FileNotFoundError:
             return []
+        if read_cut_state(self.path) != cuts:
+            return []  # cut while we read: these bytes may have moved
         end = _last_line_end(chunk, final=final)
         if end < 0:
             if final and chunk:

@@ -53,8 +53,10 @@ class RunningJob:
     interrupted_while_away: bool = False  # its VM was not running when taken back
     console: ConsoleFollower = field(init=False)
 
+    console_max_bytes: int = field(kw_only=True)
+
     def __post_init__(self) -> None:
-        self.console = ConsoleFollower(self.spec.console_path)
+        self.console = ConsoleFollower(self.spec.console_path, max_bytes=self.console_max_bytes)
 
 
 def tail_lines(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -105,6 +107,7 @@ class JobRunner:
         running = RunningJob(
             job, spec, backend, adopted_started_at=adopted_started_at,
             interrupted_while_away=adopted_started_at is not None and not vm_running,
+            console_max_bytes=self._settings.console_max_bytes,
         )
         self.running[job.job_id] = running
         self.idle.clear()
@@ -224,6 +227,7 @@ class JobRunner:
             except ImagePrepError as exc:
                 await self._finish(running, JobStatus.ERROR, str(exc), None, "", accepted_at, None)
                 return None
+        await running.console.skip_existing()
         try:
             await backend.prepare(spec)
             await backend.start(spec)

@@ -19,12 +19,22 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 STATE_DIR_MODE = 0o750
 PRIVATE_FILE_MODE = 0o640  # files holding a job's env or output (seeds, consoles, images)
 
 # `job-<uuid>`: the VM name of a job, and the stem of every per-job file.
 JOB_FILE = re.compile(r"^job-(?P<job_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.")
+
+
+def open_private(path: Path, *, append: bool = False) -> BinaryIO:
+    """Open `path` for writing, created 0640 whatever the umask: seeds and consoles hold
+    a job's env and output, which may carry tokens."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    os.fchmod(fd, PRIVATE_FILE_MODE)
+    return os.fdopen(fd, "ab" if append else "wb")
 
 
 def vm_name_for(job_id: str) -> str:

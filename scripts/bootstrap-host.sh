@@ -45,9 +45,13 @@ getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
 # The qemu driver looks up the built-in user even when qemu.conf says user="root".
 id libvirt-qemu >/dev/null 2>&1 || useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
 mkdir -p /var/log/libvirt /var/lib/libvirt/boot /var/lib/libvirt/images /run/libvirt
+# stdio_handler "file": QEMU appends the serial console to its file itself. With the
+# default "logd", virtlogd rotates it at 2 MiB and the job log loses its beginning; the
+# daemon keeps long consoles bounded on its own (CONSOLE_MAX_BYTES).
 qemu_conf='user = "root"
 group = "root"
-security_driver = "none"'
+security_driver = "none"
+stdio_handler = "file"'
 if [ "$(cat /etc/libvirt/qemu.conf 2>/dev/null)" != "$qemu_conf" ]; then
     printf '%s\n' "$qemu_conf" > /etc/libvirt/qemu.conf
     restart_libvirtd=1

@@ -30,7 +30,7 @@ async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology
     settings = make_settings(
         prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, max_concurrency=2,
         libvirt_domain_type="qemu", libvirt_network=test_network, orchestrator_id=f"test-{prefix}",
-        host_cpus=4, host_memory_mb=2048,
+        host_cpus=4, host_memory_mb=2048, console_max_bytes=4 * 1024 * 1024,
     )
     daemon = Daemon(settings, load_image_map(map_path))
     await daemon.start()
@@ -83,6 +83,19 @@ class ActiveDomains:
                 await asyncio.sleep(self.interval_s)
         finally:
             conn.close()
+
+
+async def test_a_guest_printing_without_end_keeps_a_bounded_console_and_its_result(vm_daemon, broker):
+    await broker.open()
+    job = await broker.submit(runs_on="demo", script="echo first line; yes 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy' | head -c 12000000; echo; echo last line")
+    result = await broker.next_result(timeout_s=300)
+    assert result.status is JobStatus.SUCCEEDED and result.exit_code == 0, (result.summary, result.console_tail)
+    console = vm_daemon.console_path(job.job_id)
+    data = console.read_bytes()
+    assert len(data) <= 4 * 1024 * 1024
+    assert b"first line" in data[: 1024 * 1024] and b"last line" in data[-4096:]
+    assert b"bytes of console output cut here" in data
+    assert oct(console.stat().st_mode & 0o777) == oct(0o640)
 
 
 async def test_jobs_exiting_0_and_3_run_at_once_in_real_vms(vm_daemon, broker):

@@ -19,7 +19,7 @@ from hypervisors.libvirt.connection import LibvirtConnection
 from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag
 from hypervisors.libvirt.overlay import create_overlay
 from hypervisors.seed import write_seed_iso
-from orchestrator.statedir import StateDir, job_id_of_file
+from orchestrator.statedir import StateDir, job_id_of_file, open_private
 
 STATE_POLL_S = 5.0  # safety net under lifecycle events
 
@@ -35,6 +35,11 @@ def _kvm_usable() -> bool:
 
 def _not_found(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+
+
+def _create_private(path: Path) -> None:
+    with open_private(path, append=True):
+        pass
 
 
 def _vm_state(code: int) -> VmState:
@@ -113,6 +118,7 @@ class LibvirtHypervisor:
             if spec.seed is not None and files.seed is not None:
                 await asyncio.to_thread(write_seed_iso, spec.seed, files.seed)
             spec.console_path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(_create_private, spec.console_path)  # before QEMU makes it 0644
             xml = build_domain_xml(
                 spec, files, domain_type=self.domain_type, orchestrator_id=self._orchestrator_id, network=self._network
             )

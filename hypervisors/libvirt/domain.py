@@ -108,10 +108,12 @@ def build_domain_xml(
         _sub(interface, "source", network=network)
         _sub(interface, "model", type="virtio")
     serial = _sub(devices, "serial", type="file")
-    _sub(serial, "source", path=str(files.console), append="off")
+    # Appended, never truncated: the daemon cuts an overlong console in place while QEMU
+    # writes (orchestrator.consolecap), and a re-run keeps the earlier attempt's output.
+    _sub(serial, "source", path=str(files.console), append="on")
     _sub(serial, "target", port="0")
     console = _sub(devices, "console", type="file")
-    _sub(console, "source", path=str(files.console), append="off")
+    _sub(console, "source", path=str(files.console), append="on")
     _sub(console, "target", type="serial", port="0")
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
