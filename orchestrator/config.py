@@ -68,6 +68,8 @@ class DaemonSettings(BaseModel):
     boot_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     console_max_bytes: Annotated[int, Field(ge=4 * 1024 * 1024)] = 64 * 1024 * 1024
     delivery_limit: Annotated[int, Field(ge=1, le=1000)] = 50
+    dlq_max_length: Annotated[int, Field(ge=1)] = 100_000
+    retention_days: Annotated[float, Field(gt=0)] = 14.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
     http_listen: Annotated[str, Field(pattern=r"^(off|[^\s:]+:\d{1,5})$")] = "127.0.0.1:9465"
@@ -125,6 +127,8 @@ ENV_NAMES: Mapping[str, str] = {
     "boot_timeout_s": "BOOT_TIMEOUT_S",
     "console_max_bytes": "CONSOLE_MAX_BYTES",
     "delivery_limit": "DELIVERY_LIMIT",
+    "dlq_max_length": "DLQ_MAX_LENGTH",
+    "retention_days": "RETENTION_DAYS",
     "max_attempts": "MAX_ATTEMPTS",
     "heartbeat_s": "HEARTBEAT_S",
     "http_listen": "HTTP_LISTEN",

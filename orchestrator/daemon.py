@@ -39,11 +39,15 @@ from orchestrator.logsetup import EventLogger
 from orchestrator.messages import Heartbeat
 from orchestrator.outbox import ResultOutbox
 from orchestrator.reconcile import reconcile
+from orchestrator.retention import directory_bytes, sweep
 from orchestrator.runner import JobRunner, StopReason
 from orchestrator.scheduler import Scheduler
 from orchestrator.topology import Topology, declare_topology
 
 log = EventLogger("orchestrator.daemon")
+
+HOUSEKEEPING_SWEEP_S = 3600.0
+HOUSEKEEPING_MEASURE_S = 60.0
 
 
 class StartupError(Exception):
@@ -154,6 +158,8 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._started = asyncio.Event()
         self._preparations = BackgroundTasks()  # image preparations at start and after reloads
+        self._state_dir_bytes: int | None = None
+        self._dlq_messages: int | None = None
         self._stopped = False
 
     # --- HostView (what the HTTP API reads) ---------------------------------------------
@@ -189,6 +195,8 @@ class Daemon:
             broker_connected=self.broker_connected,
             finished_by_status=dict(self.runner.finished) if self.runner is not None else {},
             results_published=self.outbox.published if self.outbox is not None else 0,
+            state_dir_bytes=self._state_dir_bytes,
+            dlq_messages=self._dlq_messages,
         )
 
     def status(self) -> dict[str, object]:
@@ -317,6 +325,7 @@ class Daemon:
         )
         stack.push_async_callback(self._preparations.cancel_all)
         self._preparations.spawn(self._prepare_images(sorted(self.image_map.images)), name="prepare-images")
+        self._background(stack, self._housekeeping(), "housekeeping")
         self.scheduler = Scheduler(
             image_map=self.image_map, ledger=self.ledger, intake=self._intake,
             settler=Settler(self._publisher, self.topology), topology=self.topology,
@@ -343,12 +352,11 @@ class Daemon:
             "cannot declare the broker's exchanges and queues",
             "every host of a fleet must use the same DELIVERY_LIMIT; a queue declared with other arguments must be deleted first",
         ):
-            channel = await self._connection.channel()
-            try:
-                await declare_topology(channel, self.topology, image_map, delivery_limit=self.settings.delivery_limit)
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
+            declared = await declare_topology(
+                self._connection, self.topology, image_map,
+                delivery_limit=self.settings.delivery_limit, dlq_max_length=self.settings.dlq_max_length,
+            )
+            await declared.channel.close()
 
     def _background(self, stack: AsyncExitStack, work: Coroutine[Any, Any, None], name: str) -> None:
         tasks = BackgroundTasks()
@@ -416,6 +424,28 @@ class Daemon:
                 await self.images.prepare(label)
             except Exception as exc:  # logged by the preparer; a job for it gets an error result
                 log.warning("image.prepare_at_start_failed", label=label, error=str(exc))
+
+    async def _housekeeping(self) -> None:
+        """Retention at start and hourly; the state directory's size and the DLQ's depth
+        for /metrics once a minute. A failure is logged and tried again next time."""
+        assert self.journal is not None and self.runner is not None and self._connection is not None
+        s, loop = self.settings, asyncio.get_running_loop()
+        next_sweep = loop.time()
+        while True:
+            try:
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + HOUSEKEEPING_SWEEP_S
+                    await sweep(self.journal, s.state, retention_days=s.retention_days, running=set(self.runner.running))
+                self._state_dir_bytes = await asyncio.to_thread(directory_bytes, s.state_dir)
+                channel = await self._connection.channel()
+                try:
+                    dlq = await channel.declare_queue(self.topology.dlq, passive=True)
+                    self._dlq_messages = dlq.declaration_result.message_count
+                finally:
+                    await channel.close()
+            except Exception as exc:
+                log.warning("housekeeping.failed", error=describe_error(exc))
+            await asyncio.sleep(HOUSEKEEPING_MEASURE_S)
 
     async def _heartbeat(self) -> None:
         assert self._events is not None

@@ -46,6 +46,8 @@ class MetricsSnapshot:
     broker_connected: bool
     finished_by_status: Mapping[str, int]
     results_published: int
+    state_dir_bytes: int | None  # measured once a minute; None before the first time
+    dlq_messages: int | None
 
 
 class HostView(Protocol):
@@ -87,6 +89,10 @@ class _ViewCollector(Collector):
             finished.add_metric([status], count)
         yield finished
         yield CounterMetricFamily("orchestrator_results_published", "Results confirmed by the broker", value=m.results_published)
+        if m.state_dir_bytes is not None:
+            yield GaugeMetricFamily("orchestrator_state_dir_bytes", "Disk used under STATE_DIR", value=m.state_dir_bytes)
+        if m.dlq_messages is not None:
+            yield GaugeMetricFamily("orchestrator_dlq_messages", "Messages in the dead-letter queue", value=m.dlq_messages)
 
 
 def _job_id(request: web.Request) -> str:

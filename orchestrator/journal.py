@@ -304,6 +304,33 @@ class Journal:
 
         return await self._db.submit(op)
 
+    async def forget_before(self, cutoff: float) -> list[str]:
+        """Delete the rows of jobs that are over here and ended before `cutoff`: their
+        result confirmed by the broker, or the job handed to another host. Live jobs and
+        results still waiting for the broker are kept whatever their age. Returns the
+        job ids forgotten (retention; not a state change: the job leaves the journal)."""
+        over = (JobState.PUBLISHED.value, JobState.REQUEUED.value)
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT job_id FROM jobs WHERE state IN (?, ?) AND COALESCE(finished_at, accepted_at, 0) < ?",
+                (*over, cutoff),
+            ).fetchall()
+            conn.executemany("DELETE FROM jobs WHERE job_id = ?", rows)
+            return [row[0] for row in rows]
+
+        return await self._db.submit(op)
+
+    async def kept_job_ids(self) -> set[str]:
+        """Jobs whose files must stay whatever their age: live, or not yet confirmed."""
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            keep = [s.value for s in (*LIVE_STATES, JobState.FINISHED)]
+            marks = ", ".join("?" for _ in keep)
+            return {row[0] for row in conn.execute(f"SELECT job_id FROM jobs WHERE state IN ({marks})", keep)}
+
+        return await self._db.submit(op)
+
     async def counts(self) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             return dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())

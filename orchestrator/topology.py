@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from orchestrator.imagemap import ImageMap
+from orchestrator.logsetup import EventLogger
+
+log = EventLogger("orchestrator.topology")
 
 REASON_HEADER = "x-orchestrator-reason"
 REROUTED_HEADER = "x-orchestrator-rerouted"
@@ -67,6 +70,7 @@ class Topology:
 
 @dataclass
 class DeclaredTopology:
+    channel: AbstractChannel
     jobs: AbstractExchange
     results: AbstractExchange
     events: AbstractExchange
@@ -87,11 +91,36 @@ def _job_queue_arguments(topology: Topology, delivery_limit: int) -> dict[str, o
     }
 
 
+async def _declare_dlq(
+    connection: AbstractConnection, channel: AbstractChannel, topology: Topology, max_length: int
+) -> AbstractQueue:
+    """The dead-letter queue, bounded: beyond `max_length` messages the oldest are
+    dropped. A DLQ declared earlier without the bound (or with another) cannot be
+    changed by a declare: it is used as it is, and the log says how to bound it."""
+    arguments = {"x-queue-type": "quorum", "x-max-length": max_length, "x-overflow": "drop-head"}
+    probe = await connection.channel()  # a refused declare closes its channel
+    try:
+        await probe.declare_queue(topology.dlq, durable=True, arguments=arguments)
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        log.warning(
+            "dlq.bound_not_applied", queue=topology.dlq, max_length=max_length, error=str(exc),
+            fix=f"rabbitmqctl set_policy --apply-to queues orchestrator-dlq '^{topology.dlq}$' "
+                f"'{{\"max-length\":{max_length}}}' (or delete the queue so it is declared bounded)",
+        )
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return await channel.declare_queue(topology.dlq, passive=True)
+
+
 async def declare_topology(
-    channel: AbstractChannel, topology: Topology, image_map: ImageMap, *, delivery_limit: int
+    connection: AbstractConnection, topology: Topology, image_map: ImageMap, *, delivery_limit: int, dlq_max_length: int
 ) -> DeclaredTopology:
+    """Declare everything on a channel of `connection`; the caller closes
+    `DeclaredTopology.channel` when it no longer needs the objects."""
+    channel = await connection.channel(publisher_confirms=True)
     dlx = await channel.declare_exchange(topology.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
-    dlq = await channel.declare_queue(topology.dlq, durable=True, arguments={"x-queue-type": "quorum"})
+    dlq = await _declare_dlq(connection, channel, topology, dlq_max_length)
     await dlq.bind(dlx, routing_key="")
     unroutable_exchange = await channel.declare_exchange(
         topology.unroutable_exchange, aio_pika.ExchangeType.FANOUT, durable=True
@@ -118,7 +147,7 @@ async def declare_topology(
     await results_queue.bind(results, routing_key="#")
     events = await channel.declare_exchange(topology.events, aio_pika.ExchangeType.TOPIC, durable=True)
     control = await channel.declare_exchange(topology.control, aio_pika.ExchangeType.FANOUT, durable=True)
-    return DeclaredTopology(jobs, results, events, control, dlx, label_queues, unroutable, dlq)
+    return DeclaredTopology(channel, jobs, results, events, control, dlx, label_queues, unroutable, dlq)
 
 
 async def delete_topology(channel: AbstractChannel, topology: Topology, labels: list[str]) -> None:
