@@ -35,6 +35,7 @@ def main() -> int:
         "AMQP_PREFIX": "demo",
         "ORCH_CONFIG": str(TEST_IMAGE / "image-map.yaml"),
         "STATE_DIR": str(STATE_DIR),
+        "IMAGE_DIR": str(TEST_IMAGE),  # the test image's files: the only ones its VMs may boot from
         "ORCH_BACKEND": "libvirt",
         # Software emulation works everywhere; on a host with working KVM use auto.
         "LIBVIRT_DOMAIN_TYPE": os.environ.get("LIBVIRT_DOMAIN_TYPE", "qemu"),

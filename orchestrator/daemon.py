@@ -108,6 +108,13 @@ async def build_backend(settings: DaemonSettings, name: BackendName, labels: lis
         )
 
 
+def _refuse_paths_outside_image_dir(image_map: ImageMap, settings: DaemonSettings) -> None:
+    problems = image_map.path_problems(image_dir=settings.images_dir, default_backend=settings.backend)
+    if problems:
+        more = f" (and {len(problems) - 1} more: orchestrator config check lists them)" if len(problems) > 1 else ""
+        raise StartupError(problems[0] + more)
+
+
 class BackgroundTasks:
     """Tasks the daemon starts and forgets until shutdown, which cancels them."""
 
@@ -276,6 +283,7 @@ class Daemon:
             self.journal = Journal(s.state.journal)
         stack.push_async_callback(self.journal.close)
 
+        _refuse_paths_outside_image_dir(self.image_map, s)
         self.router = RouterHypervisor({}, s.backend)
         stack.push_async_callback(self.router.close)
         given = self._given_backends
@@ -389,6 +397,7 @@ class Daemon:
             s = self.settings
             try:
                 new_map = await asyncio.to_thread(load_image_map, s.config, max_bytes=s.map_max_bytes)
+                _refuse_paths_outside_image_dir(new_map, s)
                 for name, labels in backends_needed(s, new_map).items():
                     if name not in self._router.backends:
                         self._router.add(await build_backend(s, name, labels))

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError
 
 from hypervisors.base import BackendName, ImageFormat
 from orchestrator.messages import LABEL_PATTERN, Cpus, DiskGb, JobRequest, MemoryMb, TimeoutS
-from orchestrator.yamlfile import YamlError, parse_yaml
+from orchestrator.yamlfile import YamlDocument, YamlError, parse_yaml
 
 DEFAULT_IMAGE_MAP = Path("examples/orchestrator-image-map.yaml")
 MAP_MAX_BYTES = 1024 * 1024
@@ -89,6 +89,35 @@ class ImageMap(BaseModel):
     aliases: dict[LabelName, LabelName] = Field(default_factory=dict)
     sizes: dict[LabelName, SizePreset] = Field(default_factory=dict)
     images: dict[LabelName, ImageEntry] = Field(min_length=1)
+    # Where each key came from, so checks made after loading still cite file:line.
+    _source: YamlDocument | None = PrivateAttr(default=None)
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        return self._source.where(path) if self._source is not None else "image map"
+
+    # --- files ---------------------------------------------------------------------------
+    def path_problems(self, *, image_dir: Path, default_backend: BackendName) -> list[str]:
+        """Every file an image names (`local_path`, `kernel`, `initrd`), resolved through
+        any symlink, must lie inside `image_dir`: the map's author decides which files a
+        VM boots from, not a link someone placed. Images of the simulated `noop` backend
+        read no file and are not checked."""
+        root = image_dir.resolve()
+        problems = []
+        for label, image in sorted(self.images.items()):
+            if (image.backend or default_backend) is BackendName.NOOP:
+                continue
+            for key in ("local_path", "kernel", "initrd"):
+                path = getattr(image, key)
+                if path is None:
+                    continue
+                resolved = path.resolve()
+                if not resolved.is_relative_to(root):
+                    via = f" (through a symlink, to {resolved})" if resolved != path else ""
+                    problems.append(
+                        f"{self.where(('images', label, key))}: images.{label}.{key}: {path}{via} is outside "
+                        f"IMAGE_DIR {image_dir} (move the file there, or set IMAGE_DIR to the directory that holds it)"
+                    )
+        return problems
 
     # --- label resolution ----------------------------------------------------------------
     def resolve(self, label: str | None) -> str:
@@ -268,6 +297,7 @@ def parse_image_map(text: str | bytes, *, filename: str, base_dir: Path, max_byt
     problems = _reference_problems(image_map)
     if problems:
         raise ImageMapError("\n".join(f"{document.where(path)}: {_dotted(path)}: {msg}" for path, msg in problems))
+    image_map._source = document
     return image_map
 
 

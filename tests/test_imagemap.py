@@ -189,3 +189,31 @@ def test_map_above_the_size_limit_is_refused_before_parsing(tmp_path):
     code, err, seconds = config_check_limited(path)
     assert code == 2 and f"{path}:1: the file is" in err and "above the limit of 1048576" in err, err
     assert seconds < 10
+
+
+def test_every_file_an_image_names_must_resolve_inside_image_dir(tmp_path):
+    from hypervisors.base import BackendName
+
+    image_dir, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    image_dir.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "vmlinuz").write_bytes(b"k")
+    (image_dir / "disk.qcow2").write_bytes(b"")
+    (image_dir / "initrd").symlink_to(tmp_path / "secret")  # a link that leaves IMAGE_DIR
+    (tmp_path / "secret").write_bytes(b"s")
+    text = (
+        "default_label: a\nimages:\n  a:\n    backend: libvirt\n"
+        f"    local_path: {image_dir}/disk.qcow2\n    kernel: {elsewhere}/vmlinuz\n    initrd: {image_dir}/initrd\n"
+        "  sim:\n    backend: noop\n    local_path: /anywhere/at/all\n"
+    )
+    problems = parse(text, tmp_path).path_problems(image_dir=image_dir, default_backend=BackendName.LIBVIRT)
+    assert problems == [
+        f"map.yaml:6: images.a.kernel: {elsewhere}/vmlinuz is outside IMAGE_DIR {image_dir} "
+        "(move the file there, or set IMAGE_DIR to the directory that holds it)",
+        f"map.yaml:7: images.a.initrd: {image_dir}/initrd (through a symlink, to {tmp_path}/secret) is outside "
+        f"IMAGE_DIR {image_dir} (move the file there, or set IMAGE_DIR to the directory that holds it)",
+    ]
+    path = tmp_path / "map.yaml"
+    path.write_text(text)
+    code, err, _ = config_check_limited(path)
+    assert code == 2 and "images.a.kernel" in err and "images.a.initrd" in err, err

@@ -30,7 +30,7 @@ async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology
     settings = make_settings(
         prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, max_concurrency=2,
         libvirt_domain_type="qemu", libvirt_network=test_network, orchestrator_id=f"test-{prefix}",
-        host_cpus=4, host_memory_mb=2048, console_max_bytes=4 * 1024 * 1024,
+        host_cpus=4, host_memory_mb=2048, console_max_bytes=4 * 1024 * 1024, image_dir=test_image,
     )
     daemon = Daemon(settings, load_image_map(map_path))
     await daemon.start()

@@ -58,6 +58,7 @@ def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):
     return daemon_env(
         prefix, tmp_path / "state", test_image / "image-map.yaml", ORCH_BACKEND="libvirt",
         LIBVIRT_DOMAIN_TYPE="qemu", LIBVIRT_NETWORK=test_network, ORCH_ID=f"test-{prefix}", MAX_CONCURRENCY="2",
+        IMAGE_DIR=str(test_image),
     )
 
 

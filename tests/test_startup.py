@@ -26,6 +26,7 @@ UNREACHABLE_LIBVIRT = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
 def env_for(prefix: str, tmp_path: Path, config: Path, **extra: str) -> dict[str, str]:
     return {
         "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(config), "STATE_DIR": str(tmp_path / "state"),
+        "IMAGE_DIR": str(tmp_path),
         "HOST_NAME": "h", "HTTP_LISTEN": "off", "BROKER_CONNECT_TIMEOUT_S": "2", **extra,
     }
 
@@ -147,6 +148,11 @@ async def test_http_port_in_use_is_one_line(prefix, tmp_path, cleanup_topology):
         listen = f"127.0.0.1:{taken.getsockname()[1]}"
         env = env_for(prefix, tmp_path, write_map(tmp_path, "noop"), HTTP_LISTEN=listen)
         assert_one_line_error(*await run_until_exit(env), f"cannot listen on HTTP_LISTEN {listen}", "address already in use")
+
+
+async def test_an_image_file_outside_image_dir_is_one_line(prefix, tmp_path):
+    env = env_for(prefix, tmp_path, libvirt_map(tmp_path), IMAGE_DIR=str(tmp_path / "images"))
+    assert_one_line_error(*await run_until_exit(env), "images.a.local_path:", "is outside IMAGE_DIR", "set IMAGE_DIR")
 
 
 @pytest.mark.libvirt

@@ -4,6 +4,7 @@ leaves no VM or file behind."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -19,10 +20,22 @@ from orchestrator.runner import job_timeout_s
 from tests.conftest import TEST_IMAGE, make_settings
 
 
+def image_dir(tmp_path: Path) -> Path:
+    """The test image's files, hard-linked into a directory of the test's own, so a
+    broken file of the test can sit beside them inside IMAGE_DIR."""
+    images = tmp_path / "images"
+    if not images.exists():
+        images.mkdir()
+        for name in ("base.qcow2", "vmlinuz", "initramfs.cpio.gz"):
+            os.link(TEST_IMAGE / name, images / name)
+    return images
+
+
 def broken_map(tmp_path: Path, **image: str) -> str:
-    entries = {"backend": "libvirt", "local_path": str(TEST_IMAGE / "base.qcow2"), "format": "qcow2",
-               "checkout": "false", "memory_mb": "256", "kernel": str(TEST_IMAGE / "vmlinuz"),
-               "initrd": str(TEST_IMAGE / "initramfs.cpio.gz"), "cmdline": "console=ttyS0 panic=-1 quiet", **image}
+    images = image_dir(tmp_path)
+    entries = {"backend": "libvirt", "local_path": str(images / "base.qcow2"), "format": "qcow2",
+               "checkout": "false", "memory_mb": "256", "kernel": str(images / "vmlinuz"),
+               "initrd": str(images / "initramfs.cpio.gz"), "cmdline": "console=ttyS0 panic=-1 quiet", **image}
     body = "".join(f"    {k}: {v}\n" for k, v in entries.items())
     return f"default_label: alpha\nimages:\n  alpha:\n{body}"
 
@@ -39,7 +52,7 @@ def tiny_disk(tmp_path) -> Iterator[Path]:
 
 async def run_one(tmp_path, prefix, network, text: str, state: Path, broker, **job) -> tuple[Daemon, object]:
     image_map = parse_image_map(text, filename="map.yaml", base_dir=tmp_path)
-    settings = make_settings(prefix, state, tmp_path / "map.yaml", backend=BackendName.LIBVIRT,
+    settings = make_settings(prefix, state, tmp_path / "map.yaml", backend=BackendName.LIBVIRT, image_dir=image_dir(tmp_path),
                              libvirt_domain_type="qemu", libvirt_network=network, orchestrator_id=f"t-{prefix}")
     daemon = Daemon(settings, image_map)
     await daemon.start()
@@ -58,7 +71,7 @@ async def run_one(tmp_path, prefix, network, text: str, state: Path, broker, **j
 
 @pytest.mark.libvirt
 async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, prefix, test_network, cleanup_topology, broker):
-    not_a_kernel = tmp_path / "not-a-kernel"
+    not_a_kernel = image_dir(tmp_path) / "not-a-kernel"
     not_a_kernel.write_text("this is not a kernel\n")
     text = broken_map(tmp_path, kernel=str(not_a_kernel))
     _, result = await run_one(tmp_path, prefix, test_network, text, tmp_path / "state", broker)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from orchestrator.cli.common import Commands, OneLineParser, add_command, load_cli_image_map, load_cli_settings
+from orchestrator.cli.common import CLIError, Commands, OneLineParser, add_command, load_cli_image_map, load_cli_settings
 
 
 def register(commands: Commands) -> None:
@@ -17,6 +17,9 @@ def register(commands: Commands) -> None:
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
     image_map = load_cli_image_map(settings)
+    problems = image_map.path_problems(image_dir=settings.images_dir, default_backend=settings.backend)
+    if problems:
+        raise CLIError("\n".join(problems))
     print(f"image map {settings.config}: OK")
     print(f"default label: {image_map.default_label} -> {image_map.resolve(None)}")
     for alias in sorted(image_map.aliases):
