@@ -302,6 +302,7 @@ class Daemon:
             image_map=self.image_map, ledger=self.ledger, journal=self.journal, outbox=self.outbox,
             publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
             start_job=self.runner.start, cancelled=cancels,
+            max_message_bytes=s.max_message_bytes,
         )
         control = ControlListener(
             topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,
