@@ -12,8 +12,10 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
@@ -161,6 +163,12 @@ def _request_id_in(data: dict[str, object]) -> uuid.UUID | None:
         return None
 
 
+class RunsAJob(Protocol):
+    """What intake reads of a job the runner holds (the values of `JobRunner.running`)."""
+
+    job: AcceptedJob
+
+
 class JobIntake:
     def __init__(
         self,
@@ -175,6 +183,7 @@ class JobIntake:
         backend_of: Callable[[ImageEntry], str],
         start_job: Callable[[AcceptedJob], None],
         cancelled: Container[str] = frozenset(),
+        running: Mapping[str, RunsAJob] = MappingProxyType({}),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._image_map = image_map
@@ -187,7 +196,10 @@ class JobIntake:
         self._backend_of = backend_of
         self._start_job = start_job
         self._cancelled = cancelled
+        self._running = running
         self._max_message_bytes = max_message_bytes
+        # Journaled here and not yet handed to the runner (the ack comes in between).
+        self._starting: dict[str, JobRequest] = {}
 
     def update_map(self, image_map: ImageMap) -> None:
         """A reloaded image map; jobs already accepted keep the entry they were taken with."""
@@ -207,10 +219,34 @@ class JobIntake:
             log.warning("job.malformed", **where, reason=str(exc), job_id=job_id)
             return Decision(Verdict.DEAD_LETTER, reason=str(exc), job_id=job_id)
 
+    def _held_here(self, job_id: str) -> JobRequest | None:
+        """The request of a job this host holds now, from memory (no journal read)."""
+        if job_id in self._starting:
+            return self._starting[job_id]
+        running = self._running.get(job_id)
+        return running.job.request if running is not None else None
+
+    def _copy_of(self, request: JobRequest, known: JobRequest | None, label: str | None) -> Decision:
+        """A request for a job this host already knows: acked when it asks for the same
+        job, to the DLQ when its id was reused for another; never requeued (it would come
+        back at once, again and again, until the delivery limit)."""
+        job_id = request.job_id
+        differing = known.fields_differing_from(request) if known is not None else []
+        if differing:
+            log.warning("job.request_id_reused", job_id=job_id, label=label, fields=differing)
+            return Decision(Verdict.DEAD_LETTER, reason=f"request_id {job_id} reused with a different request", job_id=job_id)
+        log.info("job.duplicate", job_id=job_id, label=label, attempt=request.attempt)
+        return Decision(Verdict.DUPLICATE, reason="already known", job_id=job_id)
+
+    async def _copy_of_journaled(self, request: JobRequest, label: str | None) -> Decision:
+        """The journal refused the job as already known: compare with what it holds."""
+        record = await self._journal.get(request.job_id)
+        return self._copy_of(request, record.request if record is not None else None, label)
+
     async def _answer(self, request: JobRequest, label: str | None, status: JobStatus, summary: str) -> Decision:
         result = JobResult.for_request(request, status=status, summary=summary, host=self._host, label=label)
         if not await self._journal.record_answer(request, result, label=label):
-            return Decision(Verdict.DUPLICATE, reason="already known", job_id=request.job_id)
+            return await self._copy_of_journaled(request, label)
         log.info("job.answered", job_id=request.job_id, label=label, status=status.value, summary=summary)
         await self._outbox.deliver(result, stored=True)
         return Decision(Verdict.ANSWERED, reason=summary, job_id=request.job_id)
@@ -220,6 +256,12 @@ class JobIntake:
         if isinstance(request, Decision):
             return request
         job_id = request.job_id
+        held = self._held_here(job_id)
+        if held is not None:
+            if request.attempt > held.attempt:
+                # The runner publishes a job it hands back before it lets go of it here.
+                return Decision(Verdict.REQUEUE, reason=f"attempt {held.attempt} is being handed back here", job_id=job_id)
+            return self._copy_of(request, held, label)
         if job_id in self._cancelled:
             return await self._answer(request, label, JobStatus.CANCELLED, "cancelled before a host started it")
         if request.deadline is not None and request.deadline < now_utc():
@@ -244,20 +286,30 @@ class JobIntake:
         nonce = new_nonce()
         vm_name = vm_name_for(job_id)
         accepted_at = time.time()
+        self._starting[job_id] = request
         try:
             fresh = await self._journal.accept(
                 request, label=label, nonce=nonce, vm_name=vm_name, backend=backend, accepted_at=accepted_at
             )
         except BaseException:
-            self._ledger.release(reservation)
+            self._let_go(reservation)
             raise
         if not fresh:
-            self._ledger.release(reservation)
-            log.info("job.duplicate", job_id=job_id, label=label)
-            return Decision(Verdict.DUPLICATE, reason="already known", job_id=job_id)
+            self._let_go(reservation)
+            return await self._copy_of_journaled(request, label)
         accepted = AcceptedJob(request, label, image, resources, reservation, nonce, vm_name, accepted_at)
         log.info("job.accepted", job_id=job_id, label=label, attempt=request.attempt)
-        return Decision(Verdict.START, job_id=job_id, after_ack=lambda: self._start_job(accepted))
+        return Decision(Verdict.START, job_id=job_id, after_ack=lambda: self._hand_over(accepted))
+
+    def _let_go(self, reservation: Reservation) -> None:
+        del self._starting[reservation.job_id]
+        self._ledger.release(reservation)
+
+    def _hand_over(self, job: AcceptedJob) -> None:
+        try:
+            self._start_job(job)
+        finally:
+            del self._starting[job.job_id]
 
     async def on_unroutable_message(self, message: AbstractIncomingMessage) -> Decision:
         request = self._parse(message, queue="unroutable")
