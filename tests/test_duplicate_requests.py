@@ -56,7 +56,9 @@ async def test_copies_of_a_running_job_are_acked_a_reused_id_dead_lettered_and_o
     assert not broker.conflicts and broker.redeliveries == 0
 
 
-async def test_copy_of_a_finished_job_is_acked_and_a_reused_id_is_dead_lettered(daemon_factory, broker):
+async def test_copy_of_a_journaled_job_is_acked_a_reused_id_dead_lettered_and_a_handed_back_job_runs_again(
+    daemon_factory, broker
+):
     daemon = await daemon_factory()
     await broker.open()
     job = await broker.submit(runs_on="alpha", script="make")
@@ -67,25 +69,19 @@ async def test_copy_of_a_finished_job_is_acked_and_a_reused_id_is_dead_lettered(
     await broker.submit(runs_on="alpha", request_id=job.job_id, script="make", env={"X": "1"})
     (dead,) = await broker.dead_letters(1)
     assert dead.headers[REASON_HEADER] == f"request_id {job.job_id} reused with a different request"
-    marker = await broker.submit(runs_on="alpha")
-    assert (await broker.next_result()).request_id == marker.request_id  # the copies were handled before it
+
+    # Not a copy: the next attempt of a job this host handed back (as one that shut down mid-job leaves it).
+    handed_back = JobRequest.model_validate(
+        {"request_id": str(uuid.uuid4()), "repo_url": "https://example.invalid/repo.git", "commit_sha": SHA, "runs_on": "alpha"}
+    )
+    await daemon.journal.accept(
+        handed_back, label="alpha", nonce="n", vm_name=vm_name_for(handed_back.job_id), backend="noop", accepted_at=time.time()
+    )
+    await daemon.journal.move(handed_back.job_id, JobState.REQUEUED)
+    await broker.submit(**{**handed_back.model_dump(mode="json"), "attempt": 2})
+    result = await broker.next_result()
+    assert result.request_id == handed_back.request_id and result.attempt == 2
+    assert result.status is JobStatus.SUCCEEDED
     assert sum(daemon.runner.finished.values()) == 2
     await _assert_nothing_requeued_or_left(daemon, broker)
     assert not broker.conflicts and broker.redeliveries == 0
-
-
-async def test_later_attempt_of_a_job_handed_back_here_is_run_not_dropped(daemon_factory, broker):
-    daemon = await daemon_factory()
-    await broker.open()
-    request = JobRequest.model_validate(
-        {"request_id": str(uuid.uuid4()), "repo_url": "https://example.invalid/repo.git", "commit_sha": SHA, "runs_on": "alpha"}
-    )
-    # As a host that shut down mid-job leaves it: attempt 1 handed back to the broker.
-    await daemon.journal.accept(
-        request, label="alpha", nonce="n", vm_name=vm_name_for(request.job_id), backend="noop", accepted_at=time.time()
-    )
-    await daemon.journal.move(request.job_id, JobState.REQUEUED)
-    await broker.submit(**{**request.model_dump(mode="json"), "attempt": 2})
-    result = await broker.next_result()
-    assert result.request_id == request.request_id and result.attempt == 2
-    assert result.status is JobStatus.SUCCEEDED
