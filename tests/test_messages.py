@@ -151,8 +151,10 @@ def _json(**fields: object) -> bytes:
     [
         (
             _json(deadline="9999-12-31T23:59:59-14:00"),
-            "invalid job request: deadline: out of range: 9999-12-31T23:59:59-14:00 is outside "
-            "0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z in UTC",
+            (
+                "invalid job request: deadline: out of range: 9999-12-31T23:59:59-14:00 is outside "
+                "0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z in UTC"
+            ),
         ),
         (_json(submitted_at="0001-01-01T00:00:00+01:00"), "invalid job request: submitted_at: out of range: "),
         (b"[" * 100_000, "JSON nested too deeply"),
