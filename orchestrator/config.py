@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hypervisors.base import BackendName
 from orchestrator.imagemap import DEFAULT_IMAGE_MAP, MAP_MAX_BYTES
-from orchestrator.messages import LABEL_PATTERN
+from orchestrator.messages import LABEL_PATTERN, MAX_MESSAGE_BYTES
 from orchestrator.statedir import StateDir
 
 
@@ -85,6 +85,9 @@ class DaemonSettings(BaseModel):
     zones_zonepath_root: Path = Path("/zones")
     zones_global_nic: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")] | None = None
     orchestrator_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] = "ci-orchestrator"
+    # job requests: a body over this is refused before it is parsed (the default admits
+    # the largest valid request, see messages.MAX_MESSAGE_BYTES)
+    max_message_bytes: Annotated[int, Field(ge=4096)] = MAX_MESSAGE_BYTES
 
     @field_validator("amqp_url")
     @classmethod
@@ -142,6 +145,7 @@ ENV_NAMES: Mapping[str, str] = {
     "zones_zonepath_root": "ZONES_ZONEPATH_ROOT",
     "zones_global_nic": "ZONES_GLOBAL_NIC",
     "orchestrator_id": "ORCH_ID",
+    "max_message_bytes": "MAX_MESSAGE_BYTES",
 }
 
 

@@ -317,7 +317,8 @@ class Daemon:
         self._intake = JobIntake(
             image_map=self.image_map, ledger=self.ledger, journal=self.journal, outbox=self.outbox,
             publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
-            start_job=self.runner.start, cancelled=cancels,
+            start_job=self.runner.start, cancelled=cancels, running=self.runner.running,
+            max_message_bytes=s.max_message_bytes,
         )
         control = ControlListener(
             topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,

@@ -9,10 +9,13 @@ result. Nothing here acks: it only decides.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
@@ -25,7 +28,13 @@ from orchestrator.consumer import Decision, Verdict
 from orchestrator.imagemap import ImageEntry, ImageMap, RequestRejected, Resources
 from orchestrator.journal import Journal
 from orchestrator.logsetup import EventLogger
-from orchestrator.messages import JobRequest, JobResult, JobStatus, now_utc
+from orchestrator.messages import (
+    MAX_MESSAGE_BYTES,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    now_utc,
+)
 from orchestrator.outbox import ResultOutbox
 from orchestrator.statedir import vm_name_for
 from orchestrator.topology import REROUTED_HEADER, Topology
@@ -51,34 +60,113 @@ class AcceptedJob:
         return self.request.job_id
 
 
+SHOWN_KEY_CHARS = 64  # of a field name from the message, in a reason or log line
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A dotted field path for a reason; names taken from the message are cut short, so
+    a hostile one cannot make the reason (and the log line) as large as the message."""
+    parts = [str(part) if len(str(part)) <= SHOWN_KEY_CHARS else f"{str(part)[:SHOWN_KEY_CHARS]}..." for part in loc[:8]]
+    return ".".join(parts) + (".(...)" if len(loc) > 8 else "") or "(message)"
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors()[:5]:
-        where = ".".join(str(p) for p in error["loc"]) or "(message)"
-        parts.append(f"{where}: {error['msg']}")
+    parts = [f"{_where(error['loc'])}: {error['msg']}" for error in exc.errors()[:5]]
     return "invalid job request: " + "; ".join(parts)
 
 
-def parse_request(body: bytes) -> JobRequest:
-    """Raises ValueError with a reason fit for the DLQ header."""
+class MalformedRequest(ValueError):
+    """A body that is no job request. `str()` is the reason for the DLQ header, fit for
+    its publisher: it names the field, or the limit and its setting, where there is one."""
+
+    def __init__(self, reason: str, *, request_id: uuid.UUID | None = None) -> None:
+        super().__init__(reason)
+        self.request_id = request_id  # for the log, when the body had a readable one
+
+
+# Longer integers are refused by int() itself (sys.set_int_max_str_digits); counting the
+# digits first gives the refusal a reason and the field.
+MAX_NUMBER_DIGITS = sys.int_info.default_max_str_digits
+
+
+@dataclass(frozen=True)
+class _LongNumber:
+    """Stands in for a number too long to convert, so the reason can name where it is."""
+
+    digits: int
+
+
+def _path_to(data: object, target: object) -> tuple[int | str, ...]:
+    """Where `target` is in a parsed document, as a pydantic-style `loc`. Iterative: the
+    document may be nested as deep as the JSON parser allows."""
+    stack: list[tuple[tuple[int | str, ...], object]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if value is target:
+            return loc
+        if isinstance(value, dict | list):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend(((*loc, key), item) for key, item in items)
+    return ()
+
+
+def _load_json(body: bytes) -> object:
+    long_numbers: list[_LongNumber] = []
+
+    def parse_int(text: str) -> int | _LongNumber:
+        digits = len(text.lstrip("-"))
+        if digits <= MAX_NUMBER_DIGITS:
+            return int(text)
+        long_numbers.append(_LongNumber(digits))
+        return long_numbers[-1]
+
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+        data = json.loads(body, parse_int=parse_int)
+    except UnicodeDecodeError as exc:
+        raise MalformedRequest(
+            f"not {exc.encoding.upper()} text: byte {exc.object[exc.start]:#04x} at offset {exc.start} is invalid ({exc.reason})"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise MalformedRequest(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedRequest("JSON nested too deeply: a job request nests 2 levels, this one hundreds") from None
+    if long_numbers:
+        number = long_numbers[0]
+        raise MalformedRequest(
+            f"number too long: {_where(_path_to(data, number))} has {number.digits} digits, at most {MAX_NUMBER_DIGITS} are read"
+        )
+    return data
+
+
+def parse_request(body: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> JobRequest:
+    """The request in `body`, parsed once; raises `MalformedRequest` with the reason."""
+    if len(body) > max_bytes:
+        raise MalformedRequest(f"message is {len(body)} bytes, over the limit of {max_bytes} bytes (MAX_MESSAGE_BYTES)")
+    data = _load_json(body)
     if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+        raise MalformedRequest(f"not a JSON object but a JSON {_json_kind(data)}")
     try:
         return JobRequest.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(describe_validation_error(exc)) from None
+        raise MalformedRequest(describe_validation_error(exc), request_id=_request_id_in(data)) from None
 
 
-def request_id_of(body: bytes) -> uuid.UUID | None:
-    """The request id of a message that failed validation, when one can be read."""
+def _json_kind(value: object) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _request_id_in(data: dict[str, object]) -> uuid.UUID | None:
+    value = data.get("request_id")
     try:
-        return uuid.UUID(str(json.loads(body)["request_id"]))
-    except Exception:
+        return uuid.UUID(value) if isinstance(value, str) else None
+    except ValueError:
         return None
+
+
+class RunsAJob(Protocol):
+    """What intake reads of a job the runner holds (the values of `JobRunner.running`)."""
+
+    job: AcceptedJob
 
 
 class JobIntake:
@@ -95,6 +183,8 @@ class JobIntake:
         backend_of: Callable[[ImageEntry], str],
         start_job: Callable[[AcceptedJob], None],
         cancelled: Container[str] = frozenset(),
+        running: Mapping[str, RunsAJob] = MappingProxyType({}),
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._image_map = image_map
         self._ledger = ledger
@@ -106,6 +196,10 @@ class JobIntake:
         self._backend_of = backend_of
         self._start_job = start_job
         self._cancelled = cancelled
+        self._running = running
+        self._max_message_bytes = max_message_bytes
+        # Journaled here and not yet handed to the runner (the ack comes in between).
+        self._starting: dict[str, JobRequest] = {}
 
     def update_map(self, image_map: ImageMap) -> None:
         """A reloaded image map; jobs already accepted keep the entry they were taken with."""
@@ -117,21 +211,57 @@ class JobIntake:
 
         return handle
 
+    def _parse(self, message: AbstractIncomingMessage, **where: str) -> JobRequest | Decision:
+        try:
+            return parse_request(message.body, max_bytes=self._max_message_bytes)
+        except MalformedRequest as exc:
+            job_id = str(exc.request_id) if exc.request_id else None
+            log.warning("job.malformed", **where, reason=str(exc), job_id=job_id)
+            return Decision(Verdict.DEAD_LETTER, reason=str(exc), job_id=job_id)
+
+    def _held_here(self, job_id: str) -> JobRequest | None:
+        """The request of a job this host holds now, from memory (no journal read)."""
+        if job_id in self._starting:
+            return self._starting[job_id]
+        running = self._running.get(job_id)
+        return running.job.request if running is not None else None
+
+    def _copy_of(self, request: JobRequest, known: JobRequest | None, label: str | None) -> Decision:
+        """A request for a job this host already knows: acked when it asks for the same
+        job, to the DLQ when its id was reused for another; never requeued (it would come
+        back at once, again and again, until the delivery limit)."""
+        job_id = request.job_id
+        differing = known.fields_differing_from(request) if known is not None else []
+        if differing:
+            log.warning("job.request_id_reused", job_id=job_id, label=label, fields=differing)
+            return Decision(Verdict.DEAD_LETTER, reason=f"request_id {job_id} reused with a different request", job_id=job_id)
+        log.info("job.duplicate", job_id=job_id, label=label, attempt=request.attempt)
+        return Decision(Verdict.DUPLICATE, reason="already known", job_id=job_id)
+
+    async def _copy_of_journaled(self, request: JobRequest, label: str | None) -> Decision:
+        """The journal refused the job as already known: compare with what it holds."""
+        record = await self._journal.get(request.job_id)
+        return self._copy_of(request, record.request if record is not None else None, label)
+
     async def _answer(self, request: JobRequest, label: str | None, status: JobStatus, summary: str) -> Decision:
         result = JobResult.for_request(request, status=status, summary=summary, host=self._host, label=label)
         if not await self._journal.record_answer(request, result, label=label):
-            return Decision(Verdict.DUPLICATE, reason="already known", job_id=request.job_id)
+            return await self._copy_of_journaled(request, label)
         log.info("job.answered", job_id=request.job_id, label=label, status=status.value, summary=summary)
         await self._outbox.deliver(result, stored=True)
         return Decision(Verdict.ANSWERED, reason=summary, job_id=request.job_id)
 
     async def on_job_message(self, label: str, message: AbstractIncomingMessage) -> Decision:
-        try:
-            request = parse_request(message.body)
-        except ValueError as exc:
-            log.warning("job.malformed", label=label, reason=str(exc), job_id=str(request_id_of(message.body)))
-            return Decision(Verdict.DEAD_LETTER, reason=str(exc))
+        request = self._parse(message, label=label)
+        if isinstance(request, Decision):
+            return request
         job_id = request.job_id
+        held = self._held_here(job_id)
+        if held is not None:
+            if request.attempt > held.attempt:
+                # The runner publishes a job it hands back before it lets go of it here.
+                return Decision(Verdict.REQUEUE, reason=f"attempt {held.attempt} is being handed back here", job_id=job_id)
+            return self._copy_of(request, held, label)
         if job_id in self._cancelled:
             return await self._answer(request, label, JobStatus.CANCELLED, "cancelled before a host started it")
         if request.deadline is not None and request.deadline < now_utc():
@@ -156,27 +286,35 @@ class JobIntake:
         nonce = new_nonce()
         vm_name = vm_name_for(job_id)
         accepted_at = time.time()
+        self._starting[job_id] = request
         try:
             fresh = await self._journal.accept(
                 request, label=label, nonce=nonce, vm_name=vm_name, backend=backend, accepted_at=accepted_at
             )
         except BaseException:
-            self._ledger.release(reservation)
+            self._let_go(reservation)
             raise
         if not fresh:
-            self._ledger.release(reservation)
-            log.info("job.duplicate", job_id=job_id, label=label)
-            return Decision(Verdict.DUPLICATE, reason="already known", job_id=job_id)
+            self._let_go(reservation)
+            return await self._copy_of_journaled(request, label)
         accepted = AcceptedJob(request, label, image, resources, reservation, nonce, vm_name, accepted_at)
         log.info("job.accepted", job_id=job_id, label=label, attempt=request.attempt)
-        return Decision(Verdict.START, job_id=job_id, after_ack=lambda: self._start_job(accepted))
+        return Decision(Verdict.START, job_id=job_id, after_ack=lambda: self._hand_over(accepted))
+
+    def _let_go(self, reservation: Reservation) -> None:
+        del self._starting[reservation.job_id]
+        self._ledger.release(reservation)
+
+    def _hand_over(self, job: AcceptedJob) -> None:
+        try:
+            self._start_job(job)
+        finally:
+            del self._starting[job.job_id]
 
     async def on_unroutable_message(self, message: AbstractIncomingMessage) -> Decision:
-        try:
-            request = parse_request(message.body)
-        except ValueError as exc:
-            log.warning("job.malformed", queue="unroutable", reason=str(exc), job_id=str(request_id_of(message.body)))
-            return Decision(Verdict.DEAD_LETTER, reason=str(exc))
+        request = self._parse(message, queue="unroutable")
+        if isinstance(request, Decision):
+            return request
         rerouted = bool((message.headers or {}).get(REROUTED_HEADER))
         try:
             label = self._image_map.resolve(request.runs_on)

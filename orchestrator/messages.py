@@ -22,13 +22,21 @@ from pydantic import (
     StringConstraints,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 MAX_SCRIPT_BYTES = 256 * 1024
+MAX_ENV_NAME_BYTES = 128  # ENV_NAME_PATTERN: ASCII only, at most 128 characters
 MAX_ENV_VALUE_BYTES = 32 * 1024
 MAX_ENV_ENTRIES = 256
 MAX_TIMEOUT_S = 7 * 24 * 3600
+# Default of the MAX_MESSAGE_BYTES setting (a body over it is refused unparsed): the
+# largest valid request however its publisher's JSON encoder wrote it. That is the script
+# and every env name and value at their limits with each UTF-8 byte as a six-byte escape
+# (`\u0001`; no character's escape is more than six times its UTF-8 size), plus 1 MiB
+# for the other fields and the unknown fields a forge may add: about 51 MiB.
+MAX_MESSAGE_BYTES = 6 * (MAX_SCRIPT_BYTES + MAX_ENV_ENTRIES * (MAX_ENV_NAME_BYTES + MAX_ENV_VALUE_BYTES)) + 1024 * 1024
 
 Label = Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]
 # Resource bounds, shared by job requests and the image map.
@@ -46,11 +54,46 @@ def _no_control_chars(value: str) -> str:
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00 is in year 10000 in UTC
+        raise PydanticCustomError(
+            "datetime_out_of_range",
+            "out of range: {value} is outside 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z in UTC",
+            {"value": value.isoformat()},
+        ) from None
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL bytes")
+    return value
+
+
+def utf8_bytes_at_most(limit: int) -> AfterValidator:
+    """A text limit in UTF-8 bytes, the size it takes in the VM's seed and environment
+    (a character count would let 256 Ki three-byte characters be 768 KiB)."""
+
+    def check(value: str) -> str:
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError as exc:  # a lone surrogate, from a `\ud800` escape
+            raise PydanticCustomError(
+                "not_utf8", "not UTF-8 text: a lone surrogate at character {at}", {"at": exc.start}
+            ) from None
+        if size > limit:
+            raise PydanticCustomError(
+                "too_many_bytes", "is {size} bytes as UTF-8, over the limit of {limit} bytes", {"size": size, "limit": limit}
+            )
+        return value
+
+    return AfterValidator(check)
 
 
 SafeText = Annotated[ShortText, AfterValidator(_no_control_chars)]
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+Script = Annotated[str, AfterValidator(_no_nul), utf8_bytes_at_most(MAX_SCRIPT_BYTES)]
+EnvValue = Annotated[str, AfterValidator(_no_nul), utf8_bytes_at_most(MAX_ENV_VALUE_BYTES)]
 
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[A-Za-z0-9._/~-]+$")
 _REPO_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
@@ -92,8 +135,8 @@ class JobRequest(BaseModel):
     script_path: SafeText | None = None
     submitted_at: UtcDatetime = Field(default_factory=now_utc)
     # ours
-    script: Annotated[str, StringConstraints(max_length=MAX_SCRIPT_BYTES)] | None = None
-    env: dict[Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)], str] = Field(
+    script: Script | None = None
+    env: dict[Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)], EnvValue] = Field(
         default_factory=dict, max_length=MAX_ENV_ENTRIES
     )
     size: Label | None = None
@@ -121,26 +164,21 @@ class JobRequest(BaseModel):
     def _lower_sha(cls, value: str) -> str:
         return value.lower()
 
-    @field_validator("env")
-    @classmethod
-    def _env_values(cls, env: dict[str, str]) -> dict[str, str]:
-        for name, value in env.items():
-            if "\x00" in value:
-                raise ValueError(f"env {name}: value must not contain NUL bytes")
-            if len(value.encode()) > MAX_ENV_VALUE_BYTES:
-                raise ValueError(f"env {name}: value is over {MAX_ENV_VALUE_BYTES} bytes")
-        return env
-
-    @field_validator("script")
-    @classmethod
-    def _script(cls, value: str | None) -> str | None:
-        if value is not None and "\x00" in value:
-            raise ValueError("must not contain NUL bytes")
-        return value
-
     @property
     def job_id(self) -> str:
         return str(self.request_id)
+
+    def fields_differing_from(self, other: JobRequest) -> list[str]:
+        """The fields in which `other` asks for a different job than this request. Not
+        `attempt` (a hand-back raises it) nor `submitted_at` (a publisher may leave it
+        out, and then it is the time of parsing)."""
+        return [
+            name for name in type(self).model_fields
+            if name not in _NOT_THE_JOB and getattr(self, name) != getattr(other, name)
+        ]
+
+
+_NOT_THE_JOB = frozenset({"attempt", "submitted_at"})
 
 
 class JobResult(BaseModel):

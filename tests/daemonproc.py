@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,9 +18,12 @@ class DaemonProcess:
 
     started: list[DaemonProcess] = []
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, limits: Mapping[int, int] | None = None) -> None:
+        """`limits`: resource (e.g. `resource.RLIMIT_AS`) -> soft and hard limit in the daemon,
+        so a test of hostile input fails instead of exhausting the machine."""
         DaemonProcess.started.append(self)
         self.env = {**os.environ, "LOG_FORMAT": "json", **env}
+        self.limits = dict(limits or {})
         self.process: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -27,7 +32,8 @@ class DaemonProcess:
     async def start(self, timeout_s: float = 60) -> DaemonProcess:
         self._started.clear()
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+            sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=self._apply_limits if self.limits else None,
         )
         self._reader = asyncio.create_task(self._read(self.process))
         started = asyncio.create_task(self._started.wait())
@@ -41,6 +47,11 @@ class DaemonProcess:
             tail = "".join(self.lines[-20:])
             raise AssertionError(f"the daemon did not log daemon.started within {timeout_s:g} s; its last lines:\n{tail}")
         return self
+
+    def _apply_limits(self) -> None:
+        """Runs in the child, between fork and exec."""
+        for which, limit in self.limits.items():
+            resource.setrlimit(which, (limit, limit))
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None

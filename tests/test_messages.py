@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from orchestrator.intake import parse_request
-from orchestrator.messages import JobRequest, JobResult, JobStatus
+from orchestrator.intake import MalformedRequest, parse_request
+from orchestrator.messages import (
+    MAX_ENV_ENTRIES,
+    MAX_ENV_VALUE_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_SCRIPT_BYTES,
+    JobRequest,
+    JobResult,
+    JobStatus,
+)
 
 VALID = {
     "schema_version": "jobrequest.v1",
@@ -97,3 +105,88 @@ def test_junk_fields_are_refused_with_a_reason_or_parse_strictly(fields):
     # Whatever got through is well-formed.
     assert len(request.commit_sha) in (40, 64)
     assert all(name.isidentifier() for name in request.env)
+
+
+def test_script_limit_counts_utf8_bytes_not_characters():
+    three_byte = "\u20ac"  # €
+    with pytest.raises(ValidationError) as error:
+        JobRequest.model_validate({**VALID, "script": three_byte * MAX_SCRIPT_BYTES})
+    (problem,) = error.value.errors()
+    assert problem["loc"] == ("script",)
+    assert problem["msg"] == f"is {3 * MAX_SCRIPT_BYTES} bytes as UTF-8, over the limit of {MAX_SCRIPT_BYTES} bytes"
+    assert JobRequest.model_validate({**VALID, "script": three_byte * (MAX_SCRIPT_BYTES // 3)}).script
+    assert JobRequest.model_validate({**VALID, "script": "#" * MAX_SCRIPT_BYTES}).script
+
+
+def test_env_values_are_counted_in_bytes_by_the_same_rule_naming_the_variable():
+    with pytest.raises(ValidationError) as error:
+        JobRequest.model_validate({**VALID, "env": {"OK": "v", "BIG": "\u20ac" * (MAX_ENV_VALUE_BYTES // 3 + 1)}})
+    (problem,) = error.value.errors()
+    assert problem["loc"] == ("env", "BIG")
+    assert problem["msg"] == f"is {3 * (MAX_ENV_VALUE_BYTES // 3 + 1)} bytes as UTF-8, over the limit of {MAX_ENV_VALUE_BYTES} bytes"
+    assert JobRequest.model_validate({**VALID, "env": {"FULL": "v" * MAX_ENV_VALUE_BYTES}}).env["FULL"]
+
+
+@pytest.mark.parametrize("field", ["script", "env"])
+def test_text_that_is_not_utf8_is_refused_naming_the_field(field):
+    value = "echo \ud800" if field == "script" else {"X": "\ud800"}
+    with pytest.raises(ValidationError) as error:
+        JobRequest.model_validate({**VALID, field: value})
+    assert error.value.errors()[0]["loc"][0] == field
+    assert "not UTF-8 text" in error.value.errors()[0]["msg"]
+
+
+def _reason(body: bytes, **limits: int) -> str:
+    with pytest.raises(MalformedRequest) as error:
+        parse_request(body, **limits)
+    return str(error.value)
+
+
+def _json(**fields: object) -> bytes:
+    return json.dumps({**VALID, **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (
+            _json(deadline="9999-12-31T23:59:59-14:00"),
+            (
+                "invalid job request: deadline: out of range: 9999-12-31T23:59:59-14:00 is outside "
+                "0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z in UTC"
+            ),
+        ),
+        (_json(submitted_at="0001-01-01T00:00:00+01:00"), "invalid job request: submitted_at: out of range: "),
+        (b"[" * 100_000, "JSON nested too deeply"),
+        (b'{"a": {"b": [' + b"1" * 5000 + b"]}}", "number too long: a.b.0 has 5000 digits, at most 4300 are read"),
+        (_json(timeout_s=0).replace(b'"timeout_s": 0', b'"timeout_s": -' + b"9" * 4301), "number too long: timeout_s has 4301 digits"),
+        (b"[1, 2]", "not a JSON object but a JSON array"),
+        (b'{"request_id": "\xff"}', "not UTF-8 text: byte 0xff at offset 16 is invalid (invalid start byte)"),
+        (_json(env={"A" * 10_000: "x"}), "invalid job request: env." + "A" * 64 + "....[key]: String should match pattern"),
+    ],
+    ids=["deadline", "submitted_at", "nesting", "long-number", "long-number-field", "array", "utf8", "long-key"],
+)
+def test_hostile_bodies_are_refused_with_a_reason_a_publisher_can_act_on(body, reason):
+    assert _reason(body).startswith(reason)
+
+
+def test_body_over_the_size_limit_is_refused_before_parsing_naming_size_limit_and_setting():
+    body = b"[" * 4097  # would be a parse error (or worse) if it were parsed
+    assert _reason(body, max_bytes=4096) == "message is 4097 bytes, over the limit of 4096 bytes (MAX_MESSAGE_BYTES)"
+
+
+def test_default_size_limit_admits_the_largest_valid_request_written_with_escapes():
+    # Every byte of script and env written as a six-byte `\u0001` escape: the worst any encoder does.
+    env = {f"V{i:03d}".ljust(128, "_"): "\x01" * MAX_ENV_VALUE_BYTES for i in range(MAX_ENV_ENTRIES)}
+    body = _json(script="\x01" * MAX_SCRIPT_BYTES, env=env, repo_owner="\u20ac" * 512)
+    assert len(body) <= MAX_MESSAGE_BYTES
+    request = parse_request(body)
+    assert len(request.env) == MAX_ENV_ENTRIES and len(request.script) == MAX_SCRIPT_BYTES
+
+
+def test_a_copy_differs_only_in_what_it_asks_the_host_to_run():
+    first = JobRequest.model_validate({**VALID, "script": "make", "env": {"A": "1"}})
+    retry = JobRequest.model_validate({**VALID, "script": "make", "env": {"A": "1"}, "attempt": 2, "submitted_at": "2027-01-01T00:00:00Z"})
+    assert first.fields_differing_from(retry) == []
+    other = JobRequest.model_validate({**VALID, "script": "make test", "env": {"A": "2"}})
+    assert first.fields_differing_from(other) == ["script", "env"]
