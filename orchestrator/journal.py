@@ -45,7 +45,8 @@ TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     JobState.RUNNING: frozenset({JobState.FINISHED, JobState.REQUEUED}),
     JobState.FINISHED: frozenset({JobState.PUBLISHED}),
     JobState.PUBLISHED: frozenset(),
-    JobState.REQUEUED: frozenset({JobState.ACCEPTED}),
+    # A later attempt comes back here to run, or to be answered (stale, cancelled).
+    JobState.REQUEUED: frozenset({JobState.ACCEPTED, JobState.FINISHED}),
 }
 
 # What a transition may set besides the state.
@@ -136,6 +137,7 @@ def _transition(conn: sqlite3.Connection, job_id: str, to: JobState, fields: dic
         before = current.value if current else "(not in the journal)"
         raise InvalidTransition(f"job {job_id}: {before} -> {to.value} is not allowed")
     if current is JobState.REQUEUED and found is not None and fields.get("attempt", 0) <= found[1]:
+        # The same attempt again is a redelivery of what this host handed on.
         raise InvalidTransition(f"job {job_id}: attempt {fields.get('attempt')} is not later than attempt {found[1]}")
     values = {**fields, "state": to.value}
     if found is None:

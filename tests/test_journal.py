@@ -67,3 +67,15 @@ async def test_moves_outside_the_table_are_refused(journal: Journal):
     # Nothing of the refused moves reached the file.
     with sqlite3.connect(journal.path) as db:
         assert db.execute("SELECT state FROM jobs").fetchall() == [("accepted",)]
+
+
+async def test_a_later_attempt_of_a_requeued_job_may_be_answered(journal: Journal):
+    req = request()
+    await accept(journal, req)
+    await journal.move(req.job_id, JobState.REQUEUED)
+    same = JobResult.for_request(req, status=JobStatus.CANCELLED, summary="cancelled")
+    assert not await journal.record_answer(req, same, label="alpha")
+    later = request(attempt=2, job_id=req.request_id)
+    stale = JobResult.for_request(later, status=JobStatus.ERROR, summary="stale")
+    assert await journal.record_answer(later, stale, label="alpha")
+    assert (await journal.get(req.job_id)).state is JobState.FINISHED
