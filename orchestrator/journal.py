@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from orchestrator.messages import JobRequest, JobResult
+from orchestrator.sqlitedb import GroupCommitDatabase
 
-T = TypeVar("T")
 
 
 class JobState(str, enum.Enum):
@@ -158,80 +155,13 @@ def _try_transition(conn: sqlite3.Connection, job_id: str, to: JobState, fields:
     return True
 
 
-class _GroupCommitter:
-    """One thread owning the connection; runs queued operations in shared transactions."""
-
-    def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
-        self._wake = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name=f"journal:{path}", daemon=True)
-        self._thread.start()
-
-    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        with self._wake:
-            if self._closing:
-                raise RuntimeError("journal is closed")
-            self._pending.append((op, future, loop))
-            self._wake.notify()
-        return future
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._pending and not self._closing:
-                    self._wake.wait()
-                batch, self._pending = self._pending, []
-                if not batch and self._closing:
-                    break
-            outcomes: list[tuple[bool, Any]] = []
-            self._conn.execute("BEGIN IMMEDIATE")
-            for op, _, _ in batch:
-                self._conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, op(self._conn)))
-                    self._conn.execute("RELEASE op")
-                except Exception as exc:  # one failing op must not undo the others
-                    self._conn.execute("ROLLBACK TO op")
-                    self._conn.execute("RELEASE op")
-                    outcomes.append((False, exc))
-            try:
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                outcomes = [(False, exc)] * len(batch)
-            for (ok, value), (_, future, loop) in zip(outcomes, batch):
-                loop.call_soon_threadsafe(functools.partial(_settle, future, value, ok=ok))
-        self._conn.close()
-
-    def close(self) -> None:
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
-        self._thread.join()
-
-
-def _settle(future: asyncio.Future[Any], value: Any, *, ok: bool) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
-
-
 class Journal:
     """Async access to the job table; every method commits before it returns."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = _GroupCommitter(path)
+        self._db = GroupCommitDatabase(path, schema=_SCHEMA, thread_name=f"journal:{path}")
 
     async def close(self) -> None:
         await asyncio.to_thread(self._db.close)
