@@ -255,6 +255,7 @@ class JobEvent(BaseModel):
     host: str
     label: str | None = None
     status: JobStatus | None = None
+    log_url: str | None = None  # the job's live log on its host (PUBLIC_URL set)
     at: UtcDatetime = Field(default_factory=now_utc)
 
 

@@ -320,7 +320,7 @@ class JobRunner:
             label=job.label,
             started_at=datetime.fromtimestamp(started_at, UTC) if started_at else None,
             console_tail=tail_lines(console_text) if status is not JobStatus.SUCCEEDED else None,
-            log_url=f"{self._settings.public_url}/jobs/{job.job_id}/log" if self._settings.public_url else None,
+            log_url=self._log_url(job.job_id),
             timings=timings,
         )
         self.finished[status.value] += 1
@@ -354,4 +354,10 @@ class JobRunner:
         await self._emit(f"job.requeued.{running.job.label}", self._event(running.job, EventKind.REQUEUED))
 
     def _event(self, job: AcceptedJob, kind: EventKind, status: JobStatus | None = None) -> JobEvent:
-        return JobEvent(kind=kind, request_id=job.request.request_id, host=self._settings.host_name, label=job.label, status=status)
+        return JobEvent(
+            kind=kind, request_id=job.request.request_id, host=self._settings.host_name, label=job.label, status=status,
+            log_url=self._log_url(job.job_id),
+        )
+
+    def _log_url(self, job_id: str) -> str | None:
+        return f"{self._settings.public_url}/jobs/{job_id}/log" if self._settings.public_url else None

@@ -46,6 +46,11 @@ class Topology:
         return f"{self.prefix}.results"
 
     @property
+    def forge_status_queue(self) -> str:
+        """The forge bridge's own queue of results and job events, for commit statuses."""
+        return f"{self.prefix}.forge.status"
+
+    @property
     def events(self) -> str:
         return f"{self.prefix}.events"
 
@@ -114,10 +119,12 @@ async def _declare_dlq(
 
 
 async def declare_topology(
-    connection: AbstractConnection, topology: Topology, image_map: ImageMap, *, delivery_limit: int, dlq_max_length: int
+    connection: AbstractConnection, topology: Topology, image_map: ImageMap | None, *, delivery_limit: int,
+    dlq_max_length: int,
 ) -> DeclaredTopology:
     """Declare everything on a channel of `connection`; the caller closes
-    `DeclaredTopology.channel` when it no longer needs the objects."""
+    `DeclaredTopology.channel` when it no longer needs the objects. Without an image map
+    (the forge bridge) no label queue is declared: only hosts know their labels."""
     channel = await connection.channel(publisher_confirms=True)
     dlx = await channel.declare_exchange(topology.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
     dlq = await _declare_dlq(connection, channel, topology, dlq_max_length)
@@ -135,7 +142,8 @@ async def declare_topology(
     unroutable = await channel.declare_queue(topology.unroutable_queue, durable=True, arguments=queue_args)
     await unroutable.bind(unroutable_exchange, routing_key="")
     label_queues: dict[str, AbstractQueue] = {}
-    for label in image_map.images:
+    for label in image_map.images if image_map is not None else {}:
+        assert image_map is not None
         queue = await channel.declare_queue(topology.label_queue(label), durable=True, arguments=queue_args)
         for key in image_map.routing_keys(label):
             await queue.bind(jobs, routing_key=key)
@@ -152,7 +160,8 @@ async def declare_topology(
 
 async def delete_topology(channel: AbstractChannel, topology: Topology, labels: list[str]) -> None:
     """Remove everything `declare_topology` made (tests and benchmarks clean up with it)."""
-    for name in [topology.label_queue(l) for l in labels] + [topology.unroutable_queue, topology.dlq, topology.results_queue]:
+    for name in [topology.label_queue(l) for l in labels] + [topology.unroutable_queue, topology.dlq, topology.results_queue,
+                                                             topology.forge_status_queue]:
         await channel.queue_delete(name)
     for name in topology.exchanges():
         await channel.exchange_delete(name)

@@ -76,7 +76,7 @@ class ApiClient:
         self.calls += 1
         try:
             async with self._http().request(method, url, params=params, json=json_body, headers=headers) as response:
-                body = await response.content.read(RESPONSE_CAP + 1)
+                body = await _read_capped(response)
                 if len(body) > RESPONSE_CAP:
                     raise ForgeApiError(f"{method} {path}: answer larger than {RESPONSE_CAP} bytes", status=response.status, retry_after_s=None)
                 if response.status == 404 and missing_ok:
@@ -111,6 +111,17 @@ class ApiClient:
             else:
                 return items
         raise ForgeApiError(f"GET {path}: more than {MAX_PAGES} pages", status=200, retry_after_s=None)
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body, or its first `RESPONSE_CAP + 1` bytes (`content.read(n)` would
+    return only what has arrived so far)."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(256 * 1024):
+        body += chunk
+        if len(body) > RESPONSE_CAP:
+            break
+    return bytes(body)
 
 
 def _json(body: bytes | None, path: str) -> Any:

@@ -1,0 +1,314 @@
+"""The bridge's durable state (SQLite, WAL): deliveries, runs, commit statuses, heads.
+
+- A delivery is written here before the webhook is answered 202, and marked done once
+  every job it asked for is published: a crash in between resumes it at the next start.
+- A run is one job for one commit and ref. Its request id is derived from what
+  identifies the work (forge, repository, ref or pull request, commit, job name), so a
+  redelivered webhook, a crash between publish and journal, or a catch-up pass that
+  finds the same head can never make a second job.
+- The last status per (repository, commit, context) is kept, and moves only forward —
+  queued, then running, then a final state — so a late `pending` never overwrites a
+  result. Statuses wait here until the forge took them (an outbox, like results).
+- The head of each branch and open pull request, as last seen (catch-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.forge.base import CommitStatus, Repo, StatusState
+from orchestrator.sqlitedb import GroupCommitDatabase
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    key         TEXT PRIMARY KEY,
+    forge       TEXT NOT NULL,
+    repo        TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    event       TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    done_at     REAL,
+    outcome     TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries(done_at);
+CREATE TABLE IF NOT EXISTS runs (
+    request_id   TEXT PRIMARY KEY,
+    forge        TEXT NOT NULL,
+    repo         TEXT NOT NULL,
+    repo_json    TEXT NOT NULL,
+    commit_sha   TEXT NOT NULL,
+    ref_key      TEXT NOT NULL,
+    job_name     TEXT NOT NULL,
+    context      TEXT NOT NULL,
+    request      TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    published_at REAL
+);
+CREATE INDEX IF NOT EXISTS runs_ref ON runs(forge, repo, ref_key);
+CREATE TABLE IF NOT EXISTS statuses (
+    forge       TEXT NOT NULL,
+    repo        TEXT NOT NULL,
+    commit_sha  TEXT NOT NULL,
+    context     TEXT NOT NULL,
+    repo_json   TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    description TEXT NOT NULL,
+    target_url  TEXT,
+    updated_at  REAL NOT NULL,
+    sent        INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_try_at REAL NOT NULL DEFAULT 0,
+    error       TEXT,
+    PRIMARY KEY (forge, repo, commit_sha, context)
+);
+CREATE TABLE IF NOT EXISTS heads (
+    forge      TEXT NOT NULL,
+    repo       TEXT NOT NULL,
+    ref_key    TEXT NOT NULL,
+    commit_sha TEXT NOT NULL,
+    seen_at    REAL NOT NULL,
+    PRIMARY KEY (forge, repo, ref_key)
+);
+"""
+
+# queued < running < final: a status only ever moves to a higher rank.
+_RANK = {StatusState.PENDING: 0, StatusState.RUNNING: 1}
+
+
+def _rank(state: StatusState) -> int:
+    return _RANK.get(state, 2)
+
+
+def repo_json(repo: Repo) -> str:
+    return json.dumps({"owner": repo.owner, "name": repo.name, "clone_url": repo.clone_url, "project_id": repo.project_id})
+
+
+def repo_from_json(text: str) -> Repo:
+    return Repo(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    key: str
+    forge: str
+    repo: str
+    source: str  # webhook | catch-up | rerun
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Run:
+    request_id: str
+    forge: str
+    repo: Repo
+    commit_sha: str
+    ref_key: str
+    job_name: str
+    context: str
+    request: str  # the JobRequest as published (JSON)
+    published: bool
+
+
+@dataclass(frozen=True)
+class PendingStatus:
+    forge: str
+    repo: Repo
+    commit_sha: str
+    status: CommitStatus
+    attempts: int
+
+
+def _run(row: tuple[Any, ...]) -> Run:
+    return Run(row[0], row[1], repo_from_json(row[2]), row[3], row[4], row[5], row[6], row[7], row[8] is not None)
+
+
+_RUN_COLUMNS = "request_id, forge, repo_json, commit_sha, ref_key, job_name, context, request, published_at"
+
+
+class BridgeJournal:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = GroupCommitDatabase(path, schema=_SCHEMA, thread_name=f"forge-journal:{path}")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._db.close)
+
+    # --- deliveries ---------------------------------------------------------------------
+    async def record_delivery(self, key: str, *, forge: str, repo: str, source: str, event: dict[str, Any]) -> bool:
+        """Keep a delivery to process; False when this key was recorded before."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO deliveries (key, forge, repo, source, event, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (key, forge, repo, source, json.dumps(event), time.time()),
+            )
+            return cursor.rowcount == 1
+
+        return await self._db.submit(op)
+
+    async def open_deliveries(self) -> list[Delivery]:
+        def op(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = conn.execute(
+                "SELECT key, forge, repo, source, event FROM deliveries WHERE done_at IS NULL ORDER BY received_at"
+            ).fetchall()
+            return [Delivery(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+        return await self._db.submit(op)
+
+    async def finish_delivery(self, key: str, outcome: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE deliveries SET done_at = ?, outcome = ? WHERE key = ?", (time.time(), outcome, key))
+
+        await self._db.submit(op)
+
+    # --- runs -------------------------------------------------------------------------------
+    async def add_run(self, run: Run) -> bool:
+        """Keep a run before it is published; False when it exists (same work)."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO runs (request_id, forge, repo, repo_json, commit_sha, ref_key, job_name, context,"
+                " request, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.request_id, run.forge, run.repo.full_name, repo_json(run.repo), run.commit_sha, run.ref_key,
+                 run.job_name, run.context, run.request, time.time()),
+            )
+            return cursor.rowcount == 1
+
+        return await self._db.submit(op)
+
+    async def mark_published(self, request_id: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE runs SET published_at = ? WHERE request_id = ? AND published_at IS NULL", (time.time(), request_id))
+
+        await self._db.submit(op)
+
+    async def run(self, request_id: str) -> Run | None:
+        def op(conn: sqlite3.Connection) -> Run | None:
+            row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE request_id = ?", (request_id,)).fetchone()
+            return _run(row) if row else None
+
+        return await self._db.submit(op)
+
+    async def runs_for_ref(self, forge: str, repo: str, ref_key: str) -> list[Run]:
+        def op(conn: sqlite3.Connection) -> list[Run]:
+            rows = conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE forge = ? AND repo = ? AND ref_key = ? ORDER BY created_at",
+                (forge, repo, ref_key),
+            ).fetchall()
+            return [_run(r) for r in rows]
+
+        return await self._db.submit(op)
+
+    async def unpublished_runs(self) -> list[Run]:
+        def op(conn: sqlite3.Connection) -> list[Run]:
+            rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE published_at IS NULL ORDER BY created_at").fetchall()
+            return [_run(r) for r in rows]
+
+        return await self._db.submit(op)
+
+    # --- statuses ---------------------------------------------------------------------------
+    async def propose_status(self, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool = False) -> bool:
+        """Make `status` the one to show for its context, unless the context already has
+        a status of a higher rank (a late `pending` never overwrites a result; the first
+        final state stays). `restart` (an explicit re-run) starts the context over.
+        True when the forge must be told."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT state FROM statuses WHERE forge = ? AND repo = ? AND commit_sha = ? AND context = ?",
+                (forge, repo.full_name, commit_sha, status.context),
+            ).fetchone()
+            if row is not None and not restart:
+                current = StatusState(row[0])
+                if _rank(status.state) < _rank(current) or (current.final and status.state.final):
+                    return False
+                if _rank(status.state) == _rank(current) and status.state is current:
+                    return False
+            conn.execute(
+                "INSERT OR REPLACE INTO statuses (forge, repo, commit_sha, context, repo_json, state, description,"
+                " target_url, updated_at, sent, attempts, next_try_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, NULL)",
+                (forge, repo.full_name, commit_sha, status.context, repo_json(repo), status.state.value,
+                 status.description, status.target_url, time.time()),
+            )
+            return True
+
+        return await self._db.submit(op)
+
+    async def statuses_to_send(self, now: float) -> list[PendingStatus]:
+        def op(conn: sqlite3.Connection) -> list[PendingStatus]:
+            rows = conn.execute(
+                "SELECT forge, repo_json, commit_sha, context, state, description, target_url, attempts FROM statuses"
+                " WHERE sent = 0 AND next_try_at <= ? ORDER BY updated_at",
+                (now,),
+            ).fetchall()
+            return [
+                PendingStatus(r[0], repo_from_json(r[1]), r[2], CommitStatus(StatusState(r[4]), r[3], r[5], r[6]), r[7])
+                for r in rows
+            ]
+
+        return await self._db.submit(op)
+
+    async def next_status_try(self) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute("SELECT MIN(next_try_at) FROM statuses WHERE sent = 0").fetchone()
+            return row[0]
+
+        return await self._db.submit(op)
+
+    async def status_done(self, pending: PendingStatus, *, error: str | None = None) -> None:
+        """Sent, or given up on (`error`): either way not tried again — unless a newer
+        status was proposed meanwhile (it has another state and stays unsent)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE statuses SET sent = 1, error = ? WHERE forge = ? AND repo = ? AND commit_sha = ? AND context = ?"
+                " AND state = ? AND description = ?",
+                (error, pending.forge, pending.repo.full_name, pending.commit_sha, pending.status.context,
+                 pending.status.state.value, pending.status.description),
+            )
+
+        await self._db.submit(op)
+
+    async def status_retry(self, pending: PendingStatus, *, at: float, error: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE statuses SET attempts = attempts + 1, next_try_at = ?, error = ? WHERE forge = ? AND repo = ?"
+                " AND commit_sha = ? AND context = ? AND sent = 0",
+                (at, error, pending.forge, pending.repo.full_name, pending.commit_sha, pending.status.context),
+            )
+
+        await self._db.submit(op)
+
+    async def last_status(self, forge: str, repo: str, commit_sha: str, context: str) -> StatusState | None:
+        def op(conn: sqlite3.Connection) -> StatusState | None:
+            row = conn.execute(
+                "SELECT state FROM statuses WHERE forge = ? AND repo = ? AND commit_sha = ? AND context = ?",
+                (forge, repo, commit_sha, context),
+            ).fetchone()
+            return StatusState(row[0]) if row else None
+
+        return await self._db.submit(op)
+
+    # --- heads (catch-up) -------------------------------------------------------------------
+    async def record_head(self, forge: str, repo: str, ref_key: str, commit_sha: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)",
+                (forge, repo, ref_key, commit_sha, time.time()),
+            )
+
+        await self._db.submit(op)
+
+    async def heads(self, forge: str, repo: str) -> dict[str, str]:
+        def op(conn: sqlite3.Connection) -> dict[str, str]:
+            rows = conn.execute("SELECT ref_key, commit_sha FROM heads WHERE forge = ? AND repo = ?", (forge, repo)).fetchall()
+            return dict(rows)
+
+        return await self._db.submit(op)

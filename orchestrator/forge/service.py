@@ -1,0 +1,143 @@
+"""`orchestrator forge`: the bridge between forges and the fleet, as one service.
+
+Start-up opens each part and pushes its shutdown onto one `AsyncExitStack` (as the
+daemon does): the journal, the forges' API clients, the broker (retried for
+`BROKER_CONNECT_TIMEOUT_S`), the status reporter's queue, the dispatcher and the status
+sender, and last the HTTP receiver — so webhooks are taken only once everything that
+handles them runs, and on SIGTERM they stop being taken first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import AsyncExitStack
+from typing import Any
+
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+
+from orchestrator.amqp import ConfirmedPublisher, connect_with_retry, describe_error
+from orchestrator.config import DaemonSettings
+from orchestrator.daemon import BackgroundTasks, StartupError, failing_as
+from orchestrator.forge.base import Forge
+from orchestrator.forge.config import LoadedForgeConfig
+from orchestrator.forge.dispatcher import Dispatcher
+from orchestrator.forge.journal import BridgeJournal
+from orchestrator.forge.receiver import build_receiver, gauges
+from orchestrator.forge.registry import build_forge
+from orchestrator.forge.reporter import StatusReporter
+from orchestrator.logsetup import EventLogger
+from orchestrator.statedir import STATE_DIR_MODE
+from orchestrator.topology import Topology, declare_topology
+
+log = EventLogger("orchestrator.forge")
+
+
+class ForgeBridge:
+    def __init__(self, settings: DaemonSettings, config: LoadedForgeConfig, *, forges: dict[str, Forge] | None = None) -> None:
+        self.settings = settings
+        self.config = config
+        self.topology = Topology(settings.amqp_prefix)
+        self.forges: dict[str, Forge] = forges if forges is not None else {}
+        self._given_forges = forges is not None
+        self.journal: BridgeJournal | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.reporter: StatusReporter | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._stack = AsyncExitStack()
+        self.port: int | None = None
+
+    @property
+    def broker_connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    def not_ready_reasons(self) -> list[str]:
+        return [] if self.broker_connected else ["broker connection is down (webhooks are still journaled and answered 202)"]
+
+    def _metrics(self) -> list[Any]:
+        assert self.dispatcher is not None and self.reporter is not None
+        return gauges(self.dispatcher, self.reporter.sent, self.reporter.dropped, self.broker_connected)
+
+    async def start(self) -> None:
+        try:
+            await self._open(self._stack)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        log.info("forge.started", listen=self.config.config.listen, forges=sorted(self.forges),
+                 repositories=[r.repo for r in self.config.config.repositories])
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+        log.info("forge.stopped")
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        s, config = self.settings, self.config.config
+        with failing_as(f"cannot use the forge state_dir {config.state_dir}", "make it a directory this user can write"):
+            await asyncio.to_thread(_make_state_dir, config)
+            self.journal = BridgeJournal(config.state_dir / "forge.db")
+        stack.push_async_callback(self.journal.close)
+        if not self._given_forges:
+            for name, entry in config.forges.items():
+                self.forges[name] = build_forge(
+                    config.kind_of(name), api_url=entry.api_url, token=self.config.tokens[name].get_secret_value()
+                )
+        for forge in self.forges.values():
+            stack.push_async_callback(forge.close)
+        try:
+            self._connection = await connect_with_retry(
+                s.amqp_url, name="orchestrator-forge", timeout_s=s.broker_connect_timeout_s, masked_url=s.masked_amqp_url()
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise StartupError(
+                f"cannot connect to the broker at {s.masked_amqp_url()} within {s.broker_connect_timeout_s:g} s: "
+                f"{describe_error(exc)} (start RabbitMQ or fix AMQP_URL)"
+            ) from None
+        stack.push_async_callback(self._connection.close)
+        with failing_as("cannot declare the broker's exchanges", "use the same DELIVERY_LIMIT and DLQ_MAX_LENGTH as the hosts"):
+            declared = await declare_topology(
+                self._connection, self.topology, None, delivery_limit=s.delivery_limit, dlq_max_length=s.dlq_max_length
+            )
+            await declared.channel.close()
+        publisher = await ConfirmedPublisher.open(self._connection)
+        self.reporter = StatusReporter(journal=self.journal, forges=self.forges, topology=self.topology,
+                                       delivery_limit=s.delivery_limit)
+        self.dispatcher = Dispatcher(journal=self.journal, forges=self.forges, config=self.config, publisher=publisher,
+                                     topology=self.topology, propose_status=self.reporter.propose)
+        tasks = BackgroundTasks()
+        stack.push_async_callback(tasks.cancel_all)
+        tasks.spawn(self.reporter.send_forever(), name="forge-status-sender")
+        tasks.spawn(self.dispatcher.run_forever(), name="forge-dispatcher")
+        await self.reporter.start(self._connection)
+        stack.push_async_callback(self.reporter.stop)
+        app = build_receiver(forges=self.forges, config=self.config, dispatcher=self.dispatcher,
+                             not_ready_reasons=self.not_ready_reasons, metrics=self._metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        address, _, port = config.listen.rpartition(":")
+        with failing_as(f"cannot listen on {config.listen}", "choose a free address in the forge config's `listen`"):
+            site = web.TCPSite(runner, address, int(port))
+            await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+def _make_state_dir(config: Any) -> None:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    config.state_dir.chmod(STATE_DIR_MODE)  # its journal holds jobs' env, secrets included
+
+
+async def run_bridge(settings: DaemonSettings, config: LoadedForgeConfig) -> None:
+    """Run until SIGINT or SIGTERM. Raises `StartupError`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    bridge = ForgeBridge(settings, config)
+    await bridge.start()
+    try:
+        await stop.wait()
+    finally:
+        await bridge.stop()
