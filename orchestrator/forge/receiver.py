@@ -88,7 +88,7 @@ def build_receiver(
         delivery_id = forge.delivery_id(headers) or "sha256:" + hashlib.sha256(body).hexdigest()
         fresh = await dispatcher.submit(name, delivery_id, outcome, source="webhook")
         log.info("webhook.accepted", forge=name, repo=full_name, delivery=delivery_id, redelivery=not fresh,
-                 event=outcome.kind.value, commit=outcome.commit_sha, ref=outcome.ref_key)
+                 kind=outcome.kind.value, commit=outcome.commit_sha, ref=outcome.ref_key)
         return answer(name, "accepted" if fresh else "redelivery", 202, delivery_id)
 
     async def healthz(_: web.Request) -> web.Response:
