@@ -82,6 +82,10 @@ class DaemonSettings(BaseModel):
     zones_zonepath_root: Path = Path("/zones")
     zones_global_nic: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")] | None = None
     orchestrator_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] = "ci-orchestrator"
+    # what HTTP clients may hold (see orchestrator/httpapi.py `HttpLimits`)
+    http_max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    http_header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    http_max_streams: Annotated[int, Field(ge=1, le=1_000_000)] = 64
 
     @field_validator("amqp_url")
     @classmethod
@@ -136,6 +140,9 @@ ENV_NAMES: Mapping[str, str] = {
     "zones_zonepath_root": "ZONES_ZONEPATH_ROOT",
     "zones_global_nic": "ZONES_GLOBAL_NIC",
     "orchestrator_id": "ORCH_ID",
+    "http_max_connections": "HTTP_MAX_CONNECTIONS",
+    "http_header_timeout_s": "HTTP_HEADER_TIMEOUT_S",
+    "http_max_streams": "HTTP_MAX_STREAMS",
 }
 
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,9 +17,11 @@ class DaemonProcess:
 
     started: list[DaemonProcess] = []
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, preexec_fn: Callable[[], None] | None = None) -> None:
+        """`preexec_fn` runs in the child before the daemon starts (e.g. to set rlimits)."""
         DaemonProcess.started.append(self)
         self.env = {**os.environ, "LOG_FORMAT": "json", **env}
+        self.preexec_fn = preexec_fn
         self.process: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -27,7 +30,8 @@ class DaemonProcess:
     async def start(self, timeout_s: float = 60) -> DaemonProcess:
         self._started.clear()
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+            sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=self.preexec_fn,
         )
         self._reader = asyncio.create_task(self._read(self.process))
         started = asyncio.create_task(self._started.wait())
