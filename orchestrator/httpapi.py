@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -273,9 +273,16 @@ def _job_id(request: web.Request) -> str:
 
 
 async def _drain_in_thread(response: web.StreamResponse, chunks: Iterator[bytes]) -> None:
-    """Write an iterator that reads files (blocking) without blocking the loop."""
+    """Write an iterator that reads files (blocking) without blocking the loop. When the
+    client has gone (ConnectionResetError), a generator is closed first, so its file is
+    closed now rather than whenever the last reference to it goes."""
     while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-        await response.write(chunk)
+        try:
+            await response.write(chunk)
+        except ConnectionResetError:
+            if isinstance(chunks, Generator):
+                chunks.close()  # no thread is reading it here: `next` has returned
+            raise
 
 
 async def _send_events(

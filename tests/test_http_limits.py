@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from typing import Any
 
 import aiohttp
@@ -133,7 +134,9 @@ async def test_idle_connections_never_take_the_descriptors_jobs_need(prefix, tmp
                    what="the daemon to close the connections that never sent headers")
     peak = await fds.stop()
     assert peak < FD_LIMIT - 100, f"the daemon held {peak} descriptors of {FD_LIMIT}"
-    assert peak <= baseline + MAX_CONNECTIONS + 30, (baseline, peak)
+    # Beyond the cap, a connection lives for one turn of the daemon's loop, which
+    # accepts up to its listen backlog (128) at a time.
+    assert peak <= baseline + MAX_CONNECTIONS + 128 + 20, (baseline, peak)
     await wait_for(lambda: open_fds(pid) <= baseline + 5, what="the daemon's descriptors back to its baseline")
     metrics = await scrape(port)
     assert metric(metrics, "orchestrator_http_refused_total", '{setting="HTTP_MAX_CONNECTIONS"}') == len(refused)
@@ -216,6 +219,27 @@ async def test_log_streams_are_capped_and_a_dropped_stream_ends_at_once(prefix, 
 
 async def _streams_served(port: int, count: int) -> bool:
     return metric(await scrape(port), "orchestrator_http_streams") == count
+
+
+async def test_a_client_that_drops_a_download_or_a_stream_costs_no_traceback(prefix, tmp_path, noop_map_path, cleanup_topology):
+    port = free_port()
+    state = tmp_path / "state"
+    env = daemon_env(prefix, state, noop_map_path, ORCH_BACKEND="noop", HTTP_LISTEN=f"127.0.0.1:{port}")
+    daemon = await DaemonProcess(env, preexec_fn=with_limits(nofile=(FD_LIMIT, FD_LIMIT))).start()
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    baseline = open_fds(pid)
+    job_id = str(uuid.uuid4())
+    (state / "logs" / f"{job_id}.console").write_bytes(b"a console line of a long log\r\n" * 1_000_000)
+    for path in (f"/jobs/{job_id}/log", f"/jobs/{job_id}/log/stream"):
+        status, _, (reader, writer) = await request_head(port, path)
+        assert status == 200
+        await reader.readexactly(100_000)
+        writer.transport.abort()  # gone mid-transfer, with megabytes still to send
+    # Each handler holds the log file open while it sends: back to the baseline, both have ended.
+    await wait_for(lambda: open_fds(pid) <= baseline, timeout_s=5, interval_s=0.1, what="both handlers to end")
+    assert not tracebacks(daemon), tracebacks(daemon)[:3]
+    assert await daemon.stop() == 0
 
 
 async def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(prefix, tmp_path, noop_map_path, cleanup_topology):
