@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +55,18 @@ class DaemonProcess:
             self.lines.append(text)
             if '"daemon.started"' in text:
                 self._started.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The logged events called `name`, parsed (lines that are not JSON are skipped)."""
+        found = []
+        for line in self.lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == name:
+                found.append(event)
+        return found
 
     async def kill(self) -> None:
         assert self.process is not None

@@ -3,9 +3,11 @@ benches measure a daemon this way, never through the daemon's own account."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 1024**3
@@ -59,3 +61,35 @@ def ensure_own_descriptors(count: int) -> bool:
             return False
         resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
     return True
+
+
+@dataclass(frozen=True)
+class Use:
+    fds: int
+    rss_bytes: int
+
+
+def use_of(pid: int) -> Use:
+    return Use(open_fds(pid), rss_bytes(pid))
+
+
+class PeakUse:
+    """The most descriptors and the most RSS a process had, sampled every `interval_s`
+    from now until `stop()`."""
+
+    def __init__(self, pid: int, *, interval_s: float = 0.02) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak = use_of(pid)
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            now = use_of(self.pid)
+            self.peak = Use(max(self.peak.fds, now.fds), max(self.peak.rss_bytes, now.rss_bytes))
+            await asyncio.sleep(self.interval_s)
+
+    async def stop(self) -> Use:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        return self.peak

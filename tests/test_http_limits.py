@@ -6,96 +6,21 @@ capped, and is measured from outside (/proc)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import uuid
-from typing import Any
 
-import aiohttp
 import pytest
 
 from orchestrator.messages import JobStatus
 from tests.conftest import wait_for
 from tests.daemonproc import DaemonProcess
-from tests.procstat import cpu_seconds, ensure_own_descriptors, open_fds, open_files_limit, with_limits
+from tests.procstat import PeakUse, cpu_seconds, ensure_own_descriptors, open_fds, open_files_limit, with_limits
+from tests.rawhttp import close_all, closed_by_peer, metric, open_idle, request_head, scrape
 from tests.test_httpapi import free_port
 from tests.test_reliability import daemon_env
-
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-def events(daemon: DaemonProcess, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in daemon.lines:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == name:
-            found.append(event)
-    return found
 
 
 def tracebacks(daemon: DaemonProcess) -> list[str]:
     return [line for line in daemon.lines if "Traceback" in line]
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name}{labels} not in /metrics"
-    return float(match.group(1))
-
-
-async def scrape(port: int) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
-        return await response.text()
-
-
-def closed_by_peer(connection: Connection) -> bool:
-    reader, _ = connection
-    return reader.at_eof() or reader.exception() is not None
-
-
-async def open_idle(port: int, count: int) -> list[Connection]:
-    """`count` connections that never send a byte (opened 100 at a time, 5 s each at most)."""
-    connections: list[Connection] = []
-    for first in range(0, count, 100):
-        batch = [asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5) for _ in range(min(100, count - first))]
-        connections.extend(await asyncio.gather(*batch))
-    return connections
-
-
-def close_all(connections: list[Connection]) -> None:
-    for _, writer in connections:
-        writer.transport.abort()
-
-
-async def request_head(port: int, path: str) -> tuple[int, dict[str, str], Connection]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode()
-    status_line, *lines = head.strip().split("\r\n")
-    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
-    return int(status_line.split()[1]), headers, (reader, writer)
-
-
-class PeakFds:
-    """Samples the daemon's open descriptors every 20 ms until stopped."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = open_fds(pid)
-        self._task = asyncio.create_task(self._sample())
-
-    async def _sample(self) -> None:
-        while True:
-            self.peak = max(self.peak, open_fds(self.pid))
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> int:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        return self.peak
 
 
 IDLE = 1100
@@ -117,7 +42,7 @@ async def test_idle_connections_never_take_the_descriptors_jobs_need(prefix, tmp
     pid = daemon.process.pid
     baseline = open_fds(pid)
     await broker.open()
-    fds = PeakFds(pid)
+    use = PeakUse(pid)
     loop = asyncio.get_running_loop()
     opened_at = loop.time()
     idle = await open_idle(port, IDLE)
@@ -132,7 +57,7 @@ async def test_idle_connections_never_take_the_descriptors_jobs_need(prefix, tmp
     assert not failed, failed
     await wait_for(lambda: all(closed_by_peer(c) for c in idle), timeout_s=HEADER_TIMEOUT_S + 3,
                    what="the daemon to close the connections that never sent headers")
-    peak = await fds.stop()
+    peak = (await use.stop()).fds
     assert peak < FD_LIMIT - 100, f"the daemon held {peak} descriptors of {FD_LIMIT}"
     # Beyond the cap, a connection lives for one turn of the daemon's loop, which
     # accepts up to its listen backlog (128) at a time.
@@ -141,7 +66,7 @@ async def test_idle_connections_never_take_the_descriptors_jobs_need(prefix, tmp
     metrics = await scrape(port)
     assert metric(metrics, "orchestrator_http_refused_total", '{setting="HTTP_MAX_CONNECTIONS"}') == len(refused)
     assert metric(metrics, "orchestrator_http_connections") == 1  # this scrape
-    lines = events(daemon, "http.connections_refused")
+    lines = daemon.events("http.connections_refused")
     assert 1 <= len(lines) <= 2 and lines[0]["setting"] == "HTTP_MAX_CONNECTIONS", lines
     assert not tracebacks(daemon), tracebacks(daemon)[:3]
     close_all(idle)
@@ -211,7 +136,7 @@ async def test_log_streams_are_capped_and_a_dropped_stream_ends_at_once(prefix, 
     await asyncio.sleep(2)
     assert cpu_seconds(daemon.process.pid) - before < 0.2, "the daemon is busy with streams nobody reads"
     assert metric(await scrape(port), "orchestrator_http_refused_total", '{setting="HTTP_MAX_STREAMS"}') == 40
-    lines = events(daemon, "http.streams_refused")
+    lines = daemon.events("http.streams_refused")
     assert 1 <= len(lines) <= 2 and lines[0]["setting"] == "HTTP_MAX_STREAMS", lines
     assert not tracebacks(daemon), tracebacks(daemon)[:3]
     await daemon.kill()  # its 60 s job is of no further interest
@@ -247,6 +172,6 @@ async def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(prefix, 
     daemon = await DaemonProcess(env, preexec_fn=with_limits(nofile=(1024, 4096))).start()
     assert daemon.process is not None
     assert open_files_limit(daemon.process.pid) == (4096, 4096)
-    [event] = events(daemon, "daemon.open_files_limit")
+    [event] = daemon.events("daemon.open_files_limit")
     assert (event["before"], event["soft"], event["hard"]) == (1024, 4096, 4096)
     assert await daemon.stop() == 0
