@@ -82,8 +82,12 @@ class RefusalLog:
         return True
 
     def _window_over(self) -> None:
-        # A quiet window ends the series: the next refusal is logged at once again.
-        self._window = asyncio.get_running_loop().call_later(self.window_s, self._window_over) if self._emit() else None
+        # A window with refusals logs them and opens the next one; a quiet window ends
+        # the series, so the next refusal is logged at once again.
+        if self._emit():
+            self._window = asyncio.get_running_loop().call_later(self.window_s, self._window_over)
+        else:
+            self._window = None
 
     def close(self) -> None:
         """Log what is still unlogged (at shutdown)."""
@@ -183,7 +187,7 @@ class _Refused(asyncio.Protocol):
     descriptor is released at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # type: ignore[attr-defined]
+        transport.close()  # nothing was written: the socket is closed on the loop's next turn
 
 
 class _Connection(asyncio.Protocol):
@@ -199,7 +203,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # aiohttp's keep-alive timer covers the time after each response; before the
         # first request only recent aiohttp versions arm it, so the first is ours.
-        self._deadline = asyncio.get_running_loop().call_later(self._header_timeout_s, transport.abort)  # type: ignore[attr-defined]
+        self._deadline = asyncio.get_running_loop().call_later(self._header_timeout_s, transport.close)
         self._handler.connection_made(transport)
 
     def headers_received(self) -> None:

@@ -175,3 +175,26 @@ async def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(prefix, 
     [event] = daemon.events("daemon.open_files_limit")
     assert (event["before"], event["soft"], event["hard"]) == (1024, 4096, 4096)
     assert await daemon.stop() == 0
+
+
+async def test_refusals_are_logged_at_once_then_at_most_once_a_window_with_their_count(caplog):
+    from orchestrator.httpapi import RefusalLog  # here: the other tests also run against code without it
+
+    refusals = RefusalLog("http.connections_refused", setting="HTTP_MAX_CONNECTIONS", limit=256, window_s=0.2)
+
+    def logged() -> list[int]:
+        return [r.fields["count"] for r in caplog.records if r.getMessage() == "http.connections_refused"]
+
+    for _ in range(5):
+        refusals.note()
+    assert logged() == [1]  # the first at once, the next four wait for the window's end
+    await asyncio.sleep(0.3)
+    assert logged() == [1, 4]
+    await asyncio.sleep(0.3)  # a quiet window: nothing to say
+    refusals.note()
+    assert logged() == [1, 4, 1]
+    refusals.note()
+    refusals.close()
+    assert logged() == [1, 4, 1, 1] and refusals.total == 7
+    [record] = caplog.records[:1]
+    assert record.fields["setting"] == "HTTP_MAX_CONNECTIONS" and record.fields["window_s"] == 0.2
