@@ -85,7 +85,10 @@ class PeakUse:
 
     async def _sample(self) -> None:
         while True:
-            now = use_of(self.pid)
+            try:
+                now = use_of(self.pid)
+            except FileNotFoundError:
+                return  # the process has exited: its peak is what was seen
             self.peak = Use(max(self.peak.fds, now.fds), max(self.peak.rss_bytes, now.rss_bytes))
             await asyncio.sleep(self.interval_s)
 
