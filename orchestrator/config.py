@@ -88,6 +88,10 @@ class DaemonSettings(BaseModel):
     # job requests: a body over this is refused before it is parsed (the default admits
     # the largest valid request, see messages.MAX_MESSAGE_BYTES)
     max_message_bytes: Annotated[int, Field(ge=4096)] = MAX_MESSAGE_BYTES
+    # what HTTP clients may hold (see orchestrator/httpapi.py `HttpLimits`)
+    http_max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    http_header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    http_max_streams: Annotated[int, Field(ge=1, le=1_000_000)] = 64
 
     @field_validator("amqp_url")
     @classmethod
@@ -146,6 +150,9 @@ ENV_NAMES: Mapping[str, str] = {
     "zones_global_nic": "ZONES_GLOBAL_NIC",
     "orchestrator_id": "ORCH_ID",
     "max_message_bytes": "MAX_MESSAGE_BYTES",
+    "http_max_connections": "HTTP_MAX_CONNECTIONS",
+    "http_header_timeout_s": "HTTP_HEADER_TIMEOUT_S",
+    "http_max_streams": "HTTP_MAX_STREAMS",
 }
 
 

@@ -30,7 +30,8 @@ from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
 from orchestrator.control import CancelRegistry, ControlListener
-from orchestrator.httpapi import MetricsSnapshot, start_http
+from orchestrator.fdlimit import raise_open_files_limit
+from orchestrator.httpapi import HttpLimits, MetricsSnapshot, start_http
 from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, load_image_map
 from orchestrator.images import ImagePreparer
 from orchestrator.intake import JobIntake
@@ -304,7 +305,10 @@ class Daemon:
 
         if s.http_listen != "off":
             with failing_as(f"cannot listen on HTTP_LISTEN {s.http_listen}", "choose a free address, or HTTP_LISTEN=off"):
-                http = await start_http(self, s.http_listen, token=s.http_token)
+                http = await start_http(self, s.http_listen, token=s.http_token, limits=HttpLimits(
+                    max_connections=s.http_max_connections, header_timeout_s=s.http_header_timeout_s,
+                    max_streams=s.http_max_streams,
+                ))
             stack.push_async_callback(http.cleanup)
         self._background(stack, self._heartbeat(), "heartbeat")
 
@@ -467,6 +471,9 @@ class Daemon:
 async def run_daemon(settings: DaemonSettings, image_map: ImageMap) -> None:
     """Run until SIGINT or SIGTERM, then stop gracefully; SIGHUP reloads the image map.
     Raises `StartupError`."""
+    # Descriptors for jobs, whatever HTTP clients hold: the soft limit up to the hard one.
+    nofile = raise_open_files_limit()
+    log.info("daemon.open_files_limit", soft=nofile.soft, hard=nofile.hard, before=nofile.before)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

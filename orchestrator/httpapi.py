@@ -12,6 +12,12 @@
 
 With `HTTP_TOKEN` set, every endpoint but `/healthz` needs `Authorization: Bearer <token>`.
 The app sees the daemon only through `HostView`: it reads, it never changes anything.
+
+HTTP clients are not trusted, so what they can hold is bounded (`HttpLimits`): open
+connections (beyond the cap a new one is closed as soon as it is accepted), the time a
+connection may take to send its request headers and may sit idle between requests, and
+log streams at once (beyond that, 503 with `Retry-After`). Refusals are counted on
+`/metrics` and logged at most once a minute with their count; none of it touches a job.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,9 +36,82 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.joblog import LineFollower, LogText
+from orchestrator.logsetup import EventLogger
+
+log = EventLogger("orchestrator.http")
 
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
+STREAM_RETRY_AFTER_S = 10
+REFUSAL_LOG_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What HTTP clients may hold: `HTTP_MAX_CONNECTIONS`, `HTTP_HEADER_TIMEOUT_S` (to send a
+    request's headers, counted from the connection's start or its last response, so it
+    also ends idle keep-alive connections) and `HTTP_MAX_STREAMS`."""
+
+    max_connections: int = 256
+    header_timeout_s: float = 10.0
+    max_streams: int = 64
+
+
+class RefusalLog:
+    """The refusals of one limit: counted for `/metrics`, and logged as one event naming
+    the limit and its setting, the first at once, then at most one line per window with
+    the count since the last line (a flood of refusals is a few lines, not a flood)."""
+
+    def __init__(self, event: str, *, setting: str, limit: int, window_s: float = REFUSAL_LOG_WINDOW_S) -> None:
+        self.event, self.setting, self.limit, self.window_s = event, setting, limit, window_s
+        self.total = 0
+        self._unlogged = 0
+        self._window: asyncio.TimerHandle | None = None
+
+    def note(self) -> None:
+        self.total += 1
+        self._unlogged += 1
+        if self._window is None:
+            self._window_over()
+
+    def _emit(self) -> bool:
+        if not self._unlogged:
+            return False
+        log.warning(self.event, count=self._unlogged, window_s=self.window_s, limit=self.limit, setting=self.setting)
+        self._unlogged = 0
+        return True
+
+    def _window_over(self) -> None:
+        # A window with refusals logs them and opens the next one; a quiet window ends
+        # the series, so the next refusal is logged at once again.
+        if self._emit():
+            self._window = asyncio.get_running_loop().call_later(self.window_s, self._window_over)
+        else:
+            self._window = None
+
+    def close(self) -> None:
+        """Log what is still unlogged (at shutdown)."""
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+        self._emit()
+
+
+class HttpLoad:
+    """What HTTP clients hold now and what they were refused, counted by the app itself."""
+
+    def __init__(self, limits: HttpLimits) -> None:
+        self.limits = limits
+        self.connections = 0
+        self.streams = 0
+        self.connections_refused = RefusalLog(
+            "http.connections_refused", setting="HTTP_MAX_CONNECTIONS", limit=limits.max_connections
+        )
+        self.streams_refused = RefusalLog("http.streams_refused", setting="HTTP_MAX_STREAMS", limit=limits.max_streams)
+
+    def close(self) -> None:
+        self.connections_refused.close()
+        self.streams_refused.close()
 
 
 @dataclass(frozen=True)
@@ -95,6 +174,107 @@ class _ViewCollector(Collector):
             yield GaugeMetricFamily("orchestrator_dlq_messages", "Messages in the dead-letter queue", value=m.dlq_messages)
 
 
+class _LoadCollector(Collector):
+    def __init__(self, load: HttpLoad) -> None:
+        self._load = load
+
+    def collect(self) -> Any:
+        load = self._load
+        yield GaugeMetricFamily("orchestrator_http_connections", "Open HTTP connections (HTTP_MAX_CONNECTIONS)", value=load.connections)
+        yield GaugeMetricFamily("orchestrator_http_streams", "Log streams being served (HTTP_MAX_STREAMS)", value=load.streams)
+        refused = CounterMetricFamily("orchestrator_http_refused", "Connections and log streams refused at their limit", labels=["setting"])
+        for refusals in (load.connections_refused, load.streams_refused):
+            refused.add_metric([refusals.setting], refusals.total)
+        yield refused
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond `HTTP_MAX_CONNECTIONS`: closed as soon as it is made, so its
+    descriptor is released at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()  # nothing was written: the socket is closed on the loop's next turn
+
+
+class _Connection(asyncio.Protocol):
+    """One accepted connection: aiohttp's own protocol inside, told everything the
+    transport says, plus a header deadline and a callback when the connection is gone."""
+
+    def __init__(self, handler: asyncio.Protocol, *, header_timeout_s: float, on_lost: Callable[[], None]) -> None:
+        self._handler = handler
+        self._header_timeout_s = header_timeout_s
+        self._on_lost = on_lost
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiohttp's keep-alive timer covers the time after each response; before the
+        # first request only recent aiohttp versions arm it, so the first is ours.
+        self._deadline = asyncio.get_running_loop().call_later(self._header_timeout_s, transport.close)
+        self._handler.connection_made(transport)
+
+    def headers_received(self) -> None:
+        """A request has arrived: from now on aiohttp's keep-alive timer is in charge."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._on_lost()
+        self._handler.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+
+class _Gate:
+    """The listening socket's protocol factory: at most `max_connections` open at once,
+    each wrapped in a `_Connection` around a protocol from `make_handler` (aiohttp's)."""
+
+    def __init__(self, make_handler: Callable[[], asyncio.Protocol], load: HttpLoad) -> None:
+        self._make_handler = make_handler
+        self._load = load
+
+    def __call__(self) -> asyncio.Protocol:
+        load = self._load
+        # Counted here, when asyncio accepts, not in connection_made: one accept burst
+        # creates many protocols before any of them is connected.
+        if load.connections >= load.limits.max_connections:
+            load.connections_refused.note()
+            return _Refused()
+        load.connections += 1
+        return _Connection(self._make_handler(), header_timeout_s=load.limits.header_timeout_s, on_lost=self._lost)
+
+    def _lost(self) -> None:
+        self._load.connections -= 1
+
+
+class _GatedSite(web.BaseSite):
+    """aiohttp's `TCPSite`, but connections go through a `_Gate` first."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, gate: _Gate) -> None:
+        super().__init__(runner)
+        self._host, self._port, self._gate = host, port, gate
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(self._gate, self._host, self._port)
+
+
 def _job_id(request: web.Request) -> str:
     try:
         return str(uuid.UUID(request.match_info["job_id"]))
@@ -103,9 +283,45 @@ def _job_id(request: web.Request) -> str:
 
 
 async def _drain_in_thread(response: web.StreamResponse, chunks: Iterator[bytes]) -> None:
-    """Write an iterator that reads files (blocking) without blocking the loop."""
+    """Write an iterator that reads files (blocking) without blocking the loop. When the
+    client has gone (ConnectionResetError), a generator is closed first, so its file is
+    closed now rather than whenever the last reference to it goes."""
     while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-        await response.write(chunk)
+        try:
+            await response.write(chunk)
+        except ConnectionResetError:
+            if isinstance(chunks, Generator):
+                chunks.close()  # no thread is reading it here: `next` has returned
+            raise
+
+
+async def _send_events(
+    request: web.Request, response: web.StreamResponse, follower: LineFollower, running: Callable[[], bool]
+) -> None:
+    """Send the console's lines as events until the job has ended and every line is sent
+    (then an `end` event), or until the client goes away (checked before every read, so
+    a stream nobody reads ends within one poll)."""
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    while request.transport is not None and not request.transport.is_closing():
+        ended = not running()
+        before = follower.offset
+        # Read by chunk even once the job has ended, so a huge log is never held whole.
+        lines = await asyncio.to_thread(follower.read_lines, final=ended)
+        if lines:
+            # One event per line; the id (a file offset) rides on the last one.
+            events = "".join(f"data: {line}\n\n" for line in lines[:-1])
+            events += f"id: {follower.offset}\ndata: {lines[-1]}\n\n"
+            await response.write(events.encode())
+            quiet_since = loop.time()
+        elif ended and follower.offset == before:
+            await response.write(b"event: end\ndata: \n\n")
+            return
+        elif loop.time() - quiet_since > SSE_KEEPALIVE_S:
+            await response.write(b": keep-alive\n\n")  # finds a peer that went away
+            quiet_since = loop.time()
+        if not ended and not lines:
+            await asyncio.sleep(SSE_POLL_S)
 
 
 def _text_range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -126,9 +342,11 @@ def _text_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
-def build_app(view: HostView, *, token: str | None) -> web.Application:
+def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Application:
+    """The app; it counts its log streams in `load` and shows `load` on `/metrics`."""
     registry = CollectorRegistry()
     registry.register(_ViewCollector(view))
+    registry.register(_LoadCollector(load))
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "host": view.host_name})
@@ -164,37 +382,41 @@ def build_app(view: HostView, *, token: str | None) -> web.Application:
         if wanted:
             response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{extent.text_size}"
         await response.prepare(request)
-        await _drain_in_thread(response, text.text(raw_start, extent.raw_size, limit=stop - start))
-        await response.write_eof()
+        try:
+            await _drain_in_thread(response, text.text(raw_start, extent.raw_size, limit=stop - start))
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away mid-download: nobody to answer, nothing to log
         return response
 
     async def job_log_stream(request: web.Request) -> web.StreamResponse:
+        if load.streams >= load.limits.max_streams:
+            load.streams_refused.note()
+            raise web.HTTPServiceUnavailable(
+                headers={"Retry-After": str(STREAM_RETRY_AFTER_S)},
+                text=f"too many log streams: {load.streams} being served, HTTP_MAX_STREAMS is {load.limits.max_streams}; retry later\n",
+            )
         job_id, path = log_file(request)
         resume = request.headers.get("Last-Event-ID", "")
         offset = int(resume) if resume.isdigit() and len(resume) < 20 else 0
         follower = LineFollower(path, min(offset, path.stat().st_size))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        loop = asyncio.get_running_loop()
-        quiet_since = loop.time()
-        while request.transport is not None and not request.transport.is_closing():
-            running = view.job_running(job_id)
-            lines = await asyncio.to_thread(follower.read_lines if running else follower.finish)
-            if lines:
-                # One event per line; the id (a file offset) rides on the last one.
-                events = "".join(f"data: {line}\n\n" for line in lines[:-1])
-                events += f"id: {follower.offset}\ndata: {lines[-1]}\n\n"
-                await response.write(events.encode())
-                quiet_since = loop.time()
-            if not running:
-                await response.write(b"event: end\ndata: \n\n")
-                break
-            if not lines:
-                if loop.time() - quiet_since > SSE_KEEPALIVE_S:
-                    await response.write(b": keep-alive\n\n")  # finds a peer that went away
-                    quiet_since = loop.time()
-                await asyncio.sleep(SSE_POLL_S)
+        load.streams += 1
+        try:
+            await response.prepare(request)
+            await _send_events(request, response, follower, lambda: view.job_running(job_id))
+        except ConnectionResetError:
+            pass  # the client went away while we wrote: the stream is over, nothing to log
+        finally:
+            load.streams -= 1
         return response
+
+    @web.middleware
+    async def headers_arrived(request: web.Request, handler: Any) -> web.StreamResponse:
+        connection = request.transport.get_protocol() if request.transport is not None else None
+        if isinstance(connection, _Connection):
+            connection.headers_received()
+        return await handler(request)
 
     @web.middleware
     async def bearer_token(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -206,7 +428,11 @@ def build_app(view: HostView, *, token: str | None) -> web.Application:
                 raise web.HTTPUnauthorized(text="send Authorization: Bearer <HTTP_TOKEN>\n")
         return await handler(request)
 
-    app = web.Application(middlewares=[bearer_token])
+    async def close_load(_: web.Application) -> None:
+        load.close()
+
+    app = web.Application(middlewares=[headers_arrived, bearer_token])
+    app.on_cleanup.append(close_load)
     app.add_routes([
         web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status),
         web.get("/metrics", metrics), web.get("/jobs/{job_id}/log", job_log),
@@ -215,13 +441,19 @@ def build_app(view: HostView, *, token: str | None) -> web.Application:
     return app
 
 
-async def start_http(view: HostView, listen: str, *, token: str | None) -> web.AppRunner:
-    """Serve on `listen` (`host:port`). Raises OSError when the address is taken."""
+async def start_http(view: HostView, listen: str, *, token: str | None, limits: HttpLimits = HttpLimits()) -> web.AppRunner:
+    """Serve on `listen` (`host:port`) within `limits`. Raises OSError when the address is taken."""
     address, _, port = listen.rpartition(":")
-    runner = web.AppRunner(build_app(view, token=token), access_log=None)
+    load = HttpLoad(limits)
+    # aiohttp's keep-alive timer closes a connection that has not sent its next request's
+    # headers this long after its last response, whether idle or sending them slowly.
+    runner = web.AppRunner(
+        build_app(view, token=token, load=load), access_log=None, keepalive_timeout=limits.header_timeout_s
+    )
     await runner.setup()
+    assert runner.server is not None
     try:
-        await web.TCPSite(runner, address, int(port)).start()
+        await _GatedSite(runner, address, int(port), _Gate(runner.server, load)).start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,12 +20,17 @@ class DaemonProcess:
 
     started: list[DaemonProcess] = []
 
-    def __init__(self, env: dict[str, str], *, limits: Mapping[int, int] | None = None) -> None:
-        """`limits`: resource (e.g. `resource.RLIMIT_AS`) -> soft and hard limit in the daemon,
-        so a test of hostile input fails instead of exhausting the machine."""
+    def __init__(
+        self, env: dict[str, str], *, limits: Mapping[int, int] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        """`limits`: resource (e.g. `resource.RLIMIT_AS`) -> soft and hard limit in the
+        daemon, so a test of hostile input fails instead of exhausting the machine;
+        `preexec_fn` runs in the child after them (e.g. for a soft limit below the hard)."""
         DaemonProcess.started.append(self)
         self.env = {**os.environ, "LOG_FORMAT": "json", **env}
         self.limits = dict(limits or {})
+        self.preexec_fn = preexec_fn
         self.process: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -33,7 +40,7 @@ class DaemonProcess:
         self._started.clear()
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
-            preexec_fn=self._apply_limits if self.limits else None,
+            preexec_fn=self._in_child if self.limits or self.preexec_fn else None,
         )
         self._reader = asyncio.create_task(self._read(self.process))
         started = asyncio.create_task(self._started.wait())
@@ -48,10 +55,12 @@ class DaemonProcess:
             raise AssertionError(f"the daemon did not log daemon.started within {timeout_s:g} s; its last lines:\n{tail}")
         return self
 
-    def _apply_limits(self) -> None:
+    def _in_child(self) -> None:
         """Runs in the child, between fork and exec."""
         for which, limit in self.limits.items():
             resource.setrlimit(which, (limit, limit))
+        if self.preexec_fn is not None:
+            self.preexec_fn()
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None
@@ -60,6 +69,18 @@ class DaemonProcess:
             self.lines.append(text)
             if '"daemon.started"' in text:
                 self._started.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The logged events called `name`, parsed (lines that are not JSON are skipped)."""
+        found = []
+        for line in self.lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == name:
+                found.append(event)
+        return found
 
     async def kill(self) -> None:
         assert self.process is not None
