@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,13 @@ from tests.fakeforge import FakeForge
 
 TOKEN = "forge-api-token"
 SECRET = "webhook-secret"
+# The job runs for a second, so each step (queued, running, done) is on the commit
+# before the next replaces it: the bridge sends only the newest status of a context.
 JOBS = """\
 jobs:
   test:
     runs_on: alpha
-    env: {GREETING: hello}
+    env: {GREETING: hello, NOOP_DURATION_S: "1"}
     script: echo $GREETING
 """
 
@@ -63,7 +66,7 @@ class Bridge:
 
 
 async def start_bridge(prefix: str, tmp_path: Path, fake: FakeForge, config: Path, *, forge: str, **settings: Any) -> Bridge:
-    env = {"TEST_FORGE_TOKEN": fake.token, "TEST_FORGE_SECRET": SECRET}
+    env = {**os.environ, "TEST_FORGE_TOKEN": fake.token, "TEST_FORGE_SECRET": SECRET}
     loaded = load_forge_config(config, environ=env)
     bridge = ForgeBridge(make_settings(prefix, tmp_path / "unused", tmp_path / "unused.yaml", **settings), loaded)
     await bridge.start()

@@ -7,7 +7,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+import aio_pika
+import aiohttp
 import pytest
+
+from orchestrator.journal import JobState
+from orchestrator.messages import EventKind, JobEvent
+from tests.conftest import wait_for
 
 from tests.fakeforge import FakeForge
 from tests.fakeforge import github as fake_github
@@ -125,3 +131,113 @@ async def test_statuses_the_forge_refuses_for_now_are_retried(github, daemon_fac
         return github.fake.statuses_for(sha, "orchestrator/test")
     import asyncio
     assert (await asyncio.wait_for(final(), 30))[-1] == "success"
+
+
+async def bridge_with(tmp_path, prefix, **repo_options) -> Bridge:
+    fake = await fake_github.install(FakeForge()).start()
+    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO, **repo_options)
+    return await start_bridge(prefix, tmp_path, fake, config, forge="github")
+
+
+async def stop(bridge: Bridge) -> None:
+    await bridge.bridge.stop()
+    await bridge.fake.close()
+
+
+@pytest.mark.parametrize("forks", [False, True])
+async def test_secrets_go_to_pushes_and_same_repo_prs_never_to_forks(tmp_path, prefix, cleanup_topology, daemon_factory, caplog, monkeypatch, forks):
+    monkeypatch.setenv("WIDGETS_DEPLOY_KEY", "s3cr3t-deploy-key")
+    bridge = await bridge_with(tmp_path, prefix, forks=forks, secrets={"DEPLOY_KEY": {"env": "WIDGETS_DEPLOY_KEY"}})
+    try:
+        daemon = await daemon_factory()
+        deliveries = {name: fake_github.delivery(name, SECRET) for name in ("push.branch", "pull_request.opened", "pull_request.opened.fork")}
+        shas = {}
+        for name, (headers, body) in deliveries.items():
+            payload = json.loads(body)
+            shas[name] = payload["after"] if "after" in payload else payload["pull_request"]["head"]["sha"]
+            bridge.fake.files[(REPO, shas[name], ".orchestrator.yaml")] = JOBS.encode()
+            assert (await bridge.deliver(headers, body))[0] == 202
+        for name in ("push.branch", "pull_request.opened") + (("pull_request.opened.fork",) if forks else ()):
+            await bridge.fake.wait_for_statuses(shas[name], "orchestrator/test", 3)
+        await bridge.bridge.dispatcher.work_once()
+        # What the host was asked to run: the env of each job, from the daemon's journal.
+        envs = {record.request.commit_sha: record.request.env for record in await daemon.journal.in_states({JobState.PUBLISHED})}
+        assert envs[shas["push.branch"]]["DEPLOY_KEY"] == "s3cr3t-deploy-key"
+        assert envs[shas["pull_request.opened"]]["DEPLOY_KEY"] == "s3cr3t-deploy-key"
+        if forks:
+            assert "DEPLOY_KEY" not in envs[shas["pull_request.opened.fork"]], "a fork's job never gets secrets"
+        else:
+            assert shas["pull_request.opened.fork"] not in envs, "a fork's job does not run with forks: false"
+        assert "s3cr3t-deploy-key" not in caplog.text, "secrets are never logged"
+    finally:
+        await stop(bridge)
+
+
+async def test_webhooks_taken_while_the_broker_is_away_are_published_once_it_is_back(tmp_path, prefix, cleanup_topology, amqp_proxy, daemon_factory, broker):
+    fake = await fake_github.install(FakeForge()).start()
+    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO)
+    bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github", amqp_url=amqp_proxy.url)
+    try:
+        await daemon_factory()
+        await broker.open()
+        amqp_proxy.down()
+        shas = [f"{n:040x}" for n in range(1, 4)]
+        for sha in shas:
+            fake.files[(REPO, sha, ".orchestrator.yaml")] = JOBS.encode()
+            assert (await bridge.deliver(*push_to(sha)))[0] == 202, "answered while the broker is away"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{bridge.url}/readyz") as response:
+                assert response.status == 503 and "broker" in await response.text()
+        amqp_proxy.up()
+        results = await broker.collect(3, timeout_s=60)
+        assert sorted(r.commit_sha for r in results.values()) == shas
+        for sha in shas:
+            assert (await fake.wait_for_statuses(sha, "orchestrator/test", 1))[-1] in ("pending", "success")
+        await bridge.bridge.dispatcher.work_once()
+        assert bridge.bridge.dispatcher.counts["jobs_published"] == 3
+        assert broker.results.empty() and not broker.conflicts
+    finally:
+        await stop(bridge)
+
+
+async def test_a_new_push_supersedes_the_running_jobs_of_the_previous_head(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+    bridge = await bridge_with(tmp_path, prefix, cancel_superseded=True)
+    try:
+        daemon = await daemon_factory()
+        await broker.open()
+        old, new = "a" * 40, "b" * 40
+        slow = JOBS.replace('NOOP_DURATION_S: "1"', 'NOOP_DURATION_S: "60"')
+        bridge.fake.files[(REPO, old, ".orchestrator.yaml")] = slow.encode()
+        bridge.fake.files[(REPO, new, ".orchestrator.yaml")] = JOBS.encode()
+        assert (await bridge.deliver(*push_to(old)))[0] == 202
+        await bridge.fake.wait_for_statuses(old, "orchestrator/test", 2)  # queued, running
+        assert (await bridge.deliver(*push_to(new)))[0] == 202
+        results = await broker.collect(2, timeout_s=60)
+        by_sha = {r.commit_sha: r for r in results.values()}
+        assert by_sha[old].status.value == "cancelled" and by_sha[new].status.value == "succeeded"
+        await bridge.fake.wait_for_statuses(new, "orchestrator/test", 3)
+        old_statuses = [s for s in bridge.fake.statuses if s.sha == old]
+        assert old_statuses[-1].state == "error" and old_statuses[-1].description == f"superseded by {new[:12]}"
+        assert not daemon.runner.running
+    finally:
+        await stop(bridge)
+
+
+async def test_a_late_started_event_never_overwrites_a_result(github, daemon_factory, broker, amqp):
+    await daemon_factory()
+    headers, body, sha = push()
+    github.fake.files[(REPO, sha, ".orchestrator.yaml")] = JOBS.encode()
+    assert (await github.deliver(headers, body))[0] == 202
+    assert (await github.fake.wait_for_statuses(sha, "orchestrator/test", 3))[-1] == "success"
+    run = (await github.bridge.journal.runs_for_ref("github", REPO, "branch/main"))[0]
+    channel = await amqp.channel()
+    events = await channel.get_exchange(broker.topology.events, ensure=False)
+    late = JobEvent(kind=EventKind.STARTED, request_id=run.request_id, host="slow-host")
+    await events.publish(aio_pika.Message(late.model_dump_json().encode()), routing_key="job.started.alpha")
+    await channel.close()
+    await wait_for(lambda: github.bridge.reporter is not None and not github.fake.failures, what="the late event")
+    marker = push_to("c" * 40)  # a later delivery, to know the late event was handled before it
+    github.fake.files[(REPO, "c" * 40, ".orchestrator.yaml")] = JOBS.encode()
+    assert (await github.deliver(*marker))[0] == 202
+    await github.fake.wait_for_statuses("c" * 40, "orchestrator/test", 3)
+    assert github.fake.statuses_for(sha, "orchestrator/test") == ["pending", "pending", "success"]

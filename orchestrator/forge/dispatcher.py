@@ -129,6 +129,9 @@ class Dispatcher:
 
     async def _publish(self, run: Run, *, caught_up: bool = False) -> bool:
         request = JobRequest.model_validate_json(run.request)
+        # Shown before the job can start, so "queued" is never proposed after "running"
+        # (statuses only move forward: a late one would be dropped).
+        await self._propose_status(run.forge, run.repo, run.commit_sha, queued(run.context, caught_up=caught_up))
         try:
             await self._publisher.publish(
                 self._topology.jobs, request.runs_on or "",
@@ -140,7 +143,6 @@ class Dispatcher:
         await self._journal.mark_published(run.request_id)
         self.counts["jobs_published"] += 1
         log.info("job.published", job_id=run.request_id, repo=run.repo.full_name, commit=run.commit_sha, job=run.job_name)
-        await self._propose_status(run.forge, run.repo, run.commit_sha, queued(run.context, caught_up=caught_up))
         return True
 
     async def _supersede(self, forge: str, event: ForgeEvent) -> None:
