@@ -1,5 +1,6 @@
 """Forgejo/Gitea: webhook fixtures parsed into the bridge's events, signatures, hostile
-bodies."""
+bodies, and the REST API against the fake forge (files, statuses, paginated listings,
+typed errors)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,31 @@ import copy
 import hashlib
 import hmac
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator.forge.base import (
+    BranchHead,
+    CommitStatus,
     EventKind,
     Forge,
+    ForgeApiError,
     ForgeEvent,
     ForgeKind,
     Ignored,
     Ping,
+    PullHead,
     Repo,
+    StatusState,
     WebhookError,
 )
-from orchestrator.forge.forgejo import ForgejoForge
+from orchestrator.forge.forgejo import DESCRIPTION_LIMIT, FORGE_STATES, ForgejoForge
+from orchestrator.forge.http import DEFAULT_RETRY_S
+from tests.fakeforge import FakeForge, Pull
+from tests.fakeforge import forgejo as fake_forgejo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "forge" / "forgejo"
 SECRET = "It's a Secret to Everybody"
@@ -420,3 +430,231 @@ def test_repository_of_names_the_repository_before_authentication() -> None:
     assert forge.repository_of(b'{"repository": "x"}') is None
     with pytest.raises(WebhookError):
         forge.repository_of(b"not json")
+
+
+# --- the API against the fake forge ------------------------------------------------------------
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeForge]:
+    fake = FakeForge()
+    fake_forgejo.install(fake)
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def api(fake: FakeForge) -> AsyncIterator[ForgejoForge]:
+    client = ForgejoForge(fake.url, fake.token)
+    yield client
+    await client.close()
+
+
+async def test_read_file_at_the_exact_commit(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.files[("forgejo/webhooks", SHA, ".ci/jobs.yml")] = b"jobs: {}\n"
+    assert await api.read_file(WEBHOOKS, ".ci/jobs.yml", SHA) == b"jobs: {}\n"
+    call = fake.calls[-1]
+    assert (call.method, call.path) == ("GET", "/api/v1/repos/forgejo/webhooks/raw/.ci/jobs.yml")
+    assert call.query == {"ref": SHA}
+    assert call.headers["Authorization"] == f"token {fake.token}"
+
+
+async def test_read_file_absent_at_that_commit_is_none(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.files[("forgejo/webhooks", OTHER_SHA, ".ci/jobs.yml")] = b"jobs: {}\n"
+    assert await api.read_file(WEBHOOKS, ".ci/jobs.yml", SHA) is None
+    assert fake.calls[-1].query == {"ref": SHA}
+
+
+async def test_read_file_quotes_the_path(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.files[("forgejo/webhooks", SHA, "ci dir/jobs#1?.yml")] = b"x"
+    assert await api.read_file(WEBHOOKS, "ci dir/jobs#1?.yml", SHA) == b"x"
+    assert fake.calls[-1].query == {"ref": SHA}
+
+
+@pytest.mark.parametrize(("state", "forge_state"), [
+    (StatusState.PENDING, "pending"), (StatusState.RUNNING, "pending"), (StatusState.SUCCESS, "success"),
+    (StatusState.FAILURE, "failure"), (StatusState.ERROR, "error"), (StatusState.CANCELED, "error"),
+])
+async def test_set_status_maps_every_state(fake: FakeForge, api: ForgejoForge, state: StatusState,
+                                           forge_state: str) -> None:
+    status = CommitStatus(state=state, context="orchestrator/test", description="running on host-1",
+                          target_url="https://ci.example.org/jobs/1/log")
+    await api.set_status(WEBHOOKS, SHA, status)
+    recorded = fake.statuses[-1]
+    assert (recorded.repo, recorded.sha, recorded.state, recorded.context, recorded.description,
+            recorded.target_url) == ("forgejo/webhooks", SHA, forge_state, "orchestrator/test",
+                                     "running on host-1", "https://ci.example.org/jobs/1/log")
+    call = fake.calls[-1]
+    assert (call.method, call.path) == ("POST", f"/api/v1/repos/forgejo/webhooks/statuses/{SHA}")
+    assert json.loads(call.body)["state"] == forge_state
+
+
+def test_every_state_has_a_forge_state() -> None:
+    assert set(FORGE_STATES) == set(StatusState)
+    assert set(FORGE_STATES.values()) <= {"pending", "success", "error", "failure", "warning"}
+
+
+async def test_set_status_cuts_the_description_to_the_limit(fake: FakeForge, api: ForgejoForge) -> None:
+    await api.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.FAILURE, "ci", "x" * 1000))
+    description = fake.statuses[-1].description
+    assert len(description) == DESCRIPTION_LIMIT and description.endswith("…")
+    await api.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.FAILURE, "ci", "exit 1\n  on\thost-2  "))
+    assert fake.statuses[-1].description == "exit 1 on host-2"
+    await api.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.SUCCESS, "ci", "y" * DESCRIPTION_LIMIT))
+    assert fake.statuses[-1].description == "y" * DESCRIPTION_LIMIT
+
+
+async def test_set_status_without_target_url_sends_none(fake: FakeForge, api: ForgejoForge) -> None:
+    await api.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.PENDING, "ci", "queued"))
+    assert "target_url" not in json.loads(fake.calls[-1].body)
+    assert fake.statuses[-1].target_url is None
+
+
+async def test_fake_rejects_a_state_the_forge_does_not_have(fake: FakeForge, api: ForgejoForge) -> None:
+    with pytest.raises(ForgeApiError) as raised:
+        await api._api.request("POST", f"/api/v1/repos/forgejo/webhooks/statuses/{SHA}", json_body={"state": "running"})
+    assert (raised.value.status, raised.value.retry_after_s) == (422, None)
+    assert fake.statuses == []
+
+
+async def test_branches_follow_pagination_to_the_end(fake: FakeForge, api: ForgejoForge) -> None:
+    heads = {f"branch-{i:03}": f"{i:040x}" for i in range(120)}
+    fake.branches["forgejo/webhooks"] = heads
+    branches = await api.branches(WEBHOOKS)
+    assert sorted(branches, key=lambda b: b.name) == [BranchHead(name, sha) for name, sha in sorted(heads.items())]
+    listing = [call for call in fake.calls if call.path.endswith("/branches")]
+    assert [call.query["page"] for call in listing] == ["1", "2", "3"]
+    assert {call.query["limit"] for call in listing} == {"50"}
+
+
+async def test_open_pulls_follow_pagination_and_tell_forks(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.branches["forgejo/webhooks"] = {"main": OTHER_SHA}
+    pulls = [Pull(number=n, head_sha=f"{n:040x}", base_branch="main", head_branch=f"topic-{n}",
+                  head_repo="alice/webhooks" if n % 2 else "forgejo/webhooks") for n in range(1, 111)]
+    pulls += [Pull(number=200 + n, head_sha=f"{n:040x}", base_branch="main", head_branch="old",
+                   head_repo="forgejo/webhooks", state="closed") for n in range(5)]
+    fake.pulls["forgejo/webhooks"] = pulls
+    result = await api.open_pulls(WEBHOOKS)
+    assert len(result) == 110
+    by_number = {pull.number: pull for pull in result}
+    assert by_number[2] == PullHead(number=2, commit_sha=f"{2:040x}", base_branch="main", head_branch="topic-2",
+                                    head_clone_url=f"{fake.url}/forgejo/webhooks.git", from_fork=False)
+    assert by_number[3] == PullHead(number=3, commit_sha=f"{3:040x}", base_branch="main", head_branch="topic-3",
+                                    head_clone_url=f"{fake.url}/alice/webhooks.git", from_fork=True)
+    listing = [call for call in fake.calls if call.path.endswith("/pulls")]
+    assert [call.query["page"] for call in listing] == ["1", "2", "3"]
+    assert {call.query["state"] for call in listing} == {"open"}
+
+
+async def test_fake_paginates_like_forgejo(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.branches["forgejo/webhooks"] = {f"b{i:02}": f"{i:040x}" for i in range(75)}
+    path = "/api/v1/repos/forgejo/webhooks/branches"
+    body, headers = await api._api.request("GET", path, params={"page": "2", "limit": "30"})
+    assert [branch["name"] for branch in json.loads(body or b"")] == [f"b{i:02}" for i in range(30, 60)]
+    assert headers["X-Total-Count"] == "75"
+    links = dict(reversed(part.split("; ")) for part in headers["Link"].split(","))
+    assert links['rel="next"'] == f"<{fake.url}{path}?page=3&limit=30>"
+    assert links['rel="last"'] == f"<{fake.url}{path}?page=3&limit=30>"
+    assert links['rel="prev"'] == f"<{fake.url}{path}?page=1&limit=30>"
+    body, headers = await api._api.request("GET", path, params={"limit": "500"})
+    assert len(json.loads(body or b"")) == 50  # MAX_RESPONSE_ITEMS
+
+
+async def test_next_page_is_asked_on_our_own_url_not_the_link_host() -> None:
+    """Link URLs are built on the instance's ROOT_URL; the token must not follow them."""
+    fake = FakeForge()
+    fake_forgejo.install(fake, app_url="http://public-root.invalid/git/")
+    await fake.start()
+    client = ForgejoForge(fake.url, fake.token)
+    try:
+        fake.branches["forgejo/webhooks"] = {f"b{i}": f"{i:040x}" for i in range(101)}
+        assert len(await client.branches(WEBHOOKS)) == 101
+        listing = [call for call in fake.calls if call.path.endswith("/branches")]
+        assert [call.query["page"] for call in listing] == ["1", "2", "3"]
+    finally:
+        await client.close()
+        await fake.close()
+
+
+async def test_empty_listing_is_one_call(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.branches["forgejo/webhooks"] = {}
+    assert await api.branches(WEBHOOKS) == []
+    assert await api.open_pulls(WEBHOOKS) == []
+    assert len(fake.calls) == 2
+
+
+async def test_odd_listing_items_are_api_errors_naming_the_field(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.branches["forgejo/webhooks"] = {"main": "not-a-sha"}
+    with pytest.raises(ForgeApiError, match=r"0\.commit\.id|commit\.id") as raised:
+        await api.branches(WEBHOOKS)
+    assert raised.value.retry_after_s is None
+
+
+async def test_server_error_is_retryable(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.fail_next(status=500)
+    with pytest.raises(ForgeApiError) as raised:
+        await api.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.PENDING, "ci", "queued"))
+    assert (raised.value.status, raised.value.retry_after_s) == (500, DEFAULT_RETRY_S)
+    assert fake.statuses == []
+
+
+async def test_rate_limit_with_retry_after_is_retryable_after_that_long(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.fail_next(status=429, retry_after="7")
+    with pytest.raises(ForgeApiError) as raised:
+        await api.read_file(WEBHOOKS, ".ci/jobs.yml", SHA)
+    assert (raised.value.status, raised.value.retry_after_s) == (429, 7.0)
+    fake.fail_next(status=403, retry_after="3")
+    with pytest.raises(ForgeApiError) as raised:
+        await api.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.PENDING, "ci", "queued"))
+    assert (raised.value.status, raised.value.retry_after_s) == (403, 3.0)
+
+
+async def test_failure_on_a_later_page_is_an_error_not_a_short_list(
+        fake: FakeForge, api: ForgejoForge, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.branches["forgejo/webhooks"] = {f"b{i}": f"{i:040x}" for i in range(120)}
+    request, sent = api._api.request, 0
+
+    async def second_page_fails(*args: Any, **kwargs: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        if sent == 2:
+            fake.fail_next(status=502)
+        return await request(*args, **kwargs)
+
+    monkeypatch.setattr(api._api, "request", second_page_fails)
+    with pytest.raises(ForgeApiError) as raised:
+        await api.branches(WEBHOOKS)
+    assert (raised.value.status, raised.value.retry_after_s) == (502, DEFAULT_RETRY_S)
+
+
+async def test_connection_reset_is_retryable(fake: FakeForge, api: ForgejoForge) -> None:
+    # A POST: aiohttp itself tries an idempotent GET once more after a reset.
+    fake.fail_next(reset=True)
+    with pytest.raises(ForgeApiError) as raised:
+        await api.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.PENDING, "ci", "queued"))
+    assert (raised.value.status, raised.value.retry_after_s) == (None, DEFAULT_RETRY_S)
+    assert fake.statuses == []
+
+
+async def test_wrong_token_is_not_retryable(fake: FakeForge) -> None:
+    client = ForgejoForge(fake.url, "wrong")
+    try:
+        with pytest.raises(ForgeApiError) as raised:
+            await client.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.PENDING, "ci", "queued"))
+        assert (raised.value.status, raised.value.retry_after_s) == (401, None)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("status", [401, 404, 422])
+async def test_client_errors_are_not_retryable(fake: FakeForge, api: ForgejoForge, status: int) -> None:
+    fake.fail_next(status=status)
+    with pytest.raises(ForgeApiError) as raised:
+        await api.set_status(WEBHOOKS, SHA, CommitStatus(StatusState.SUCCESS, "ci", "passed"))
+    assert (raised.value.status, raised.value.retry_after_s) == (status, None)
+
+
+async def test_listing_of_an_unknown_repository_is_not_retryable(api: ForgejoForge) -> None:
+    with pytest.raises(ForgeApiError) as raised:
+        await api.open_pulls(Repo("nobody", "nothing", "http://x/nobody/nothing.git"))
+    assert (raised.value.status, raised.value.retry_after_s) == (404, None)
