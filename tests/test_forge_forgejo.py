@@ -420,6 +420,10 @@ def test_delivery_id_from_either_header_or_none() -> None:
     assert forge.delivery_id({"X-Gitea-Delivery": "def"}) == "def"
     assert forge.delivery_id({"X-GitHub-Delivery": "ghi"}) is None
     assert forge.delivery_id({}) is None
+    assert forge.delivery_id({"X-Forgejo-Delivery": "abc", "X-Gitea-Delivery": "xyz"}) == "abc"
+    headers, body = fixture("push_branch")
+    with pytest.raises(WebhookError, match="Delivery"):
+        forge.parse({**headers, "X-Gitea-Delivery": "another"}, body)
 
 
 def test_repository_of_names_the_repository_before_authentication() -> None:

@@ -109,7 +109,8 @@ def _one_header(headers: dict[str, str], suffix: str) -> str | None:
     forgejo = headers.get(f"x-forgejo-{suffix}", "").strip()
     gitea = headers.get(f"x-gitea-{suffix}", "").strip()
     if forgejo and gitea and forgejo != gitea:
-        raise WebhookError(f"X-Forgejo-{suffix} ({forgejo[:64]!r}) and X-Gitea-{suffix} ({gitea[:64]!r}) disagree")
+        name = suffix.title()
+        raise WebhookError(f"X-Forgejo-{name} ({forgejo[:64]!r}) and X-Gitea-{name} ({gitea[:64]!r}) disagree")
     return forgejo or gitea or None
 
 
@@ -351,7 +352,10 @@ class ForgejoForge:
     # --- webhooks (pure) --------------------------------------------------------------
 
     def delivery_id(self, headers: Mapping[str, str]) -> str | None:
-        return _one_header(_headers(headers), "delivery")
+        # Never raises (the receiver asks before it authenticates); `parse` refuses a
+        # delivery whose two ids disagree.
+        lowered = _headers(headers)
+        return lowered.get("x-forgejo-delivery", "").strip() or lowered.get("x-gitea-delivery", "").strip() or None
 
     def repository_of(self, body: bytes) -> str | None:
         repository = _load(body).get("repository")
