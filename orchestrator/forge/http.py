@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
+from urllib.parse import parse_qsl, urlsplit
 from typing import Any
 
 import aiohttp
@@ -105,7 +106,10 @@ class ApiClient:
             items.extend(page)
             link = NEXT_LINK.search(headers.get("Link", ""))
             if link:
-                url, query = link.group(1), {}
+                # Only the next page's query is taken: the link's host may be another one
+                # than `base_url` (Forgejo builds it from its ROOT_URL), and the token
+                # must not follow it there.
+                query = dict(parse_qsl(urlsplit(link.group(1)).query))
             elif headers.get("X-Next-Page", "").strip().isdigit():
                 query = {**query, "page": headers["X-Next-Page"].strip()}
             else:

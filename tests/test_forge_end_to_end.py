@@ -1,0 +1,76 @@
+"""Once for each forge, end to end: a push webhook → the bridge → the real broker → a
+noop daemon → commit statuses queued, running and success for the right commit and
+context, in the forge's own state names, with the log URL."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fakeforge import FakeForge
+from tests.fakeforge import forgejo as fake_forgejo
+from tests.fakeforge import github as fake_github
+from tests.forgebridge import JOBS, SECRET, start_bridge, write_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "forge"
+
+
+@dataclass(frozen=True)
+class ForgeKit:
+    kind: str
+    install: Callable[[FakeForge], object]
+    push: Callable[[str], tuple[dict[str, str], bytes]]  # a signed push of a commit
+    repo: str
+    states: list[str]  # queued, running, success as the forge names them
+
+
+def github_push(sha: str) -> tuple[dict[str, str], bytes]:
+    payload = json.loads(fake_github.fixture("push.branch"))
+    payload["after"] = sha
+    body = json.dumps(payload).encode()
+    return fake_github.webhook_headers("push", body, SECRET), body
+
+
+def forgejo_push(sha: str) -> tuple[dict[str, str], bytes]:
+    payload = json.loads((FIXTURES / "forgejo" / "push_branch.json").read_bytes())
+    payload["after"] = sha
+    payload["head_commit"]["id"] = sha
+    body = json.dumps(payload).encode()
+    headers = json.loads((FIXTURES / "forgejo" / "push_branch.headers.json").read_bytes())
+    signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return {**headers, "X-Forgejo-Signature": signature, "X-Gitea-Signature": signature}, body
+
+
+KITS = [
+    ForgeKit("github", fake_github.install, github_push, "octo-org/widgets", ["pending", "pending", "success"]),
+    ForgeKit("forgejo", fake_forgejo.install, forgejo_push, "forgejo/webhooks", ["pending", "pending", "success"]),
+]
+
+
+@pytest.mark.parametrize("kit", KITS, ids=[k.kind for k in KITS])
+async def test_a_push_shows_queued_running_success_on_the_commit(kit, tmp_path, prefix, cleanup_topology, daemon_factory):
+    fake = FakeForge()
+    kit.install(fake)
+    await fake.start()
+    config = write_config(tmp_path, forge=kit.kind, kind=kit.kind, api_url=fake.url, repo=kit.repo)
+    bridge = await start_bridge(prefix, tmp_path, fake, config, forge=kit.kind)
+    try:
+        await daemon_factory(public_url="http://hv01.example:9465")
+        sha = hashlib.sha1(kit.kind.encode()).hexdigest()
+        fake.files[(kit.repo, sha, ".orchestrator.yaml")] = JOBS.encode()
+        status, text = await bridge.deliver(*kit.push(sha))
+        assert status == 202, text
+        assert await fake.wait_for_statuses(sha, "orchestrator/test", 3) == kit.states
+        shown = [s for s in fake.statuses if s.sha == sha]
+        assert [s.description for s in shown][:2] == ["queued", "running on host0"]
+        assert shown[-1].description.startswith("succeeded in ")
+        assert shown[-1].target_url is not None and shown[-1].target_url.startswith("http://hv01.example:9465/jobs/")
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()
