@@ -241,3 +241,30 @@ async def test_a_late_started_event_never_overwrites_a_result(github, daemon_fac
     assert (await github.deliver(*marker))[0] == 202
     await github.fake.wait_for_statuses("c" * 40, "orchestrator/test", 3)
     assert github.fake.statuses_for(sha, "orchestrator/test") == ["pending", "pending", "success"]
+
+
+def test_the_example_config_checks_with_its_secrets_set(monkeypatch, capsys):
+    from pathlib import Path
+
+    from orchestrator.cli import main
+
+    example = Path(__file__).parent.parent / "examples" / "forge.yaml"
+    for name in ("GITHUB_TOKEN", "GITHUB_WEBHOOK_SECRET", "FORGEJO_TOKEN", "FORGEJO_WEBHOOK_SECRET", "GITLAB_TOKEN",
+                 "GITLAB_WEBHOOK_TOKEN", "WIDGETS_DEPLOY_KEY"):
+        monkeypatch.setenv(name, f"value-of-{name}")
+    assert main(["forge", "check", "--config", str(example)]) == 0
+    out = capsys.readouterr().out
+    assert "forge github: github at https://api.github.com, webhook URL /hooks/github" in out
+    assert "value-of-" not in out
+    monkeypatch.delenv("GITLAB_TOKEN")
+    assert main(["forge", "check", "--config", str(example)]) == 2
+    err = capsys.readouterr().err
+    assert "forges.gitlab.token: environment variable GITLAB_TOKEN is empty or not set" in err
+
+
+async def test_a_body_above_the_cap_is_refused_before_it_is_read(github):
+    huge = b"{" + b" " * (25 * 1024 * 1024) + b"}"
+    headers = fake_github.webhook_headers("push", huge, SECRET)
+    status, _ = await github.deliver(headers, huge)
+    assert status == 413
+    assert github.bridge.dispatcher.counts["jobs_published"] == 0
