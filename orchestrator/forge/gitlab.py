@@ -244,7 +244,7 @@ class GitLabHook(BaseModel):
 
     id: int
     url: str
-    alert_status: HookAlertStatus = HookAlertStatus.EXECUTABLE  # absent before GitLab 15.7
+    alert_status: HookAlertStatus = HookAlertStatus.EXECUTABLE  # absent on older GitLab versions
     disabled_until: datetime | None = None
     push_events: bool = False
     tag_push_events: bool = False
