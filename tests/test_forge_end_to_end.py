@@ -16,6 +16,7 @@ import pytest
 from tests.fakeforge import FakeForge
 from tests.fakeforge import forgejo as fake_forgejo
 from tests.fakeforge import github as fake_github
+from tests.fakeforge import gitlab as fake_gitlab
 from tests.forgebridge import JOBS, SECRET, start_bridge, write_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "forge"
@@ -47,9 +48,22 @@ def forgejo_push(sha: str) -> tuple[dict[str, str], bytes]:
     return {**headers, "X-Forgejo-Signature": signature, "X-Gitea-Signature": signature}, body
 
 
+def gitlab_push(sha: str) -> tuple[dict[str, str], bytes]:
+    payload = json.loads((FIXTURES / "gitlab" / "push.json").read_bytes())
+    payload.update(after=sha, checkout_sha=sha)
+    headers = json.loads((FIXTURES / "gitlab" / "push.headers.json").read_bytes())
+    return {**headers, "X-Gitlab-Token": SECRET}, json.dumps(payload).encode()
+
+
+def install_gitlab(fake: FakeForge) -> None:
+    fake_gitlab.install(fake)
+    fake.project_ids["mike/diaspora"] = 15  # the project of the push fixture
+
+
 KITS = [
     ForgeKit("github", fake_github.install, github_push, "octo-org/widgets", ["pending", "pending", "success"]),
     ForgeKit("forgejo", fake_forgejo.install, forgejo_push, "forgejo/webhooks", ["pending", "pending", "success"]),
+    ForgeKit("gitlab", install_gitlab, gitlab_push, "mike/diaspora", ["pending", "running", "success"]),
 ]
 
 
