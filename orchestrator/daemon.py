@@ -322,6 +322,7 @@ class Daemon:
             image_map=self.image_map, ledger=self.ledger, journal=self.journal, outbox=self.outbox,
             publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
             start_job=self.runner.start, cancelled=cancels, running=self.runner.running,
+            wait_released=self.runner.wait_released,
             max_message_bytes=s.max_message_bytes,
         )
         control = ControlListener(

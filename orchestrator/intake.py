@@ -12,7 +12,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
@@ -163,6 +163,13 @@ def _request_id_in(data: dict[str, object]) -> uuid.UUID | None:
         return None
 
 
+HAND_BACK_WAIT_S = 30.0
+
+
+async def _never_held(_job_id: str, _timeout_s: float) -> bool:
+    return True
+
+
 class RunsAJob(Protocol):
     """What intake reads of a job the runner holds (the values of `JobRunner.running`)."""
 
@@ -184,6 +191,7 @@ class JobIntake:
         start_job: Callable[[AcceptedJob], None],
         cancelled: Container[str] = frozenset(),
         running: Mapping[str, RunsAJob] = MappingProxyType({}),
+        wait_released: Callable[[str, float], Awaitable[bool]] | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._image_map = image_map
@@ -197,6 +205,7 @@ class JobIntake:
         self._start_job = start_job
         self._cancelled = cancelled
         self._running = running
+        self._wait_released = wait_released or _never_held
         self._max_message_bytes = max_message_bytes
         # Journaled here and not yet handed to the runner (the ack comes in between).
         self._starting: dict[str, JobRequest] = {}
@@ -258,10 +267,14 @@ class JobIntake:
         job_id = request.job_id
         held = self._held_here(job_id)
         if held is not None:
-            if request.attempt > held.attempt:
-                # The runner publishes a job it hands back before it lets go of it here.
-                return Decision(Verdict.REQUEUE, reason=f"attempt {held.attempt} is being handed back here", job_id=job_id)
-            return self._copy_of(request, held, label)
+            if request.attempt <= held.attempt:
+                return self._copy_of(request, held, label)
+            # The runner publishes a job it hands back before it lets go of it here: wait
+            # for that (moments), then take the new attempt like any other. Requeueing it
+            # instead would bring it straight back, again and again: on a quorum queue
+            # each time counts toward the delivery limit, and the job would end in the DLQ.
+            if not await self._wait_released(job_id, HAND_BACK_WAIT_S):
+                return Decision(Verdict.REQUEUE, reason=f"attempt {held.attempt} is still held here", job_id=job_id)
         if job_id in self._cancelled:
             return await self._answer(request, label, JobStatus.CANCELLED, "cancelled before a host started it")
         if request.deadline is not None and request.deadline < now_utc():

@@ -49,6 +49,7 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # gone from `running`
     adopted_started_at: float | None = None  # set for a job taken back after a restart
     interrupted_while_away: bool = False  # its VM was not running when taken back
     console: ConsoleFollower = field(init=False)
@@ -121,6 +122,18 @@ class JobRunner:
             running.stop_reason = reason
         running.stop_requested.set()
         return True
+
+    async def wait_released(self, job_id: str, timeout_s: float) -> bool:
+        """Wait until this host holds `job_id` no more (a job being handed back is
+        published before it is let go); False when it still does after `timeout_s`."""
+        running = self.running.get(job_id)
+        if running is None:
+            return True
+        try:
+            await asyncio.wait_for(running.released.wait(), timeout=timeout_s)
+            return True
+        except TimeoutError:
+            return False
 
     async def wait_idle(self, timeout_s: float) -> bool:
         try:
@@ -213,6 +226,7 @@ class JobRunner:
                 jlog.error("vm.destroy_failed", error=str(exc))
             self._ledger.release(job.reservation)
             self.running.pop(job.job_id, None)
+            running.released.set()
             if not self.running:
                 self.idle.set()
 

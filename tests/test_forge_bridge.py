@@ -91,7 +91,7 @@ async def test_a_redelivered_webhook_publishes_nothing_new(github, daemon_factor
     again = push_to(sha, delivery_id="another-delivery-of-the-same-push")  # same commit and ref
     assert (await github.deliver(*again))[0] == 202
     await github.fake.wait_for_statuses(sha, "orchestrator/test", 3)
-    await github.bridge.dispatcher.work_once()
+    await github.bridge.dispatcher.settled()
     assert github.bridge.dispatcher.counts["jobs_published"] == 1
     assert broker.results.empty() and str(first.request_id)
 
@@ -109,7 +109,7 @@ async def test_a_jobs_file_that_does_not_validate_is_one_error_status_naming_its
 async def test_no_jobs_file_runs_nothing(github):
     headers, body, sha = push()
     assert (await github.deliver(headers, body))[0] == 202
-    await github.bridge.dispatcher.work_once()
+    await github.bridge.dispatcher.settled()
     assert github.bridge.dispatcher.counts["jobs_published"] == 0 and github.fake.statuses == []
     assert any(c.path.endswith("/contents/.orchestrator.yaml") and c.query.get("ref") == sha for c in github.fake.calls)
 
@@ -159,7 +159,7 @@ async def test_secrets_go_to_pushes_and_same_repo_prs_never_to_forks(tmp_path, p
             assert (await bridge.deliver(headers, body))[0] == 202
         for name in ("push.branch", "pull_request.opened") + (("pull_request.opened.fork",) if forks else ()):
             await bridge.fake.wait_for_statuses(shas[name], "orchestrator/test", 3)
-        await bridge.bridge.dispatcher.work_once()
+        await bridge.bridge.dispatcher.settled()
         # What the host was asked to run: the env of each job, from the daemon's journal.
         envs = {record.request.commit_sha: record.request.env for record in await daemon.journal.in_states({JobState.PUBLISHED})}
         assert envs[shas["push.branch"]]["DEPLOY_KEY"] == "s3cr3t-deploy-key"
@@ -193,7 +193,7 @@ async def test_webhooks_taken_while_the_broker_is_away_are_published_once_it_is_
         assert sorted(r.commit_sha for r in results.values()) == shas
         for sha in shas:
             assert (await fake.wait_for_statuses(sha, "orchestrator/test", 1))[-1] in ("pending", "success")
-        await bridge.bridge.dispatcher.work_once()
+        await bridge.bridge.dispatcher.settled()
         assert bridge.bridge.dispatcher.counts["jobs_published"] == 3
         assert broker.results.empty() and not broker.conflicts
     finally:

@@ -4,16 +4,21 @@ leaked VMs or files."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
+from hypervisors.base import BackendName, VmSpec
 from hypervisors.noop import NoopHypervisor
+from orchestrator.daemon import Daemon
+from orchestrator.imagemap import load_image_map
 from orchestrator.messages import JobStatus
 from tests.amqpproxy import BASIC_ACK
-from tests.conftest import AMQP_URL, LIBVIRT_URI, wait_for
+from tests.conftest import AMQP_URL, LIBVIRT_URI, make_settings, wait_for
 from tests.fakes.counting_noop import CountingNoop
 from tests.daemonproc import DaemonProcess
 
@@ -211,3 +216,46 @@ async def test_vm_that_finished_while_the_daemon_was_down_is_collected(vm_env, b
     assert await second.stop() == 0
     assert broker.results.empty()
     _assert_nothing_left(tmp_path)
+
+
+class SlowTeardownNoop(NoopHypervisor):
+    """A backend whose VMs take a second to tear down, as real ones may: the job they
+    held stays held meanwhile."""
+
+    async def destroy(self, spec: VmSpec) -> None:
+        await asyncio.sleep(1.0)
+        await super().destroy(spec)
+
+
+async def test_a_job_handed_back_to_its_own_host_runs_as_its_next_attempt(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+    """At restart a job whose VM is gone is handed back (published as attempt 2) before
+    this host lets go of attempt 1: the new attempt must wait for that, not bounce
+    between the queue and this host until the delivery limit dead-letters it."""
+    env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", DELIVERY_LIMIT="5")
+    first = await DaemonProcess(env).start()
+    await broker.open()
+    job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "3"})
+    journal = tmp_path / "state" / "state.db"
+    await wait_for(lambda: journal_state(journal, job.job_id) == "running", what="the job to run on the first host")
+    await first.kill()
+    settings = make_settings(prefix, tmp_path / "state", noop_map_path, host_name="h", delivery_limit=5)
+    second = Daemon(settings, load_image_map(noop_map_path), backends={BackendName.NOOP: SlowTeardownNoop()})
+    await second.start()
+    try:
+        result = await broker.next_result(timeout_s=30)
+        assert result.request_id == job.request_id
+        assert result.status is JobStatus.SUCCEEDED and result.attempt == 2
+        channel = await broker.connection.channel()
+        dlq = await channel.declare_queue(broker.topology.dlq, passive=True)
+        await channel.close()
+        assert dlq.declaration_result.message_count == 0
+    finally:
+        await second.stop()
+
+
+def journal_state(journal: Path, job_id: str) -> str | None:
+    if not journal.exists():
+        return None
+    with sqlite3.connect(journal) as db:
+        row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    return row[0] if row else None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
+from pathlib import Path
 
 from orchestrator.messages import JobStatus
 from tests.daemonproc import DaemonProcess
@@ -16,10 +18,23 @@ from tests.test_reliability import daemon_env
 JOBS = 500
 
 
+def missing_story(missing: set[str], journal: Path, daemons: list[DaemonProcess]) -> str:
+    """What the journal and the daemons' logs say about jobs without a result."""
+    lines = []
+    with sqlite3.connect(journal) as db:
+        for job_id in sorted(missing):
+            row = db.execute("SELECT state, attempt, accepted_at, started_at, finished_at FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            lines.append(f"{job_id}: journal {row}")
+            for n, daemon in enumerate(daemons):
+                lines += [f"  daemon {n}: {line.strip()}" for line in daemon.lines if job_id in line]
+    return "\n".join(lines)
+
+
 async def test_soak_kills_and_a_broker_restart_lose_and_duplicate_nothing(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
     rng = random.Random(7)
     env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", MAX_CONCURRENCY="8", MAX_ATTEMPTS="20")
     daemon = await DaemonProcess(env).start()
+    daemons = [daemon]
     await broker.open()
     jobs = [
         await broker.submit(runs_on=rng.choice(["alpha", "beta"]), env={"NOOP_DURATION_S": f"{rng.uniform(0.1, 0.5):.2f}"})
@@ -41,6 +56,7 @@ async def test_soak_kills_and_a_broker_restart_lose_and_duplicate_nothing(prefix
                 await rabbitmqctl("await_startup")
                 broker_restarted = True
             daemon = await DaemonProcess(env).start()
+            daemons.append(daemon)
 
     async def collect_all() -> None:
         while len(results) < JOBS:
@@ -52,7 +68,9 @@ async def test_soak_kills_and_a_broker_restart_lose_and_duplicate_nothing(prefix
         done, _ = await asyncio.wait({chaos, collecting}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
         if chaos in done:
             chaos.result()  # the killer died (a daemon that would not start): fail with its error now
-        assert collecting in done, f"waited 300 s for {JOBS} results, got {len(results)}"
+        assert collecting in done, f"waited 300 s for {JOBS} results, got {len(results)}:\n" + missing_story(
+            {j.job_id for j in jobs} - set(results), tmp_path / "state" / "state.db", daemons
+        )
         collecting.result()
     finally:
         for task in (chaos, collecting):

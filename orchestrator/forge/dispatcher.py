@@ -40,6 +40,8 @@ class Dispatcher:
         publisher: ConfirmedPublisher,
         topology: Topology,
         propose_status: Callable[..., Awaitable[None]],
+        statuses_changed: Callable[[], None],
+        concurrency: int = 32,
     ) -> None:
         self._journal = journal
         self._forges = forges
@@ -47,48 +49,62 @@ class Dispatcher:
         self._publisher = publisher
         self._topology = topology
         self._propose_status = propose_status
-        self._wake = asyncio.Event()
+        self._statuses_changed = statuses_changed
+        self._slots = asyncio.Semaphore(concurrency)
+        self._busy: set[str] = set()  # delivery keys being processed
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._publishing: dict[str, asyncio.Future[bool]] = {}  # request id -> its publish under way
         self.counts: Counter[str] = Counter()  # for /metrics: deliveries by outcome, jobs published
 
     async def submit(self, forge: str, delivery_id: str, event: ForgeEvent, *, source: str) -> bool:
         """Journal a delivery to process; False when it was recorded before (a
         redelivery: nothing new happens)."""
-        fresh = await self._journal.record_delivery(
-            f"{forge}/{delivery_id}", forge=forge, repo=event.repo.full_name, source=source, event=event_to_json(event)
-        )
-        if fresh:
-            self._wake.set()
+        key, data = f"{forge}/{delivery_id}", event_to_json(event)
+        fresh = await self._journal.record_delivery(key, forge=forge, repo=event.repo.full_name, source=source, event=data)
+        if fresh:  # straight to work; the journal is scanned only at start and after a failure
+            self._start(Delivery(key, forge, event.repo.full_name, source, data))
         return fresh
 
-    def wake(self) -> None:
-        self._wake.set()
-
     async def run_forever(self) -> None:
-        delay = RETRY_INITIAL_S
-        while True:
-            self._wake.clear()
-            left = await self.work_once()
-            if not left:
-                delay = RETRY_INITIAL_S
-                await self._wake.wait()
-                continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            except TimeoutError:
-                pass
-            delay = min(delay * 2, RETRY_MAX_S)
+        """Take up the deliveries left open before a restart, then serve `submit`. Each
+        delivery is its own task (up to `concurrency` work at once) that retries with
+        backoff until its jobs are published."""
+        try:
+            for delivery in await self._journal.open_deliveries():
+                self._start(delivery)
+            await asyncio.Event().wait()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def work_once(self) -> int:
-        """Process every open delivery and publish every unpublished run once; returns
-        how many are left for later."""
-        left = 0
-        for delivery in await self._journal.open_deliveries():
-            if not await self._process(delivery):
-                left += 1
-        for run in await self._journal.unpublished_runs():
-            if not await self._publish(run):
-                left += 1
-        return left
+    def _start(self, delivery: Delivery) -> None:
+        if delivery.key in self._busy:
+            return
+        self._busy.add(delivery.key)
+        task = asyncio.create_task(self._until_done(delivery), name=f"delivery-{delivery.key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _until_done(self, delivery: Delivery) -> None:
+        delay = RETRY_INITIAL_S
+        try:
+            while True:
+                async with self._slots:
+                    try:
+                        if await self._process(delivery):
+                            return
+                    except Exception as exc:  # one bad delivery must not stop the others
+                        log.error("delivery.failed", delivery=delivery.key, error=describe_error(exc), exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+        finally:
+            self._busy.discard(delivery.key)
+
+    async def settled(self) -> None:
+        """Wait until no delivery is being processed (tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _process(self, delivery: Delivery) -> bool:
         dlog = log.bind(delivery=delivery.key, repo=delivery.repo, source=delivery.source)
@@ -107,31 +123,49 @@ class Dispatcher:
                 return False
             await self._journal.finish_delivery(delivery.key, f"jobs file unreadable: {exc}")
             return True
-        for status in plan.statuses:
-            await self._propose_status(delivery.forge, event.repo, event.commit_sha, status)
         if repo.cancel_superseded:
             await self._supersede(delivery.forge, event)
-        for run in plan.runs:
-            await self._journal.add_run(run)
-        published = 0
-        for run in plan.runs:
-            current = await self._journal.run(run.request_id)
-            if current is not None and not current.published:
-                if not await self._publish(current, caught_up=delivery.source == "catch-up"):
-                    return False
-                published += 1
-        await self._journal.record_head(delivery.forge, event.repo.full_name, event.ref_key, event.commit_sha)
-        outcome = f"published {published} job(s)" + (f"; {plan.note}" if plan.note else "")
-        await self._journal.finish_delivery(delivery.key, outcome)
-        self.counts["deliveries_done"] += 1
-        dlog.info("delivery.done", commit=event.commit_sha, ref=event.ref_key, outcome=outcome)
-        return True
+        caught_up = delivery.source == "catch-up"
+        # "queued" is proposed before the job is published, so it is never proposed
+        # after "running" (statuses only move forward: a late one would be dropped).
+        statuses = [(delivery.forge, event.repo, event.commit_sha, status) for status in plan.statuses]
+        statuses += [(run.forge, run.repo, run.commit_sha, queued(run.context, caught_up=caught_up)) for run in plan.runs]
+        current, changed = await self._journal.add_plan(plan.runs, statuses)
+        if changed:
+            self._statuses_changed()
+        waiting = [run for run in current if not run.published]
+        sent = await asyncio.gather(*(self._publish_once(run) for run in waiting))
+        published = [run.request_id for run, ok in zip(waiting, sent) if ok]
+        done = all(sent)
+        outcome = f"published {len(published)} job(s)" + (f"; {plan.note}" if plan.note else "") if done else None
+        head = (delivery.forge, event.repo.full_name, event.ref_key, event.commit_sha)
+        await self._journal.complete_delivery(delivery.key, published=published, head=head, outcome=outcome)
+        if done:
+            self.counts["deliveries_done"] += 1
+            dlog.info("delivery.done", commit=event.commit_sha, ref=event.ref_key, outcome=outcome)
+        return done
 
-    async def _publish(self, run: Run, *, caught_up: bool = False) -> bool:
+    async def _publish_once(self, run: Run) -> bool:
+        """Publish a run's job, or wait for the publish of it already under way (two
+        deliveries of the same work at once publish it once)."""
+        under_way = self._publishing.get(run.request_id)
+        if under_way is not None:
+            return await asyncio.shield(under_way)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._publishing[run.request_id] = future
+        try:
+            ok = await self._publish_one(run)
+            future.set_result(ok)
+            return ok
+        except BaseException:
+            future.set_result(False)
+            raise
+        finally:
+            del self._publishing[run.request_id]
+
+    async def _publish_one(self, run: Run) -> bool:
+        """Publish a run's job with confirms (the caller journals that it was)."""
         request = JobRequest.model_validate_json(run.request)
-        # Shown before the job can start, so "queued" is never proposed after "running"
-        # (statuses only move forward: a late one would be dropped).
-        await self._propose_status(run.forge, run.repo, run.commit_sha, queued(run.context, caught_up=caught_up))
         try:
             await self._publisher.publish(
                 self._topology.jobs, request.runs_on or "",
@@ -140,7 +174,6 @@ class Dispatcher:
         except Exception as exc:  # the broker is away: the run stays unpublished, tried again
             log.warning("job.publish_failed", job_id=run.request_id, error=describe_error(exc))
             return False
-        await self._journal.mark_published(run.request_id)
         self.counts["jobs_published"] += 1
         log.info("job.published", job_id=run.request_id, repo=run.repo.full_name, commit=run.commit_sha, job=run.job_name)
         return True

@@ -131,6 +131,34 @@ def _run(row: tuple[Any, ...]) -> Run:
 _RUN_COLUMNS = "request_id, forge, repo_json, commit_sha, ref_key, job_name, context, request, published_at"
 
 
+def _insert_run(conn: sqlite3.Connection, run: Run) -> bool:
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO runs (request_id, forge, repo, repo_json, commit_sha, ref_key, job_name, context,"
+        " request, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run.request_id, run.forge, run.repo.full_name, repo_json(run.repo), run.commit_sha, run.ref_key,
+         run.job_name, run.context, run.request, time.time()),
+    )
+    return cursor.rowcount == 1
+
+
+def _propose(conn: sqlite3.Connection, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool) -> bool:
+    row = conn.execute(
+        "SELECT state FROM statuses WHERE forge = ? AND repo = ? AND commit_sha = ? AND context = ?",
+        (forge, repo.full_name, commit_sha, status.context),
+    ).fetchone()
+    if row is not None and not restart:
+        current = StatusState(row[0])
+        if _rank(status.state) < _rank(current) or (current.final and status.state.final) or status.state is current:
+            return False
+    conn.execute(
+        "INSERT OR REPLACE INTO statuses (forge, repo, commit_sha, context, repo_json, state, description,"
+        " target_url, updated_at, sent, attempts, next_try_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, NULL)",
+        (forge, repo.full_name, commit_sha, status.context, repo_json(repo), status.state.value,
+         status.description, status.target_url, time.time()),
+    )
+    return True
+
+
 class BridgeJournal:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,26 +197,6 @@ class BridgeJournal:
         await self._db.submit(op)
 
     # --- runs -------------------------------------------------------------------------------
-    async def add_run(self, run: Run) -> bool:
-        """Keep a run before it is published; False when it exists (same work)."""
-
-        def op(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO runs (request_id, forge, repo, repo_json, commit_sha, ref_key, job_name, context,"
-                " request, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.request_id, run.forge, run.repo.full_name, repo_json(run.repo), run.commit_sha, run.ref_key,
-                 run.job_name, run.context, run.request, time.time()),
-            )
-            return cursor.rowcount == 1
-
-        return await self._db.submit(op)
-
-    async def mark_published(self, request_id: str) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE runs SET published_at = ? WHERE request_id = ? AND published_at IS NULL", (time.time(), request_id))
-
-        await self._db.submit(op)
-
     async def run(self, request_id: str) -> Run | None:
         def op(conn: sqlite3.Connection) -> Run | None:
             row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE request_id = ?", (request_id,)).fetchone()
@@ -206,40 +214,48 @@ class BridgeJournal:
 
         return await self._db.submit(op)
 
-    async def unpublished_runs(self) -> list[Run]:
-        def op(conn: sqlite3.Connection) -> list[Run]:
-            rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE published_at IS NULL ORDER BY created_at").fetchall()
-            return [_run(r) for r in rows]
-
-        return await self._db.submit(op)
-
-    # --- statuses ---------------------------------------------------------------------------
     async def propose_status(self, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool = False) -> bool:
         """Make `status` the one to show for its context, unless the context already has
         a status of a higher rank (a late `pending` never overwrites a result; the first
         final state stays). `restart` (an explicit re-run) starts the context over.
         True when the forge must be told."""
+        return await self._db.submit(lambda conn: _propose(conn, forge, repo, commit_sha, status, restart=restart))
 
-        def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT state FROM statuses WHERE forge = ? AND repo = ? AND commit_sha = ? AND context = ?",
-                (forge, repo.full_name, commit_sha, status.context),
-            ).fetchone()
-            if row is not None and not restart:
-                current = StatusState(row[0])
-                if _rank(status.state) < _rank(current) or (current.final and status.state.final):
-                    return False
-                if _rank(status.state) == _rank(current) and status.state is current:
-                    return False
-            conn.execute(
-                "INSERT OR REPLACE INTO statuses (forge, repo, commit_sha, context, repo_json, state, description,"
-                " target_url, updated_at, sent, attempts, next_try_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, NULL)",
-                (forge, repo.full_name, commit_sha, status.context, repo_json(repo), status.state.value,
-                 status.description, status.target_url, time.time()),
-            )
-            return True
+    async def add_plan(self, runs: list[Run], statuses: list[tuple[str, Repo, str, CommitStatus]]) -> tuple[list[Run], bool]:
+        """In one transaction: keep the runs (existing ones stay as they are) and propose
+        the statuses. Returns the runs as journaled now, and whether a status changed."""
+
+        def op(conn: sqlite3.Connection) -> tuple[list[Run], bool]:
+            for run in runs:
+                _insert_run(conn, run)
+            changed = [_propose(conn, *status, restart=False) for status in statuses]
+            current = [
+                _run(row) for run in runs
+                if (row := conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE request_id = ?", (run.request_id,)).fetchone())
+            ]
+            return current, any(changed)
 
         return await self._db.submit(op)
+
+    async def complete_delivery(
+        self, key: str, *, published: list[str], head: tuple[str, str, str, str] | None, outcome: str | None
+    ) -> None:
+        """In one transaction: the runs published, the ref's head seen, and the delivery
+        done (`outcome`) — or left open for another try (`outcome` None)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.executemany(
+                "UPDATE runs SET published_at = ? WHERE request_id = ? AND published_at IS NULL", [(now, i) for i in published]
+            )
+            if head is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)", (*head, now)
+                )
+            if outcome is not None:
+                conn.execute("UPDATE deliveries SET done_at = ?, outcome = ? WHERE key = ?", (now, outcome, key))
+
+        await self._db.submit(op)
 
     async def statuses_to_send(self, now: float) -> list[PendingStatus]:
         def op(conn: sqlite3.Connection) -> list[PendingStatus]:

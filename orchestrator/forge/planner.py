@@ -9,6 +9,7 @@ re-run adds its number.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.forge.base import CommitStatus, EventKind, Forge, ForgeEvent
 from orchestrator.forge.config import RepositoryEntry
-from orchestrator.forge.jobsfile import JobsFileError, JobSpec, parse_jobs_file
+from orchestrator.forge.jobsfile import JobsFile, JobsFileError, JobSpec, parse_jobs_file
 from orchestrator.forge.journal import Run
 from orchestrator.forge.status import context_for, jobs_file_error
 from orchestrator.intake import describe_validation_error
@@ -50,6 +51,12 @@ class Plan:
     note: str = ""  # why nothing runs, for the log
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(text: bytes, filename: str) -> JobsFile:
+    """Most commits of a repository share their jobs file: parse each text once."""
+    return parse_jobs_file(text, filename=filename)
+
+
 def _may_use_secrets(event: ForgeEvent) -> bool:
     """Pushes and pull requests from the same repository; never a fork's code."""
     return not event.from_fork
@@ -70,7 +77,7 @@ async def plan_event(
         jobs = {FALLBACK_JOB: JobSpec(runs_on=repo.fallback.runs_on, script_path=repo.fallback.script_path)}
     else:
         try:
-            jobs = parse_jobs_file(text, filename=repo.jobs_file).matching(event)
+            jobs = _parsed(text, repo.jobs_file).matching(event)
         except JobsFileError as exc:
             return Plan(statuses=[jobs_file_error(str(exc))], note=f"invalid jobs file: {exc}")
     if only_job is not None:

@@ -46,6 +46,10 @@ class StatusReporter:
         self.sent: Counter[str] = Counter()  # forge -> statuses set
         self.dropped: Counter[tuple[str, str]] = Counter()  # (forge, HTTP status) -> given up
 
+    def wake(self) -> None:
+        """Statuses were proposed directly in the journal: send them."""
+        self._wake.set()
+
     async def propose(self, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool = False) -> None:
         if await self._journal.propose_status(forge, repo, commit_sha, status, restart=restart):
             self._wake.set()

@@ -105,7 +105,8 @@ class ForgeBridge:
         self.reporter = StatusReporter(journal=self.journal, forges=self.forges, topology=self.topology,
                                        delivery_limit=s.delivery_limit)
         self.dispatcher = Dispatcher(journal=self.journal, forges=self.forges, config=self.config, publisher=publisher,
-                                     topology=self.topology, propose_status=self.reporter.propose)
+                                     topology=self.topology, propose_status=self.reporter.propose,
+                                     statuses_changed=self.reporter.wake)
         tasks = BackgroundTasks()
         stack.push_async_callback(tasks.cancel_all)
         tasks.spawn(self.reporter.send_forever(), name="forge-status-sender")
