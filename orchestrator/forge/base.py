@@ -12,7 +12,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from orchestrator.forge.http import ApiClient
 
 ZERO_SHA = "0" * 40
 
@@ -143,6 +146,7 @@ class Forge(Protocol):
     methods are async and raise `ForgeApiError`."""
 
     kind: ForgeKind
+    api: ApiClient  # its HTTP client (catch-up bounds its calls per repository)
 
     def delivery_id(self, headers: Mapping[str, str]) -> str | None:
         """The delivery's id (`X-GitHub-Delivery`, `X-Forgejo-Delivery`/`X-Gitea-Delivery`,

@@ -126,6 +126,8 @@ class ForgeConfig(BaseModel):
     listen: Annotated[str, StringConstraints(pattern=r"^[^\s:]+:\d{1,5}$")] = "127.0.0.1:9470"
     state_dir: Path = Path("/var/lib/orchestrator-forge")
     max_body_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 25 * 1024 * 1024
+    catchup_max_requests: Annotated[int, Field(ge=2, le=10_000)] = 50  # API calls per repository and pass
+    catchup_max_commits: Annotated[int, Field(ge=1, le=10_000)] = 20  # commits run per repository and pass
     forges: dict[Annotated[str, StringConstraints(pattern=NAME)], ForgeEntry] = Field(min_length=1)
     repositories: list[RepositoryEntry] = Field(min_length=1)
 

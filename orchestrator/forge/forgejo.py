@@ -343,11 +343,11 @@ class ForgejoForge:
 
     def __init__(self, api_url: str, token: str, *, timeout_s: float = 30.0) -> None:
         self.api_url = api_url.rstrip("/")
-        self._api = ApiClient(self.api_url, {"Authorization": f"token {token}"}, timeout_s=timeout_s)
+        self.api = ApiClient(self.api_url, {"Authorization": f"token {token}"}, timeout_s=timeout_s)
 
     @property
     def calls(self) -> int:
-        return self._api.calls
+        return self.api.calls
 
     # --- webhooks (pure) --------------------------------------------------------------
 
@@ -396,7 +396,7 @@ class ForgejoForge:
 
     async def read_file(self, repo: Repo, path: str, commit_sha: str) -> bytes | None:
         url = f"{self._repo_path(repo)}/raw/{quote(path.lstrip('/'), safe='/')}"
-        body, _ = await self._api.request("GET", url, params={"ref": commit_sha}, missing_ok=True)
+        body, _ = await self.api.request("GET", url, params={"ref": commit_sha}, missing_ok=True)
         return body
 
     async def set_status(self, repo: Repo, commit_sha: str, status: CommitStatus) -> None:
@@ -408,16 +408,16 @@ class ForgejoForge:
         if status.target_url:
             form["target_url"] = status.target_url
         path = f"{self._repo_path(repo)}/statuses/{quote(commit_sha, safe='')}"
-        await self._api.request("POST", path, json_body=form)
+        await self.api.request("POST", path, json_body=form)
 
     async def branches(self, repo: Repo) -> list[BranchHead]:
         path = f"{self._repo_path(repo)}/branches"
-        items = [self._api_item(_ApiBranch, item, path) for item in await self._all_pages(path, {})]
+        items = [self.api_item(_ApiBranch, item, path) for item in await self._all_pages(path, {})]
         return [BranchHead(name=branch.name, commit_sha=branch.commit.id) for branch in items]
 
     async def open_pulls(self, repo: Repo) -> list[PullHead]:
         path = f"{self._repo_path(repo)}/pulls"
-        pulls = [self._api_item(_PullRequest, item, path) for item in await self._all_pages(path, {"state": "open"})]
+        pulls = [self.api_item(_PullRequest, item, path) for item in await self._all_pages(path, {"state": "open"})]
         return [
             _convert_pull(pr, base_id=pr.base.repository_id,
                           base_clone_url=pr.base.repo.clone_url if pr.base.repo is not None else repo.clone_url)
@@ -425,14 +425,14 @@ class ForgejoForge:
         ]
 
     async def close(self) -> None:
-        await self._api.close()
+        await self.api.close()
 
     async def _all_pages(self, path: str, params: dict[str, str]) -> list[Any]:
         """Every item of a listing: page 1, 2, ... on our own base URL while the answer's
         `Link` has rel="next" (its URL is the instance's ROOT_URL, not necessarily ours)."""
         items: list[Any] = []
         for page in range(1, MAX_PAGES + 1):
-            body, headers = await self._api.request(
+            body, headers = await self.api.request(
                 "GET", path, params={**params, "page": str(page), "limit": str(PAGE_LIMIT)})
             try:
                 batch = json.loads(body or b"null")

@@ -56,7 +56,8 @@ class ApiClient:
         self._headers = dict(auth_headers)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
-        self.calls = 0  # API calls made (catch-up counts them against its budget)
+        self.calls = 0  # API calls made
+        self.budget: int | None = None  # calls still allowed (catch-up's per-repository bound)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -74,6 +75,10 @@ class ApiClient:
         """The body and headers of a 2xx answer; (None, headers) for 404 with
         `missing_ok`. Raises `ForgeApiError` otherwise."""
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
+        if self.budget is not None:
+            if self.budget <= 0:
+                raise ForgeApiError(f"{method} {path}: this pass's API call budget is spent", status=None, retry_after_s=None)
+            self.budget -= 1
         self.calls += 1
         try:
             async with self._http().request(method, url, params=params, json=json_body, headers=headers) as response:

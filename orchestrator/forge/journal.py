@@ -67,6 +67,14 @@ CREATE TABLE IF NOT EXISTS statuses (
     error       TEXT,
     PRIMARY KEY (forge, repo, commit_sha, context)
 );
+CREATE TABLE IF NOT EXISTS repositories (
+    forge           TEXT NOT NULL,
+    repo            TEXT NOT NULL,
+    repo_json       TEXT NOT NULL,
+    last_webhook_at REAL,
+    last_pass_at    REAL,
+    PRIMARY KEY (forge, repo)
+);
 CREATE TABLE IF NOT EXISTS heads (
     forge      TEXT NOT NULL,
     repo       TEXT NOT NULL,
@@ -173,9 +181,16 @@ class BridgeJournal:
         """Keep a delivery to process; False when this key was recorded before."""
 
         def op(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            if source == "webhook":  # the repository is known from its own webhooks
+                conn.execute(
+                    "INSERT INTO repositories (forge, repo, repo_json, last_webhook_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (forge, repo) DO UPDATE SET repo_json = excluded.repo_json, last_webhook_at = excluded.last_webhook_at",
+                    (forge, repo, json.dumps(event["repo"]), now),
+                )
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO deliveries (key, forge, repo, source, event, received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (key, forge, repo, source, json.dumps(event), time.time()),
+                (key, forge, repo, source, json.dumps(event), now),
             )
             return cursor.rowcount == 1
 
@@ -312,7 +327,68 @@ class BridgeJournal:
 
         return await self._db.submit(op)
 
-    # --- heads (catch-up) -------------------------------------------------------------------
+    # --- repositories and heads (catch-up) ---------------------------------------------------
+    async def repositories_seen(self, forge: str) -> list[str]:
+        """Repositories a webhook has come from."""
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT repo FROM repositories WHERE forge = ? AND last_webhook_at IS NOT NULL", (forge,))
+            return [row[0] for row in rows]
+
+        return await self._db.submit(op)
+
+    async def repository(self, forge: str, repo: str) -> Repo | None:
+        def op(conn: sqlite3.Connection) -> Repo | None:
+            row = conn.execute("SELECT repo_json FROM repositories WHERE forge = ? AND repo = ?", (forge, repo)).fetchone()
+            return repo_from_json(row[0]) if row else None
+
+        return await self._db.submit(op)
+
+    async def repository_health(self) -> list[tuple[str, str, float | None, float | None]]:
+        """(forge, repo, last webhook, last pass) for every repository the bridge knows."""
+
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str, float | None, float | None]]:
+            return conn.execute("SELECT forge, repo, last_webhook_at, last_pass_at FROM repositories ORDER BY forge, repo").fetchall()
+
+        return await self._db.submit(op)
+
+    async def repository_has_runs(self, forge: str, repo: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute("SELECT 1 FROM runs WHERE forge = ? AND repo = ? LIMIT 1", (forge, repo)).fetchone() is not None
+
+        return await self._db.submit(op)
+
+    async def has_run(self, forge: str, repo: str, ref_key: str, commit_sha: str) -> bool:
+        """Whether this commit was planned for this ref already (by any delivery)."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
+                "SELECT 1 FROM runs WHERE forge = ? AND repo = ? AND ref_key = ? AND commit_sha = ? LIMIT 1"
+                " UNION SELECT 1 FROM deliveries WHERE key = ?",
+                (forge, repo, ref_key, commit_sha, f"{forge}/catch-up/{ref_key}/{commit_sha}"),
+            ).fetchone() is not None
+
+        return await self._db.submit(op)
+
+    async def record_heads(self, forge: str, repo: Repo | str, heads: dict[str, str]) -> None:
+        """The heads a catch-up pass saw, and when it saw them."""
+        name = repo if isinstance(repo, str) else repo.full_name
+
+        def op(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.executemany(
+                "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)",
+                [(forge, name, ref_key, sha, now) for ref_key, sha in heads.items()],
+            )
+            conn.execute(
+                "INSERT INTO repositories (forge, repo, repo_json, last_pass_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (forge, repo) DO UPDATE SET last_pass_at = excluded.last_pass_at",
+                (forge, name, json.dumps({"owner": name.rpartition("/")[0], "name": name.rpartition("/")[2],
+                                           "clone_url": "", "project_id": None}), now),
+            )
+
+        await self._db.submit(op)
+
     async def record_head(self, forge: str, repo: str, ref_key: str, commit_sha: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
