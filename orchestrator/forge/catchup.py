@@ -18,7 +18,6 @@ its budget and its retries never slow the webhook receiver.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,7 +71,7 @@ class CatchUp:
         self._config = config
         self._dispatcher = dispatcher  # None: a dry run
         self.caught_up: Counter[tuple[str, str]] = Counter()  # (forge, repo) -> commits run by catch-up
-        self.last_pass: dict[tuple[str, str], float] = {}
+        self.hook_problems: dict[tuple[str, str], list[str]] = {}  # (forge, repo) -> our hooks a forge disabled
 
     async def repositories(self, forge: str) -> list[tuple[str, RepositoryEntry]]:
         """The repositories a pass covers: every exact name, and each repository a
@@ -104,11 +103,11 @@ class CatchUp:
         report = RepoReport(forge_name, full_name)
         forge = self._forges[forge_name]
         rlog = log.bind(forge=forge_name, repo=full_name)
-        repo = await self._repo(forge_name, full_name)
         api = forge.api
         calls_before = api.calls
         api.budget = self._config.config.catchup_max_requests
         try:
+            repo = await self._repo(forge_name, full_name)
             branches = await _retrying(lambda: forge.branches(repo), rlog)
             pulls = await _retrying(lambda: forge.open_pulls(repo), rlog)
         except ForgeApiError as exc:
@@ -138,20 +137,42 @@ class CatchUp:
                 self.caught_up[(forge_name, full_name)] += 1
         if self._dispatcher is not None:
             await self._journal.record_heads(forge_name, full_name, {e.ref_key: e.commit_sha for e in events})
-            self.last_pass[(forge_name, full_name)] = time.time()
+        await self._check_hooks(forge_name, forge, repo, rlog)
         if report.skipped:
             rlog.warning("catchup.skipped", commits=report.skipped, limit=limit)
         rlog.info("catchup.pass", heads=report.heads, ran=len(report.ran), first_pass=report.first_pass,
                   api_calls=api.calls - calls_before)
         return report
 
+    async def _check_hooks(self, forge_name: str, forge: Forge, repo: Repo, rlog: EventLogger) -> None:
+        """GitLab disables a project hook that keeps failing (for a while, or for good on
+        4xx) and then sends nothing: say so while catch-up covers the gap. Forges whose
+        API does not tell hook health (`hooks`) are not checked."""
+        hooks = getattr(forge, "hooks", None)
+        if hooks is None:
+            return
+        try:
+            listed = await hooks(repo)
+        except ForgeApiError as exc:
+            rlog.warning("catchup.hooks_unreadable", error=str(exc))
+            return
+        ours = [h for h in listed if h.url.rstrip("/").endswith(f"/hooks/{forge_name}")]
+        problems = [f"webhook {h.id} ({h.url}) is {h.alert_status.value}" for h in ours if h.alert_status.value != "executable"]
+        key = (forge_name, repo.full_name)
+        if problems:
+            self.hook_problems[key] = problems
+            rlog.warning("catchup.hook_disabled", problems=problems,
+                         fix="re-enable it in the project's Settings > Webhooks (Edit, then Save or Test)")
+        else:
+            self.hook_problems.pop(key, None)
+
     async def _repo(self, forge: str, full_name: str) -> Repo:
-        """The repository as the forge's webhooks described it (clone URL, GitLab's id)."""
+        """The repository as its webhooks described it (clone URL, GitLab's project id),
+        else as the forge's API describes it."""
         seen = await self._journal.repository(forge, full_name)
-        if seen is not None:
+        if seen is not None and seen.clone_url:
             return seen
-        owner, _, name = full_name.rpartition("/")
-        return Repo(owner=owner, name=name, clone_url="")
+        return await _retrying(lambda: self._forges[forge].repository(full_name), log.bind(forge=forge, repo=full_name))
 
 
 async def _retrying(call, rlog: EventLogger):  # type: ignore[no-untyped-def]

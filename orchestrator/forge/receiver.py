@@ -109,7 +109,10 @@ def build_receiver(
     return app
 
 
-def gauges(dispatcher: Dispatcher, sent: Counter[str], dropped: Counter[tuple[str, str]], broker_connected: bool) -> list[Any]:
+def gauges(
+    dispatcher: Dispatcher, sent: Counter[str], dropped: Counter[tuple[str, str]], broker_connected: bool,
+    caught_up: Counter[tuple[str, str]],
+) -> list[Any]:
     """The bridge's own numbers for /metrics."""
     published = CounterMetricFamily("orchestrator_forge_jobs_published", "Jobs published with confirms", value=dispatcher.counts["jobs_published"])
     statuses = CounterMetricFamily("orchestrator_forge_statuses_set", "Commit statuses the forges took", labels=["forge"])
@@ -119,4 +122,8 @@ def gauges(dispatcher: Dispatcher, sent: Counter[str], dropped: Counter[tuple[st
     for (forge, code), count in sorted(dropped.items()):
         failures.add_metric([forge, code], count)
     broker = GaugeMetricFamily("orchestrator_forge_broker_connected", "1 while the broker connection is open", value=float(broker_connected))
-    return [published, statuses, failures, broker]
+    # A count that keeps rising means webhooks are being lost (alert on it).
+    caught = CounterMetricFamily("orchestrator_forge_caught_up", "Commits run by catch-up, not by their webhook", labels=["forge", "repo"])
+    for (forge, repo), count in sorted(caught_up.items()):
+        caught.add_metric([forge, repo], count)
+    return [published, statuses, failures, broker, caught]

@@ -21,6 +21,7 @@ from orchestrator.amqp import ConfirmedPublisher, connect_with_retry, describe_e
 from orchestrator.config import DaemonSettings
 from orchestrator.daemon import BackgroundTasks, StartupError, failing_as
 from orchestrator.forge.base import Forge
+from orchestrator.forge.catchup import CatchUp
 from orchestrator.forge.config import LoadedForgeConfig
 from orchestrator.forge.dispatcher import Dispatcher
 from orchestrator.forge.journal import BridgeJournal
@@ -44,6 +45,7 @@ class ForgeBridge:
         self.journal: BridgeJournal | None = None
         self.dispatcher: Dispatcher | None = None
         self.reporter: StatusReporter | None = None
+        self.catchup: CatchUp | None = None
         self._connection: AbstractRobustConnection | None = None
         self._stack = AsyncExitStack()
         self.port: int | None = None
@@ -54,11 +56,16 @@ class ForgeBridge:
         return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     def not_ready_reasons(self) -> list[str]:
-        return [] if self.broker_connected else ["broker connection is down (webhooks are still journaled and answered 202)"]
+        reasons = [] if self.broker_connected else ["broker connection is down (webhooks are still journaled and answered 202)"]
+        if self.catchup is not None:
+            for (forge, repo), problems in sorted(self.catchup.hook_problems.items()):
+                reasons += [f"{forge} {repo}: {problem} (catch-up covers it; re-enable the hook)" for problem in problems]
+        return reasons
 
     def _metrics(self) -> list[Any]:
-        assert self.dispatcher is not None and self.reporter is not None
-        return gauges(self.dispatcher, self.reporter.sent, self.reporter.dropped, self.broker_connected)
+        assert self.dispatcher is not None and self.reporter is not None and self.catchup is not None
+        return gauges(self.dispatcher, self.reporter.sent, self.reporter.dropped, self.broker_connected,
+                      self.catchup.caught_up)
 
     async def start(self) -> None:
         try:
@@ -72,6 +79,27 @@ class ForgeBridge:
     async def stop(self) -> None:
         await self._stack.aclose()
         log.info("forge.stopped")
+
+    def _catchup_forges(self) -> dict[str, Forge]:
+        if self._given_forges:
+            return self.forges
+        config = self.config.config
+        return {
+            name: build_forge(config.kind_of(name), api_url=entry.api_url, token=self.config.tokens[name].get_secret_value())
+            for name, entry in config.forges.items()
+        }
+
+    async def _catch_up_forever(self, forge: str) -> None:
+        """A pass at start, then every `catchup_interval_s`; a failed pass is logged and
+        the next one comes as planned."""
+        assert self.catchup is not None
+        interval = self.config.config.forges[forge].catchup_interval_s
+        while True:
+            try:
+                await self.catchup.pass_forge(forge)
+            except Exception as exc:  # never let catch-up stop the bridge
+                log.error("catchup.pass_failed", forge=forge, error=describe_error(exc), exc_info=True)
+            await asyncio.sleep(interval)
 
     async def _open(self, stack: AsyncExitStack) -> None:
         s, config = self.settings, self.config.config
@@ -107,10 +135,18 @@ class ForgeBridge:
         self.dispatcher = Dispatcher(journal=self.journal, forges=self.forges, config=self.config, publisher=publisher,
                                      topology=self.topology, propose_status=self.reporter.propose,
                                      statuses_changed=self.reporter.wake)
+        # Catch-up works on API clients of its own: its budget and retries never slow
+        # what the receiver and the reporter ask of the same forge.
+        catchup_forges = self._catchup_forges()
+        for forge in catchup_forges.values():
+            stack.push_async_callback(forge.close)
+        self.catchup = CatchUp(journal=self.journal, forges=catchup_forges, config=self.config, dispatcher=self.dispatcher)
         tasks = BackgroundTasks()
         stack.push_async_callback(tasks.cancel_all)
         tasks.spawn(self.reporter.send_forever(), name="forge-status-sender")
         tasks.spawn(self.dispatcher.run_forever(), name="forge-dispatcher")
+        for name in catchup_forges:
+            tasks.spawn(self._catch_up_forever(name), name=f"forge-catch-up-{name}")
         await self.reporter.start(self._connection)
         stack.push_async_callback(self.reporter.stop)
         app = build_receiver(forges=self.forges, config=self.config, dispatcher=self.dispatcher,
