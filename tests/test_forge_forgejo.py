@@ -516,7 +516,7 @@ async def test_set_status_without_target_url_sends_none(fake: FakeForge, api: Fo
 
 async def test_fake_rejects_a_state_the_forge_does_not_have(fake: FakeForge, api: ForgejoForge) -> None:
     with pytest.raises(ForgeApiError) as raised:
-        await api._api.request("POST", f"/api/v1/repos/forgejo/webhooks/statuses/{SHA}", json_body={"state": "running"})
+        await api.api.request("POST", f"/api/v1/repos/forgejo/webhooks/statuses/{SHA}", json_body={"state": "running"})
     assert (raised.value.status, raised.value.retry_after_s) == (422, None)
     assert fake.statuses == []
 
@@ -553,14 +553,14 @@ async def test_open_pulls_follow_pagination_and_tell_forks(fake: FakeForge, api:
 async def test_fake_paginates_like_forgejo(fake: FakeForge, api: ForgejoForge) -> None:
     fake.branches["forgejo/webhooks"] = {f"b{i:02}": f"{i:040x}" for i in range(75)}
     path = "/api/v1/repos/forgejo/webhooks/branches"
-    body, headers = await api._api.request("GET", path, params={"page": "2", "limit": "30"})
+    body, headers = await api.api.request("GET", path, params={"page": "2", "limit": "30"})
     assert [branch["name"] for branch in json.loads(body or b"")] == [f"b{i:02}" for i in range(30, 60)]
     assert headers["X-Total-Count"] == "75"
     links = dict(reversed(part.split("; ")) for part in headers["Link"].split(","))
     assert links['rel="next"'] == f"<{fake.url}{path}?page=3&limit=30>"
     assert links['rel="last"'] == f"<{fake.url}{path}?page=3&limit=30>"
     assert links['rel="prev"'] == f"<{fake.url}{path}?page=1&limit=30>"
-    body, headers = await api._api.request("GET", path, params={"limit": "500"})
+    body, headers = await api.api.request("GET", path, params={"limit": "500"})
     assert len(json.loads(body or b"")) == 50  # MAX_RESPONSE_ITEMS
 
 
@@ -616,7 +616,7 @@ async def test_rate_limit_with_retry_after_is_retryable_after_that_long(fake: Fa
 async def test_failure_on_a_later_page_is_an_error_not_a_short_list(
         fake: FakeForge, api: ForgejoForge, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.branches["forgejo/webhooks"] = {f"b{i}": f"{i:040x}" for i in range(120)}
-    request, sent = api._api.request, 0
+    request, sent = api.api.request, 0
 
     async def second_page_fails(*args: Any, **kwargs: Any) -> Any:
         nonlocal sent
@@ -625,7 +625,7 @@ async def test_failure_on_a_later_page_is_an_error_not_a_short_list(
             fake.fail_next(status=502)
         return await request(*args, **kwargs)
 
-    monkeypatch.setattr(api._api, "request", second_page_fails)
+    monkeypatch.setattr(api.api, "request", second_page_fails)
     with pytest.raises(ForgeApiError) as raised:
         await api.branches(WEBHOOKS)
     assert (raised.value.status, raised.value.retry_after_s) == (502, DEFAULT_RETRY_S)

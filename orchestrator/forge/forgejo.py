@@ -412,12 +412,12 @@ class ForgejoForge:
 
     async def branches(self, repo: Repo) -> list[BranchHead]:
         path = f"{self._repo_path(repo)}/branches"
-        items = [self.api_item(_ApiBranch, item, path) for item in await self._all_pages(path, {})]
+        items = [self._api_item(_ApiBranch, item, path) for item in await self._all_pages(path, {})]
         return [BranchHead(name=branch.name, commit_sha=branch.commit.id) for branch in items]
 
     async def open_pulls(self, repo: Repo) -> list[PullHead]:
         path = f"{self._repo_path(repo)}/pulls"
-        pulls = [self.api_item(_PullRequest, item, path) for item in await self._all_pages(path, {"state": "open"})]
+        pulls = [self._api_item(_PullRequest, item, path) for item in await self._all_pages(path, {"state": "open"})]
         return [
             _convert_pull(pr, base_id=pr.base.repository_id,
                           base_clone_url=pr.base.repo.clone_url if pr.base.repo is not None else repo.clone_url)
