@@ -662,3 +662,60 @@ async def test_listing_of_an_unknown_repository_is_not_retryable(api: ForgejoFor
     with pytest.raises(ForgeApiError) as raised:
         await api.open_pulls(Repo("nobody", "nothing", "http://x/nobody/nothing.git"))
     assert (raised.value.status, raised.value.retry_after_s) == (404, None)
+
+
+# --- looking a repository up by name ----------------------------------------------------------
+
+async def test_repository_is_looked_up_by_name(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.files[("forgejo/webhooks", SHA, ".ci/jobs.yml")] = b"jobs: {}\n"
+    repo = await api.repository("forgejo/webhooks")
+    assert repo == Repo(owner="forgejo", name="webhooks", clone_url=f"{fake.url}/forgejo/webhooks.git")
+    assert repo.project_id is None
+    call = fake.calls[-1]
+    assert (call.method, call.path) == ("GET", "/api/v1/repos/forgejo/webhooks")
+    assert call.headers["Authorization"] == f"token {fake.token}"
+    fake.pulls["alice/webhooks"] = []
+    assert (await api.repository("alice/webhooks")).clone_url == f"{fake.url}/alice/webhooks.git"
+
+
+async def test_repository_reads_the_forges_answer(api: ForgejoForge, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer shaped like Forgejo's `api.Repository` (owner as Gitea sends it to a Gogs
+    client: `username` without `login`); canonical names come from the answer."""
+    answer: dict[str, Any] = {
+        "id": 7, "owner": {"id": 2, "username": "Forgejo", "full_name": "", "email": "forgejo@noreply.org"},
+        "name": "WebHooks", "full_name": "Forgejo/WebHooks", "private": False, "fork": False,
+        "clone_url": "https://codeberg.example/Forgejo/WebHooks.git", "ssh_url": "git@codeberg.example:Forgejo/WebHooks.git",
+        "html_url": "https://codeberg.example/Forgejo/WebHooks", "default_branch": "main",
+    }
+
+    async def request(method: str, path: str, **_: Any) -> Any:
+        return json.dumps(answer).encode(), {}
+
+    monkeypatch.setattr(api.api, "request", request)
+    assert await api.repository("forgejo/webhooks") == Repo(
+        owner="Forgejo", name="WebHooks", clone_url="https://codeberg.example/Forgejo/WebHooks.git")
+    answer["clone_url"] = 12
+    with pytest.raises(ForgeApiError, match="clone_url") as odd:
+        await api.repository("forgejo/webhooks")
+    assert (odd.value.status, odd.value.retry_after_s) == (200, None)
+
+
+async def test_an_unknown_repository_is_a_404_that_says_so(fake: FakeForge, api: ForgejoForge) -> None:
+    with pytest.raises(ForgeApiError, match="does not exist or the token cannot see it") as missing:
+        await api.repository("nobody/nothing")
+    assert (missing.value.status, missing.value.retry_after_s) == (404, None)
+    assert fake.calls[-1].path == "/api/v1/repos/nobody/nothing"
+    for bad in ("nothing", "a/b/c", "/nothing", "nobody/"):
+        with pytest.raises(ForgeApiError, match="not owner/name") as refused:
+            await api.repository(bad)
+        assert refused.value.retry_after_s is None
+    assert len(fake.calls) == 1
+
+
+async def test_repository_lookup_failing_on_the_server_can_be_retried(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.branches["forgejo/webhooks"] = {"main": SHA}
+    fake.fail_next(status=500)
+    with pytest.raises(ForgeApiError) as failed:
+        await api.repository("forgejo/webhooks")
+    assert (failed.value.status, failed.value.retry_after_s) == (500, DEFAULT_RETRY_S)
+    assert (await api.repository("forgejo/webhooks")).full_name == "forgejo/webhooks"
