@@ -516,7 +516,7 @@ async def test_set_status_without_target_url_sends_none(fake: FakeForge, api: Fo
 
 async def test_fake_rejects_a_state_the_forge_does_not_have(fake: FakeForge, api: ForgejoForge) -> None:
     with pytest.raises(ForgeApiError) as raised:
-        await api._api.request("POST", f"/api/v1/repos/forgejo/webhooks/statuses/{SHA}", json_body={"state": "running"})
+        await api.api.request("POST", f"/api/v1/repos/forgejo/webhooks/statuses/{SHA}", json_body={"state": "running"})
     assert (raised.value.status, raised.value.retry_after_s) == (422, None)
     assert fake.statuses == []
 
@@ -553,14 +553,14 @@ async def test_open_pulls_follow_pagination_and_tell_forks(fake: FakeForge, api:
 async def test_fake_paginates_like_forgejo(fake: FakeForge, api: ForgejoForge) -> None:
     fake.branches["forgejo/webhooks"] = {f"b{i:02}": f"{i:040x}" for i in range(75)}
     path = "/api/v1/repos/forgejo/webhooks/branches"
-    body, headers = await api._api.request("GET", path, params={"page": "2", "limit": "30"})
+    body, headers = await api.api.request("GET", path, params={"page": "2", "limit": "30"})
     assert [branch["name"] for branch in json.loads(body or b"")] == [f"b{i:02}" for i in range(30, 60)]
     assert headers["X-Total-Count"] == "75"
     links = dict(reversed(part.split("; ")) for part in headers["Link"].split(","))
     assert links['rel="next"'] == f"<{fake.url}{path}?page=3&limit=30>"
     assert links['rel="last"'] == f"<{fake.url}{path}?page=3&limit=30>"
     assert links['rel="prev"'] == f"<{fake.url}{path}?page=1&limit=30>"
-    body, headers = await api._api.request("GET", path, params={"limit": "500"})
+    body, headers = await api.api.request("GET", path, params={"limit": "500"})
     assert len(json.loads(body or b"")) == 50  # MAX_RESPONSE_ITEMS
 
 
@@ -616,7 +616,7 @@ async def test_rate_limit_with_retry_after_is_retryable_after_that_long(fake: Fa
 async def test_failure_on_a_later_page_is_an_error_not_a_short_list(
         fake: FakeForge, api: ForgejoForge, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.branches["forgejo/webhooks"] = {f"b{i}": f"{i:040x}" for i in range(120)}
-    request, sent = api._api.request, 0
+    request, sent = api.api.request, 0
 
     async def second_page_fails(*args: Any, **kwargs: Any) -> Any:
         nonlocal sent
@@ -625,7 +625,7 @@ async def test_failure_on_a_later_page_is_an_error_not_a_short_list(
             fake.fail_next(status=502)
         return await request(*args, **kwargs)
 
-    monkeypatch.setattr(api._api, "request", second_page_fails)
+    monkeypatch.setattr(api.api, "request", second_page_fails)
     with pytest.raises(ForgeApiError) as raised:
         await api.branches(WEBHOOKS)
     assert (raised.value.status, raised.value.retry_after_s) == (502, DEFAULT_RETRY_S)
@@ -662,3 +662,60 @@ async def test_listing_of_an_unknown_repository_is_not_retryable(api: ForgejoFor
     with pytest.raises(ForgeApiError) as raised:
         await api.open_pulls(Repo("nobody", "nothing", "http://x/nobody/nothing.git"))
     assert (raised.value.status, raised.value.retry_after_s) == (404, None)
+
+
+# --- looking a repository up by name ----------------------------------------------------------
+
+async def test_repository_is_looked_up_by_name(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.files[("forgejo/webhooks", SHA, ".ci/jobs.yml")] = b"jobs: {}\n"
+    repo = await api.repository("forgejo/webhooks")
+    assert repo == Repo(owner="forgejo", name="webhooks", clone_url=f"{fake.url}/forgejo/webhooks.git")
+    assert repo.project_id is None
+    call = fake.calls[-1]
+    assert (call.method, call.path) == ("GET", "/api/v1/repos/forgejo/webhooks")
+    assert call.headers["Authorization"] == f"token {fake.token}"
+    fake.pulls["alice/webhooks"] = []
+    assert (await api.repository("alice/webhooks")).clone_url == f"{fake.url}/alice/webhooks.git"
+
+
+async def test_repository_reads_the_forges_answer(api: ForgejoForge, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer shaped like Forgejo's `api.Repository` (owner as Gitea sends it to a Gogs
+    client: `username` without `login`); canonical names come from the answer."""
+    answer: dict[str, Any] = {
+        "id": 7, "owner": {"id": 2, "username": "Forgejo", "full_name": "", "email": "forgejo@noreply.org"},
+        "name": "WebHooks", "full_name": "Forgejo/WebHooks", "private": False, "fork": False,
+        "clone_url": "https://codeberg.example/Forgejo/WebHooks.git", "ssh_url": "git@codeberg.example:Forgejo/WebHooks.git",
+        "html_url": "https://codeberg.example/Forgejo/WebHooks", "default_branch": "main",
+    }
+
+    async def request(method: str, path: str, **_: Any) -> Any:
+        return json.dumps(answer).encode(), {}
+
+    monkeypatch.setattr(api.api, "request", request)
+    assert await api.repository("forgejo/webhooks") == Repo(
+        owner="Forgejo", name="WebHooks", clone_url="https://codeberg.example/Forgejo/WebHooks.git")
+    answer["clone_url"] = 12
+    with pytest.raises(ForgeApiError, match="clone_url") as odd:
+        await api.repository("forgejo/webhooks")
+    assert (odd.value.status, odd.value.retry_after_s) == (200, None)
+
+
+async def test_an_unknown_repository_is_a_404_that_says_so(fake: FakeForge, api: ForgejoForge) -> None:
+    with pytest.raises(ForgeApiError, match="does not exist or the token cannot see it") as missing:
+        await api.repository("nobody/nothing")
+    assert (missing.value.status, missing.value.retry_after_s) == (404, None)
+    assert fake.calls[-1].path == "/api/v1/repos/nobody/nothing"
+    for bad in ("nothing", "a/b/c", "/nothing", "nobody/"):
+        with pytest.raises(ForgeApiError, match="not owner/name") as refused:
+            await api.repository(bad)
+        assert refused.value.retry_after_s is None
+    assert len(fake.calls) == 1
+
+
+async def test_repository_lookup_failing_on_the_server_can_be_retried(fake: FakeForge, api: ForgejoForge) -> None:
+    fake.branches["forgejo/webhooks"] = {"main": SHA}
+    fake.fail_next(status=500)
+    with pytest.raises(ForgeApiError) as failed:
+        await api.repository("forgejo/webhooks")
+    assert (failed.value.status, failed.value.retry_after_s) == (500, DEFAULT_RETRY_S)
+    assert (await api.repository("forgejo/webhooks")).full_name == "forgejo/webhooks"

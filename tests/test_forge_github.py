@@ -391,6 +391,60 @@ async def test_server_errors_and_rate_limits_say_when_to_try_again(fake: FakeFor
     assert fake.statuses_for(SHA) == ["success"]
 
 
+async def test_repository_is_looked_up_by_name(fake: FakeForge, github: GitHubForge) -> None:
+    fake.files[("octo-org/gadgets", SHA, ".orchestrator.yaml")] = b"jobs: {}\n"
+    repo = await github.repository("octo-org/gadgets")
+    assert repo == Repo("octo-org", "gadgets", "https://github.com/octo-org/gadgets.git")
+    assert repo.project_id is None
+    call = fake.calls[-1]
+    assert (call.method, call.path) == ("GET", "/repos/octo-org/gadgets")
+    assert call.headers["Authorization"] == "Bearer ghp-test-token"
+    fake.branches["octo-org/widgets"] = {"main": SHA}
+    assert await github.repository("octo-org/widgets") == REPO
+
+
+async def test_repository_takes_the_canonical_name_from_the_answer(
+        fake: FakeForge, github: GitHubForge, monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = {"id": 1296269, "node_id": "MDEwOlJlcG9zaXRvcnkxMjk2MjY5", "name": "Hello-World",
+              "full_name": "octocat/Hello-World", "owner": {"login": "octocat", "id": 1, "type": "User"},
+              "private": False, "clone_url": "https://github.com/octocat/Hello-World.git",
+              "ssh_url": "git@github.com:octocat/Hello-World.git", "default_branch": "master"}
+
+    async def get_json(path: str, **_: Any) -> Any:
+        return answer
+
+    monkeypatch.setattr(github.api, "get_json", get_json)
+    assert await github.repository("OctoCat/hello-world") == Repo(
+        "octocat", "Hello-World", "https://github.com/octocat/Hello-World.git")
+    answer["owner"] = {"login": 42}
+    with pytest.raises(ForgeApiError, match="owner.login") as odd:
+        await github.repository("octocat/Hello-World")
+    assert (odd.value.status, odd.value.retry_after_s) == (200, None)
+    del answer["owner"]
+    with pytest.raises(ForgeApiError, match="owner"):
+        await github.repository("octocat/Hello-World")
+
+
+async def test_an_unknown_repository_is_a_404_that_says_so(fake: FakeForge, github: GitHubForge) -> None:
+    with pytest.raises(ForgeApiError, match="does not exist or the token cannot see it") as missing:
+        await github.repository("octo-org/nothing-here")
+    assert (missing.value.status, missing.value.retry_after_s) == (404, None)
+    for bad in ("no-slash", "a/b/c", "/name", "owner/"):
+        with pytest.raises(ForgeApiError, match="not owner/name") as refused:
+            await github.repository(bad)
+        assert refused.value.retry_after_s is None
+    assert fake.calls[-1].path == "/repos/octo-org/nothing-here"  # nothing asked for the bad names
+
+
+async def test_repository_lookup_failing_on_the_server_can_be_retried(fake: FakeForge, github: GitHubForge) -> None:
+    fake.branches["octo-org/widgets"] = {"main": SHA}
+    fake.fail_next(status=500)
+    with pytest.raises(ForgeApiError) as failed:
+        await github.repository("octo-org/widgets")
+    assert (failed.value.status, failed.value.retry_after_s) == (500, DEFAULT_RETRY_S)
+    assert await github.repository("octo-org/widgets") == REPO
+
+
 async def test_a_failed_listing_raises_and_the_next_one_is_whole(fake: FakeForge, github: GitHubForge) -> None:
     fake.branches["octo-org/widgets"] = {f"b{n}": f"{n:040x}" for n in range(150)}
     fake.fail_next(status=500, path_prefix="/repos/octo-org/widgets/branches")

@@ -514,3 +514,71 @@ async def test_the_fake_checks_states_and_lengths_like_gitlab(fake: FakeForge):
         async with session.post(url, json={"state": "skipped"}) as response:
             assert response.status == 201 and (await response.json())["status"] == "skipped"
     assert fake.statuses_for(SHA) == ["skipped"]
+
+
+# --- looking a project up by its path ----------------------------------------------------
+
+async def test_a_project_is_looked_up_by_its_path(fake: FakeForge, gitlab: GitLabForge):
+    fake.branches[PROJECT] = {"main": SHA}
+    repo = await gitlab.repository(PROJECT)
+    assert repo == Repo(owner="acme/platform", name="widgets", clone_url=f"{fake.url}/{PROJECT}.git",
+                        project_id=fake.project_id(PROJECT))
+    call = fake.calls[-1]
+    # The route only matches with the path's slashes sent as %2F.
+    assert (call.method, call.path) == ("GET", f"/api/v4/projects/{PROJECT}")
+    assert call.headers["PRIVATE-TOKEN"] == fake.token
+    # Known to the fake only by a file: it gets an id of its own, and later calls use it.
+    fake.files[("alice/widgets", SHA, ".ci/jobs.yml")] = b"jobs: {}\n"
+    fork = await gitlab.repository("alice/widgets")
+    assert (fork.owner, fork.name, fork.project_id) == ("alice", "widgets", fake.project_id("alice/widgets"))
+    assert await gitlab.read_file(fork, ".ci/jobs.yml", SHA) == b"jobs: {}\n"
+
+
+async def test_a_project_lookup_reads_gitlabs_answer(gitlab: GitLabForge, monkeypatch: pytest.MonkeyPatch):
+    """An answer shaped like "Get a single project" in GitLab's Projects API documentation;
+    owner and name come from its `path_with_namespace`, not from the path asked for."""
+    answer: dict[str, Any] = {
+        "id": 3, "description": None, "default_branch": "main", "visibility": "private",
+        "ssh_url_to_repo": "git@example.com:diaspora/diaspora-project-site.git",
+        "http_url_to_repo": "https://example.com/diaspora/diaspora-project-site.git",
+        "web_url": "https://example.com/diaspora/diaspora-project-site",
+        "name": "Diaspora Project Site", "name_with_namespace": "Diaspora / Diaspora Project Site",
+        "path": "diaspora-project-site", "path_with_namespace": "diaspora/diaspora-project-site",
+        "namespace": {"id": 3, "name": "Diaspora", "path": "diaspora", "kind": "group", "full_path": "diaspora"},
+    }
+
+    sent = answer
+
+    async def get_json(path: str, **_: Any) -> Any:
+        return sent
+
+    monkeypatch.setattr(gitlab.api, "get_json", get_json)
+    assert await gitlab.repository("Diaspora/Diaspora-Project-Site") == Repo(
+        owner="diaspora", name="diaspora-project-site",
+        clone_url="https://example.com/diaspora/diaspora-project-site.git", project_id=3)
+    for field, value in (("id", "3"), ("id", True), ("path_with_namespace", "no-namespace"),
+                         ("http_url_to_repo", None), ("http_url_to_repo", ...)):
+        sent = {**answer, field: value} if value is not ... else {k: v for k, v in answer.items() if k != field}
+        with pytest.raises(ForgeApiError, match=field) as odd:
+            await gitlab.repository("diaspora/diaspora-project-site")
+        assert (odd.value.status, odd.value.retry_after_s) == (200, None)
+
+
+async def test_an_unknown_project_is_a_404_that_says_so(fake: FakeForge, gitlab: GitLabForge):
+    with pytest.raises(ForgeApiError, match="does not exist or the token cannot see it") as missing:
+        await gitlab.repository("acme/platform/nothing")
+    assert (missing.value.status, missing.value.retry_after_s) == (404, None)
+    for bad in ("nothing", "acme//nothing", "/nothing", "acme/"):
+        with pytest.raises(ForgeApiError, match="not namespace/project") as refused:
+            await gitlab.repository(bad)
+        assert refused.value.retry_after_s is None
+    assert len(fake.calls) == 1
+
+
+async def test_a_project_lookup_failing_on_the_server_can_be_retried(fake: FakeForge, gitlab: GitLabForge):
+    fake.branches[PROJECT] = {"main": SHA}
+    fake.fail_next(status=500)
+    with pytest.raises(ForgeApiError) as failed:
+        await gitlab.repository(PROJECT)
+    assert (failed.value.status, failed.value.retry_after_s) == (500, DEFAULT_RETRY_S)
+    assert (await gitlab.repository(PROJECT)).project_id == fake.project_id(PROJECT)

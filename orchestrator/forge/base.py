@@ -164,6 +164,13 @@ class Forge(Protocol):
     def parse(self, headers: Mapping[str, str], body: bytes) -> WebhookOutcome:
         """The delivery as an event, a ping, or ignored. Raises `WebhookError`."""
 
+    async def repository(self, full_name: str) -> Repo:
+        """The repository named `owner/name` (GitLab: the project's path with its
+        namespace, subgroups included) as the forge knows it: its canonical owner and
+        name, its clone URL and, on GitLab, its numeric project id. For a repository no
+        webhook has described yet. A repository that does not exist or that the token
+        cannot see is a `ForgeApiError` with status 404 and no `retry_after_s`."""
+
     async def read_file(self, repo: Repo, path: str, commit_sha: str) -> bytes | None:
         """The file at `path` at the exact commit, or None when it does not exist there."""
 

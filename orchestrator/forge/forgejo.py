@@ -394,6 +394,23 @@ class ForgejoForge:
     def _repo_path(repo: Repo) -> str:
         return f"{API_PREFIX}/repos/{quote(repo.owner, safe='')}/{quote(repo.name, safe='')}"
 
+    async def repository(self, full_name: str) -> Repo:
+        """`GET /api/v1/repos/{owner}/{repo}`: the repository under the name the forge
+        gives it (owner and name as stored, which a lookup ignoring case may not match)."""
+        owner, slash, name = full_name.partition("/")
+        if not (owner and slash and name) or "/" in name:
+            raise ForgeApiError(f"{full_name!r} is not owner/name", status=None, retry_after_s=None)
+        path = self._repo_path(Repo(owner=owner, name=name, clone_url=""))
+        body, _ = await self.api.request("GET", path, missing_ok=True)
+        if body is None:
+            raise ForgeApiError(f"GET {path}: repository {full_name} does not exist or the token cannot see it",
+                                status=404, retry_after_s=None)
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            raise ForgeApiError(f"GET {path}: the answer is not JSON", status=200, retry_after_s=None) from None
+        return _repo(self._api_item(_Repository, document, path))
+
     async def read_file(self, repo: Repo, path: str, commit_sha: str) -> bytes | None:
         url = f"{self._repo_path(repo)}/raw/{quote(path.lstrip('/'), safe='/')}"
         body, _ = await self.api.request("GET", url, params={"ref": commit_sha}, missing_ok=True)
@@ -412,12 +429,12 @@ class ForgejoForge:
 
     async def branches(self, repo: Repo) -> list[BranchHead]:
         path = f"{self._repo_path(repo)}/branches"
-        items = [self.api_item(_ApiBranch, item, path) for item in await self._all_pages(path, {})]
+        items = [self._api_item(_ApiBranch, item, path) for item in await self._all_pages(path, {})]
         return [BranchHead(name=branch.name, commit_sha=branch.commit.id) for branch in items]
 
     async def open_pulls(self, repo: Repo) -> list[PullHead]:
         path = f"{self._repo_path(repo)}/pulls"
-        pulls = [self.api_item(_PullRequest, item, path) for item in await self._all_pages(path, {"state": "open"})]
+        pulls = [self._api_item(_PullRequest, item, path) for item in await self._all_pages(path, {"state": "open"})]
         return [
             _convert_pull(pr, base_id=pr.base.repository_id,
                           base_clone_url=pr.base.repo.clone_url if pr.base.repo is not None else repo.clone_url)

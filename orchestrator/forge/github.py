@@ -21,8 +21,10 @@ import hmac
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from orchestrator.forge.base import (
     ZERO_SHA,
@@ -121,6 +123,29 @@ class GitHubForge:
         return Ignored(f"{event} events are not handled")
 
     # --- API ----------------------------------------------------------------------------
+    async def repository(self, full_name: str) -> Repo:
+        """`GET /repos/{owner}/{repo}`: the repository under its canonical name (GitHub
+        answers a renamed or transferred repository's old name by redirecting to it)."""
+        owner, name = _owner_and_name(full_name)
+        path = f"/repos/{quote(owner, safe='')}/{quote(name, safe='')}"
+        try:
+            document = await self.api.get_json(path)
+        except ForgeApiError as exc:
+            if exc.status == 404:
+                raise ForgeApiError(f"GET {path}: repository {full_name} does not exist or the token cannot see it",
+                                    status=404, retry_after_s=None) from None
+            raise
+        try:
+            answer = _ApiRepository.model_validate(document)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise _malformed(path, WebhookError(f"{where}: {first['msg']}")) from None
+        if answer.full_name != f"{answer.owner.login}/{answer.name}":
+            raise _malformed(path, WebhookError(
+                f"full_name {answer.full_name!r} is not owner.login/name ({answer.owner.login}/{answer.name})"))
+        return Repo(owner=answer.owner.login, name=answer.name, clone_url=answer.clone_url)
+
     async def read_file(self, repo: Repo, path: str, commit_sha: str) -> bytes | None:
         body, headers = await self.api.request(
             "GET", f"{_repo_path(repo)}/contents/{quote(path.lstrip('/'), safe='/')}",
@@ -172,6 +197,34 @@ class GitHubForge:
 
     async def close(self) -> None:
         await self.api.close()
+
+
+class _ApiModel(BaseModel):
+    # The fields read are strict (a number is not a string); the rest of the answer is ignored.
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+_NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+
+
+class _ApiOwner(_ApiModel):
+    login: _NonEmpty
+
+
+class _ApiRepository(_ApiModel):
+    """`GET /repos/{owner}/{repo}` ("full-repository"): the fields the bridge reads."""
+
+    name: _NonEmpty
+    full_name: _NonEmpty
+    owner: _ApiOwner
+    clone_url: _NonEmpty
+
+
+def _owner_and_name(full_name: str) -> tuple[str, str]:
+    owner, slash, name = full_name.partition("/")
+    if not (owner and slash and name) or "/" in name:
+        raise ForgeApiError(f"{full_name!r} is not owner/name", status=None, retry_after_s=None)
+    return owner, name
 
 
 def shorten(description: str, limit: int = DESCRIPTION_LIMIT) -> str:

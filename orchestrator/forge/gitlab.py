@@ -86,9 +86,12 @@ class _Payload(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
+PROJECT_PATH = re.compile(r"[^/]+(?:/[^/]+)+")  # namespace (subgroups too) and project
+
+
 class _Project(_Payload):
     id: int
-    path_with_namespace: Annotated[str, StringConstraints(pattern=r"^[^/]+(?:/[^/]+)+$")]
+    path_with_namespace: Annotated[str, StringConstraints(pattern=f"^{PROJECT_PATH.pattern}$")]
     git_http_url: str
 
 
@@ -156,10 +159,14 @@ def _validate(model: type[_Payload], document: Any) -> Any:
 
 
 def _repo(project: _Project) -> Repo:
+    return _named(project.path_with_namespace, project.git_http_url, project.id)
+
+
+def _named(path_with_namespace: str, clone_url: str, project_id: int) -> Repo:
     # `project.namespace` is the namespace's display name ("GitlabHQ"), not its path:
     # owner and name come from `path_with_namespace` (subgroups keep their slashes).
-    owner, name = project.path_with_namespace.rsplit("/", 1)
-    return Repo(owner=owner, name=name, clone_url=project.git_http_url, project_id=project.id)
+    owner, name = path_with_namespace.rsplit("/", 1)
+    return Repo(owner=owner, name=name, clone_url=clone_url, project_id=project_id)
 
 
 def _deleted(sha: str) -> bool:
@@ -272,6 +279,14 @@ class _ApiProject(BaseModel):
     http_url_to_repo: str
 
 
+class _ApiRepository(_Payload):
+    """"Get a single project" (`GET /projects/:id`): the fields the bridge reads, strictly."""
+
+    id: int
+    path_with_namespace: Annotated[str, StringConstraints(pattern=f"^{PROJECT_PATH.pattern}$")]
+    http_url_to_repo: Annotated[str, StringConstraints(min_length=1)]
+
+
 def _answer(model: type[BaseModel], document: Any, what: str) -> Any:
     try:
         return model.model_validate(document)
@@ -347,6 +362,23 @@ class GitLabForge:
         # Webhooks give the numeric id; a repository named only by path is addressed by
         # its URL-encoded path (`group%2Fsub%2Fproject`).
         return str(repo.project_id) if repo.project_id is not None else quote(repo.full_name, safe="")
+
+    async def repository(self, full_name: str) -> Repo:
+        """`GET /projects/:id` with the URL-encoded path (`group%2Fsub%2Fproject`): the
+        project's id, clone URL and canonical path (GitLab finds a path in any case and
+        under a renamed or moved project's old path)."""
+        if not PROJECT_PATH.fullmatch(full_name):
+            raise ForgeApiError(f"{full_name!r} is not namespace/project", status=None, retry_after_s=None)
+        path = f"/projects/{quote(full_name, safe='')}"
+        try:
+            document = await self.api.get_json(path)
+        except ForgeApiError as exc:
+            if exc.status == 404:  # "404 Project Not Found", also for a project the token cannot see
+                raise ForgeApiError(f"GET {path}: repository {full_name} does not exist or the token cannot see it",
+                                    status=404, retry_after_s=None) from None
+            raise
+        project = _answer(_ApiRepository, document, f"GET {path}")
+        return _named(project.path_with_namespace, project.http_url_to_repo, project.id)
 
     async def read_file(self, repo: Repo, path: str, commit_sha: str) -> bytes | None:
         url = f"/projects/{self._project(repo)}/repository/files/{quote(path, safe='')}/raw"

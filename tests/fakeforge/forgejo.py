@@ -1,6 +1,9 @@
 """Forgejo/Gitea's REST API as the bridge uses it, on a `FakeForge`.
 
 Routes (Forgejo `routers/api/v1/api.go`; handlers in `routers/api/v1/repo/`):
+- `GET /api/v1/repos/{owner}/{repo}`: the `Repository` (`repo.go` `Get`) when the fake
+  knows it (in `branches`, `pulls`, `project_ids` or a `files` key), else 404 (as for a
+  private repository the token cannot see).
 - `GET /api/v1/repos/{owner}/{repo}/raw/{filepath}?ref=`: the file's bytes, 404 when the
   file is not there at that ref (`file.go` `GetRawFile`).
 - `POST /api/v1/repos/{owner}/{repo}/statuses/{sha}`: `CreateStatusOption` in, 201 and the
@@ -81,6 +84,12 @@ def install(fake: FakeForge, *, app_url: str | None = None) -> None:
             headers["Link"] = ",".join(links)
         return web.json_response(chunk, headers=headers)
 
+    async def get_repository(request: web.Request) -> web.Response:
+        repo = repo_of(request)
+        known = (repo in fake.branches or repo in fake.pulls or repo in fake.project_ids
+                 or any(key[0] == repo for key in fake.files))
+        return web.json_response(repository(repo)) if known else not_found()
+
     async def raw_file(request: web.Request) -> web.Response:
         repo, path = repo_of(request), request.match_info["path"]
         ref = request.query.get("ref", "main")
@@ -148,6 +157,7 @@ def install(fake: FakeForge, *, app_url: str | None = None) -> None:
         return paginate(request, [pull_json(repo, pull) for pull in sorted(pulls, key=lambda p: -p.number)])
 
     prefix = "/api/v1/repos/{owner}/{repo}"
+    fake.app.router.add_get(prefix, get_repository)
     fake.app.router.add_get(prefix + "/raw/{path:.+}", raw_file)
     fake.app.router.add_post(prefix + "/statuses/{sha}", create_status)
     fake.app.router.add_get(prefix + "/branches", list_branches)

@@ -2,6 +2,9 @@
 deliveries the way GitHub sends them.
 
 Routes (GitHub's paths, status codes and JSON):
+- `GET /repos/{owner}/{repo}`: the repository (`full_name`, `owner.login`, `clone_url`...)
+  when the fake knows it (in `branches`, `pulls`, `project_ids` or a `files` key); 404 `Not
+  Found` otherwise, as GitHub answers for a repository the token cannot see.
 - `GET /repos/{owner}/{repo}/contents/{path}?ref=`: the raw bytes with `Accept:
   application/vnd.github.raw+json` (or `.raw`), else GitHub's JSON object with base64
   content; a directory is its JSON listing whatever the Accept; 404 `Not Found`.
@@ -43,6 +46,7 @@ WEB_URL = "https://github.com"
 def install(fake: FakeForge) -> FakeForge:
     fake.authorized = lambda request: request.headers.get("Authorization") in (f"Bearer {fake.token}", f"token {fake.token}")
     routes = _Routes(fake)
+    fake.app.router.add_get("/repos/{owner}/{repo}", routes.repository)
     fake.app.router.add_get("/repos/{owner}/{repo}/contents/{path:.+}", routes.contents)
     fake.app.router.add_post("/repos/{owner}/{repo}/statuses/{sha}", routes.create_status)
     fake.app.router.add_get("/repos/{owner}/{repo}/branches", routes.branches)
@@ -132,6 +136,7 @@ def _repo_json(fake: FakeForge, full_name: str) -> dict[str, Any]:
 class _Routes:
     def __init__(self, fake: FakeForge) -> None:
         self.fake = fake
+        self.repository = _github(self._repository)
         self.contents = _github(self._contents)
         self.create_status = _github(self._create_status)
         self.branches = _github(self._branches)
@@ -139,6 +144,12 @@ class _Routes:
 
     def _known(self, repo: str) -> bool:
         return repo in self.fake.branches or repo in self.fake.pulls or any(key[0] == repo for key in self.fake.files)
+
+    async def _repository(self, request: web.Request) -> web.StreamResponse:
+        repo = f"{request.match_info['owner']}/{request.match_info['repo']}"
+        if not (self._known(repo) or repo in self.fake.project_ids):
+            return _not_found()
+        return web.json_response(_repo_json(self.fake, repo))
 
     async def _contents(self, request: web.Request) -> web.StreamResponse:
         repo = f"{request.match_info['owner']}/{request.match_info['repo']}"

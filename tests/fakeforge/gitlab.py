@@ -2,7 +2,8 @@
 
 Routes, status codes and JSON follow GitLab's documentation and its code paths:
 `PRIVATE-TOKEN` auth; projects addressed by numeric id or URL-encoded path (404 "404
-Project Not Found" otherwise); the raw file at a ref (404 "404 File Not Found"); commit
+Project Not Found" otherwise); the project itself (`id`, `path_with_namespace`,
+`http_url_to_repo`, the id from `fake.project_id`); the raw file at a ref (404 "404 File Not Found"); commit
 statuses with GitLab's state machine (a status per name and ref that is pending or
 running is updated, a finished one is followed by a new one; refused transitions are 400
 "Cannot transition status via :run from :running (...)"); branches, merge requests and
@@ -148,7 +149,12 @@ def install(fake: FakeForge, *, link_header: bool = True) -> None:
         return web.Response(body=content, content_type="text/plain")
 
     async def project(request: web.Request) -> web.Response:
-        return web.json_response(project_json(repo_of(request)))
+        """"Get a single project": by id, or by path for any project the fake knows (in
+        `branches`, `pulls`, `project_ids` or a `files` key), which then gets its id."""
+        wanted = request.match_info["project"]
+        known = not wanted.isdigit() and (
+            wanted in fake.branches or wanted in fake.pulls or any(key[0] == wanted for key in fake.files))
+        return web.json_response(project_json(wanted if known else repo_of(request)))
 
     async def branches(request: web.Request) -> web.Response:
         repo = repo_of(request)
