@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,21 @@ async def build_backend(settings: DaemonSettings, name: BackendName, labels: lis
             state_dir=settings.state_dir,
             orchestrator_id=settings.orchestrator_id,
         )
+
+
+CLOSE_STEP_TIMEOUT_S = 15.0
+
+
+def _bounded(close: Callable[[], Awaitable[object]], what: str) -> Callable[[], Awaitable[None]]:
+    """A shutdown step that cannot hang the daemon's exit (a broker gone mid-close)."""
+
+    async def step() -> None:
+        try:
+            await asyncio.wait_for(close(), CLOSE_STEP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("daemon.close_timed_out", step=what, timeout_s=CLOSE_STEP_TIMEOUT_S)
+
+    return step
 
 
 def _refuse_paths_outside_image_dir(image_map: ImageMap, settings: DaemonSettings) -> None:
@@ -295,7 +310,7 @@ class Daemon:
         stack.push_async_callback(self.images.close)
 
         self._connection = await self._connect_broker()
-        stack.push_async_callback(self._connection.close)
+        stack.push_async_callback(_bounded(self._connection.close, "broker connection"))
         await self._declare(self.image_map)
         self._publisher = await ConfirmedPublisher.open(self._connection)
         self._events = await EventPublisher.open(self._connection, self.topology.events)
@@ -309,7 +324,7 @@ class Daemon:
                     max_connections=s.http_max_connections, header_timeout_s=s.http_header_timeout_s,
                     max_streams=s.http_max_streams,
                 ))
-            stack.push_async_callback(http.cleanup)
+            stack.push_async_callback(_bounded(http.cleanup, "HTTP API"))
         self._background(stack, self._heartbeat(), "heartbeat")
 
         self.runner = JobRunner(
@@ -330,7 +345,7 @@ class Daemon:
             cancels=cancels, describe=self.heartbeat,
         )
         await control.start(self._connection)
-        stack.push_async_callback(control.stop)
+        stack.push_async_callback(_bounded(control.stop, "control listener"))
         # Pushed after the control listener, so cancels still work while jobs drain.
         stack.push_async_callback(self._drain)
         await reconcile(
@@ -345,7 +360,7 @@ class Daemon:
             settler=Settler(self._publisher, self.topology), topology=self.topology,
         )
         await self.scheduler.start(self._connection)
-        stack.push_async_callback(self.scheduler.stop)
+        stack.push_async_callback(_bounded(self.scheduler.stop, "consumers"))
 
     async def _connect_broker(self) -> aio_pika.abc.AbstractRobustConnection:
         s = self.settings

@@ -94,7 +94,11 @@ class DaemonProcess:
         assert self.process is not None
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        except TimeoutError:
+            tail = "".join(self.lines[-20:])
+            raise AssertionError(f"the daemon did not stop within {timeout_s:g} s of SIGTERM; its last lines:\n{tail}") from None
         if self._reader is not None:
             await self._reader
         return code

@@ -362,11 +362,12 @@ class BridgeJournal:
         """Whether this commit was planned for this ref already (by any delivery)."""
 
         def op(conn: sqlite3.Connection) -> bool:
-            return conn.execute(
-                "SELECT 1 FROM runs WHERE forge = ? AND repo = ? AND ref_key = ? AND commit_sha = ? LIMIT 1"
-                " UNION SELECT 1 FROM deliveries WHERE key = ?",
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM runs WHERE forge = ? AND repo = ? AND ref_key = ? AND commit_sha = ?)"
+                " OR EXISTS (SELECT 1 FROM deliveries WHERE key = ?)",
                 (forge, repo, ref_key, commit_sha, f"{forge}/catch-up/{ref_key}/{commit_sha}"),
-            ).fetchone() is not None
+            ).fetchone()
+            return bool(row[0])
 
         return await self._db.submit(op)
 
