@@ -100,3 +100,51 @@ async def test_a_gitlab_hook_the_forge_disabled_shows_in_readyz(tmp_path, prefix
     finally:
         await bridge.bridge.stop()
         await fake.close()
+
+
+async def test_catch_up_dry_run_changes_nothing_and_a_real_one_runs_the_moved_head(tmp_path, prefix, cleanup_topology, daemon_factory):
+    from orchestrator.forge.service import catch_up_once
+
+    fake = await fake_github.install(FakeForge()).start()
+    fake.branches[REPO] = {"main": OLD}
+    first = await github_bridge(tmp_path, prefix, fake)
+    await first_pass_done(first)
+    loaded, settings = first.bridge.config, first.bridge.settings
+    await first.bridge.stop()
+    fake.branches[REPO] = {"main": MOVED}
+    fake.files[(REPO, MOVED, ".orchestrator.yaml")] = JOBS.encode()
+    try:
+        [dry] = await catch_up_once(settings, loaded, repo=REPO, dry_run=True)
+        assert dry.ran == [f"branch/main@{MOVED}"] and fake.statuses == []
+        await daemon_factory()
+        [real] = await catch_up_once(settings, loaded, repo=REPO, dry_run=False)
+        assert real.ran == [f"branch/main@{MOVED}"]
+        assert (await fake.wait_for_statuses(MOVED, "orchestrator/test", 1))[0] == "pending"
+        [again] = await catch_up_once(settings, loaded, repo=REPO, dry_run=False)
+        assert again.ran == [], "a head that has run is not run again"
+    finally:
+        await fake.close()
+
+
+async def test_rerun_publishes_a_new_run_with_fresh_statuses(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+    from orchestrator.forge.service import rerun_once
+
+    fake = await fake_github.install(FakeForge()).start()
+    bridge = await github_bridge(tmp_path, prefix, fake)
+    try:
+        await daemon_factory()
+        await broker.open()
+        fake.files[(REPO, MOVED, ".orchestrator.yaml")] = JOBS.encode()
+        assert (await bridge.deliver(*push(MOVED)))[0] == 202
+        first = await broker.next_result()
+        await fake.wait_for_statuses(MOVED, "orchestrator/test", 3)
+        lines = await rerun_once(bridge.bridge.settings, bridge.bridge.config, repo=REPO, commit_sha=MOVED, job="test")
+        assert len(lines) == 1 and lines[0].startswith("test (branch/main): ")
+        second = await broker.next_result()
+        assert second.request_id != first.request_id and second.commit_sha == MOVED
+        states = await fake.wait_for_statuses(MOVED, "orchestrator/test", 6)
+        assert states[:3] == ["pending", "pending", "success"]
+        assert states[3] == "pending" and states[-1] == "success", "the re-run started the context over"
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()

@@ -33,6 +33,21 @@ def register(commands: Commands) -> None:
     check = sub.add_parser("check", help="validate the bridge's configuration and read its secrets")
     _flags(check)
     check.set_defaults(func=cmd_forge_check)
+    catch_up = sub.add_parser(
+        "catch-up", help="run a catch-up pass now and print what it found and ran",
+        description="List every repository's branches and open pull/merge requests and run the heads that moved "
+                    "without a webhook (beside a running bridge: they share the journal, nothing runs twice).",
+    )
+    _flags(catch_up)
+    catch_up.add_argument("--repo", metavar="OWNER/NAME", help="only this repository")
+    catch_up.add_argument("--dry-run", action="store_true", help="say what would run; publish and record nothing")
+    catch_up.set_defaults(func=cmd_forge_catch_up)
+    rerun = sub.add_parser("rerun", help="run a commit's jobs again, with fresh pending statuses")
+    _flags(rerun)
+    rerun.add_argument("repo", metavar="OWNER/NAME")
+    rerun.add_argument("sha", metavar="SHA", help="the full commit SHA")
+    rerun.add_argument("--job", metavar="NAME", help="only this job")
+    rerun.set_defaults(func=cmd_forge_rerun)
 
 
 def _load(args: argparse.Namespace):  # -> tuple[DaemonSettings, LoadedForgeConfig]
@@ -71,4 +86,43 @@ def cmd_forge(args: argparse.Namespace) -> int:
         asyncio.run(run_bridge(settings, loaded))
     except StartupError as exc:
         raise CLIError(str(exc), exit_code=1) from None
+    return 0
+
+
+def _run_tool(coro_factory, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from orchestrator.daemon import StartupError
+    from orchestrator.logsetup import configure_logging
+
+    _, settings, loaded = _load(args)
+    configure_logging(fmt=settings.log_format)
+    try:
+        return asyncio.run(coro_factory(settings, loaded))
+    except StartupError as exc:
+        raise CLIError(str(exc), exit_code=1) from None
+
+
+def cmd_forge_catch_up(args: argparse.Namespace) -> int:
+    from orchestrator.forge.service import catch_up_once
+
+    reports = _run_tool(lambda s, c: catch_up_once(s, c, repo=args.repo, dry_run=args.dry_run), args)
+    for report in reports:
+        print(report.line())
+    if args.repo and not reports:
+        raise CLIError(f"--repo {args.repo}: not a repository this bridge catches up (see forge check)")
+    return 1 if any(r.error for r in reports) else 0
+
+
+def cmd_forge_rerun(args: argparse.Namespace) -> int:
+    import re
+
+    from orchestrator.forge.service import rerun_once
+
+    if not re.fullmatch(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}", args.sha):
+        raise CLIError(f"SHA: {args.sha!r} is not a full commit SHA (40 or 64 hex digits)")
+    runs = _run_tool(lambda s, c: rerun_once(s, c, repo=args.repo, commit_sha=args.sha.lower(), job=args.job), args)
+    if not runs:
+        raise CLIError(f"no run of {args.repo} at {args.sha}" + (f" with job {args.job}" if args.job else "")
+                       + " in the bridge's journal: push it, or wait for catch-up")
+    for line in runs:
+        print(f"rerun {line}")
     return 0

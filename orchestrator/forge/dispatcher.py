@@ -19,7 +19,7 @@ from orchestrator.amqp import ConfirmedPublisher, describe_error, json_message
 from orchestrator.forge.base import Forge, ForgeApiError, ForgeEvent
 from orchestrator.forge.config import LoadedForgeConfig
 from orchestrator.forge.journal import BridgeJournal, Delivery, Run
-from orchestrator.forge.planner import event_from_json, event_to_json, plan_event
+from orchestrator.forge.planner import event_from_json, event_to_json, plan_event, request_id_for
 from orchestrator.forge.status import queued, superseded
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import ControlKind, ControlMessage, JobRequest, message_id_for
@@ -178,6 +178,27 @@ class Dispatcher:
         log.info("job.published", job_id=run.request_id, repo=run.repo.full_name, commit=run.commit_sha, job=run.job_name)
         return True
 
+    async def rerun(self, repo: str, commit_sha: str, *, job: str | None = None) -> list[Run]:
+        """Publish new runs of a commit's jobs (each ref it ran for, the newest run of
+        each job), with fresh `pending` statuses. Runs of a commit are found in the
+        journal: a commit the bridge never ran cannot be re-run (push it, or wait for
+        catch-up)."""
+        earlier = [run for run in await self._journal.runs_for_commit(repo, commit_sha) if job in (None, run.job_name)]
+        newest: dict[tuple[str, str, str], Run] = {(r.forge, r.ref_key, r.job_name): r for r in earlier}
+        fresh: list[Run] = []
+        for (forge, ref_key, name), run in sorted(newest.items()):
+            number = 1 + sum(1 for r in earlier if (r.forge, r.ref_key, r.job_name) == (forge, ref_key, name) and r.request_id != _first_id(r))
+            request_uuid = request_id_for(forge, repo, ref_key, commit_sha, name, rerun=number)
+            request = JobRequest.model_validate_json(run.request).model_copy(update={"request_id": request_uuid, "attempt": 1})
+            request_id = str(request_uuid)
+            fresh.append(Run(request_id, forge, run.repo, commit_sha, ref_key, name, run.context, request.model_dump_json(), False))
+        await self._journal.add_plan(fresh, [])
+        for run in fresh:
+            await self._propose_status(run.forge, run.repo, run.commit_sha, queued(run.context), restart=True)
+            if await self._publish_once(run):
+                await self._journal.complete_delivery(None, published=[run.request_id], head=None, outcome=None)
+        return fresh
+
     async def _supersede(self, forge: str, event: ForgeEvent) -> None:
         """Cancel the jobs of this ref's earlier heads that have no final status yet."""
         for old in await self._journal.runs_for_ref(forge, event.repo.full_name, event.ref_key):
@@ -195,3 +216,8 @@ class Dispatcher:
                 log.warning("job.supersede_failed", job_id=old.request_id, error=describe_error(exc))
             await self._propose_status(forge, old.repo, old.commit_sha, superseded(old.context, event.commit_sha))
             log.info("job.superseded", job_id=old.request_id, by=event.commit_sha)
+
+
+def _first_id(run: Run) -> str:
+    """The request id the first run of this work has (re-runs add their number)."""
+    return str(request_id_for(run.forge, run.repo.full_name, run.ref_key, run.commit_sha, run.job_name))

@@ -219,6 +219,15 @@ class BridgeJournal:
 
         return await self._db.submit(op)
 
+    async def runs_for_commit(self, repo: str, commit_sha: str) -> list[Run]:
+        def op(conn: sqlite3.Connection) -> list[Run]:
+            rows = conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE repo = ? AND commit_sha = ? ORDER BY created_at", (repo, commit_sha)
+            ).fetchall()
+            return [_run(r) for r in rows]
+
+        return await self._db.submit(op)
+
     async def runs_for_ref(self, forge: str, repo: str, ref_key: str) -> list[Run]:
         def op(conn: sqlite3.Connection) -> list[Run]:
             rows = conn.execute(
@@ -253,10 +262,11 @@ class BridgeJournal:
         return await self._db.submit(op)
 
     async def complete_delivery(
-        self, key: str, *, published: list[str], head: tuple[str, str, str, str] | None, outcome: str | None
+        self, key: str | None, *, published: list[str], head: tuple[str, str, str, str] | None, outcome: str | None
     ) -> None:
         """In one transaction: the runs published, the ref's head seen, and the delivery
-        done (`outcome`) — or left open for another try (`outcome` None)."""
+        `key` done (`outcome`) — or left open for another try (`outcome` None). A re-run
+        has no delivery (`key` None)."""
 
         def op(conn: sqlite3.Connection) -> None:
             now = time.time()
@@ -267,7 +277,7 @@ class BridgeJournal:
                 conn.execute(
                     "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)", (*head, now)
                 )
-            if outcome is not None:
+            if outcome is not None and key is not None:
                 conn.execute("UPDATE deliveries SET done_at = ?, outcome = ? WHERE key = ?", (now, outcome, key))
 
         await self._db.submit(op)

@@ -21,7 +21,7 @@ from orchestrator.amqp import ConfirmedPublisher, connect_with_retry, describe_e
 from orchestrator.config import DaemonSettings
 from orchestrator.daemon import BackgroundTasks, StartupError, failing_as
 from orchestrator.forge.base import Forge
-from orchestrator.forge.catchup import CatchUp
+from orchestrator.forge.catchup import CatchUp, RepoReport
 from orchestrator.forge.config import LoadedForgeConfig
 from orchestrator.forge.dispatcher import Dispatcher
 from orchestrator.forge.journal import BridgeJournal
@@ -36,7 +36,13 @@ log = EventLogger("orchestrator.forge")
 
 
 class ForgeBridge:
-    def __init__(self, settings: DaemonSettings, config: LoadedForgeConfig, *, forges: dict[str, Forge] | None = None) -> None:
+    def __init__(
+        self, settings: DaemonSettings, config: LoadedForgeConfig, *, forges: dict[str, Forge] | None = None, serve: bool = True
+    ) -> None:
+        """`serve`: take webhooks, consume results and catch up periodically (the
+        service). Without it (the `catch-up` and `rerun` commands) only what publishes
+        jobs and sets statuses runs."""
+        self._serve = serve
         self.settings = settings
         self.config = config
         self.topology = Topology(settings.amqp_prefix)
@@ -73,12 +79,14 @@ class ForgeBridge:
         except BaseException:
             await self._stack.aclose()
             raise
-        log.info("forge.started", listen=self.config.config.listen, forges=sorted(self.forges),
-                 repositories=[r.repo for r in self.config.config.repositories])
+        if self._serve:
+            log.info("forge.started", listen=self.config.config.listen, forges=sorted(self.forges),
+                     repositories=[r.repo for r in self.config.config.repositories])
 
     async def stop(self) -> None:
         await self._stack.aclose()
-        log.info("forge.stopped")
+        if self._serve:
+            log.info("forge.stopped")
 
     def _catchup_forges(self) -> dict[str, Forge]:
         if self._given_forges:
@@ -145,6 +153,8 @@ class ForgeBridge:
         stack.push_async_callback(tasks.cancel_all)
         tasks.spawn(self.reporter.send_forever(), name="forge-status-sender")
         tasks.spawn(self.dispatcher.run_forever(), name="forge-dispatcher")
+        if not self._serve:
+            return
         for name in catchup_forges:
             tasks.spawn(self._catch_up_forever(name), name=f"forge-catch-up-{name}")
         await self.reporter.start(self._connection)
@@ -176,5 +186,46 @@ async def run_bridge(settings: DaemonSettings, config: LoadedForgeConfig) -> Non
     await bridge.start()
     try:
         await stop.wait()
+    finally:
+        await bridge.stop()
+
+
+async def catch_up_once(settings: DaemonSettings, config: LoadedForgeConfig, *, repo: str | None, dry_run: bool) -> list[RepoReport]:
+    """One pass over every repository (or `repo`), as `orchestrator forge catch-up` runs
+    it beside the service: the same journal, so nothing runs twice. A dry run reads the
+    forges and the journal and changes nothing."""
+    if dry_run:
+        journal = BridgeJournal(config.config.state_dir / "forge.db")
+        forges = {
+            name: build_forge(config.config.kind_of(name), api_url=entry.api_url, token=config.tokens[name].get_secret_value())
+            for name, entry in config.config.forges.items()
+        }
+        try:
+            return await CatchUp(journal=journal, forges=forges, config=config, dispatcher=None).pass_all(only=repo)
+        finally:
+            for forge in forges.values():
+                await forge.close()
+            await journal.close()
+    bridge = ForgeBridge(settings, config, serve=False)
+    await bridge.start()
+    try:
+        assert bridge.catchup is not None and bridge.dispatcher is not None and bridge.reporter is not None
+        reports = await bridge.catchup.pass_all(only=repo)
+        await bridge.dispatcher.settled()
+        await bridge.reporter.send_due()
+        return reports
+    finally:
+        await bridge.stop()
+
+
+async def rerun_once(settings: DaemonSettings, config: LoadedForgeConfig, *, repo: str, commit_sha: str, job: str | None) -> list[str]:
+    """`orchestrator forge rerun`: new runs of a commit's jobs; their job names and ids."""
+    bridge = ForgeBridge(settings, config, serve=False)
+    await bridge.start()
+    try:
+        assert bridge.dispatcher is not None and bridge.reporter is not None
+        runs = await bridge.dispatcher.rerun(repo, commit_sha, job=job)
+        await bridge.reporter.send_due()
+        return [f"{run.job_name} ({run.ref_key}): {run.request_id}" for run in runs]
     finally:
         await bridge.stop()
