@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+
+import aiohttp
 from pathlib import Path
 
 from tests.fakeforge import FakeForge, Pull
@@ -65,6 +67,11 @@ async def test_a_push_and_a_pull_request_made_while_the_bridge_was_down_run_once
         assert await fake.wait_for_statuses(PR_HEAD, "orchestrator/test", 3) == ["pending", "pending", "success"]
         assert [s.description for s in fake.statuses if s.sha == MOVED][0] == "queued (caught up)"
         assert second.bridge.catchup.caught_up[("github", REPO)] == 2
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{second.url}/metrics") as response:
+                metrics = await response.text()
+        assert f'orchestrator_forge_caught_up_total{{forge="github",repo="{REPO}"}} 2.0' in metrics
+        assert "orchestrator_forge_last_catchup_timestamp_seconds{" in metrics
         calls = len(fake.statuses)
         # The webhooks that were lost arrive after all: nothing runs again.
         assert (await second.deliver(*push(MOVED)))[0] == 202
@@ -79,8 +86,6 @@ async def test_a_push_and_a_pull_request_made_while_the_bridge_was_down_run_once
 
 
 async def test_a_gitlab_hook_the_forge_disabled_shows_in_readyz(tmp_path, prefix, cleanup_topology):
-    import aiohttp
-
     fake = FakeForge()
     fake_gitlab.install(fake)
     await fake.start()
@@ -148,3 +153,18 @@ async def test_rerun_publishes_a_new_run_with_fresh_statuses(tmp_path, prefix, c
     finally:
         await bridge.bridge.stop()
         await fake.close()
+
+
+def test_the_alert_rules_name_metrics_the_services_export():
+    import re
+
+    import yaml
+
+    root = Path(__file__).parent.parent
+    rules = yaml.safe_load((root / "examples" / "prometheus" / "orchestrator-rules.yaml").read_text())
+    sources = "".join(path.read_text() for path in (root / "orchestrator").rglob("*.py"))
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            for metric in re.findall(r"orchestrator_[a-z_]+", rule["expr"]):
+                base = metric.removesuffix("_total")
+                assert f'"{base}"' in sources, f"{rule['alert']}: {metric} is not exported"

@@ -18,6 +18,7 @@ its budget and its retries never slow the webhook receiver.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class CatchUp:
         self._dispatcher = dispatcher  # None: a dry run
         self.caught_up: Counter[tuple[str, str]] = Counter()  # (forge, repo) -> commits run by catch-up
         self.hook_problems: dict[tuple[str, str], list[str]] = {}  # (forge, repo) -> our hooks a forge disabled
+        self.last_pass: dict[tuple[str, str], float] = {}  # (forge, repo) -> when a pass last listed it
 
     async def repositories(self, forge: str) -> list[tuple[str, RepositoryEntry]]:
         """The repositories a pass covers: every exact name, and each repository a
@@ -137,6 +139,7 @@ class CatchUp:
                 self.caught_up[(forge_name, full_name)] += 1
         if self._dispatcher is not None:
             await self._journal.record_heads(forge_name, full_name, {e.ref_key: e.commit_sha for e in events})
+            self.last_pass[(forge_name, full_name)] = time.time()
         await self._check_hooks(forge_name, forge, repo, rlog)
         if report.skipped:
             rlog.warning("catchup.skipped", commits=report.skipped, limit=limit)

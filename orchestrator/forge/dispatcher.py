@@ -12,6 +12,7 @@ is never published again.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -55,10 +56,13 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[bool]] = set()
         self._publishing: dict[str, asyncio.Future[bool]] = {}  # request id -> its publish under way
         self.counts: Counter[str] = Counter()  # for /metrics: deliveries by outcome, jobs published
+        self.last_webhook: dict[tuple[str, str], float] = {}  # (forge, repo) -> when its last webhook came
 
     async def submit(self, forge: str, delivery_id: str, event: ForgeEvent, *, source: str) -> bool:
         """Journal a delivery to process; False when it was recorded before (a
         redelivery: nothing new happens)."""
+        if source == "webhook":
+            self.last_webhook[(forge, event.repo.full_name)] = time.time()
         key, data = f"{forge}/{delivery_id}", event_to_json(event)
         fresh = await self._journal.record_delivery(key, forge=forge, repo=event.repo.full_name, source=source, event=data)
         if fresh:  # straight to work; the journal is scanned only at start and after a failure

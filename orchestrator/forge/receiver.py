@@ -111,7 +111,7 @@ def build_receiver(
 
 def gauges(
     dispatcher: Dispatcher, sent: Counter[str], dropped: Counter[tuple[str, str]], broker_connected: bool,
-    caught_up: Counter[tuple[str, str]],
+    caught_up: Counter[tuple[str, str]], last_pass: dict[tuple[str, str], float],
 ) -> list[Any]:
     """The bridge's own numbers for /metrics."""
     published = CounterMetricFamily("orchestrator_forge_jobs_published", "Jobs published with confirms", value=dispatcher.counts["jobs_published"])
@@ -126,4 +126,10 @@ def gauges(
     caught = CounterMetricFamily("orchestrator_forge_caught_up", "Commits run by catch-up, not by their webhook", labels=["forge", "repo"])
     for (forge, repo), count in sorted(caught_up.items()):
         caught.add_metric([forge, repo], count)
-    return [published, statuses, failures, broker, caught]
+    webhook_at = GaugeMetricFamily("orchestrator_forge_last_webhook_timestamp_seconds", "When a repository's last webhook came", labels=["forge", "repo"])
+    for (forge, repo), at in sorted(dispatcher.last_webhook.items()):
+        webhook_at.add_metric([forge, repo], at)
+    pass_at = GaugeMetricFamily("orchestrator_forge_last_catchup_timestamp_seconds", "When catch-up last listed a repository", labels=["forge", "repo"])
+    for (forge, repo), at in sorted(last_pass.items()):
+        pass_at.add_metric([forge, repo], at)
+    return [published, statuses, failures, broker, caught, webhook_at, pass_at]

@@ -71,7 +71,7 @@ class ForgeBridge:
     def _metrics(self) -> list[Any]:
         assert self.dispatcher is not None and self.reporter is not None and self.catchup is not None
         return gauges(self.dispatcher, self.reporter.sent, self.reporter.dropped, self.broker_connected,
-                      self.catchup.caught_up)
+                      self.catchup.caught_up, self.catchup.last_pass)
 
     async def start(self) -> None:
         try:
