@@ -88,3 +88,43 @@ async def test_a_push_shows_queued_running_success_on_the_commit(kit, tmp_path, 
     finally:
         await bridge.bridge.stop()
         await fake.close()
+
+
+@pytest.mark.libvirt
+async def test_a_push_runs_in_a_real_vm_and_its_status_links_to_the_log(tmp_path, prefix, cleanup_topology, test_image, test_network):
+    import aiohttp
+
+    from hypervisors.base import BackendName
+    from orchestrator.daemon import Daemon
+    from orchestrator.imagemap import load_image_map
+    from tests.conftest import make_settings
+    from tests.test_httpapi import free_port
+
+    cleanup_topology.extend(["demo", "demo-silent"])
+    port = free_port()
+    settings = make_settings(
+        prefix, tmp_path / "state", test_image / "image-map.yaml", backend=BackendName.LIBVIRT, image_dir=test_image,
+        libvirt_domain_type="qemu", libvirt_network=test_network, orchestrator_id=f"test-{prefix}",
+        host_cpus=2, host_memory_mb=2048, http_listen=f"127.0.0.1:{port}", public_url=f"http://127.0.0.1:{port}",
+    )
+    daemon = Daemon(settings, load_image_map(test_image / "image-map.yaml"))
+    await daemon.start()
+    fake = await fake_github.install(FakeForge()).start()
+    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo="octo-org/widgets")
+    bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github")
+    try:
+        sha = hashlib.sha1(b"real vm").hexdigest()
+        jobs = "jobs:\n  test:\n    runs_on: demo\n    script: echo hello from a real VM via the forge bridge\n"
+        fake.files[("octo-org/widgets", sha, ".orchestrator.yaml")] = jobs.encode()
+        assert (await bridge.deliver(*github_push(sha)))[0] == 202
+        states = await fake.wait_for_statuses(sha, "orchestrator/test", 3, timeout_s=240)
+        assert states == ["pending", "pending", "success"]
+        final = [s for s in fake.statuses if s.sha == sha][-1]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(final.target_url) as response:
+                assert response.status == 200
+                assert "hello from a real VM via the forge bridge" in await response.text()
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()
+        await daemon.stop()
