@@ -268,3 +268,23 @@ async def test_a_body_above_the_cap_is_refused_before_it_is_read(github):
     status, _ = await github.deliver(headers, huge)
     assert status == 413
     assert github.bridge.dispatcher.counts["jobs_published"] == 0
+
+
+async def test_without_a_jobs_file_the_fallback_runs_and_other_jobs_results_are_ignored(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+    bridge = await bridge_with(tmp_path, prefix, fallback={"runs_on": "alpha", "script_path": "ci/run.sh"})
+    try:
+        daemon = await daemon_factory()
+        await broker.open()
+        headers, body, sha = push()
+        assert (await bridge.deliver(headers, body))[0] == 202  # no .orchestrator.yaml at this commit
+        assert (await bridge.fake.wait_for_statuses(sha, "orchestrator/ci", 3))[-1] == "success"
+        record = next(iter(await daemon.journal.in_states({JobState.PUBLISHED})))
+        assert record.request.script_path == "ci/run.sh" and record.request.workflow_job_id == "ci"
+        calls = len(bridge.fake.calls)
+        other = await broker.submit(runs_on="alpha")  # a job that did not come from a forge
+        results = await broker.collect(2)
+        assert other.job_id in results
+        await bridge.bridge.reporter.send_due()
+        assert len(bridge.fake.calls) == calls, "no status for a job the bridge did not publish"
+    finally:
+        await stop(bridge)
