@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import signal
 import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
@@ -494,6 +495,8 @@ async def run_daemon(settings: DaemonSettings, image_map: ImageMap) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck daemon does.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     daemon = Daemon(settings, image_map)
     reloads = BackgroundTasks()
     # Installed before start: SIGHUP's default action would end the process.

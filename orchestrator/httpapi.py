@@ -363,16 +363,21 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
     def log_file(request: web.Request) -> tuple[str, Path]:
+        """The job's console; a job that runs here and has printed nothing yet has one
+        to come (its VM may not have created the file yet)."""
         job_id = _job_id(request)
         path = view.console_path(job_id)
-        if not path.is_file():
+        if not path.is_file() and not view.job_running(job_id):
             raise web.HTTPNotFound(text=f"no log for job {job_id} on host {view.host_name}\n")
         return job_id, path
 
     async def job_log(request: web.Request) -> web.StreamResponse:
         _, path = log_file(request)
         text = LogText(path)
-        extent = await asyncio.to_thread(text.measure)
+        try:
+            extent = await asyncio.to_thread(text.measure)
+        except FileNotFoundError:  # running, nothing printed yet
+            return web.Response(text="", content_type="text/plain", charset="utf-8")
         wanted = _text_range(request, extent.text_size)
         start, stop = wanted or (0, extent.text_size)
         raw_start = await asyncio.to_thread(text.raw_offset, start, extent.raw_size) if start else 0
@@ -399,7 +404,8 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
         job_id, path = log_file(request)
         resume = request.headers.get("Last-Event-ID", "")
         offset = int(resume) if resume.isdigit() and len(resume) < 20 else 0
-        follower = LineFollower(path, min(offset, path.stat().st_size))
+        size = path.stat().st_size if path.is_file() else 0
+        follower = LineFollower(path, min(offset, size))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         load.streams += 1
         try:

@@ -97,7 +97,9 @@ class DaemonProcess:
         try:
             code = await asyncio.wait_for(self.process.wait(), timeout_s)
         except TimeoutError:
-            tail = "".join(self.lines[-20:])
+            self.process.send_signal(signal.SIGUSR1)  # its threads' stacks, to stderr
+            await asyncio.sleep(1)
+            tail = "".join(self.lines[-80:])
             raise AssertionError(f"the daemon did not stop within {timeout_s:g} s of SIGTERM; its last lines:\n{tail}") from None
         if self._reader is not None:
             await self._reader
