@@ -93,6 +93,13 @@ class DaemonSettings(BaseModel):
     http_header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     http_max_streams: Annotated[int, Field(ge=1, le=1_000_000)] = 64
 
+    @field_validator("http_listen")
+    @classmethod
+    def _port_in_range(cls, value: str) -> str:
+        if value != "off" and not 0 < int(value.rpartition(":")[2]) <= 65535:
+            raise ValueError("the port must be 1-65535")
+        return value
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:

@@ -113,7 +113,7 @@ async def build_backend(settings: DaemonSettings, name: BackendName, labels: lis
 CLOSE_STEP_TIMEOUT_S = 15.0
 
 
-def _bounded(close: Callable[[], Awaitable[object]], what: str) -> Callable[[], Awaitable[None]]:
+def bounded(close: Callable[[], Awaitable[object]], what: str) -> Callable[[], Awaitable[None]]:
     """A shutdown step that cannot hang the daemon's exit (a broker gone mid-close)."""
 
     async def step() -> None:
@@ -141,7 +141,13 @@ class BackgroundTasks:
     def spawn(self, work: Coroutine[Any, Any, object], *, name: str) -> None:
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[object]) -> None:
+        """A task that failed says so once, in one line (never "exception was never retrieved")."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task.failed", task=task.get_name(), error=describe_error(task.exception()))
 
     async def cancel_all(self) -> None:
         tasks, self._tasks = list(self._tasks), set()
@@ -311,7 +317,7 @@ class Daemon:
         stack.push_async_callback(self.images.close)
 
         self._connection = await self._connect_broker()
-        stack.push_async_callback(_bounded(self._connection.close, "broker connection"))
+        stack.push_async_callback(bounded(self._connection.close, "broker connection"))
         await self._declare(self.image_map)
         self._publisher = await ConfirmedPublisher.open(self._connection)
         self._events = await EventPublisher.open(self._connection, self.topology.events)
@@ -325,7 +331,7 @@ class Daemon:
                     max_connections=s.http_max_connections, header_timeout_s=s.http_header_timeout_s,
                     max_streams=s.http_max_streams,
                 ))
-            stack.push_async_callback(_bounded(http.cleanup, "HTTP API"))
+            stack.push_async_callback(bounded(http.cleanup, "HTTP API"))
         self._background(stack, self._heartbeat(), "heartbeat")
 
         self.runner = JobRunner(
@@ -345,14 +351,16 @@ class Daemon:
             topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,
             cancels=cancels, describe=self.heartbeat,
         )
-        await control.start(self._connection)
-        stack.push_async_callback(_bounded(control.stop, "control listener"))
+        with failing_as("cannot listen to the control exchange"):
+            await control.start(self._connection)
+        stack.push_async_callback(bounded(control.stop, "control listener"))
         # Pushed after the control listener, so cancels still work while jobs drain.
         stack.push_async_callback(self._drain)
-        await reconcile(
-            settings=s, image_map=self.image_map, journal=self.journal, router=self.router,
-            runner=self.runner, ledger=self.ledger, outbox=self.outbox,
-        )
+        with failing_as("cannot reconcile the journal with the hypervisors", "see the backend's error"):
+            await reconcile(
+                settings=s, image_map=self.image_map, journal=self.journal, router=self.router,
+                runner=self.runner, ledger=self.ledger, outbox=self.outbox,
+            )
         stack.push_async_callback(self._preparations.cancel_all)
         self._preparations.spawn(self._prepare_images(sorted(self.image_map.images)), name="prepare-images")
         self._background(stack, self._housekeeping(), "housekeeping")
@@ -360,8 +368,9 @@ class Daemon:
             image_map=self.image_map, ledger=self.ledger, intake=self._intake,
             settler=Settler(self._publisher, self.topology), topology=self.topology,
         )
-        await self.scheduler.start(self._connection)
-        stack.push_async_callback(_bounded(self.scheduler.stop, "consumers"))
+        with failing_as("cannot consume the label queues"):
+            await self.scheduler.start(self._connection)
+        stack.push_async_callback(bounded(self.scheduler.stop, "consumers"))
 
     async def _connect_broker(self) -> aio_pika.abc.AbstractRobustConnection:
         s = self.settings
@@ -427,11 +436,16 @@ class Daemon:
             except (ImageMapError, StartupError) as exc:
                 log.error("config.reload_refused", config=str(s.config), error=str(exc))
                 return False
-            old, self.image_map = self.image_map, new_map
             assert self._intake is not None and self.images is not None and self.scheduler is not None
+            try:  # the broker's part first: a failure there leaves the old map in force here
+                await self.scheduler.update_map(new_map)
+            except Exception as exc:
+                log.error("config.reload_failed", config=str(s.config), error=describe_error(exc),
+                          fix="the broker refused a consumer change; send SIGHUP again once it is back")
+                return False
+            old, self.image_map = self.image_map, new_map
             self._intake.update_map(new_map)
             self.images.update_map(new_map)
-            await self.scheduler.update_map(new_map)
             changed = sorted(
                 label for label, image in new_map.images.items() if old.images.get(label) not in (None, image)
             )

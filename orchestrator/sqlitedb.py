@@ -20,8 +20,10 @@ T = TypeVar("T")
 class GroupCommitDatabase:
     """One thread owning the connection; runs queued operations in shared transactions."""
 
-    def __init__(self, path: Path, *, schema: str, thread_name: str) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    def __init__(self, path: Path, *, schema: str, thread_name: str, busy_timeout_s: float = 30.0) -> None:
+        # Another process may write the same file (`orchestrator forge catch-up` beside the
+        # service): wait for its transaction rather than fail at once.
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(schema)
@@ -49,7 +51,18 @@ class GroupCommitDatabase:
                 batch, self._pending = self._pending, []
                 if not batch and self._closing:
                     break
-            outcomes: list[tuple[bool, Any]] = []
+            outcomes = self._commit(batch)
+            for (ok, value), (_, future, loop) in zip(outcomes, batch):
+                loop.call_soon_threadsafe(functools.partial(_settle, future, value, ok=ok))
+        self._conn.close()
+
+    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]]) -> list[tuple[bool, Any]]:
+        """Run a batch in one transaction. Whatever fails — the database locked longer
+        than the busy timeout, a full disk — fails this batch's operations and leaves the
+        thread serving the next one: a stuck journal would hang everything that waits
+        on it."""
+        outcomes: list[tuple[bool, Any]] = []
+        try:
             self._conn.execute("BEGIN IMMEDIATE")
             for op, _, _ in batch:
                 self._conn.execute("SAVEPOINT op")
@@ -60,13 +73,15 @@ class GroupCommitDatabase:
                     self._conn.execute("ROLLBACK TO op")
                     self._conn.execute("RELEASE op")
                     outcomes.append((False, exc))
-            try:
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                outcomes = [(False, exc)] * len(batch)
-            for (ok, value), (_, future, loop) in zip(outcomes, batch):
-                loop.call_soon_threadsafe(functools.partial(_settle, future, value, ok=ok))
-        self._conn.close()
+            self._conn.execute("COMMIT")
+            return outcomes
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return [(False, exc)] * len(batch)
 
     def close(self) -> None:
         with self._wake:

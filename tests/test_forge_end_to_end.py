@@ -128,3 +128,32 @@ async def test_a_push_runs_in_a_real_vm_and_its_status_links_to_the_log(tmp_path
         await bridge.bridge.stop()
         await fake.close()
         await daemon.stop()
+
+
+SIGNATURE_HEADERS = {"github": "X-Hub-Signature-256", "forgejo": "X-Forgejo-Signature", "gitlab": "X-Gitlab-Token"}
+
+
+@pytest.mark.parametrize("kit", KITS, ids=[k.kind for k in KITS])
+async def test_a_signature_that_is_not_utf8_is_just_a_wrong_one(kit, tmp_path, prefix, cleanup_topology):
+    import asyncio
+
+    fake = FakeForge()
+    kit.install(fake)
+    await fake.start()
+    config = write_config(tmp_path, forge=kit.kind, kind=kit.kind, api_url=fake.url, repo=kit.repo)
+    bridge = await start_bridge(prefix, tmp_path, fake, config, forge=kit.kind)
+    try:
+        headers, body = kit.push("a" * 40)
+        headers = {k: v for k, v in headers.items() if k not in SIGNATURE_HEADERS.values() and "Signature" not in k}
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+        request = (f"POST /hooks/{kit.kind} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n".encode()
+                   + head + SIGNATURE_HEADERS[kit.kind].encode() + b": \xff\xfe\x80\r\n\r\n" + body)
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.bridge.port)
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:120]
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()

@@ -3,6 +3,7 @@ transition table, checked in the database's own transaction (a real SQLite file)
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -79,3 +80,21 @@ async def test_a_later_attempt_of_a_requeued_job_may_be_answered(journal: Journa
     stale = JobResult.for_request(later, status=JobStatus.ERROR, summary="stale")
     assert await journal.record_answer(later, stale, label="alpha")
     assert (await journal.get(req.job_id)).state is JobState.FINISHED
+
+
+async def test_a_database_locked_too_long_fails_that_write_and_the_journal_keeps_serving(tmp_path: Path):
+    from orchestrator.sqlitedb import GroupCommitDatabase
+
+    path = tmp_path / "shared.db"
+    db = GroupCommitDatabase(path, schema="CREATE TABLE IF NOT EXISTS t (v INTEGER);", thread_name="t", busy_timeout_s=0.2)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await asyncio.wait_for(db.submit(lambda conn: conn.execute("INSERT INTO t VALUES (1)")), 10)
+        other.execute("COMMIT")
+        await asyncio.wait_for(db.submit(lambda conn: conn.execute("INSERT INTO t VALUES (2)")), 10)  # still alive
+        assert await db.submit(lambda conn: conn.execute("SELECT v FROM t").fetchall()) == [(2,)]
+    finally:
+        other.close()
+        await asyncio.to_thread(db.close)

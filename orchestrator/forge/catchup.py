@@ -138,7 +138,10 @@ class CatchUp:
                                               source="catch-up")
                 self.caught_up[(forge_name, full_name)] += 1
         if self._dispatcher is not None:
-            await self._journal.record_heads(forge_name, full_name, {e.ref_key: e.commit_sha for e in events})
+            # Heads skipped over the commit limit stay unrecorded: the next pass runs them.
+            skipped = {(e.ref_key, e.commit_sha) for e in todo[limit:]}
+            seen = {e.ref_key: e.commit_sha for e in events if (e.ref_key, e.commit_sha) not in skipped}
+            await self._journal.record_heads(forge_name, full_name, seen)
             self.last_pass[(forge_name, full_name)] = time.time()
         await self._check_hooks(forge_name, forge, repo, rlog)
         if report.skipped:

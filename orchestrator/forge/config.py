@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, field_validator, model_validator
 
 from orchestrator.forge.base import ForgeKind
 from orchestrator.messages import ENV_NAME_PATTERN, LABEL_PATTERN
@@ -130,6 +130,13 @@ class ForgeConfig(BaseModel):
     catchup_max_commits: Annotated[int, Field(ge=1, le=10_000)] = 20  # commits run per repository and pass
     forges: dict[Annotated[str, StringConstraints(pattern=NAME)], ForgeEntry] = Field(min_length=1)
     repositories: list[RepositoryEntry] = Field(min_length=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _port_in_range(cls, value: str) -> str:
+        if not 0 <= int(value.rpartition(":")[2]) <= 65535:
+            raise ValueError("the port must be 0-65535")
+        return value
 
     def kind_of(self, forge: str) -> ForgeKind:
         entry = self.forges[forge]

@@ -340,7 +340,9 @@ class GitLabForge:
         # GitLab drops line breaks from the token it sends (a secret read from a file may
         # end in one). Every secret is compared: the time taken does not tell which matched.
         wanted = [re.sub(r"\r?\n", "", secret) for secret in secrets]
-        matches = [hmac.compare_digest(given.encode(), secret.encode()) for secret in wanted if secret]
+        # Undecodable header bytes arrive as surrogates: encode them back, never raise.
+        token = given.encode("utf-8", "surrogateescape")
+        matches = [hmac.compare_digest(token, secret.encode()) for secret in wanted if secret]
         return any(matches)
 
     def parse(self, headers: Mapping[str, str], body: bytes) -> WebhookOutcome:

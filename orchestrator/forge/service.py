@@ -19,7 +19,7 @@ from aiohttp import web
 
 from orchestrator.amqp import ConfirmedPublisher, connect_with_retry, describe_error
 from orchestrator.config import DaemonSettings
-from orchestrator.daemon import BackgroundTasks, StartupError, failing_as
+from orchestrator.daemon import BackgroundTasks, StartupError, bounded, failing_as
 from orchestrator.forge.base import Forge
 from orchestrator.forge.catchup import CatchUp, RepoReport
 from orchestrator.forge.config import LoadedForgeConfig
@@ -131,7 +131,7 @@ class ForgeBridge:
                 f"cannot connect to the broker at {s.masked_amqp_url()} within {s.broker_connect_timeout_s:g} s: "
                 f"{describe_error(exc)} (start RabbitMQ or fix AMQP_URL)"
             ) from None
-        stack.push_async_callback(self._connection.close)
+        stack.push_async_callback(bounded(self._connection.close, "broker connection"))
         with failing_as("cannot declare the broker's exchanges", "use the same DELIVERY_LIMIT and DLQ_MAX_LENGTH as the hosts"):
             declared = await declare_topology(
                 self._connection, self.topology, None, delivery_limit=s.delivery_limit, dlq_max_length=s.dlq_max_length
@@ -157,7 +157,10 @@ class ForgeBridge:
             return
         for name in catchup_forges:
             tasks.spawn(self._catch_up_forever(name), name=f"forge-catch-up-{name}")
-        await self.reporter.start(self._connection)
+        with failing_as(
+            f"cannot consume {self.topology.forge_status_queue}", "use the same DELIVERY_LIMIT as when it was declared"
+        ):
+            await self.reporter.start(self._connection)
         stack.push_async_callback(self.reporter.stop)
         app = build_receiver(forges=self.forges, config=self.config, dispatcher=self.dispatcher,
                              not_ready_reasons=self.not_ready_reasons, metrics=self._metrics)
