@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypervisors.base import DirectBoot, ImageFormat, SeedFiles, VmSpec  # noqa: E402
 from hypervisors.guest import build_meta_data, build_user_data, find_exit_code, new_nonce  # noqa: E402
-from hypervisors.libvirt import LibvirtHypervisor  # noqa: E402
+from hypervisors.libvirt.backend import LibvirtHypervisor  # noqa: E402
 from hypervisors.libvirt.domain import DomainFiles, build_domain_xml  # noqa: E402
 
 IMAGE = Path("/var/cache/orchestrator/test-image")

@@ -95,7 +95,7 @@ async def build_backend(settings: DaemonSettings, name: BackendName, labels: lis
                 global_nic=settings.zones_global_nic,
             )
         try:
-            from hypervisors.libvirt import LibvirtHypervisor
+            from hypervisors.libvirt.backend import LibvirtHypervisor
         except ImportError:
             raise StartupError(
                 f"images {', '.join(labels)} use the libvirt backend, but libvirt-python is not installed "

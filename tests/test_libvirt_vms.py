@@ -16,7 +16,7 @@ import libvirt
 import pytest
 
 from hypervisors.base import BackendError, BackendName
-from hypervisors.libvirt import LibvirtHypervisor
+from hypervisors.libvirt.backend import LibvirtHypervisor
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import load_image_map
 from orchestrator.messages import JobStatus
