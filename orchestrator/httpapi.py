@@ -275,6 +275,40 @@ class _GatedSite(web.BaseSite):
         self._server = await asyncio.get_running_loop().create_server(self._gate, self._host, self._port)
 
 
+@web.middleware
+async def headers_arrived(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Tells the connection its request's headers came (ends its header deadline). An
+    app served with `serve_within_limits` must have it first among its middlewares."""
+    connection = request.transport.get_protocol() if request.transport is not None else None
+    if isinstance(connection, _Connection):
+        connection.headers_received()
+    return await handler(request)
+
+
+async def serve_within_limits(app: web.Application, listen: str, load: HttpLoad) -> web.AppRunner:
+    """Serve `app` on `listen` (`host:port`) holding at most `load.limits`: the daemon's
+    API and the forge bridge's receiver alike. Raises OSError when the address is taken."""
+    address, _, port = listen.rpartition(":")
+    # aiohttp's keep-alive timer closes a connection that has not sent its next request's
+    # headers this long after its last response, whether idle or sending them slowly.
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=load.limits.header_timeout_s)
+    await runner.setup()
+    assert runner.server is not None
+    try:
+        site = _GatedSite(runner, address, int(port), _Gate(runner.server, load))
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port a runner's (only) site listens on (for `listen` port 0)."""
+    site = next(iter(runner.sites))
+    return site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined,union-attr]
+
+
 def _job_id(request: web.Request) -> str:
     try:
         return str(uuid.UUID(request.match_info["job_id"]))
@@ -418,13 +452,6 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
         return response
 
     @web.middleware
-    async def headers_arrived(request: web.Request, handler: Any) -> web.StreamResponse:
-        connection = request.transport.get_protocol() if request.transport is not None else None
-        if isinstance(connection, _Connection):
-            connection.headers_received()
-        return await handler(request)
-
-    @web.middleware
     async def bearer_token(request: web.Request, handler: Any) -> web.StreamResponse:
         if token and request.path != "/healthz":
             # Header values arrive as str with undecodable bytes kept as surrogates:
@@ -448,19 +475,6 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
 
 
 async def start_http(view: HostView, listen: str, *, token: str | None, limits: HttpLimits = HttpLimits()) -> web.AppRunner:
-    """Serve on `listen` (`host:port`) within `limits`. Raises OSError when the address is taken."""
-    address, _, port = listen.rpartition(":")
+    """Serve the daemon's API on `listen` within `limits`. Raises OSError when the address is taken."""
     load = HttpLoad(limits)
-    # aiohttp's keep-alive timer closes a connection that has not sent its next request's
-    # headers this long after its last response, whether idle or sending them slowly.
-    runner = web.AppRunner(
-        build_app(view, token=token, load=load), access_log=None, keepalive_timeout=limits.header_timeout_s
-    )
-    await runner.setup()
-    assert runner.server is not None
-    try:
-        await _GatedSite(runner, address, int(port), _Gate(runner.server, load)).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
+    return await serve_within_limits(build_app(view, token=token, load=load), listen, load)

@@ -30,8 +30,11 @@ jobs:
 """
 
 
-def write_config(tmp_path: Path, *, forge: str, kind: str, api_url: str, repo: str, **repo_options: Any) -> Path:
+def write_config(
+    tmp_path: Path, *, forge: str, kind: str, api_url: str, repo: str, top: dict[str, Any] | None = None, **repo_options: Any
+) -> Path:
     options = "".join(f"    {key}: {json.dumps(value)}\n" for key, value in repo_options.items())
+    top_level = "".join(f"{key}: {json.dumps(value)}\n" for key, value in (top or {}).items())
     path = tmp_path / "forge.yaml"
     path.write_text(textwrap.dedent(f"""\
         listen: 127.0.0.1:0
@@ -45,7 +48,7 @@ def write_config(tmp_path: Path, *, forge: str, kind: str, api_url: str, repo: s
         repositories:
           - repo: {repo}
             forge: {forge}
-        """) + options)
+        """) + options + top_level)
     return path
 
 

@@ -288,3 +288,25 @@ async def test_without_a_jobs_file_the_fallback_runs_and_other_jobs_results_are_
         assert len(bridge.fake.calls) == calls, "no status for a job the bridge did not publish"
     finally:
         await stop(bridge)
+
+
+async def test_the_receiver_holds_a_bounded_number_of_connections_and_closes_idle_ones(tmp_path, prefix, cleanup_topology):
+    import asyncio
+
+    fake = await fake_github.install(FakeForge()).start()
+    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO,
+                          top={"max_connections": 4, "header_timeout_s": 1})
+    bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github")
+    try:
+        idle = [await asyncio.open_connection("127.0.0.1", bridge.bridge.port) for _ in range(6)]
+        closed_at_once = 0
+        for reader, _ in idle[4:]:  # beyond the cap: closed as soon as accepted
+            closed_at_once += await asyncio.wait_for(reader.read(), 2) == b""
+        assert closed_at_once == 2
+        for reader, _ in idle[:4]:  # silent ones: closed after the header timeout
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        for _, writer in idle:
+            writer.close()
+        assert (await bridge.deliver(*push()[:2]))[0] in (202, 204), "still taking webhooks"
+    finally:
+        await stop(bridge)

@@ -2,6 +2,8 @@
 
 ```yaml
 listen: 127.0.0.1:9470                 # where forges deliver webhooks (/hooks/<forge>)
+max_connections: 256                   # HTTP connections at once; beyond it closed at once
+header_timeout_s: 10                   # to send a request's headers (idle keep-alive too)
 state_dir: /var/lib/orchestrator-forge # the bridge's journal (SQLite)
 forges:
   github:                              # /hooks/github; the key is the forge's name
@@ -126,6 +128,8 @@ class ForgeConfig(BaseModel):
     listen: Annotated[str, StringConstraints(pattern=r"^[^\s:]+:\d{1,5}$")] = "127.0.0.1:9470"
     state_dir: Path = Path("/var/lib/orchestrator-forge")
     max_body_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 25 * 1024 * 1024
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 256  # open HTTP connections at once
+    header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # to send a request's headers, and idle
     catchup_max_requests: Annotated[int, Field(ge=2, le=10_000)] = 50  # API calls per repository and pass
     catchup_max_commits: Annotated[int, Field(ge=1, le=10_000)] = 20  # commits run per repository and pass
     forges: dict[Annotated[str, StringConstraints(pattern=NAME)], ForgeEntry] = Field(min_length=1)

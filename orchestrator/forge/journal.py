@@ -8,7 +8,8 @@
   finds the same head can never make a second job.
 - The last status per (repository, commit, context) is kept, and moves only forward —
   queued, then running, then a final state — so a late `pending` never overwrites a
-  result. Statuses wait here until the forge took them (an outbox, like results).
+  result. Each step waits in an outbox until the forge took it, and the steps of one
+  context are sent in order (the commit shows queued, running, then the result).
 - The head of each branch and open pull request, as last seen (catch-up).
 """
 
@@ -61,11 +62,20 @@ CREATE TABLE IF NOT EXISTS statuses (
     description TEXT NOT NULL,
     target_url  TEXT,
     updated_at  REAL NOT NULL,
-    sent        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (forge, repo, commit_sha, context)
+);
+CREATE TABLE IF NOT EXISTS status_outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    forge       TEXT NOT NULL,
+    repo_json   TEXT NOT NULL,
+    commit_sha  TEXT NOT NULL,
+    context     TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    description TEXT NOT NULL,
+    target_url  TEXT,
     attempts    INTEGER NOT NULL DEFAULT 0,
     next_try_at REAL NOT NULL DEFAULT 0,
-    error       TEXT,
-    PRIMARY KEY (forge, repo, commit_sha, context)
+    error       TEXT
 );
 CREATE TABLE IF NOT EXISTS repositories (
     forge           TEXT NOT NULL,
@@ -125,6 +135,7 @@ class Run:
 
 @dataclass(frozen=True)
 class PendingStatus:
+    row: int
     forge: str
     repo: Repo
     commit_sha: str
@@ -160,9 +171,14 @@ def _propose(conn: sqlite3.Connection, forge: str, repo: Repo, commit_sha: str, 
             return False
     conn.execute(
         "INSERT OR REPLACE INTO statuses (forge, repo, commit_sha, context, repo_json, state, description,"
-        " target_url, updated_at, sent, attempts, next_try_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, NULL)",
+        " target_url, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (forge, repo.full_name, commit_sha, status.context, repo_json(repo), status.state.value,
          status.description, status.target_url, time.time()),
+    )
+    conn.execute(
+        "INSERT INTO status_outbox (forge, repo_json, commit_sha, context, state, description, target_url)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (forge, repo_json(repo), commit_sha, status.context, status.state.value, status.description, status.target_url),
     )
     return True
 
@@ -283,14 +299,18 @@ class BridgeJournal:
         await self._db.submit(op)
 
     async def statuses_to_send(self, now: float) -> list[PendingStatus]:
+        """The oldest unsent step of each context, when it is due (a context's later
+        steps wait for its earlier ones)."""
+
         def op(conn: sqlite3.Connection) -> list[PendingStatus]:
             rows = conn.execute(
-                "SELECT forge, repo_json, commit_sha, context, state, description, target_url, attempts FROM statuses"
-                " WHERE sent = 0 AND next_try_at <= ? ORDER BY updated_at",
+                "SELECT id, forge, repo_json, commit_sha, context, state, description, target_url, attempts"
+                " FROM status_outbox WHERE id IN (SELECT MIN(id) FROM status_outbox GROUP BY forge, repo_json, commit_sha, context)"
+                " AND next_try_at <= ? ORDER BY id",
                 (now,),
             ).fetchall()
             return [
-                PendingStatus(r[0], repo_from_json(r[1]), r[2], CommitStatus(StatusState(r[4]), r[3], r[5], r[6]), r[7])
+                PendingStatus(r[0], r[1], repo_from_json(r[2]), r[3], CommitStatus(StatusState(r[5]), r[4], r[6], r[7]), r[8])
                 for r in rows
             ]
 
@@ -298,31 +318,23 @@ class BridgeJournal:
 
     async def next_status_try(self) -> float | None:
         def op(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute("SELECT MIN(next_try_at) FROM statuses WHERE sent = 0").fetchone()
-            return row[0]
+            return conn.execute("SELECT MIN(next_try_at) FROM status_outbox").fetchone()[0]
 
         return await self._db.submit(op)
 
     async def status_done(self, pending: PendingStatus, *, error: str | None = None) -> None:
-        """Sent, or given up on (`error`): either way not tried again — unless a newer
-        status was proposed meanwhile (it has another state and stays unsent)."""
+        """Sent, or given up on (`error`, logged by the caller): not tried again."""
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE statuses SET sent = 1, error = ? WHERE forge = ? AND repo = ? AND commit_sha = ? AND context = ?"
-                " AND state = ? AND description = ?",
-                (error, pending.forge, pending.repo.full_name, pending.commit_sha, pending.status.context,
-                 pending.status.state.value, pending.status.description),
-            )
+            conn.execute("DELETE FROM status_outbox WHERE id = ?", (pending.row,))
 
         await self._db.submit(op)
 
     async def status_retry(self, pending: PendingStatus, *, at: float, error: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE statuses SET attempts = attempts + 1, next_try_at = ?, error = ? WHERE forge = ? AND repo = ?"
-                " AND commit_sha = ? AND context = ? AND sent = 0",
-                (at, error, pending.forge, pending.repo.full_name, pending.commit_sha, pending.status.context),
+                "UPDATE status_outbox SET attempts = attempts + 1, next_try_at = ?, error = ? WHERE id = ?",
+                (at, error, pending.row),
             )
 
         await self._db.submit(op)

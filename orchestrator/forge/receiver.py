@@ -10,6 +10,7 @@ answered 202 and publishes nothing new. The receiver never branches on a forge's
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -23,9 +24,12 @@ from prometheus_client.registry import Collector
 from orchestrator.forge.base import Forge, Ignored, Ping, WebhookError
 from orchestrator.forge.config import LoadedForgeConfig
 from orchestrator.forge.dispatcher import Dispatcher
+from orchestrator.httpapi import headers_arrived
 from orchestrator.logsetup import EventLogger
 
 log = EventLogger("orchestrator.forge.receiver")
+
+BODIES_AT_ONCE = 4
 
 
 class _Metrics(Collector):
@@ -50,6 +54,9 @@ def build_receiver(
     metrics: Callable[[], list[Any]],
 ) -> web.Application:
     webhooks: Counter[tuple[str, str]] = Counter()
+    # Bodies are read (up to max_body_bytes each) before they can be authenticated: only
+    # a few at once, so a flood of large unsigned bodies costs bounded memory.
+    reading = asyncio.Semaphore(BODIES_AT_ONCE)
     registry = CollectorRegistry()
     registry.register(_Metrics(webhooks, metrics))
 
@@ -64,7 +71,8 @@ def build_receiver(
         forge = forges.get(name)
         if forge is None:
             raise web.HTTPNotFound(text=f"no forge named {name!r} here (forges: {', '.join(sorted(forges))})\n")
-        body = await request.read()
+        async with reading:
+            body = await request.read()
         headers = request.headers
         try:
             full_name = forge.repository_of(body)
@@ -101,7 +109,7 @@ def build_receiver(
     async def metrics_page(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
-    app = web.Application(client_max_size=config.config.max_body_bytes)
+    app = web.Application(client_max_size=config.config.max_body_bytes, middlewares=[headers_arrived])
     app.add_routes([
         web.post("/hooks/{forge}", hook), web.get("/healthz", healthz), web.get("/readyz", readyz),
         web.get("/metrics", metrics_page),

@@ -15,8 +15,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
-from aiohttp import web
-
 from orchestrator.amqp import ConfirmedPublisher, connect_with_retry, describe_error
 from orchestrator.config import DaemonSettings
 from orchestrator.daemon import BackgroundTasks, StartupError, bounded, failing_as
@@ -28,6 +26,7 @@ from orchestrator.forge.journal import BridgeJournal
 from orchestrator.forge.receiver import build_receiver, gauges
 from orchestrator.forge.registry import build_forge
 from orchestrator.forge.reporter import StatusReporter
+from orchestrator.httpapi import HttpLimits, HttpLoad, bound_port, serve_within_limits
 from orchestrator.logsetup import EventLogger
 from orchestrator.statedir import STATE_DIR_MODE
 from orchestrator.topology import Topology, declare_topology
@@ -164,14 +163,11 @@ class ForgeBridge:
         stack.push_async_callback(self.reporter.stop)
         app = build_receiver(forges=self.forges, config=self.config, dispatcher=self.dispatcher,
                              not_ready_reasons=self.not_ready_reasons, metrics=self._metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        address, _, port = config.listen.rpartition(":")
+        load = HttpLoad(HttpLimits(max_connections=config.max_connections, header_timeout_s=config.header_timeout_s))
         with failing_as(f"cannot listen on {config.listen}", "choose a free address in the forge config's `listen`"):
-            site = web.TCPSite(runner, address, int(port))
-            await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            runner = await serve_within_limits(app, config.listen, load)
+        stack.push_async_callback(bounded(runner.cleanup, "HTTP receiver"))
+        self.port = bound_port(runner)
 
 
 def _make_state_dir(config: Any) -> None:
