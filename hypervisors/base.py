@@ -72,6 +72,9 @@ class VmSpec:
     # real backends ignore them (the guest learns both from the seed).
     env: dict[str, str] = field(default_factory=dict)
     nonce: str = ""
+    # A pool VM: booted with the waiter (hypervisors.handoff) and a job port on this
+    # unix socket; the job comes later, through `hand_over`.
+    job_channel: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ class Hypervisor(Protocol):
 
     async def start(self, spec: VmSpec) -> None:
         """Boot a prepared VM. Raises `BackendError` when it does not come up."""
+
+    async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
+        """Give a pool VM (started with `job_channel`) its job; from then on it runs like a
+        cold job VM. Raises `hypervisors.handoff.HandOffError`."""
 
     async def wait_stopped(self, spec: VmSpec) -> VmState:
         """Return once the VM has powered off (or is gone)."""

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
 from hypervisors.guest import result_line
+from hypervisors.handoff import HandOffError
 from orchestrator.statedir import open_private
 
 
@@ -29,6 +30,7 @@ class _NoopVm:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     alive: bool = False
+    job: asyncio.Future[VmSpec] | None = None  # a pool VM's job, once handed over
 
 
 def _write_console(path: Path, text: str) -> None:
@@ -82,9 +84,21 @@ class NoopHypervisor:
             vm.alive = False
             self.alive -= 1
 
+    async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
+        """A pool VM (`job_channel` set) runs `job` from now on, as a waiting guest would."""
+        vm = self._vms.get(spec.name)
+        if vm is None or vm.job is None or vm.job.done() or vm.state is not VmState.RUNNING:
+            raise HandOffError(f"noop VM {spec.name} is not waiting for a job")
+        vm.job.set_result(job)
+
     async def _run(self, vm: _NoopVm) -> None:
-        env = vm.spec.env
         try:
+            if vm.spec.job_channel is not None:  # a pool VM: ready, then wait for its job
+                vm.job = asyncio.get_running_loop().create_future()
+                await asyncio.to_thread(_write_console, vm.spec.console_path, f"noop: {vm.spec.name} is waiting for a job\n")
+                job = await vm.job
+                vm.spec = replace(vm.spec, env=job.env, nonce=job.nonce)
+            env = vm.spec.env
             output = env.get("NOOP_OUTPUT", "")
             if output:
                 await _print(vm.spec.console_path, output + "\n", int(env.get("NOOP_OUTPUT_REPEAT", "1") or 1))

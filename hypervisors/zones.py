@@ -19,6 +19,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from hypervisors.base import BackendError, BackendName, ImageFormat, VmInfo, VmSpec, VmState
+from hypervisors.handoff import HandOffError
 from hypervisors.seed import write_seed_iso
 from orchestrator.statedir import StateDir, job_id_of_file, open_private
 
@@ -161,6 +162,9 @@ class ZonesHypervisor:
         await self._tools.run("zoneadm", "-z", spec.name, "boot")
         socket_path = self._zonepath_root / spec.name / "root" / CONSOLE_SOCKET.lstrip("/")
         self._consoles[spec.name] = asyncio.create_task(_copy_console(socket_path, spec.console_path))
+
+    async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
+        raise HandOffError("the zones backend has no warm pools (bhyve has no job port here)")
 
     async def _state(self, name: str) -> VmState:
         code, out, _ = await self._tools.run("zoneadm", "-z", name, "list", "-p", check=False)

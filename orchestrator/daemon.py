@@ -44,6 +44,7 @@ from orchestrator.reconcile import reconcile
 from orchestrator.retention import directory_bytes, sweep
 from orchestrator.runner import JobRunner, StopReason
 from orchestrator.scheduler import Scheduler
+from orchestrator.statedir import restrict_umask
 from orchestrator.topology import Topology, declare_topology
 
 log = EventLogger("orchestrator.daemon")
@@ -511,6 +512,7 @@ async def run_daemon(settings: DaemonSettings, image_map: ImageMap) -> None:
         loop.add_signal_handler(sig, stop.set)
     # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck daemon does.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    restrict_umask()
     daemon = Daemon(settings, image_map)
     reloads = BackgroundTasks()
     # Installed before start: SIGHUP's default action would end the process.

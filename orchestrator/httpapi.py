@@ -341,12 +341,11 @@ async def _send_events(
         ended = not running()
         before = follower.offset
         # Read by chunk even once the job has ended, so a huge log is never held whole.
-        lines = await asyncio.to_thread(follower.read_lines, final=ended)
+        lines = await asyncio.to_thread(follower.read_marked_lines, final=ended)
         if lines:
-            # One event per line; the id (a file offset) rides on the last one.
-            events = "".join(f"data: {line}\n\n" for line in lines[:-1])
-            events += f"id: {follower.offset}\ndata: {lines[-1]}\n\n"
-            await response.write(events.encode())
+            # One event per line, each with its id (the file offset after it): a client
+            # cut anywhere resumes after the last line it got (Last-Event-ID).
+            await response.write("".join(f"id: {end}\ndata: {line}\n\n" for line, end in lines).encode())
             quiet_since = loop.time()
         elif ended and follower.offset == before:
             await response.write(b"event: end\ndata: \n\n")

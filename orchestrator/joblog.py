@@ -14,6 +14,7 @@ chunk in memory, so a log of any size is served at constant cost:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,11 @@ class LineFollower:
             return b""
 
     def read_lines(self, max_bytes: int = CHUNK_BYTES, *, final: bool = False) -> list[str]:
+        return [line for line, _ in self.read_marked_lines(max_bytes, final=final)]
+
+    def read_marked_lines(self, max_bytes: int = CHUNK_BYTES, *, final: bool = False) -> list[tuple[str, int]]:
+        """The lines completed since the last call, each with the raw offset just after
+        it (a reader that got this line resumes there: SSE ids)."""
         cuts = read_cut_state(self.path)
         if cuts.cutting:
             return []  # the middle of the file is being cut: read after it
@@ -145,6 +151,7 @@ class LineFollower:
             return []
         if read_cut_state(self.path) != cuts:
             return []  # cut while we read: these bytes may have moved
+        start = self.offset
         end = _last_line_end(chunk, final=final)
         if end < 0:
             if final and chunk:
@@ -152,16 +159,14 @@ class LineFollower:
             elif len(chunk) >= MAX_LINE_BYTES:
                 end = _char_boundary(chunk, MAX_LINE_BYTES)  # a piece of a very long line
                 self.offset += end
-                return [chunk[:end].decode("utf-8", errors="replace")]
+                return [(chunk[:end].decode("utf-8", errors="replace"), self.offset)]
             else:
                 return []
         complete = chunk[:end]
         self.offset += len(complete)
-        text, self._after_cr = normalize(complete, after_cr=self._after_cr)
-        lines = text.decode("utf-8", errors="replace").split("\n")
-        if text.endswith(b"\n"):
-            lines.pop()
-        return [piece for line in lines for piece in _cut(line)]
+        lines = _marked(complete, start, after_cr=self._after_cr)
+        self._after_cr = complete.endswith(b"\r")
+        return lines
 
     def finish(self) -> list[str]:
         """Everything left, once the file will not grow any more (the job has ended)."""
@@ -171,6 +176,32 @@ class LineFollower:
             lines.extend(self.read_lines(final=True))
             if self.offset == before:
                 return lines
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _marked(complete: bytes, start: int, *, after_cr: bool) -> list[tuple[str, int]]:
+    """The lines of `complete` (which begins at raw offset `start`), each with the raw
+    offset after it; a line longer than `MAX_LINE_CHARS` comes in pieces."""
+    position = 1 if after_cr and complete.startswith(b"\n") else 0  # the LF of a CRLF already counted
+    lines: list[tuple[str, int]] = []
+
+    def add(raw: bytes, line_end: int) -> None:
+        text = raw.decode("utf-8", errors="replace")
+        pieces = _cut(text)
+        offset = start + line_end - len(raw)
+        for piece in pieces[:-1]:
+            offset += len(piece.encode("utf-8", errors="replace"))
+            lines.append((piece, offset))
+        lines.append((pieces[-1], start + line_end))
+
+    for match in _LINE_END.finditer(complete, position):
+        add(complete[position : match.start()], match.end())
+        position = match.end()
+    if position < len(complete):  # a last line without its end (the job is over)
+        add(complete[position:], len(complete))
+    return lines
 
 
 def _last_line_end(chunk: bytes, *, final: bool) -> int:

@@ -6,7 +6,7 @@ STATE_DIR/            0750
   logs/<job>.console  each job's console log (its live log, kept after the job)
   overlays/           per-job disk overlays (libvirt)
   seeds/              per-job NoCloud seed ISOs and zonecfg scripts
-  channels/           per-VM sockets (warm pools)
+  channels/           pool VMs' job ports (unix sockets; warm pools)
   images/             base images, unless IMAGE_DIR says otherwise
 ```
 
@@ -23,6 +23,14 @@ from typing import BinaryIO
 
 STATE_DIR_MODE = 0o750
 PRIVATE_FILE_MODE = 0o640  # files holding a job's env or output (seeds, consoles, images)
+# Everything else the daemon creates (the journal, overlays, sidecars): no group write,
+# nothing for others, whatever umask it was started with.
+PRIVATE_UMASK = 0o027
+
+
+def restrict_umask() -> None:
+    """Tighten the process umask to at least `PRIVATE_UMASK` (called at start)."""
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
 
 # `job-<uuid>`: the VM name of a job, and the stem of every per-job file.
 JOB_FILE = re.compile(r"^job-(?P<job_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.")
@@ -84,6 +92,10 @@ class StateDir:
     def seed(self, vm_name: str) -> Path:
         return self.seeds / f"{vm_name}.iso"
 
+    def channel(self, vm_name: str) -> Path:
+        """A pool VM's job port. Short on purpose: a unix socket's path has 108 bytes."""
+        return self.channels / f"{vm_name[-12:]}.sock"
+
     def zonecfg(self, vm_name: str) -> Path:
         return self.seeds / f"{vm_name}.zonecfg"
 
@@ -91,8 +103,9 @@ class StateDir:
         """Make the directories (the root 0750 whatever the umask). Raises OSError."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, STATE_DIR_MODE)
-        for sub in (self.logs, self.overlays, self.seeds):
-            sub.mkdir(exist_ok=True)
+        for sub in (self.logs, self.overlays, self.seeds, self.channels):
+            sub.mkdir(mode=STATE_DIR_MODE, exist_ok=True)
+            os.chmod(sub, STATE_DIR_MODE)
         # Fail now, not at the first job, when the directory cannot be written.
         probe = self.root / f".write-test-{os.getpid()}"
         probe.touch()

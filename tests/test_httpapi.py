@@ -111,7 +111,7 @@ async def test_sse_resumes_from_last_event_id(daemon_factory, broker):
         async with http.get(url) as response:
             first = (await response.content.readuntil(b"\n\n")).decode()
             second = (await response.content.readuntil(b"\n\n")).decode()
-        assert first == "data: first\n\n"
+        assert first == "id: 6\ndata: first\n\n"
         assert second == f"id: {len('first second ')}\ndata: second\n\n"  # the offset after "second\n"
         assert daemon.runner.stop_job(job.job_id, StopReason.CANCEL)
         await broker.next_result()

@@ -84,3 +84,19 @@ def test_a_very_long_line_comes_in_pieces_without_splitting_a_character(tmp_path
     assert pieces and all(len(piece.encode()) <= MAX_LINE_BYTES for piece in pieces)
     assert "\ufffd" not in "".join(pieces)
     assert "".join(pieces + follower.finish()) == "é" * MAX_LINE_BYTES
+
+
+@settings(max_examples=150, deadline=None)
+@given(raw=console_bytes)
+def test_each_line_carries_the_offset_a_reader_resumes_from(tmp_path_factory, raw):
+    path = tmp_path_factory.mktemp("log") / "job.console"
+    path.write_bytes(raw)
+    follower, marked = LineFollower(path), []
+    while True:  # the whole file, as a stream of a finished job reads it
+        before = follower.offset
+        marked += follower.read_marked_lines(final=True)
+        if follower.offset == before:
+            break
+    for index, (_, offset) in enumerate(marked):
+        rest = LineFollower(path, offset).finish()
+        assert rest == [line for line, _ in marked[index + 1 :]], (raw, index, offset)

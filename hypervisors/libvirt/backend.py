@@ -18,6 +18,7 @@ from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
 from hypervisors.libvirt.connection import LibvirtConnection
 from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag
 from hypervisors.libvirt.overlay import create_overlay
+from hypervisors.handoff import HandOffError, hand_over, job_payload
 from hypervisors.seed import write_seed_iso
 from orchestrator.statedir import StateDir, job_id_of_file, open_private
 
@@ -98,6 +99,7 @@ class LibvirtHypervisor:
         return DomainFiles(
             overlay=self._paths.overlay(spec.name),
             seed=self._paths.seed(spec.name) if spec.seed is not None else None,
+            channel=spec.job_channel,
             console=spec.console_path,
         )
 
@@ -118,6 +120,8 @@ class LibvirtHypervisor:
             if spec.seed is not None and files.seed is not None:
                 await asyncio.to_thread(write_seed_iso, spec.seed, files.seed)
             spec.console_path.parent.mkdir(parents=True, exist_ok=True)
+            if spec.job_channel is not None:
+                spec.job_channel.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(_create_private, spec.console_path)  # before QEMU makes it 0644
             xml = build_domain_xml(
                 spec, files, domain_type=self.domain_type, orchestrator_id=self._orchestrator_id, network=self._network
@@ -129,6 +133,13 @@ class LibvirtHypervisor:
         except (BackendError, OSError) as exc:
             await self._delete_files(files)
             raise BackendError(f"VM {spec.name}: {exc}") from None
+
+    async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
+        """Give a pool VM (booted with the waiter) its job: `job`'s user-data, run as a
+        cold VM would run it. Raises `HandOffError`."""
+        if spec.job_channel is None or job.seed is None:
+            raise HandOffError(f"VM {spec.name} has no job port, or the job no user-data")
+        await hand_over(spec.job_channel, job_payload(job.seed.user_data), ready_timeout_s=ready_timeout_s)
 
     async def start(self, spec: VmSpec) -> None:
         self._stopped[spec.name] = asyncio.Event()
@@ -206,7 +217,7 @@ class LibvirtHypervisor:
 
     async def _delete_files(self, files: DomainFiles) -> None:
         def delete() -> None:
-            for path in (files.overlay, files.seed):
+            for path in (files.overlay, files.seed, files.channel):
                 if path is not None:
                     path.unlink(missing_ok=True)
                     path.with_name(path.name + ".partial").unlink(missing_ok=True)

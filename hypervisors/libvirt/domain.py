@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hypervisors.base import VmSpec
+from hypervisors.handoff import CHANNEL_NAME
 
 METADATA_NS = "https://github.com/ci-vm-orchestrator/xmlns/job/1"
 METADATA_PREFIX = "orch"
@@ -23,6 +24,7 @@ class DomainFiles:
     overlay: Path
     seed: Path | None
     console: Path
+    channel: Path | None = None  # a pool VM's job port socket
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,11 @@ def build_domain_xml(
     console = _sub(devices, "console", type="file")
     _sub(console, "source", path=str(files.console), append="on")
     _sub(console, "target", type="serial", port="0")
+    if spec.job_channel is not None:
+        # A pool VM's job port (virtio-serial; QEMU listens on the socket).
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "source", mode="bind", path=str(spec.job_channel))
+        _sub(channel, "target", type="virtio", name=CHANNEL_NAME)
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(devices, "memballoon", model="none")

@@ -28,7 +28,7 @@ from orchestrator.forge.registry import build_forge
 from orchestrator.forge.reporter import StatusReporter
 from orchestrator.httpapi import HttpLimits, HttpLoad, bound_port, serve_within_limits
 from orchestrator.logsetup import EventLogger
-from orchestrator.statedir import STATE_DIR_MODE
+from orchestrator.statedir import STATE_DIR_MODE, restrict_umask
 from orchestrator.topology import Topology, declare_topology
 
 log = EventLogger("orchestrator.forge")
@@ -181,6 +181,7 @@ async def run_bridge(settings: DaemonSettings, config: LoadedForgeConfig) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    restrict_umask()  # its journal holds jobs' env, secrets included
     bridge = ForgeBridge(settings, config)
     await bridge.start()
     try:

@@ -1,0 +1,99 @@
+"""Handing a job to a VM that booted before the job existed (warm pools).
+
+A pool VM boots with a NoCloud seed whose user-data is `waiter_user_data()`: a POSIX
+`sh` script (nothing to install: it runs in any image that runs cloud-init user-data,
+and in the test image) that opens the virtio-serial port `CHANNEL_NAME`, says
+`ORCH-READY`, and blocks reading the job. The host connects to the port's socket (libvirt
+`<channel type='unix'>`), waits for the ready line and sends
+
+    ORCH-JOB <length>\\n<length bytes: the job's script>
+
+The script is the same generated user-data a cold VM gets (with its nonce), preceded by
+the host's clock and a random seed for the guest to apply first: a VM that waited (or
+was restored from a snapshot) must not run a job with a stale clock or the entropy every
+other pool VM shares. From there the job runs exactly like a cold one: output on the
+serial console, the result line, power off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shlex
+import time
+from pathlib import Path
+
+CHANNEL_NAME = "org.ci-orchestrator.job.0"
+READY = b"ORCH-READY"
+JOB = b"ORCH-JOB"
+SEED_BYTES = 64
+
+
+class HandOffError(Exception):
+    """The job could not be handed over (the VM never said it was ready, or went away)."""
+
+
+def waiter_user_data(*, vm_name: str) -> bytes:
+    """The pool VM's user-data: find the job port, say ready, read and run the job."""
+    return f"""#!/bin/sh
+# Pool VM {vm_name}: waits for a job from the orchestrator (see hypervisors/handoff.py).
+orch_port=
+orch_tries=0
+while [ -z "$orch_port" ] && [ $orch_tries -lt 600 ]; do
+  for orch_dev in /sys/class/virtio-ports/*; do
+    [ "$(cat "$orch_dev/name" 2>/dev/null)" = {CHANNEL_NAME} ] && orch_port=/dev/${{orch_dev##*/}}
+  done
+  [ -z "$orch_port" ] && {{ orch_tries=$((orch_tries + 1)); sleep 0.1; }}
+done
+[ -c "$orch_port" ] || {{ echo "orchestrator: no virtio port {CHANNEL_NAME}"; poweroff -f; }}
+exec 3<>"$orch_port"
+echo "orchestrator: {vm_name} is waiting for a job"
+printf '{READY.decode()}\\n' >&3
+read -r orch_tag orch_size <&3
+[ "$orch_tag" = {JOB.decode()} ] || {{ echo "orchestrator: unexpected hand-off: $orch_tag"; poweroff -f; }}
+head -c "$orch_size" <&3 > /tmp/orch-job
+exec 3<&-
+chmod +x /tmp/orch-job
+exec /tmp/orch-job
+""".encode()
+
+
+def job_payload(job_user_data: bytes, *, now: float | None = None, seed: bytes | None = None) -> bytes:
+    """The job's own user-data, preceded by the host's time and a fresh random seed."""
+    when = int(time.time() if now is None else now)
+    entropy = (seed if seed is not None else secrets.token_bytes(SEED_BYTES)).hex()
+    body = job_user_data.split(b"\n", 1)[1] if job_user_data.startswith(b"#!") else job_user_data
+    prelude = (
+        "#!/bin/sh\n"
+        f"date -u -s @{when} >/dev/null 2>&1 || true\n"
+        # Mixed into the pool, whatever the guest's entropy was when it was booted or saved.
+        f"printf %s {shlex.quote(entropy)} >/dev/urandom 2>/dev/null || true\n"
+    )
+    return prelude.encode() + body
+
+
+async def hand_over(socket_path: Path, payload: bytes, *, ready_timeout_s: float) -> None:
+    """Connect to a pool VM's job port, wait until it says it is ready, send the job."""
+    deadline = asyncio.get_running_loop().time() + ready_timeout_s
+    try:
+        async with asyncio.timeout(ready_timeout_s):
+            while True:
+                try:
+                    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+                    break
+                except OSError:  # QEMU not listening yet
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+            try:
+                while (line := await reader.readline()).strip() != READY:
+                    if not line:
+                        raise HandOffError(f"the VM closed its job port before it was ready ({socket_path})")
+                writer.write(JOB + f" {len(payload)}\n".encode() + payload)
+                await writer.drain()
+            finally:
+                writer.close()
+    except TimeoutError:
+        raise HandOffError(f"the VM did not say it was ready within {ready_timeout_s:g} s ({socket_path})") from None
+    except OSError as exc:
+        raise HandOffError(f"cannot reach the VM's job port {socket_path}: {exc.strerror or exc}") from None
