@@ -17,11 +17,27 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rss_bytes(pid: int) -> int:
+def _status_bytes(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise ValueError(f"no VmRSS for pid {pid}")
+    raise ValueError(f"no {field} for pid {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    return _status_bytes(pid, "VmRSS")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM: the most RSS the process has had since it started or since `reset_peak_rss`
+    (the kernel's own high-water mark: no spike between two samples is missed)."""
+    return _status_bytes(pid, "VmHWM")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start the process's VmHWM over from its RSS now (Linux 4.0+, `clear_refs` 5), so
+    `peak_rss_bytes` then measures one phase, not the start-up."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def cpu_seconds(pid: int) -> float:
