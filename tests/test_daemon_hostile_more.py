@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from orchestrator.consolecap import HEAD_BYTES, read_cut_state, state_path
 from orchestrator.httpapi import SSE_POLL_S
@@ -314,10 +313,6 @@ async def test_state_dir_and_console_are_private_under_umask_0(prefix, tmp_path,
     assert _mode(console) & ~0o640 == 0, f"console is {oct(_mode(console))}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: under umask 0 logs/, overlays/, seeds/ are 0777, *.console.cut 0666, state.db 0644 "
-    "(fix: the daemon tightens its umask with 0o027 at start)"
-))
 async def test_nothing_under_state_dir_is_group_writable_or_open_to_others_under_umask_0(
     prefix, tmp_path, noop_map_path, cleanup_topology, broker
 ):
@@ -374,10 +369,6 @@ def _dispatched(received: bytes) -> tuple[list[str], str]:
     return lines, last_id
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: only the last event of a batch carries an id:, so a client cut mid-batch resumes from the batch's "
-    "start and shows its first lines twice (fix: an id: on every event)"
-))
 async def test_a_client_cut_mid_batch_resumes_without_a_line_twice(daemon_factory, tmp_path):
     port = free_port()
     daemon = await daemon_factory(http_listen=f"127.0.0.1:{port}")
