@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "sr_mod", "cdrom", "isofs", "ata_piix", "ahci"]
+MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "sr_mod", "cdrom", "isofs", "ata_piix", "ahci"]
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
