@@ -86,6 +86,7 @@ class VmInfo:
     backend: BackendName
     state: VmState
     console_path: Path | None = None
+    pool: bool = False  # a warm pool VM (no job of its own until one takes it)
 
 
 @runtime_checkable
@@ -101,9 +102,13 @@ class Hypervisor(Protocol):
     async def start(self, spec: VmSpec) -> None:
         """Boot a prepared VM. Raises `BackendError` when it does not come up."""
 
+    async def wait_ready(self, spec: VmSpec, *, timeout_s: float) -> None:
+        """Return once a pool VM (started with `job_channel`) says it waits for a job, and
+        keep its job port open. Raises `hypervisors.handoff.HandOffError`."""
+
     async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
-        """Give a pool VM (started with `job_channel`) its job; from then on it runs like a
-        cold job VM. Raises `hypervisors.handoff.HandOffError`."""
+        """Give a pool VM its job (`job`: its user-data, nonce, env and console); from
+        then on it runs like a cold job VM. Raises `hypervisors.handoff.HandOffError`."""
 
     async def wait_stopped(self, spec: VmSpec) -> VmState:
         """Return once the VM has powered off (or is gone)."""
@@ -117,10 +122,10 @@ class Hypervisor(Protocol):
     async def list_ours(self) -> list[VmInfo]:
         """VMs this orchestrator made (by its tag), whatever their state."""
 
-    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
-        """Remove what this backend made for jobs that are not live and whose VM is gone
-        (files, clones), and say what was removed. Never touches anything not named or
-        tagged as ours."""
+    async def leftovers(self, live_vms: AbstractSet[str]) -> list[str]:
+        """Remove what this backend made for VMs that are gone and not in `live_vms` (the
+        names of the live jobs' VMs): files, clones, job ports. Say what was removed;
+        never touch anything not named or tagged as ours."""
 
     async def close(self) -> None:
         """Release connections; VMs keep running."""

@@ -20,6 +20,9 @@ import secrets
 import shlex
 
 RESULT_PREFIX = "ORCH-RESULT"
+# Printed when the job's script starts (after boot, or after a pool VM's hand-off): the
+# daemon times `to_first_command_s` by it, and knows a job it hands over has begun.
+STARTED_PREFIX = "ORCH-STARTED"
 SANDBOX_HOOKS: tuple[str, ...] = ("orch_console", "orch_workdir", "orch_poweroff")
 _RESULT_RE = re.compile(rf"^{RESULT_PREFIX} ([0-9a-f]+) (\d+)\s*$")
 
@@ -30,6 +33,10 @@ def new_nonce() -> str:
 
 def result_line(nonce: str, exit_code: int) -> str:
     return f"{RESULT_PREFIX} {nonce} {exit_code}"
+
+
+def started_line(nonce: str) -> str:
+    return f"{STARTED_PREFIX} {nonce}"
 
 
 def find_exit_code(console_text: str, nonce: str) -> int | None:
@@ -105,6 +112,7 @@ def build_user_data(
         lines += ["  echo 'orchestrator: the job has neither script nor script_path'", "  return 2"]
     lines += [
         "}",
+        f'printf "\\n{STARTED_PREFIX} {nonce}\\n" >>"$orch_console"',
         '( orch_job ) </dev/null >>"$orch_console" 2>&1',
         "orch_rc=$?",
         "sync",

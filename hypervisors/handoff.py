@@ -72,28 +72,62 @@ def job_payload(job_user_data: bytes, *, now: float | None = None, seed: bytes |
     return prelude.encode() + body
 
 
+class JobPort:
+    """An open connection to a pool VM's job port, after the VM said it is ready.
+
+    Kept open while the VM waits, so handing a job over is one write: the waiter blocks
+    on its ready line until the host connects, and reads the job right after it."""
+
+    def __init__(self, socket_path: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.socket_path = socket_path
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open_when_ready(cls, socket_path: Path, *, timeout_s: float) -> JobPort:
+        """Connect (QEMU may not listen yet) and wait for the ready line. Raises `HandOffError`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    try:
+                        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+                        break
+                    except OSError:
+                        if loop.time() > deadline:
+                            raise
+                        await asyncio.sleep(0.05)
+                try:
+                    while (line := await reader.readline()).strip() != READY:
+                        if not line:
+                            raise HandOffError(f"the VM closed its job port before it was ready ({socket_path})")
+                except BaseException:
+                    writer.close()
+                    raise
+        except TimeoutError:
+            raise HandOffError(f"the VM did not say it was ready within {timeout_s:g} s ({socket_path})") from None
+        except OSError as exc:
+            raise HandOffError(f"cannot reach the VM's job port {socket_path}: {exc.strerror or exc}") from None
+        return cls(socket_path, reader, writer)
+
+    async def send(self, payload: bytes) -> None:
+        """Hand the job over and close the port. Raises `HandOffError` (the VM went away)."""
+        try:
+            if self._reader.at_eof():
+                raise HandOffError(f"the VM closed its job port ({self.socket_path})")
+            self._writer.write(JOB + f" {len(payload)}\n".encode() + payload)
+            await self._writer.drain()
+        except OSError as exc:
+            raise HandOffError(f"the VM's job port {self.socket_path} is gone: {exc.strerror or exc}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 async def hand_over(socket_path: Path, payload: bytes, *, ready_timeout_s: float) -> None:
     """Connect to a pool VM's job port, wait until it says it is ready, send the job."""
-    deadline = asyncio.get_running_loop().time() + ready_timeout_s
-    try:
-        async with asyncio.timeout(ready_timeout_s):
-            while True:
-                try:
-                    reader, writer = await asyncio.open_unix_connection(str(socket_path))
-                    break
-                except OSError:  # QEMU not listening yet
-                    if asyncio.get_running_loop().time() > deadline:
-                        raise
-                    await asyncio.sleep(0.05)
-            try:
-                while (line := await reader.readline()).strip() != READY:
-                    if not line:
-                        raise HandOffError(f"the VM closed its job port before it was ready ({socket_path})")
-                writer.write(JOB + f" {len(payload)}\n".encode() + payload)
-                await writer.drain()
-            finally:
-                writer.close()
-    except TimeoutError:
-        raise HandOffError(f"the VM did not say it was ready within {ready_timeout_s:g} s ({socket_path})") from None
-    except OSError as exc:
-        raise HandOffError(f"cannot reach the VM's job port {socket_path}: {exc.strerror or exc}") from None
+    port = await JobPort.open_when_ready(socket_path, timeout_s=ready_timeout_s)
+    await port.send(payload)

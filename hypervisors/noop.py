@@ -3,7 +3,7 @@
 It exists for development, tests and benchmarks. A job steers it through its env:
 `NOOP_DURATION_S` (seconds the VM runs, default 0), `NOOP_EXIT_CODE` (default 0),
 `NOOP_FAIL` = `boot` (start fails) | `hang` (never stops by itself) | `no-result` (stops
-without printing the result line), `NOOP_OUTPUT` (a line written to the console) and
+without printing the result line) | `handoff` (a pool VM drops the job handed to it), `NOOP_OUTPUT` (a line written to the console) and
 `NOOP_OUTPUT_REPEAT` (how many times, default 1: a guest that prints without end).
 
 It counts, for tests measuring concurrency from outside the daemon, how many VMs are
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
-from hypervisors.guest import result_line
+from hypervisors.guest import result_line, started_line
 from hypervisors.handoff import HandOffError
 from orchestrator.statedir import open_private
 
@@ -31,6 +31,7 @@ class _NoopVm:
     task: asyncio.Task[None] | None = None
     alive: bool = False
     job: asyncio.Future[VmSpec] | None = None  # a pool VM's job, once handed over
+    waiting: asyncio.Event = field(default_factory=asyncio.Event)  # a pool VM said it is ready
 
 
 def _write_console(path: Path, text: str) -> None:
@@ -84,11 +85,28 @@ class NoopHypervisor:
             vm.alive = False
             self.alive -= 1
 
+    async def wait_ready(self, spec: VmSpec, *, timeout_s: float) -> None:
+        vm = self._vms.get(spec.name)
+        if vm is None or spec.job_channel is None:
+            raise HandOffError(f"noop VM {spec.name} is not a pool VM")
+        waiting = asyncio.create_task(vm.waiting.wait())
+        stopped = asyncio.create_task(vm.stopped.wait())
+        try:
+            await asyncio.wait({waiting, stopped}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiting, stopped):
+                task.cancel()
+        if not vm.waiting.is_set() or vm.stopped.is_set():
+            raise HandOffError(f"noop VM {spec.name} did not say it was ready within {timeout_s:g} s")
+
     async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
-        """A pool VM (`job_channel` set) runs `job` from now on, as a waiting guest would."""
+        """A pool VM (`job_channel` set) runs `job` from now on, as a waiting guest would:
+        its output goes to the job's console from here."""
         vm = self._vms.get(spec.name)
         if vm is None or vm.job is None or vm.job.done() or vm.state is not VmState.RUNNING:
             raise HandOffError(f"noop VM {spec.name} is not waiting for a job")
+        if job.env.get("NOOP_FAIL") == "handoff":
+            raise HandOffError(f"noop VM {spec.name} closed its job port (NOOP_FAIL=handoff)")
         vm.job.set_result(job)
 
     async def _run(self, vm: _NoopVm) -> None:
@@ -96,9 +114,12 @@ class NoopHypervisor:
             if vm.spec.job_channel is not None:  # a pool VM: ready, then wait for its job
                 vm.job = asyncio.get_running_loop().create_future()
                 await asyncio.to_thread(_write_console, vm.spec.console_path, f"noop: {vm.spec.name} is waiting for a job\n")
+                vm.waiting.set()
                 job = await vm.job
-                vm.spec = replace(vm.spec, env=job.env, nonce=job.nonce)
+                vm.spec = replace(vm.spec, env=job.env, nonce=job.nonce, console_path=job.console_path)
             env = vm.spec.env
+            if env.get("NOOP_FAIL") != "hang":  # "hang" is a guest that never gets as far as the job
+                await asyncio.to_thread(_write_console, vm.spec.console_path, started_line(vm.spec.nonce) + "\n")
             output = env.get("NOOP_OUTPUT", "")
             if output:
                 await _print(vm.spec.console_path, output + "\n", int(env.get("NOOP_OUTPUT_REPEAT", "1") or 1))
@@ -149,7 +170,7 @@ class NoopHypervisor:
             for vm in self._vms.values()
         ]
 
-    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
+    async def leftovers(self, live_vms: AbstractSet[str]) -> list[str]:
         return []  # a simulated VM leaves nothing behind
 
     async def close(self) -> None:

@@ -43,10 +43,10 @@ class RouterHypervisor:
             found.extend(await backend.list_ours())
         return found
 
-    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
+    async def leftovers(self, live_vms: AbstractSet[str]) -> list[str]:
         removed: list[str] = []
         for backend in self._backends.values():
-            removed.extend(await backend.leftovers(live_job_ids))
+            removed.extend(await backend.leftovers(live_vms))
         return removed
 
     async def close(self) -> None:

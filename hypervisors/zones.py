@@ -21,7 +21,7 @@ from pathlib import Path
 from hypervisors.base import BackendError, BackendName, ImageFormat, VmInfo, VmSpec, VmState
 from hypervisors.handoff import HandOffError
 from hypervisors.seed import write_seed_iso
-from orchestrator.statedir import StateDir, job_id_of_file, open_private
+from orchestrator.statedir import StateDir, vm_of_file, open_private
 
 POLL_S = 2.0
 CONSOLE_SOCKET = "/tmp/vm.com1"
@@ -163,6 +163,9 @@ class ZonesHypervisor:
         socket_path = self._zonepath_root / spec.name / "root" / CONSOLE_SOCKET.lstrip("/")
         self._consoles[spec.name] = asyncio.create_task(_copy_console(socket_path, spec.console_path))
 
+    async def wait_ready(self, spec: VmSpec, *, timeout_s: float) -> None:
+        raise HandOffError("the zones backend has no warm pools (bhyve has no job port here)")
+
     async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
         raise HandOffError("the zones backend has no warm pools (bhyve has no job port here)")
 
@@ -232,8 +235,8 @@ class ZonesHypervisor:
             found.append(VmInfo(name, job_id, BackendName.ZONES, _zone_state(fields[2]), Path(console) if console else None))
         return found
 
-    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
-        """Seed ISOs and zonecfg scripts of jobs that are not live, and ZFS clones under
+    async def leftovers(self, live_vms: AbstractSet[str]) -> list[str]:
+        """Seed ISOs and zonecfg scripts of VMs that are not live, and ZFS clones under
         `<dataset>/vms/` whose zone is gone (a crash between `zfs clone` and `zonecfg`,
         or a zone deleted by hand)."""
         paths = self._paths
@@ -242,8 +245,8 @@ class ZonesHypervisor:
             removed = []
             if paths.seeds.is_dir():
                 for path in paths.seeds.iterdir():
-                    job_id = job_id_of_file(path)
-                    if job_id is not None and job_id not in live_job_ids and path.suffix in (".iso", ".zonecfg", ".partial"):
+                    vm = vm_of_file(path)
+                    if vm is not None and vm not in live_vms and path.suffix in (".iso", ".zonecfg", ".partial"):
                         path.unlink(missing_ok=True)
                         removed.append(str(path))
             return removed
@@ -255,8 +258,8 @@ class ZonesHypervisor:
             return removed  # no clone was ever made on this host
         for clone in out.split():
             name = clone.rpartition("/")[2]
-            job_id = job_id_of_file(Path(name + "."))
-            if clone == parent or job_id is None or job_id in live_job_ids:
+            vm = vm_of_file(Path(name + "."))
+            if clone == parent or vm is None or vm in live_vms:
                 continue
             if await self._state(name) is not VmState.GONE:
                 continue  # its zone is still there: the orphan-VM path destroys both

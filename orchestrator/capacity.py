@@ -2,19 +2,34 @@
 
 Consumers ask `can_start` before they consume and `try_reserve` for each delivery; the
 ledger tells its listeners after every change so paused consumers can resume.
+
+Warm pool VMs (`orchestrator.warmpool`) hold capacity like jobs do: a slot, their label's
+slot, their vCPUs and memory. While a pool VM is idle it is *yieldable*: a job can take
+it (its reservation becomes the job's) or have it given up to make room. So `can_start`
+and `free_slots`, which decide whether consumers run, count idle pool VMs as room, while
+`try_reserve` and `reserve_warm` count them as held: a job that needs their room waits
+until the pool has destroyed them (`WarmPools.make_room`), and VMs never outnumber slots.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Reservation:
-    job_id: str
+    holder: str  # the job id, or a pool VM's name
     label: str
+    cpus: int
+    memory_mb: int
+    warm: bool = False  # held by a pool VM no job has taken
+
+
+@dataclass(frozen=True)
+class _Used:
+    slots: int
     cpus: int
     memory_mb: int
 
@@ -34,72 +49,135 @@ class CapacityLedger:
         self.memory_mb_total = memory_mb
         self._held: dict[str, Reservation] = {}
         self._by_label: Counter[str] = Counter()
+        self._yieldable: dict[str, Reservation] = {}  # idle pool VMs, by name
         self.cpus_used = 0
         self.memory_mb_used = 0
         self.draining = False
         self.listeners: list[Callable[[], None]] = []
 
+    # --- what is held ----------------------------------------------------------------------
     @property
     def running(self) -> int:
-        return len(self._held)
+        """Jobs holding capacity (pool VMs not counted: see `warm`)."""
+        return sum(1 for r in self._held.values() if not r.warm)
+
+    @property
+    def warm(self) -> int:
+        """Pool VMs holding capacity that no job has taken."""
+        return sum(1 for r in self._held.values() if r.warm)
 
     def running_for(self, label: str) -> int:
-        return self._by_label[label]
+        return sum(1 for r in self._held.values() if r.label == label and not r.warm)
+
+    def running_by_label(self) -> dict[str, int]:
+        counts = Counter(r.label for r in self._held.values() if not r.warm)
+        return {label: n for label, n in counts.items() if n}
+
+    def warm_by_label(self) -> dict[str, int]:
+        counts = Counter(r.label for r in self._held.values() if r.warm)
+        return {label: n for label, n in counts.items() if n}
 
     def label_limit(self, label: str) -> int:
         return min(self.per_label.get(label, self.max_concurrency), self.max_concurrency)
-
-    def free_slots(self, label: str) -> int:
-        return max(0, min(self.label_limit(label) - self._by_label[label], self.max_concurrency - self.running))
 
     def fits(self, cpus: int, memory_mb: int) -> bool:
         """Whether a VM of this size could ever run here (an empty host has room)."""
         return cpus <= self.cpus_total and memory_mb <= self.memory_mb_total
 
-    def can_start(self, label: str, cpus: int, memory_mb: int) -> bool:
+    # --- room for a job (idle pool VMs count as room) ---------------------------------------
+    def _used(self, label: str, ignoring: Iterable[Reservation]) -> tuple[_Used, int]:
+        """Slots, vCPUs and memory held but for `ignoring`, and `label`'s slots the same way."""
+        ignored = [r for r in ignoring if self._held.get(r.holder) == r]
+        used = _Used(
+            len(self._held) - len(ignored),
+            self.cpus_used - sum(r.cpus for r in ignored),
+            self.memory_mb_used - sum(r.memory_mb for r in ignored),
+        )
+        return used, self._by_label[label] - sum(1 for r in ignored if r.label == label)
+
+    def _room(self, label: str, cpus: int, memory_mb: int, ignoring: Iterable[Reservation] = ()) -> bool:
+        used, label_used = self._used(label, ignoring)
         return (
-            not self.draining
-            and self.free_slots(label) > 0
-            and self.cpus_used + cpus <= self.cpus_total
-            and self.memory_mb_used + memory_mb <= self.memory_mb_total
+            label_used < self.label_limit(label)
+            and used.slots < self.max_concurrency
+            and used.cpus + cpus <= self.cpus_total
+            and used.memory_mb + memory_mb <= self.memory_mb_total
         )
 
+    def free_slots(self, label: str) -> int:
+        """Jobs of `label` this host could start now, idle pool VMs given up or taken."""
+        used, label_used = self._used(label, self._yieldable.values())
+        return max(0, min(self.label_limit(label) - label_used, self.max_concurrency - used.slots))
+
+    def can_start(self, label: str, cpus: int, memory_mb: int) -> bool:
+        """Whether a job could start now, idle pool VMs given up or taken (consumers)."""
+        return not self.draining and self._room(label, cpus, memory_mb, self._yieldable.values())
+
+    def room_without(self, label: str, cpus: int, memory_mb: int, released: Iterable[Reservation]) -> bool:
+        """Whether a job would have room once `released` (idle pool VMs) are given up."""
+        return not self.draining and self._room(label, cpus, memory_mb, released)
+
+    # --- reservations -------------------------------------------------------------------------
     def try_reserve(self, job_id: str, label: str, cpus: int, memory_mb: int) -> Reservation | None:
-        if job_id in self._held or not self.can_start(label, cpus, memory_mb):
+        """Hold capacity for a job, counting idle pool VMs as held: None when there is no
+        room without giving some up first."""
+        if job_id in self._held or self.draining or not self._room(label, cpus, memory_mb):
             return None
-        reservation = Reservation(job_id, label, cpus, memory_mb)
-        self._held[job_id] = reservation
-        self._by_label[label] += 1
-        self.cpus_used += cpus
-        self.memory_mb_used += memory_mb
-        self._changed()
-        return reservation
+        return self._add(Reservation(job_id, label, cpus, memory_mb))
 
     def force_reserve(self, job_id: str, label: str, cpus: int, memory_mb: int) -> Reservation:
         """Hold capacity for a VM that already exists (adopted after a restart), even
         past the limits: it is running whether or not there is room."""
-        reservation = Reservation(job_id, label, cpus, memory_mb)
-        self._held[job_id] = reservation
-        self._by_label[label] += 1
-        self.cpus_used += cpus
-        self.memory_mb_used += memory_mb
-        self._changed()
+        return self._add(Reservation(job_id, label, cpus, memory_mb))
+
+    def reserve_warm(self, vm_name: str, label: str, cpus: int, memory_mb: int) -> Reservation | None:
+        """Hold capacity for a new pool VM (idle, so yieldable); None when there is no room
+        (pool VMs never make room for each other)."""
+        if vm_name in self._held or self.draining or not self._room(label, cpus, memory_mb):
+            return None
+        reservation = self._add(Reservation(vm_name, label, cpus, memory_mb, warm=True))
+        self._yieldable[vm_name] = reservation
         return reservation
 
+    def take_warm(self, pool: Reservation, job_id: str) -> Reservation:
+        """A job takes an idle pool VM: its capacity becomes the job's, unchanged."""
+        self._remove(pool)
+        return self._add(replace(pool, holder=job_id, warm=False))
+
+    def return_warm(self, job: Reservation, vm_name: str) -> Reservation:
+        """Undo `take_warm` (the job turned out to be known here already)."""
+        self._remove(job)
+        reservation = self._add(replace(job, holder=vm_name, warm=True))
+        self._yieldable[vm_name] = reservation
+        return reservation
+
+    def idle_pool(self) -> list[Reservation]:
+        return list(self._yieldable.values())
+
     def release(self, reservation: Reservation) -> None:
-        if self._held.pop(reservation.job_id, None) is None:
+        if self._held.get(reservation.holder) != reservation:
             return
-        self._by_label[reservation.label] -= 1
-        self.cpus_used -= reservation.cpus
-        self.memory_mb_used -= reservation.memory_mb
+        self._remove(reservation)
         self._changed()
 
     def set_draining(self, *, draining: bool) -> None:
         self.draining = draining
         self._changed()
 
-    def running_by_label(self) -> dict[str, int]:
-        return {label: n for label, n in self._by_label.items() if n}
+    def _add(self, reservation: Reservation) -> Reservation:
+        self._held[reservation.holder] = reservation
+        self._by_label[reservation.label] += 1
+        self.cpus_used += reservation.cpus
+        self.memory_mb_used += reservation.memory_mb
+        self._changed()
+        return reservation
+
+    def _remove(self, reservation: Reservation) -> None:
+        del self._held[reservation.holder]
+        self._yieldable.pop(reservation.holder, None)
+        self._by_label[reservation.label] -= 1
+        self.cpus_used -= reservation.cpus
+        self.memory_mb_used -= reservation.memory_mb
 
     def _changed(self) -> None:
         for listener in self.listeners:

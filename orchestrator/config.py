@@ -66,6 +66,8 @@ class DaemonSettings(BaseModel):
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
     default_timeout_s: Annotated[int, Field(ge=1)] = 3600
     boot_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    # warm pools: how many pool VMs may boot at once (refills never starve running jobs)
+    warm_boots_at_once: Annotated[int, Field(ge=1, le=64)] = 1
     console_max_bytes: Annotated[int, Field(ge=4 * 1024 * 1024)] = 64 * 1024 * 1024
     delivery_limit: Annotated[int, Field(ge=1, le=1000)] = 50
     dlq_max_length: Annotated[int, Field(ge=1)] = 100_000
@@ -138,6 +140,7 @@ ENV_NAMES: Mapping[str, str] = {
     "drain_timeout_s": "DRAIN_TIMEOUT_S",
     "shutdown_timeout_s": "SHUTDOWN_TIMEOUT_S",
     "default_timeout_s": "DEFAULT_TIMEOUT_S",
+    "warm_boots_at_once": "WARM_BOOTS_AT_ONCE",
     "boot_timeout_s": "BOOT_TIMEOUT_S",
     "console_max_bytes": "CONSOLE_MAX_BYTES",
     "delivery_limit": "DELIVERY_LIMIT",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from orchestrator.consolecap import cap_console, read_cut_state, settle
@@ -44,19 +45,53 @@ def _cap(path: Path, max_bytes: int, offset: int) -> int:
         return offset
 
 
+SCAN_CHUNK_BYTES = 1024 * 1024
+
+
+def file_contains(path: Path, marker: bytes) -> bool:
+    """Whether `marker` occurs anywhere in the file (read in chunks; blocking)."""
+    try:
+        with path.open("rb") as console:
+            carry = b""
+            while chunk := console.read(SCAN_CHUNK_BYTES):
+                if marker in carry + chunk:
+                    return True
+                carry = chunk[-len(marker):]
+    except FileNotFoundError:
+        pass
+    return False
+
+
 class ConsoleFollower:
-    def __init__(self, path: Path, *, max_bytes: int, interval_s: float = 0.5) -> None:
+    """With a `start_marker` (the line a job's script prints first), `started` is set
+    and `started_at` taken when it appears; until then the file is read every
+    `fast_interval_s`, so the time is that close to when the guest printed it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        interval_s: float = 0.5,
+        start_marker: bytes | None = None,
+        fast_interval_s: float = 0.05,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.interval_s = interval_s
+        self.fast_interval_s = fast_interval_s
         self.offset = 0
         self._tail = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
         self.has_output = asyncio.Event()
+        self._start_marker = start_marker
+        self.started = asyncio.Event()
+        self.started_at: float | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name=f"console-{self.path.name}")
+        if self._task is None and not self._finished:
+            self._task = asyncio.create_task(self._follow(), name=f"console-{self.path.name}")
 
     async def skip_existing(self) -> None:
         """Start after what the file holds now (an earlier attempt's output on this host):
@@ -78,12 +113,17 @@ class ConsoleFollower:
             self.has_output.set()
             self.offset = size
             self._tail += chunk
+            marker = self._start_marker
+            if marker is not None and not self.started.is_set() and marker in self._tail[-(len(chunk) + len(marker)):]:
+                self.started_at = time.time()
+                self.started.set()
             del self._tail[:-TAIL_BYTES]
         return max(0, grown)
 
     async def _follow(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            waiting_for_start = self._start_marker is not None and not self.started.is_set()
+            await asyncio.sleep(self.fast_interval_s if waiting_for_start else self.interval_s)
             await self.poll()
 
     async def finish(self) -> str:

@@ -46,6 +46,7 @@ from orchestrator.runner import JobRunner, StopReason
 from orchestrator.scheduler import Scheduler
 from orchestrator.statedir import restrict_umask
 from orchestrator.topology import Topology, declare_topology
+from orchestrator.warmpool import WarmPools
 
 log = EventLogger("orchestrator.daemon")
 
@@ -126,8 +127,9 @@ def bounded(close: Callable[[], Awaitable[object]], what: str) -> Callable[[], A
     return step
 
 
-def _refuse_paths_outside_image_dir(image_map: ImageMap, settings: DaemonSettings) -> None:
+def _refuse_map_problems(image_map: ImageMap, settings: DaemonSettings) -> None:
     problems = image_map.path_problems(image_dir=settings.images_dir, default_backend=settings.backend)
+    problems += image_map.backend_problems(default_backend=settings.backend)
     if problems:
         more = f" (and {len(problems) - 1} more: orchestrator config check lists them)" if len(problems) > 1 else ""
         raise StartupError(problems[0] + more)
@@ -182,6 +184,7 @@ class Daemon:
         self.outbox: ResultOutbox | None = None
         self.images: ImagePreparer | None = None
         self._intake: JobIntake | None = None
+        self.pools: WarmPools | None = None
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._events: EventPublisher | None = None
         self._publisher: ConfirmedPublisher | None = None
@@ -228,6 +231,11 @@ class Daemon:
             results_published=self.outbox.published if self.outbox is not None else 0,
             state_dir_bytes=self._state_dir_bytes,
             dlq_messages=self._dlq_messages,
+            warm_vms={(label, state): n for label, counts in (self.pools.counts() if self.pools else {}).items()
+                      for state, n in counts.items()},
+            warm_failed=self.pools.failed_total() if self.pools else {},
+            warm_taken=self.pools.taken_total() if self.pools else {},
+            warm_fallbacks=self.runner.warm_fallbacks if self.runner is not None else 0,
         )
 
     def status(self) -> dict[str, object]:
@@ -250,6 +258,7 @@ class Daemon:
             "broker": "connected" if self.broker_connected else "disconnected",
             "jobs": sorted(self.runner.running) if self.runner is not None else [],
             "images": images,
+            "warm": self.pools.status() if self.pools is not None else {},
         }
 
     def heartbeat(self) -> Heartbeat:
@@ -266,6 +275,8 @@ class Daemon:
             memory_mb_used=ledger.memory_mb_used,
             memory_mb_total=ledger.memory_mb_total,
             draining=ledger.draining,
+            warm=ledger.warm,
+            warm_by_label=ledger.warm_by_label(),
         )
 
     # --- start and stop ----------------------------------------------------------------------
@@ -307,7 +318,7 @@ class Daemon:
             self.journal = Journal(s.state.journal)
         stack.push_async_callback(self.journal.close)
 
-        _refuse_paths_outside_image_dir(self.image_map, s)
+        _refuse_map_problems(self.image_map, s)
         self.router = RouterHypervisor({}, s.backend)
         stack.push_async_callback(self.router.close)
         given = self._given_backends
@@ -339,6 +350,10 @@ class Daemon:
             settings=s, router=self.router, journal=self.journal, outbox=self.outbox, publisher=self._publisher,
             topology=self.topology, ledger=self.ledger, images=self.images, emit=self._events.emit,
         )
+        self.pools = WarmPools(
+            settings=s, image_map=self.image_map, router=self.router, ledger=self.ledger, images=self.images,
+            emit=self._events.emit,
+        )
         cancels = CancelRegistry(self.journal)
         await cancels.load()
         self._intake = JobIntake(
@@ -346,7 +361,7 @@ class Daemon:
             publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
             start_job=self.runner.start, cancelled=cancels, running=self.runner.running,
             wait_released=self.runner.wait_released,
-            max_message_bytes=s.max_message_bytes,
+            max_message_bytes=s.max_message_bytes, pools=self.pools,
         )
         control = ControlListener(
             topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,
@@ -365,6 +380,10 @@ class Daemon:
         stack.push_async_callback(self._preparations.cancel_all)
         self._preparations.spawn(self._prepare_images(sorted(self.image_map.images)), name="prepare-images")
         self._background(stack, self._housekeeping(), "housekeeping")
+        # After reconciliation (which destroyed the pool VMs of an earlier run), and
+        # closed right after the consumers stop: idle pool VMs go before jobs drain.
+        self.pools.start()
+        stack.push_async_callback(bounded(self.pools.close, "warm pools"))
         self.scheduler = Scheduler(
             image_map=self.image_map, ledger=self.ledger, intake=self._intake,
             settler=Settler(self._publisher, self.topology), topology=self.topology,
@@ -429,7 +448,7 @@ class Daemon:
             s = self.settings
             try:
                 new_map = await asyncio.to_thread(load_image_map, s.config, max_bytes=s.map_max_bytes)
-                _refuse_paths_outside_image_dir(new_map, s)
+                _refuse_map_problems(new_map, s)
                 for name, labels in backends_needed(s, new_map).items():
                     if name not in self._router.backends:
                         self._router.add(await build_backend(s, name, labels))
@@ -447,6 +466,8 @@ class Daemon:
             old, self.image_map = self.image_map, new_map
             self._intake.update_map(new_map)
             self.images.update_map(new_map)
+            if self.pools is not None:
+                self.pools.update_map(new_map)
             changed = sorted(
                 label for label, image in new_map.images.items() if old.images.get(label) not in (None, image)
             )

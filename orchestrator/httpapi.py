@@ -26,7 +26,7 @@ import asyncio
 import hmac
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -127,6 +127,10 @@ class MetricsSnapshot:
     results_published: int
     state_dir_bytes: int | None  # measured once a minute; None before the first time
     dlq_messages: int | None
+    warm_vms: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (label, booting|ready|retiring)
+    warm_failed: Mapping[str, int] = field(default_factory=dict)  # by label
+    warm_taken: Mapping[str, int] = field(default_factory=dict)  # by label: jobs that took a pool VM
+    warm_fallbacks: int = 0  # jobs whose pool VM could not take them (booted cold)
 
 
 class HostView(Protocol):
@@ -172,6 +176,19 @@ class _ViewCollector(Collector):
             yield GaugeMetricFamily("orchestrator_state_dir_bytes", "Disk used under STATE_DIR", value=m.state_dir_bytes)
         if m.dlq_messages is not None:
             yield GaugeMetricFamily("orchestrator_dlq_messages", "Messages in the dead-letter queue", value=m.dlq_messages)
+        warm = GaugeMetricFamily("orchestrator_warm_vms", "Warm pool VMs no job has taken", labels=["label", "state"])
+        for (label, state), count in sorted(m.warm_vms.items()):
+            warm.add_metric([label, state], count)
+        yield warm
+        failed = CounterMetricFamily("orchestrator_warm_failed", "Pool VMs that did not come up or died waiting", labels=["label"])
+        for label, count in sorted(m.warm_failed.items()):
+            failed.add_metric([label], count)
+        yield failed
+        taken = CounterMetricFamily("orchestrator_warm_taken", "Jobs that took a warm pool VM", labels=["label"])
+        for label, count in sorted(m.warm_taken.items()):
+            taken.add_metric([label], count)
+        yield taken
+        yield CounterMetricFamily("orchestrator_warm_fallbacks", "Jobs booted cold after their hand-off failed", value=m.warm_fallbacks)
 
 
 class _LoadCollector(Collector):

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError
 
-from hypervisors.base import BackendName, ImageFormat
+from hypervisors.base import BackendName, DirectBoot, ImageFormat
 from orchestrator.messages import LABEL_PATTERN, Cpus, DiskGb, JobRequest, MemoryMb, TimeoutS
 from orchestrator.yamlfile import YamlDocument, YamlError, parse_yaml
 
@@ -46,6 +46,17 @@ class SizePreset(BaseModel):
     disk_gb: DiskGb | None = None
 
 
+class WarmPool(BaseModel):
+    """`warm:` under an image: keep `ready` booted VMs of it waiting for jobs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ready: Annotated[int, Field(ge=1, le=256)]
+    # Replaced when older than this (a long-idle guest drifts: caches, leases, clock).
+    max_age_s: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = 3600
+    snapshot: bool = False
+
+
 class ImageEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -70,6 +81,16 @@ class ImageEntry(BaseModel):
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    warm: WarmPool | None = None
+
+    def direct_boot(self) -> DirectBoot | None:
+        """The kernel to boot directly, when the entry names one."""
+        return DirectBoot(kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline) if self.kernel else None
+
+    def without_warm(self) -> ImageEntry:
+        """The entry as a VM sees it: a pool VM is stale when this changes, not when only
+        the pool's own settings do."""
+        return self.model_copy(update={"warm": None})
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,16 @@ class ImageMap(BaseModel):
                         f"IMAGE_DIR {image_dir} (move the file there, or set IMAGE_DIR to the directory that holds it)"
                     )
         return problems
+
+    def backend_problems(self, *, default_backend: BackendName) -> list[str]:
+        """What an image asks of a backend that backend cannot do (known only once the
+        host's default backend is)."""
+        return [
+            f"{self.where(('images', label, 'warm'))}: images.{label}.warm: the {BackendName.ZONES.value} backend "
+            "has no warm pools (remove warm, or give the image the libvirt backend)"
+            for label, image in sorted(self.images.items())
+            if image.warm is not None and (image.backend or default_backend) is BackendName.ZONES
+        ]
 
     # --- label resolution ----------------------------------------------------------------
     def resolve(self, label: str | None) -> str:
@@ -227,6 +258,8 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
         return sorted(ImageEntry.model_fields)
     if parent[0] == "sizes" and len(parent) == 2:
         return sorted(SizePreset.model_fields)
+    if parent[0] == "images" and len(parent) == 3 and parent[2] == "warm":
+        return sorted(WarmPool.model_fields)
     return []
 
 
@@ -273,6 +306,9 @@ def _reference_problems(image_map: ImageMap) -> list[tuple[tuple[Any, ...], str]
             )
         if image.decompress is Decompress.ZSTD and image.source is None:
             problems.append((where + ("decompress",), "decompress needs a source"))
+        if image.warm is not None and not image.nocloud:
+            problems.append((where + ("warm",), "warm pools need nocloud: true (a pool VM gets its job through a waiter in its user-data)"))
+
         if image.size is not None and image.size not in image_map.sizes:
             continue  # reported above; the defaults cannot be worked out
         for key, over in image_map.cap_problems(label, image_map.default_resources(label)):

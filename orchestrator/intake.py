@@ -38,6 +38,7 @@ from orchestrator.messages import (
 from orchestrator.outbox import ResultOutbox
 from orchestrator.statedir import vm_name_for
 from orchestrator.topology import REROUTED_HEADER, Topology
+from orchestrator.warmpool import PoolVm, WarmPools
 
 log = EventLogger("orchestrator.intake")
 
@@ -54,6 +55,7 @@ class AcceptedJob:
     nonce: str
     vm_name: str
     accepted_at: float  # when this host took the job (wall clock, as in the journal)
+    warm: PoolVm | None = None  # the pool VM it takes (`vm_name` is that VM's)
 
     @property
     def job_id(self) -> str:
@@ -193,6 +195,7 @@ class JobIntake:
         running: Mapping[str, RunsAJob] = MappingProxyType({}),
         wait_released: Callable[[str, float], Awaitable[bool]] | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        pools: WarmPools | None = None,
     ) -> None:
         self._image_map = image_map
         self._ledger = ledger
@@ -207,6 +210,7 @@ class JobIntake:
         self._running = running
         self._wait_released = wait_released or _never_held
         self._max_message_bytes = max_message_bytes
+        self._pools = pools
         # Journaled here and not yet handed to the runner (the ack comes in between).
         self._starting: dict[str, JobRequest] = {}
 
@@ -293,11 +297,16 @@ class JobIntake:
                 f"needs {resources.cpus} CPUs / {resources.memory_mb} MiB but host {self._host} has "
                 f"{self._ledger.cpus_total} / {self._ledger.memory_mb_total}: ask for a smaller size",
             )
-        reservation = self._ledger.try_reserve(job_id, label, resources.cpus, resources.memory_mb)
-        if reservation is None:
-            return Decision(Verdict.REQUEUE, reason="no capacity now", job_id=job_id)
+        warm = self._pools.take(label, resources, job_id) if self._pools is not None else None
+        if warm is not None:
+            pool_vm, reservation = warm
+            vm_name = pool_vm.name
+        else:
+            pool_vm, vm_name = None, vm_name_for(job_id)
+            reservation = await self._reserve(job_id, label, resources)
+            if reservation is None:
+                return Decision(Verdict.REQUEUE, reason="no capacity now", job_id=job_id)
         nonce = new_nonce()
-        vm_name = vm_name_for(job_id)
         accepted_at = time.time()
         self._starting[job_id] = request
         try:
@@ -305,18 +314,29 @@ class JobIntake:
                 request, label=label, nonce=nonce, vm_name=vm_name, backend=backend, accepted_at=accepted_at
             )
         except BaseException:
-            self._let_go(reservation)
+            self._let_go(reservation, pool_vm)
             raise
         if not fresh:
-            self._let_go(reservation)
+            self._let_go(reservation, pool_vm)
             return await self._copy_of_journaled(request, label)
-        accepted = AcceptedJob(request, label, image, resources, reservation, nonce, vm_name, accepted_at)
-        log.info("job.accepted", job_id=job_id, label=label, attempt=request.attempt)
+        accepted = AcceptedJob(request, label, image, resources, reservation, nonce, vm_name, accepted_at, pool_vm)
+        log.info("job.accepted", job_id=job_id, label=label, attempt=request.attempt, vm=vm_name, warm=pool_vm is not None)
         return Decision(Verdict.START, job_id=job_id, after_ack=lambda: self._hand_over(accepted))
 
-    def _let_go(self, reservation: Reservation) -> None:
-        del self._starting[reservation.job_id]
-        self._ledger.release(reservation)
+    async def _reserve(self, job_id: str, label: str, resources: Resources) -> Reservation | None:
+        """Capacity for a cold job, idle pool VMs given up for it when that makes room."""
+        reservation = self._ledger.try_reserve(job_id, label, resources.cpus, resources.memory_mb)
+        if reservation is None and self._pools is not None and await self._pools.make_room(label, resources.cpus, resources.memory_mb):
+            # No await between the pool's last release and this: the room is this job's.
+            reservation = self._ledger.try_reserve(job_id, label, resources.cpus, resources.memory_mb)
+        return reservation
+
+    def _let_go(self, reservation: Reservation, pool_vm: PoolVm | None) -> None:
+        del self._starting[reservation.holder]
+        if pool_vm is not None and self._pools is not None:
+            self._pools.give_back(pool_vm, reservation)
+        else:
+            self._ledger.release(reservation)
 
     def _hand_over(self, job: AcceptedJob) -> None:
         try:

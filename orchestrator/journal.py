@@ -201,6 +201,19 @@ class Journal:
 
         await self._db.submit(op)
 
+    async def move_to_vm(self, job_id: str, vm_name: str) -> None:
+        """An accepted job goes to another VM than the one journaled (its pool VM could
+        not take it: it boots cold). Not a state change; refused once the job runs."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE jobs SET vm_name = ? WHERE job_id = ? AND state = ?", (vm_name, job_id, JobState.ACCEPTED.value)
+            ).rowcount
+            if not changed:
+                raise InvalidTransition(f"job {job_id} is not accepted-and-not-running: its VM stays")
+
+        await self._db.submit(op)
+
     async def remember_cancel(self, job_id: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR REPLACE INTO cancels (job_id, at) VALUES (?, ?)", (job_id, time.time()))

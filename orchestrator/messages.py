@@ -276,6 +276,9 @@ class Heartbeat(BaseModel):
     memory_mb_used: int
     memory_mb_total: int
     draining: bool = False
+    # Warm pool VMs no job has taken (their vCPUs and memory are in the *_used above).
+    warm: int = 0
+    warm_by_label: dict[str, int] = Field(default_factory=dict)
     at: UtcDatetime = Field(default_factory=now_utc)
 
 

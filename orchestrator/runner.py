@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 from collections import Counter
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from hypervisors.base import BackendError, DirectBoot, Hypervisor, SeedFiles, VmSpec, VmState
-from hypervisors.guest import build_meta_data, build_user_data, find_exit_code
+from hypervisors.base import BackendError, Hypervisor, SeedFiles, VmSpec, VmState
+from hypervisors.guest import build_meta_data, build_user_data, find_exit_code, started_line
+from hypervisors.handoff import HandOffError
 from hypervisors.router import RouterHypervisor
 from orchestrator.amqp import ConfirmedPublisher, json_message
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
-from orchestrator.console import ConsoleFollower
+from orchestrator.console import ConsoleFollower, file_contains
 from orchestrator.images import ImagePreparer, ImagePrepError
 from orchestrator.intake import AcceptedJob
 from orchestrator.journal import JobState, Journal
@@ -29,6 +31,7 @@ from orchestrator.logsetup import EventLogger
 from orchestrator.imagemap import ImageEntry
 from orchestrator.messages import EventKind, JobEvent, JobRequest, JobResult, JobStatus, message_id_for
 from orchestrator.outbox import ResultOutbox
+from orchestrator.statedir import is_pool_vm, vm_name_for
 from orchestrator.topology import Topology
 
 log = EventLogger("orchestrator.runner")
@@ -52,12 +55,15 @@ class RunningJob:
     released: asyncio.Event = field(default_factory=asyncio.Event)  # gone from `running`
     adopted_started_at: float | None = None  # set for a job taken back after a restart
     interrupted_while_away: bool = False  # its VM was not running when taken back
+    handed_over: bool = True  # false for a pool VM's job journaled before its hand-off
     console: ConsoleFollower = field(init=False)
 
     console_max_bytes: int = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        self.console = ConsoleFollower(self.spec.console_path, max_bytes=self.console_max_bytes)
+        self.console = ConsoleFollower(
+            self.spec.console_path, max_bytes=self.console_max_bytes, start_marker=started_line(self.job.nonce).encode()
+        )
 
 
 def tail_lines(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -95,20 +101,27 @@ class JobRunner:
         self._emit = emit
         self.running: dict[str, RunningJob] = {}
         self.finished: Counter[str] = Counter()  # by status, for metrics
+        self.warm_fallbacks = 0  # jobs whose pool VM could not take them (booted cold)
         self.idle = asyncio.Event()
         self.idle.set()
 
     # --- entry points ------------------------------------------------------------------
-    def start(self, job: AcceptedJob, *, adopted_started_at: float | None = None, vm_running: bool = True) -> None:
+    def start(
+        self, job: AcceptedJob, *, adopted_started_at: float | None = None, vm_running: bool = True, handed_over: bool = True
+    ) -> None:
         """Run a job; with `adopted_started_at`, take back a job journaled before a
-        restart (`vm_running`: whether its VM was still running then)."""
+        restart (`vm_running`: whether its VM was still running then; `handed_over`:
+        whether the journal says it ran, for a job that had taken a pool VM)."""
         # Both were checked by the intake before the job was accepted.
-        spec = self.build_spec(job)
         backend = self._router.backend_for(job.image.backend)
+        if is_pool_vm(job.vm_name):
+            spec = self.pool_vm_spec(job)
+        else:
+            spec = self.build_spec(job)
         running = RunningJob(
             job, spec, backend, adopted_started_at=adopted_started_at,
             interrupted_while_away=adopted_started_at is not None and not vm_running,
-            console_max_bytes=self._settings.console_max_bytes,
+            handed_over=handed_over, console_max_bytes=self._settings.console_max_bytes,
         )
         self.running[job.job_id] = running
         self.idle.clear()
@@ -143,7 +156,22 @@ class JobRunner:
             return False
 
     # --- the job -------------------------------------------------------------------------
-    def build_spec(self, job: AcceptedJob) -> VmSpec:
+    def pool_vm_spec(self, job: AcceptedJob) -> VmSpec:
+        """The pool VM a job took, as the runner knows it: its name, job port and disk,
+        with the job's console (a second name for the pool VM's console file)."""
+        if job.warm is not None:
+            base = job.warm.spec
+        else:  # taken back after a restart: the VM is known by its name
+            base = VmSpec(
+                name=job.vm_name, job_id="", image_path=None, image_format=None, cpus=job.resources.cpus,
+                memory_mb=job.resources.memory_mb, disk_gb=job.resources.disk_gb,
+                console_path=self._settings.state.console(job.vm_name), job_channel=self._settings.state.channel(job.vm_name),
+            )
+        return replace(base, job_id=job.job_id, console_path=self._settings.state.console(job.job_id),
+                       env=dict(job.request.env), nonce=job.nonce)
+
+    def build_spec(self, job: AcceptedJob, *, vm_name: str | None = None) -> VmSpec:
+        """A cold VM for the job (named `vm_name`, else the job's VM name)."""
         request, image = job.request, job.image
         env = dict(request.env)
         seed = None
@@ -159,13 +187,10 @@ class JobRunner:
                     script=request.script,
                     script_path=request.script_path,
                 ),
-                meta_data=build_meta_data(job_id=job.job_id, hostname=job.vm_name[:63]),
+                meta_data=build_meta_data(job_id=job.job_id, hostname=(vm_name or job.vm_name)[:63]),
             )
-        direct_boot = None
-        if image.kernel is not None:
-            direct_boot = DirectBoot(kernel=image.kernel, initrd=image.initrd, cmdline=image.cmdline)
         return VmSpec(
-            name=job.vm_name,
+            name=vm_name or job.vm_name,
             job_id=job.job_id,
             image_path=image.local_path,
             image_format=image.format,
@@ -174,13 +199,13 @@ class JobRunner:
             disk_gb=job.resources.disk_gb,
             console_path=self._settings.state.console(job.job_id),
             seed=seed,
-            direct_boot=direct_boot,
+            direct_boot=image.direct_boot(),
             env=env,
             nonce=job.nonce,
         )
 
     async def _run(self, running: RunningJob) -> None:
-        job, spec, backend = running.job, running.spec, running.backend
+        job = running.job
         jlog = log.bind(job_id=job.job_id, label=job.label, host=self._settings.host_name)
         accepted_at = job.accepted_at
         started_at = running.adopted_started_at
@@ -190,8 +215,12 @@ class JobRunner:
                 if started_at is None:
                     return
             else:
-                jlog.info("job.adopted", vm=spec.name, started_at=started_at)
-            running.console.start()
+                jlog.info("job.adopted", vm=running.spec.name, started_at=started_at)
+                if is_pool_vm(running.spec.name) and not running.handed_over and not await self._began_before_restart(running):
+                    await running.backend.destroy(running.spec)
+                    await self._hand_back(running, jlog, "its pool VM had not been given the job when the daemon stopped")
+                    return
+            running.console.start()  # (a no-op when the hand-off started it)
             outcome, summary, vm_state = await self._watch(running, started_at)
             if outcome is None:
                 await self._hand_back(running, jlog, "host shutting down")
@@ -221,7 +250,7 @@ class JobRunner:
         finally:
             await running.console.finish()
             try:
-                await backend.destroy(spec)
+                await running.backend.destroy(running.spec)
             except Exception as exc:
                 jlog.error("vm.destroy_failed", error=str(exc))
             self._ledger.release(job.reservation)
@@ -232,8 +261,13 @@ class JobRunner:
 
     async def _provision(self, running: RunningJob, jlog: EventLogger, accepted_at: float) -> float | None:
         """Image, VM, start; the start time, or None when the job already has its result."""
-        job, spec, backend = running.job, running.spec, running.backend
+        job = running.job
         await self._emit(f"job.accepted.{job.label}", self._event(job, EventKind.ACCEPTED))
+        if job.warm is not None:
+            if await self._hand_over(running, jlog):
+                return await self._started(running, jlog)
+            await self._to_cold_vm(running, jlog)
+        spec, backend = running.spec, running.backend
         if job.image.source is not None:
             try:
                 # Returns at once for a ready image; waits for one being prepared.
@@ -250,11 +284,55 @@ class JobRunner:
             tail = await running.console.finish()
             await self._finish(running, JobStatus.ERROR, f"VM failed to start: {exc}", None, tail, accepted_at, None)
             return None
+        return await self._started(running, jlog)
+
+    async def _started(self, running: RunningJob, jlog: EventLogger) -> float:
+        job = running.job
         started_at = time.time()
         await self._journal.move(job.job_id, JobState.RUNNING, started_at=started_at)
-        jlog.info("job.started", vm=spec.name, backend=backend.name.value)
+        jlog.info("job.started", vm=running.spec.name, backend=running.backend.name.value, warm=is_pool_vm(running.spec.name))
         await self._emit(f"job.started.{job.label}", self._event(job, EventKind.STARTED))
         return started_at
+
+    async def _hand_over(self, running: RunningJob, jlog: EventLogger) -> bool:
+        """Give the job to the pool VM it took (journaled as its VM by the intake): its
+        console gets the job's name, the VM its script. False when that failed."""
+        job, vm = running.job, running.job.warm
+        assert vm is not None
+        try:
+            await asyncio.to_thread(os.link, vm.spec.console_path, running.spec.console_path)
+            await asyncio.to_thread(vm.spec.console_path.unlink)  # the job's name is the one kept
+            await running.console.skip_existing()  # the pool VM's boot is not the job's output
+            running.console.start()
+            await running.backend.hand_over(running.spec, self.build_spec(job), ready_timeout_s=self.boot_timeout_s(job))
+        except (HandOffError, OSError) as exc:
+            self.warm_fallbacks += 1
+            jlog.warning("job.hand_off_failed", vm=vm.name, error=str(exc), fallback="cold boot")
+            return False
+        jlog.info("job.handed_over", vm=vm.name)
+        return True
+
+    async def _to_cold_vm(self, running: RunningJob, jlog: EventLogger) -> None:
+        """The pool VM could not take the job: destroy it and boot the job a VM of its own."""
+        job, vm = running.job, running.job.warm
+        assert vm is not None
+        await running.console.finish()
+        await running.backend.destroy(running.spec)
+        await asyncio.to_thread(vm.spec.console_path.unlink, missing_ok=True)
+        cold_name = vm_name_for(job.job_id)
+        await self._journal.move_to_vm(job.job_id, cold_name)
+        running.spec = self.build_spec(job, vm_name=cold_name)
+        running.console = ConsoleFollower(
+            running.spec.console_path, max_bytes=self._settings.console_max_bytes,
+            start_marker=started_line(job.nonce).encode(),
+        )
+        jlog.info("job.cold_after_hand_off", vm=cold_name)
+
+    async def _began_before_restart(self, running: RunningJob) -> bool:
+        """Whether a pool VM's job, journaled before its hand-off, had begun when the
+        daemon stopped: its script prints its start line first thing."""
+        marker = started_line(running.job.nonce).encode()
+        return await asyncio.to_thread(file_contains, running.spec.console_path, marker)
 
     def timeout_s(self, job: AcceptedJob) -> int:
         return job_timeout_s(job.request, job.image, default_timeout_s=self._settings.default_timeout_s)
@@ -321,6 +399,8 @@ class JobRunner:
         job = running.job
         now = time.time()
         timings = {"total_s": round(now - accepted_at, 3)}
+        if running.console.started_at is not None and running.adopted_started_at is None:
+            timings["to_first_command_s"] = round(max(0.0, running.console.started_at - accepted_at), 3)
         if started_at is not None:
             timings["run_s"] = round(now - started_at, 3)
         submitted = job.request.submitted_at.timestamp()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,8 +33,11 @@ def restrict_umask() -> None:
     """Tighten the process umask to at least `PRIVATE_UMASK` (called at start)."""
     os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
 
-# `job-<uuid>`: the VM name of a job, and the stem of every per-job file.
-JOB_FILE = re.compile(r"^job-(?P<job_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.")
+# `job-<uuid>` (a job's VM) or `pool-<uuid>` (a warm pool VM): a VM name, and the stem
+# of every per-VM file.
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+VM_FILE = re.compile(rf"^(?P<vm>(job|pool)-{_UUID})\.")
+POOL_VM_PREFIX = "pool-"
 
 
 def open_private(path: Path, *, append: bool = False) -> BinaryIO:
@@ -49,10 +53,21 @@ def vm_name_for(job_id: str) -> str:
     return f"job-{job_id}"
 
 
-def job_id_of_file(path: Path) -> str | None:
-    """The job a per-job file belongs to, or None when it is not named like ours."""
-    match = JOB_FILE.match(path.name)
-    return match.group("job_id") if match else None
+def pool_vm_name() -> str:
+    return f"{POOL_VM_PREFIX}{uuid.uuid4()}"
+
+
+def is_pool_vm(vm_name: str) -> bool:
+    return vm_name.startswith(POOL_VM_PREFIX)
+
+
+def vm_of_file(path: Path) -> str | None:
+    """The VM a per-VM file belongs to, or None when it is not named like ours."""
+    match = VM_FILE.match(path.name)
+    return match.group("vm") if match else None
+
+
+CHANNEL_NAME_CHARS = 12  # of a VM's name (the end of its uuid) in its job port's name
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,12 @@ class StateDir:
 
     def channel(self, vm_name: str) -> Path:
         """A pool VM's job port. Short on purpose: a unix socket's path has 108 bytes."""
-        return self.channels / f"{vm_name[-12:]}.sock"
+        return self.channels / f"{vm_name[-CHANNEL_NAME_CHARS:]}.sock"
+
+    def channel_vm_suffix(self, path: Path) -> str | None:
+        """The VM-name suffix a job port is named after, or None when it is not one."""
+        stem, dot, suffix = path.name.rpartition(".")
+        return stem if dot and suffix == "sock" and len(stem) == CHANNEL_NAME_CHARS else None
 
     def zonecfg(self, vm_name: str) -> Path:
         return self.seeds / f"{vm_name}.zonecfg"

@@ -173,7 +173,8 @@ async def daemon_factory(
     async def start(image_map: ImageMap | None = None, *, backend: NoopHypervisor | None = None, **overrides: Any) -> Daemon:
         """A daemon on the noop backend (pass `backend` to keep a handle on it to measure)."""
         host = overrides.pop("host_name", f"host{len(daemons)}")
-        settings = make_settings(prefix, tmp_path / host, noop_map_path, host_name=host, **overrides)
+        config = overrides.pop("config", noop_map_path)
+        settings = make_settings(prefix, tmp_path / host, config, host_name=host, **overrides)
         backends = {BackendName.NOOP: backend if backend is not None else NoopHypervisor()}
         daemon = Daemon(settings, image_map or load_image_map(noop_map_path), backends=backends)
         await daemon.start()

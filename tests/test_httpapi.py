@@ -65,13 +65,16 @@ async def test_logs_are_text_with_lf_and_one_event_per_console_line(daemon_facto
             text = await response.text()
             assert response.headers["Accept-Ranges"] == "bytes"
         assert "\r" not in text
+        started, text = text.split("\n", 1)
+        assert started.startswith("ORCH-STARTED ")  # the guest's "the job's script starts" line
         assert text.startswith("line one\nline two\nprogress 10%\nprogress 100%\nevent: end\ndata: forged\nid: 7\n")
         async with http.get(f"{base}/jobs/{job.job_id}/log/stream") as response:
             stream = (await response.read()).decode()
     events = [event for event in stream.split("\n\n") if event]
     data = [line.removeprefix("data: ") for event in events for line in event.split("\n") if line.startswith("data: ")]
-    assert data[:7] == ["line one", "line two", "progress 10%", "progress 100%", "event: end", "data: forged", "id: 7"]
-    assert data[7].startswith("ORCH-RESULT ")
+    assert data[0].startswith("ORCH-STARTED ")
+    assert data[1:8] == ["line one", "line two", "progress 10%", "progress 100%", "event: end", "data: forged", "id: 7"]
+    assert data[8].startswith("ORCH-RESULT ")
     assert [e for e in events if e.startswith("event:")] == ["event: end\ndata: "], "only the real end event"
     assert all(len([ln for ln in e.split("\n") if ln.startswith("data:")]) == 1 for e in events)
 
@@ -108,16 +111,18 @@ async def test_sse_resumes_from_last_event_id(daemon_factory, broker):
     await wait_for(lambda: console.exists() and console.read_bytes().endswith(b"second\n"), what="the guest's output")
     url = f"http://127.0.0.1:{port}/jobs/{job.job_id}/log/stream"
     async with aiohttp.ClientSession() as http:
+        started = len(console.read_bytes().split(b"\n", 1)[0]) + 1  # the guest's "ORCH-STARTED <nonce>" line
         async with http.get(url) as response:
+            await response.content.readuntil(b"\n\n")
             first = (await response.content.readuntil(b"\n\n")).decode()
             second = (await response.content.readuntil(b"\n\n")).decode()
-        assert first == "id: 6\ndata: first\n\n"
-        assert second == f"id: {len('first second ')}\ndata: second\n\n"  # the offset after "second\n"
+        assert first == f"id: {started + 6}\ndata: first\n\n"
+        assert second == f"id: {started + len('first second ')}\ndata: second\n\n"  # the offset after "second\n"
         assert daemon.runner.stop_job(job.job_id, StopReason.CANCEL)
         await broker.next_result()
-        async with http.get(url, headers={"Last-Event-ID": "6"}) as response:
+        async with http.get(url, headers={"Last-Event-ID": str(started + 6)}) as response:
             rest = (await response.read()).decode()
-    assert rest == "id: 13\ndata: second\n\nevent: end\ndata: \n\n"
+    assert rest == f"id: {started + 13}\ndata: second\n\nevent: end\ndata: \n\n"
 
 
 async def test_a_token_that_is_not_utf8_is_just_a_wrong_token(daemon_factory):

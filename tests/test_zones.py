@@ -105,7 +105,7 @@ async def test_leftovers_are_clones_without_a_zone_and_files_of_jobs_not_live(zo
     await asyncio.to_thread(subprocess.run, [str(zones._tools._bin_dir / "zonecfg"), "-z", crashed.name, "delete", "-F"], check=True)
     operator_file = tmp_path / "state" / "seeds" / "operator-notes.iso"
     operator_file.write_text("keep")
-    removed = await zones.leftovers({live.job_id})
+    removed = await zones.leftovers({live.name})
     datasets = fake_state(tmp_path)["datasets"]
     assert f"tank/orch/vms/{crashed.name}" not in datasets and f"tank/orch/vms/{live.name}" in datasets
     assert f"tank/orch/vms/{crashed.name}" in removed

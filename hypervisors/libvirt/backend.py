@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Set as AbstractSet
+from dataclasses import replace
 from pathlib import Path
 
 import libvirt
@@ -18,9 +19,9 @@ from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
 from hypervisors.libvirt.connection import LibvirtConnection
 from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag
 from hypervisors.libvirt.overlay import create_overlay
-from hypervisors.handoff import HandOffError, hand_over, job_payload
+from hypervisors.handoff import HandOffError, JobPort, job_payload
 from hypervisors.seed import write_seed_iso
-from orchestrator.statedir import StateDir, job_id_of_file, open_private
+from orchestrator.statedir import StateDir, vm_of_file, open_private
 
 STATE_POLL_S = 5.0  # safety net under lifecycle events
 
@@ -57,6 +58,7 @@ class LibvirtHypervisor:
         self._network = network
         self.domain_type = domain_type
         self._stopped: dict[str, asyncio.Event] = {}
+        self._ports: dict[str, JobPort] = {}  # pool VMs that said they are ready
         self.connection: LibvirtConnection
 
     @classmethod
@@ -98,7 +100,9 @@ class LibvirtHypervisor:
     def files_for(self, spec: VmSpec) -> DomainFiles:
         return DomainFiles(
             overlay=self._paths.overlay(spec.name),
-            seed=self._paths.seed(spec.name) if spec.seed is not None else None,
+            # Named whether or not this spec carries the seed: `destroy` of a VM known
+            # only by name (a pool VM taken back after a restart) removes it too.
+            seed=self._paths.seed(spec.name),
             channel=spec.job_channel,
             console=spec.console_path,
         )
@@ -117,14 +121,14 @@ class LibvirtHypervisor:
         files = self.files_for(spec)
         try:
             await create_overlay(spec.image_path, spec.image_format, files.overlay, spec.disk_gb)
-            if spec.seed is not None and files.seed is not None:
+            if spec.seed is not None:
                 await asyncio.to_thread(write_seed_iso, spec.seed, files.seed)
             spec.console_path.parent.mkdir(parents=True, exist_ok=True)
             if spec.job_channel is not None:
                 spec.job_channel.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(_create_private, spec.console_path)  # before QEMU makes it 0644
             xml = build_domain_xml(
-                spec, files, domain_type=self.domain_type, orchestrator_id=self._orchestrator_id, network=self._network
+                spec, files if spec.seed is not None else replace(files, seed=None), domain_type=self.domain_type, orchestrator_id=self._orchestrator_id, network=self._network
             )
             await self.connection.call(lambda c: c.defineXML(xml))
         except libvirt.libvirtError as exc:
@@ -134,12 +138,24 @@ class LibvirtHypervisor:
             await self._delete_files(files)
             raise BackendError(f"VM {spec.name}: {exc}") from None
 
+    async def wait_ready(self, spec: VmSpec, *, timeout_s: float) -> None:
+        """Wait for a pool VM's ready line on its job port, and keep the port open."""
+        if spec.job_channel is None:
+            raise HandOffError(f"VM {spec.name} has no job port")
+        port = await JobPort.open_when_ready(spec.job_channel, timeout_s=timeout_s)
+        stale = self._ports.pop(spec.name, None)
+        if stale is not None:
+            stale.close()
+        self._ports[spec.name] = port
+
     async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
         """Give a pool VM (booted with the waiter) its job: `job`'s user-data, run as a
         cold VM would run it. Raises `HandOffError`."""
         if spec.job_channel is None or job.seed is None:
             raise HandOffError(f"VM {spec.name} has no job port, or the job no user-data")
-        await hand_over(spec.job_channel, job_payload(job.seed.user_data), ready_timeout_s=ready_timeout_s)
+        if spec.name not in self._ports:
+            await self.wait_ready(spec, timeout_s=ready_timeout_s)
+        await self._ports.pop(spec.name).send(job_payload(job.seed.user_data))
 
     async def start(self, spec: VmSpec) -> None:
         self._stopped[spec.name] = asyncio.Event()
@@ -189,6 +205,9 @@ class LibvirtHypervisor:
         await self.destroy(spec)
 
     async def destroy(self, spec: VmSpec) -> None:
+        port = self._ports.pop(spec.name, None)
+        if port is not None:
+            port.close()
         await self._destroy_domain(spec.name)
         self._stopped.pop(spec.name, None)
         await self._delete_files(self.files_for(spec))
@@ -237,15 +256,17 @@ class LibvirtHypervisor:
                     code = domain.state()[0]
                 except libvirt.libvirtError:
                     continue  # vanished while we looked
-                found.append(VmInfo(domain.name(), tag.job_id, BackendName.LIBVIRT, _vm_state(code), tag.console))
+                found.append(VmInfo(domain.name(), tag.job_id, BackendName.LIBVIRT, _vm_state(code), tag.console, tag.pool))
             return found
 
         return await self.connection.call(scan)
 
-    async def leftovers(self, live_job_ids: AbstractSet[str]) -> list[str]:
-        """Overlays and seeds named `job-<uuid>.*` (and their `.partial`s) of jobs that
-        are not live; an operator's own files in these directories are never touched."""
+    async def leftovers(self, live_vms: AbstractSet[str]) -> list[str]:
+        """Overlays and seeds named `job-<uuid>.*` or `pool-<uuid>.*` (and their
+        `.partial`s), and job ports, of VMs that are not live; an operator's own files in
+        these directories are never touched."""
         paths = self._paths
+        live_ports = {paths.channel(vm).name for vm in live_vms}
 
         def delete() -> list[str]:
             removed = []
@@ -253,8 +274,13 @@ class LibvirtHypervisor:
                 if not directory.is_dir():
                     continue
                 for path in directory.iterdir():
-                    job_id = job_id_of_file(path)
-                    if job_id is not None and job_id not in live_job_ids and path.suffix in (".qcow2", ".iso", ".partial"):
+                    vm = vm_of_file(path)
+                    if vm is not None and vm not in live_vms and path.suffix in (".qcow2", ".iso", ".partial"):
+                        path.unlink(missing_ok=True)
+                        removed.append(str(path))
+            if paths.channels.is_dir():
+                for path in paths.channels.iterdir():
+                    if paths.channel_vm_suffix(path) is not None and path.name not in live_ports and path.is_socket():
                         path.unlink(missing_ok=True)
                         removed.append(str(path))
             return removed

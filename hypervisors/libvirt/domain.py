@@ -36,6 +36,7 @@ class JobTag:
     console: Path | None
     overlay: Path | None
     seed: Path | None
+    pool: bool = False  # role "pool": a warm pool VM, not (yet) any job's
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -45,10 +46,11 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return element
 
 
-def metadata_element(orchestrator_id: str, job_id: str, files: DomainFiles) -> ET.Element:
+def metadata_element(orchestrator_id: str, job_id: str, files: DomainFiles, *, pool: bool = False) -> ET.Element:
     job = ET.Element(f"{{{METADATA_NS}}}job")
     for name, value in (
         ("orchestrator", orchestrator_id),
+        ("role", "pool" if pool else "job"),
         ("job-id", job_id),
         ("console", str(files.console)),
         ("overlay", str(files.overlay)),
@@ -70,7 +72,7 @@ def build_domain_xml(
     domain = ET.Element("domain", type=domain_type)
     _sub(domain, "name", spec.name)
     metadata = _sub(domain, "metadata")
-    metadata.append(metadata_element(orchestrator_id, spec.job_id, files))
+    metadata.append(metadata_element(orchestrator_id, spec.job_id, files, pool=spec.job_channel is not None))
     _sub(domain, "memory", str(spec.memory_mb), unit="MiB")
     _sub(domain, "vcpu", str(spec.cpus), placement="static")
     os_element = _sub(domain, "os")
@@ -143,4 +145,6 @@ def read_job_tag(domain_xml: str) -> JobTag | None:
         value = text(name)
         return Path(value) if value else None
 
-    return JobTag(text("orchestrator"), text("job-id"), path("console"), path("overlay"), path("seed"))
+    return JobTag(
+        text("orchestrator"), text("job-id"), path("console"), path("overlay"), path("seed"), pool=text("role") == "pool"
+    )

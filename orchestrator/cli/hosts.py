@@ -30,8 +30,9 @@ async def _hosts(settings: DaemonSettings, answer_timeout: float, *, as_json: bo
             print(beat.model_dump_json())
             continue
         state = "draining" if beat.draining else "serving"
+        warm = f" + {beat.warm} warm VMs" if beat.warm else ""
         print(
-            f"{beat.host}: {state}, {beat.running}/{beat.max_concurrency} jobs, "
+            f"{beat.host}: {state}, {beat.running}/{beat.max_concurrency} jobs{warm}, "
             f"{beat.cpus_used}/{beat.cpus_total} vCPUs, {beat.memory_mb_used}/{beat.memory_mb_total} MiB, "
             f"version {beat.version}, labels {', '.join(beat.labels)}"
         )
