@@ -13,7 +13,12 @@ import aiohttp
 import pytest
 
 from orchestrator.forge.base import EventKind, ForgeEvent, Repo
-from orchestrator.forge.jobsfile import JOBS_FILE_MAX_BYTES, JobsFileError, Trigger, parse_jobs_file
+from orchestrator.forge.jobsfile import (
+    JOBS_FILE_MAX_BYTES,
+    JobsFileError,
+    Trigger,
+    parse_jobs_file,
+)
 from orchestrator.forge.planner import request_id_for
 from orchestrator.journal import JobState
 from tests.conftest import wait_for
@@ -284,7 +289,6 @@ async def test_hostile_jobs_files_are_one_error_each_and_the_bridge_goes_on(gith
     github.fake.files[(REPO, valid, JOBS_FILE)] = JOBS.encode()
     assert (await github.deliver(*push(valid)))[0] == 202
     assert (await github.fake.wait_for_state(valid, "orchestrator/test", "success"))[-1] == "success"
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{github.url}/healthz") as response:
-            assert response.status == 200
+    async with aiohttp.ClientSession() as http, http.get(f"{github.url}/healthz") as response:
+        assert response.status == 200
     assert github.bridge.dispatcher.counts["jobs_published"] == 1

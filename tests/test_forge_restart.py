@@ -13,7 +13,14 @@ from orchestrator.journal import JobState
 from tests.conftest import AMQP_URL, wait_for
 from tests.fakeforge import FakeForge
 from tests.fakeforge import github as fake_github
-from tests.forgebridge import JOBS, SECRET, BridgeProcess, deliver_to, start_bridge, write_config
+from tests.forgebridge import (
+    JOBS,
+    SECRET,
+    BridgeProcess,
+    deliver_to,
+    start_bridge,
+    write_config,
+)
 from tests.test_httpapi import free_port
 
 REPO = "octo-org/widgets"
@@ -62,7 +69,7 @@ async def test_a_delivery_open_when_the_bridge_stops_runs_once_after_it_restarts
         second = await start_bridge(prefix, tmp_path, fake, config, forge="github")
         try:
             await exactly_one_run(fake, daemon, broker)
-            assert [s.description for s in fake.statuses if s.sha == SHA][0] == "queued", "resumed, not caught up"
+            assert next(s.description for s in fake.statuses if s.sha == SHA) == "queued", "resumed, not caught up"
             await second.bridge.dispatcher.settled()
             assert await second.bridge.journal.open_deliveries() == []
             assert second.bridge.dispatcher.counts["jobs_published"] == 1

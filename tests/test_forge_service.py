@@ -15,7 +15,13 @@ from orchestrator.journal import JobState
 from tests.conftest import AMQP_URL
 from tests.fakeforge import FakeForge
 from tests.fakeforge import github as fake_github
-from tests.forgebridge import SECRET, BridgeProcess, deliver_to, run_forge_command, write_config
+from tests.forgebridge import (
+    SECRET,
+    BridgeProcess,
+    deliver_to,
+    run_forge_command,
+    write_config,
+)
 from tests.test_httpapi import free_port
 
 REPO = "octo-org/widgets"

@@ -96,9 +96,8 @@ async def test_a_status_refused_with_422_is_dropped_not_retried_and_counted(gith
     await github.bridge.reporter.send_due()  # the sender is idle: a status still due would go now
     assert len(posts_of(github.fake, "success")) == 1, "a 422 is not retried"
     assert github.fake.statuses_for(SHA, CONTEXT) == ["pending", "pending"]
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{github.url}/metrics") as response:
-            metrics = await response.text()
+    async with aiohttp.ClientSession() as http, http.get(f"{github.url}/metrics") as response:
+        metrics = await response.text()
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(metrics) for sample in family.samples
