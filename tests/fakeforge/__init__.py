@@ -11,6 +11,7 @@ auth rule with `install(fake)`. Tests set state directly (`fake.files[...] = ...
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Call:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)  # when it came (`time.monotonic()`)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,15 @@ class FakeForge:
         """The states set for (`sha`, `context`) once there are `count` of them."""
         async with asyncio.timeout(timeout_s):
             while len(self.statuses_for(sha, context)) < count:
+                self.status_changed.clear()
+                await self.status_changed.wait()
+        return self.statuses_for(sha, context)
+
+    async def wait_for_state(self, sha: str, context: str, state: str, timeout_s: float = 30) -> list[str]:
+        """The states set for (`sha`, `context`) once `state` is among them (the bridge
+        sends only the newest status of a context, so a count can skip steps)."""
+        async with asyncio.timeout(timeout_s):
+            while state not in self.statuses_for(sha, context):
                 self.status_changed.clear()
                 await self.status_changed.wait()
         return self.statuses_for(sha, context)
