@@ -215,3 +215,69 @@ async def test_a_push_and_a_pull_request_made_while_the_bridge_was_down_run_once
     finally:
         await second.bridge.stop()
         await fake.close()
+
+
+# --- 2. forks ----------------------------------------------------------------------------------------
+REPO = "octo-org/widgets"
+FORK = "contrib-dev/widgets"
+FORK_HEAD = "5" * 40
+
+
+async def github_bridge(tmp_path: Path, prefix: str, fake: FakeForge, **repo_options: Any) -> Bridge:
+    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO, **repo_options)
+    return await start_bridge(prefix, tmp_path, fake, config, forge="github")
+
+
+async def first_pass(tmp_path: Path, prefix: str, fake: FakeForge, **repo_options: Any) -> None:
+    """A bridge's first pass (it records the heads and runs nothing), then the bridge stops."""
+    bridge = await github_bridge(tmp_path, prefix, fake, **repo_options)
+    try:
+        await heads_recorded(bridge, REPO)
+    finally:
+        await bridge.bridge.stop()
+
+
+@pytest.mark.parametrize("forks", [False, True], ids=["forks-false", "forks-true"])
+async def test_a_fork_pull_request_found_by_a_pass_follows_the_forks_rule_and_never_gets_secrets(
+    tmp_path, prefix, cleanup_topology, daemon_factory, broker, monkeypatch, caplog, forks
+):
+    monkeypatch.setenv("WIDGETS_DEPLOY_KEY", "s3cr3t-deploy-key")
+    options = {"forks": forks, "secrets": {"DEPLOY_KEY": {"env": "WIDGETS_DEPLOY_KEY"}}}
+    fake = await fake_github.install(FakeForge()).start()
+    fake.branches[REPO] = {"main": OLD}
+    await first_pass(tmp_path, prefix, fake, **options)
+    fake.pulls[REPO] = [
+        Pull(number=5, head_sha=PR_HEAD, base_branch="main", head_branch="feature", head_repo=REPO),
+        Pull(number=12, head_sha=FORK_HEAD, base_branch="main", head_branch="main", head_repo=FORK),
+    ]
+    jobs_at(fake, REPO, PR_HEAD, FORK_HEAD)
+    daemon = await daemon_factory()
+    await broker.open()
+    bridge = await github_bridge(tmp_path, prefix, fake, **options)
+    try:
+        await heads_recorded(bridge, REPO, including="pull/12")  # the pass is over
+        await bridge.bridge.dispatcher.settled()
+        ran = [PR_HEAD, FORK_HEAD] if forks else [PR_HEAD]
+        results = await broker.collect(len(ran))
+        assert sorted(r.commit_sha for r in results.values()) == sorted(ran)
+        assert bridge.bridge.dispatcher.counts["jobs_published"] == len(ran)
+        for sha in ran:
+            assert await fake.wait_for_statuses(sha, "orchestrator/test", 3) == ["pending", "pending", "success"]
+        # What the host was asked to run: each job's request, from the daemon's journal.
+        requests = {r.request.commit_sha: r.request for r in await daemon.journal.in_states({JobState.PUBLISHED})}
+        assert requests[PR_HEAD].env["DEPLOY_KEY"] == "s3cr3t-deploy-key", "a same-repository PR gets the secrets"
+        if forks:
+            assert "DEPLOY_KEY" not in requests[FORK_HEAD].env, "a fork's job never gets secrets"
+            assert requests[FORK_HEAD].env["GREETING"] == "hello", "and keeps its own env"
+            assert requests[FORK_HEAD].repo_url == f"https://github.com/{FORK}.git", "its commits are the fork's"
+        else:
+            assert FORK_HEAD not in requests, "a fork's PR does not run with forks: false"
+            assert fake.statuses_for(FORK_HEAD) == [], "and shows no status"
+            assert not [c for c in fake.calls if c.query.get("ref") == FORK_HEAD], "its jobs file is not even read"
+            assert await bridge.bridge.journal.heads("github", REPO) == {"branch/main": OLD, "pull/5": PR_HEAD,
+                                                                          "pull/12": FORK_HEAD}
+        assert bridge.bridge.catchup.caught_up[("github", REPO)] == 2, "both were handed on; the rule is the planner's"
+        assert "s3cr3t-deploy-key" not in caplog.text, "secrets are never logged"
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()
