@@ -281,3 +281,65 @@ async def test_a_fork_pull_request_found_by_a_pass_follows_the_forks_rule_and_ne
     finally:
         await bridge.bridge.stop()
         await fake.close()
+
+
+# --- 3. long listings and the request budget ---------------------------------------------------------
+BRANCHES = [f"b{n:03d}" for n in range(250)]  # 3 pages of 100: the last one on page 3
+
+
+def branch_listings(fake: FakeForge, since: int = 0) -> list[dict[str, str]]:
+    """The queries of the branch listings the fake answered since call number `since`."""
+    return [call.query for call in fake.calls[since:] if call.path == f"/repos/{REPO}/branches"]
+
+
+async def test_a_head_moved_on_the_last_of_three_pages_of_branches_is_found(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+    from orchestrator.forge.service import catch_up_once
+
+    fake = await fake_github.install(FakeForge()).start()
+    fake.branches[REPO] = {name: OLD for name in BRANCHES}
+    config = loaded(write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO), fake)
+    settings = make_settings(prefix, tmp_path / "unused", tmp_path / "unused.yaml")
+    try:
+        [first] = await catch_up_once(settings, config, repo=REPO, dry_run=False)
+        assert first.first_pass and first.heads == 250
+        fake.branches[REPO][BRANCHES[-1]] = MOVED
+        jobs_at(fake, REPO, MOVED)
+        await daemon_factory()
+        await broker.open()
+        since = len(fake.calls)
+        [report] = await catch_up_once(settings, config, repo=REPO, dry_run=False)
+        assert report.error is None and report.heads == 250
+        assert report.ran == [f"branch/{BRANCHES[-1]}@{MOVED}"]
+        assert branch_listings(fake, since) == [{"per_page": "100"}, {"per_page": "100", "page": "2"},
+                                                {"per_page": "100", "page": "3"}]
+        assert (await broker.next_result()).commit_sha == MOVED
+    finally:
+        await fake.close()
+
+
+async def test_a_pass_over_its_request_budget_stops_says_so_and_webhooks_are_still_answered(
+    tmp_path, prefix, cleanup_topology, daemon_factory, caplog
+):
+    caplog.set_level(logging.INFO, logger="orchestrator.forge")
+    fake = await fake_github.install(FakeForge()).start()
+    fake.branches[REPO] = {name: OLD for name in BRANCHES}
+    config = with_top_level(write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO),
+                            catchup_max_requests=2)
+    bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github")
+    try:
+        await wait_for(lambda: logged(caplog, "catchup.failed"), what="the pass to stop at its budget")
+        [failed] = logged(caplog, "catchup.failed")
+        assert failed["repo"] == REPO and "budget is spent" in failed["error"], failed
+        assert f"/repos/{REPO}/branches" in failed["error"], "the log names the call it did not make"
+        # Two calls: the repository, then the first page of branches; nothing after that.
+        assert [c.path for c in fake.calls] == [f"/repos/{REPO}", f"/repos/{REPO}/branches"]
+        assert not logged(caplog, "catchup.pass")
+        assert await bridge.bridge.journal.heads("github", REPO) == {}, "a partial listing records nothing"
+        # The receiver's own API client has no budget: a webhook still runs its jobs.
+        await daemon_factory()
+        jobs_at(fake, REPO, MARK)
+        await accepted(bridge, github_push(REPO, "main", MARK))
+        assert await fake.wait_for_statuses(MARK, "orchestrator/test", 3) == ["pending", "pending", "success"]
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()
