@@ -343,3 +343,46 @@ async def test_a_pass_over_its_request_budget_stops_says_so_and_webhooks_are_sti
     finally:
         await bridge.bridge.stop()
         await fake.close()
+
+
+# --- 4. the forge failing during a pass ----------------------------------------------------------------
+async def test_5xx_and_429_during_a_pass_are_retried_nothing_is_lost_and_webhooks_are_answered_meanwhile(
+    tmp_path, prefix, cleanup_topology, daemon_factory, broker, caplog
+):
+    caplog.set_level(logging.INFO, logger="orchestrator.forge")
+    fake = await fake_github.install(FakeForge()).start()
+    fake.branches[REPO] = {name: OLD for name in BRANCHES}
+    await first_pass(tmp_path, prefix, fake)
+    fake.branches[REPO][BRANCHES[-1]] = MOVED  # on the last page
+    fake.pulls[REPO] = [Pull(number=5, head_sha=PR_HEAD, base_branch="main", head_branch="feature", head_repo=REPO)]
+    jobs_at(fake, REPO, MOVED, PR_HEAD, MARK)
+    branches, pulls = f"/repos/{REPO}/branches", f"/repos/{REPO}/pulls"
+    # The listing fails on page 2, then (tried again from the start) on page 3; the pull
+    # requests are rate limited once. Each answer says when to try again.
+    fake.fail_next(status=503, retry_after="1", path_prefix=branches, query={"page": "2"})
+    fake.fail_next(status=500, retry_after="1", path_prefix=branches, query={"page": "3"})
+    fake.fail_next(status=429, retry_after="1", path_prefix=pulls,
+                   headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Limit": "5000"})
+    await daemon_factory()
+    await broker.open()
+    since = len(fake.calls)
+    bridge = await github_bridge(tmp_path, prefix, fake)
+    try:
+        await wait_for(lambda: len(fake.failures) == 2, what="the pass to meet the first failure")
+        await accepted(bridge, github_push(REPO, "main", MARK))
+        assert fake.failures, "the webhook was answered while the pass was still failing"
+        results = await broker.collect(3, timeout_s=60)
+        assert sorted(r.commit_sha for r in results.values()) == sorted([MOVED, PR_HEAD, MARK])
+        for sha in (MOVED, PR_HEAD, MARK):
+            assert await fake.wait_for_statuses(sha, "orchestrator/test", 3) == ["pending", "pending", "success"]
+        await wait_for(lambda: len(logged(caplog, "catchup.pass")) == 2, what="the second bridge's pass to end")
+        done = logged(caplog, "catchup.pass")[-1]
+        assert (done["ran"], done["heads"]) == (2, 251)
+        assert [e["retry_in_s"] for e in logged(caplog, "catchup.retry")] == [1.0, 1.0, 1.0], "as the forge asked"
+        pages = [c.query.get("page", "1") for c in fake.calls[since:] if c.path == branches]
+        assert pages == ["1", "2", "1", "2", "3", "1", "2", "3"], "a failed listing is read again from its start"
+        assert len([c for c in fake.calls[since:] if c.path == pulls]) == 2
+        assert bridge.bridge.dispatcher.counts["jobs_published"] == 3 and not broker.conflicts
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()

@@ -49,6 +49,10 @@ class Failure:
     headers: dict[str, str] = field(default_factory=dict)  # e.g. rate-limit reset headers
     reset: bool = False  # drop the connection instead of answering
     path_prefix: str = ""  # only calls whose path starts with this
+    query: dict[str, str] = field(default_factory=dict)  # and whose query has these (e.g. {"page": "2"})
+
+    def matches(self, request: web.Request) -> bool:
+        return request.path.startswith(self.path_prefix) and all(request.query.get(k) == v for k, v in self.query.items())
 
 
 @dataclass
@@ -81,7 +85,7 @@ class FakeForge:
 
     # --- what tests use ---------------------------------------------------------------
     def fail_next(self, count: int = 1, **failure: Any) -> None:
-        """The next `count` API calls (matching `path_prefix`) fail as described."""
+        """The next `count` API calls (matching `path_prefix` and `query`) fail as described."""
         for _ in range(count):
             self.failures.append(Failure(**failure))
 
@@ -127,7 +131,7 @@ class FakeForge:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         body = await request.read()
         self.calls.append(Call(request.method, request.path, dict(request.query), dict(request.headers), body))
-        failure = next((f for f in self.failures if request.path.startswith(f.path_prefix)), None)
+        failure = next((f for f in self.failures if f.matches(request)), None)
         if failure is not None:
             self.failures.remove(failure)
             if failure.reset:
