@@ -386,3 +386,55 @@ async def test_5xx_and_429_during_a_pass_are_retried_nothing_is_lost_and_webhook
     finally:
         await bridge.bridge.stop()
         await fake.close()
+
+
+# --- 5. the commit budget ----------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG orchestrator/forge/catchup.py CatchUp.pass_repo: record_heads() records every listed head, also those "
+    "skipped over catchup_max_commits, so no later pass sees them moved and they never run. Fix: leave the "
+    "heads of todo[limit:] out of the record_heads() mapping (and remove this marker)"))
+async def test_a_pass_runs_at_most_catchup_max_commits_and_the_next_pass_runs_the_rest(
+    tmp_path, prefix, cleanup_topology, daemon_factory, broker, caplog
+):
+    from orchestrator.forge.service import catch_up_once
+
+    caplog.set_level(logging.INFO, logger="orchestrator.forge")
+    fake = await fake_github.install(FakeForge()).start()
+    names = [f"topic-{n}" for n in range(5)]
+    fake.branches[REPO] = {"main": OLD, **{name: OLD for name in names}}
+    config = with_top_level(write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO),
+                            catchup_max_commits=2)
+    await first_pass_with(config, tmp_path, prefix, fake)
+    moved = {name: hashlib.sha1(name.encode()).hexdigest() for name in names}
+    fake.branches[REPO].update(moved)
+    jobs_at(fake, REPO, *moved.values())
+    await daemon_factory()
+    await broker.open()
+    bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github")
+    try:
+        first = await broker.collect(2)
+        await wait_for(lambda: len(logged(caplog, "catchup.pass")) == 2, what="the pass at start to end")
+        assert logged(caplog, "catchup.pass")[-1]["ran"] == 2
+        [skipped] = logged(caplog, "catchup.skipped")
+        assert (skipped["commits"], skipped["limit"], skipped["repo"]) == (3, 2, REPO)
+        await bridge.bridge.dispatcher.settled()
+        assert bridge.bridge.dispatcher.counts["jobs_published"] == 2
+        # The next passes (here `forge catch-up` beside the bridge) run the rest, two at a time.
+        reports = [await catch_up_once(bridge.bridge.settings, bridge.bridge.config, repo=REPO, dry_run=False)
+                   for _ in range(3)]
+        assert [(len(r.ran), r.skipped) for [r] in reports] == [(2, 1), (1, 0), (0, 0)], [r.line() for [r] in reports]
+        rest = await broker.collect(3)
+        ran = sorted(r.commit_sha for r in [*first.values(), *rest.values()])
+        assert ran == sorted(moved.values()), "each moved head ran, once"
+        assert not broker.conflicts
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()
+
+
+async def first_pass_with(config: Path, tmp_path: Path, prefix: str, fake: FakeForge) -> None:
+    bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github")
+    try:
+        await heads_recorded(bridge, REPO)
+    finally:
+        await bridge.bridge.stop()
