@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.forge.base import StatusState
 from orchestrator.forge.config import LoadedForgeConfig, load_forge_config
 from orchestrator.journal import JobState
 from tests.conftest import make_settings, wait_for
@@ -438,3 +439,50 @@ async def first_pass_with(config: Path, tmp_path: Path, prefix: str, fake: FakeF
         await heads_recorded(bridge, REPO)
     finally:
         await bridge.bridge.stop()
+
+
+# --- a catch-up beside the running bridge -----------------------------------------------------------------
+async def test_a_catch_up_beside_the_running_bridge_never_leaves_an_older_status_after_the_final_one(
+    tmp_path, prefix, cleanup_topology, daemon_factory
+):
+    """`forge catch-up` (and `forge rerun`) share the journal with the running bridge and
+    send statuses from it too. Here the command's "queued" is slow to reach the forge
+    (held by the fake) while the bridge sends "running" and "success" for the same
+    context: the forge must still end on "success".
+
+    BUG (lead to decide; see the report): two senders take the same unsent row from
+    `BridgeJournal.statuses_to_send` and the slower one sends an older state after a
+    newer one. GitHub and Forgejo show the last status sent; GitLab starts a new status
+    after a final one. The soak (tests/test_forge_catchup_soak.py) meets it by chance."""
+    from orchestrator.forge.service import catch_up_once
+
+    fake = await fake_github.install(FakeForge()).start()
+    fake.branches[REPO] = {"main": OLD}
+    bridge = await github_bridge(tmp_path, prefix, fake)
+    try:
+        await heads_recorded(bridge, REPO)
+        fake.branches[REPO]["main"] = MOVED
+        jobs_at(fake, REPO, MOVED)
+        await daemon_factory()
+        slow = fake.pause(path_prefix=f"/repos/{REPO}/statuses/{MOVED}", body_contains=b"queued (caught up)")
+        command = asyncio.create_task(catch_up_once(bridge.bridge.settings, bridge.bridge.config, repo=REPO, dry_run=False))
+        await asyncio.wait_for(slow.arrived.wait(), 30)
+        journal = bridge.bridge.journal
+
+        async def result_journaled() -> bool:
+            return await journal.last_status("github", REPO, MOVED, "orchestrator/test") == StatusState.SUCCESS
+
+        await wait_for(result_journaled, what="the job's result in the bridge's journal")
+        try:  # today the bridge sends it at once; a bridge that waits for the command's send does not
+            await wait_for(lambda: "success" in fake.statuses_for(MOVED), what="the bridge's send", timeout_s=3)
+        except AssertionError:
+            pass
+        slow.release()
+        [report] = await asyncio.wait_for(command, 30)
+        assert report.ran == [f"branch/main@{MOVED}"]
+        await wait_for(lambda: "success" in fake.statuses_for(MOVED), what="the result on the commit")
+        shown = [(s.state, s.description) for s in fake.statuses if s.sha == MOVED]
+        assert shown[-1][0] == "success", f"the commit ends on {shown[-1]}; all sent: {shown}"
+    finally:
+        await bridge.bridge.stop()
+        await fake.close()
