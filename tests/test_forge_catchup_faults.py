@@ -196,7 +196,7 @@ async def test_a_push_and_a_pull_request_made_while_the_bridge_was_down_run_once
         assert await fake.wait_for_statuses(MOVED, "orchestrator/test", 3) == kit.states
         assert await fake.wait_for_statuses(PR_HEAD, "orchestrator/test", 3) == kit.states
         for sha in (MOVED, PR_HEAD):
-            assert [s.description for s in fake.statuses if s.sha == sha][0] == "queued (caught up)"
+            assert next(s.description for s in fake.statuses if s.sha == sha) == "queued (caught up)"
         results = await broker.collect(2)
         assert sorted(r.commit_sha for r in results.values()) == [MOVED, PR_HEAD]
         assert second.bridge.catchup.caught_up[(kit.kind, repo)] == 2
