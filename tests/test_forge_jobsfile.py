@@ -160,7 +160,6 @@ def test_the_readme_example_jobs_file_is_valid_and_its_filter_applies():
     assert set(jobs.matching(_event(EventKind.PUSH, branch="feature/login"))) == set()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Trigger.matches runs a tags-only job for every branch push (see report)")
 def test_a_job_filtered_to_tags_only_does_not_run_for_branch_pushes():
     # GitHub Actions' rule, and the one the jobs file applies the other way round: with
     # a branch filter and no tag filter, a job is for branches only.
