@@ -390,10 +390,6 @@ async def test_5xx_and_429_during_a_pass_are_retried_nothing_is_lost_and_webhook
 
 
 # --- 5. the commit budget ----------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG orchestrator/forge/catchup.py CatchUp.pass_repo: record_heads() records every listed head, also those "
-    "skipped over catchup_max_commits, so no later pass sees them moved and they never run. Fix: leave the "
-    "heads of todo[limit:] out of the record_heads() mapping (and remove this marker)"))
 async def test_a_pass_runs_at_most_catchup_max_commits_and_the_next_pass_runs_the_rest(
     tmp_path, prefix, cleanup_topology, daemon_factory, broker, caplog
 ):
