@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.forge.base import StatusState
+from orchestrator.forge.base import CommitStatus, Repo, StatusState
 from orchestrator.forge.config import LoadedForgeConfig, load_forge_config
 from orchestrator.journal import JobState
 from tests.conftest import make_settings, wait_for
@@ -446,10 +447,12 @@ async def test_a_catch_up_beside_the_running_bridge_never_leaves_an_older_status
     (held by the fake) while the bridge sends "running" and "success" for the same
     context: the forge must still end on "success".
 
-    BUG (lead to decide; see the report): two senders take the same unsent row from
-    `BridgeJournal.statuses_to_send` and the slower one sends an older state after a
-    newer one. GitHub and Forgejo show the last status sent; GitLab starts a new status
-    after a final one. The soak (tests/test_forge_catchup_soak.py) meets it by chance."""
+    Two senders could take the same unsent step from `BridgeJournal.statuses_to_send`,
+    the slower one sending an older state after a newer one (GitHub and Forgejo show the
+    last status sent; GitLab starts a new status after a final one). A sender now claims
+    the context first (`claim_status`). The fake holds every matching call, the bridge's
+    copy of "queued" too, so this test shows the outcome; the test below, on two
+    reporters alone, shows the race itself."""
     from orchestrator.forge.service import catch_up_once
 
     fake = await fake_github.install(FakeForge()).start()
@@ -482,3 +485,94 @@ async def test_a_catch_up_beside_the_running_bridge_never_leaves_an_older_status
     finally:
         await bridge.bridge.stop()
         await fake.close()
+
+
+class HeldForge:
+    """A forge for two reporters: `set_status` records what arrives; with `hold` set,
+    a call waits (a slow network) until the hold is released."""
+
+    def __init__(self, shown: list[str], hold: asyncio.Event | None = None) -> None:
+        self.shown, self.hold = shown, hold
+        self.arrived = asyncio.Event()
+
+    async def set_status(self, repo: Repo, commit_sha: str, status: CommitStatus) -> None:
+        self.arrived.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        self.shown.append(status.description)
+
+
+async def test_two_senders_of_one_journal_never_send_a_step_twice_or_out_of_order(tmp_path):
+    """The race itself, without a broker: a second process's reporter (`forge catch-up`)
+    is slow to send "queued" while the service's reporter has "running" and the result to
+    send for the same context. The service waits for the context, then sends the rest."""
+    from orchestrator.forge.journal import BridgeJournal
+    from orchestrator.forge.reporter import StatusReporter
+    from orchestrator.topology import Topology
+
+    path = tmp_path / "forge.db"
+    service_journal, command_journal = BridgeJournal(path), BridgeJournal(path)
+    shown: list[str] = []
+    hold = asyncio.Event()
+    slow = HeldForge(shown, hold)
+
+    def reporter(journal: BridgeJournal, forge: HeldForge) -> StatusReporter:
+        return StatusReporter(journal=journal, forges={"github": forge},  # type: ignore[dict-item]
+                              topology=Topology("unused"), delivery_limit=5)
+
+    service, command = reporter(service_journal, HeldForge(shown)), reporter(command_journal, slow)
+    repo = Repo("octo-org", "widgets", f"https://github.com/{REPO}.git")
+    context = "orchestrator/test"
+    try:
+        await command.propose("github", repo, MOVED, CommitStatus(StatusState.PENDING, context, "queued (caught up)"))
+        sending = asyncio.create_task(command.send_due())
+        await asyncio.wait_for(slow.arrived.wait(), 10)
+        await service.propose("github", repo, MOVED, CommitStatus(StatusState.RUNNING, context, "running on host0"))
+        await service.propose("github", repo, MOVED, CommitStatus(StatusState.SUCCESS, context, "passed"))
+        await service.send_due()
+        assert shown == [], "the service sent while the command held the context"
+        retry_at = await service_journal.next_status_try()
+        assert retry_at is not None and retry_at - time.time() <= 1, "the service looks again soon"
+        hold.set()
+        await asyncio.wait_for(sending, 10)
+        for _ in range(3):
+            await service.send_due()
+        assert shown == ["queued (caught up)", "running on host0", "passed"]
+        assert await service_journal.next_status_try() is None, "nothing left to send"
+    finally:
+        await service_journal.close()
+        await command_journal.close()
+
+
+async def test_a_claim_left_by_a_sender_that_died_is_taken_at_once(tmp_path):
+    """A sender SIGKILLed between its claim and its send leaves the claim behind: the
+    next sender takes the context at once, not a lease (two minutes) later."""
+    import sys
+
+    from orchestrator.forge.journal import BridgeJournal
+    from orchestrator.forge.reporter import SEND_LEASE_S
+
+    path = tmp_path / "forge.db"
+    journal = BridgeJournal(path)
+    repo = Repo("octo-org", "widgets", f"https://github.com/{REPO}.git")
+    try:
+        await journal.propose_status("github", repo, MOVED, CommitStatus(StatusState.PENDING, "orchestrator/test", "queued"))
+        [listed] = await journal.statuses_to_send(time.time())
+        claims_and_dies = (
+            "import asyncio, os, sys, time\n"
+            "from orchestrator.forge.journal import BridgeJournal\n"
+            "async def main():\n"
+            f"    journal = BridgeJournal(__import__('pathlib').Path({str(path)!r}))\n"
+            f"    [listed] = await journal.statuses_to_send(time.time())\n"
+            f"    assert await journal.claim_status(listed, now=time.time(), lease_s={SEND_LEASE_S})\n"
+            "    await journal.close()\n"
+            "    os._exit(0)\n"
+            "asyncio.run(main())\n"
+        )
+        child = await asyncio.create_subprocess_exec(sys.executable, "-c", claims_and_dies, cwd=Path(__file__).parent.parent)
+        assert await child.wait() == 0
+        claimed = await journal.claim_status(listed, now=time.time(), lease_s=SEND_LEASE_S)
+        assert claimed is not None and claimed.status.description == "queued"
+        assert await journal.claim_status(listed, now=time.time(), lease_s=SEND_LEASE_S) is None, "held by this process now"
+    finally:
+        await journal.close()
