@@ -154,6 +154,7 @@ async def test_rerun_publishes_a_new_run_with_fresh_statuses(tmp_path, prefix, c
         states = fake.statuses_for(MOVED, "orchestrator/test")
         assert states[:3] == ["pending", "pending", "success"]
         assert states[3] == "pending" and states[-1] == "success", "the re-run started the context over"
+        assert states == ["pending", "pending", "success"] * 2, "each step sent once (GitHub shows running as pending)"
     finally:
         await bridge.bridge.stop()
         await fake.close()
