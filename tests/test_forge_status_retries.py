@@ -103,3 +103,26 @@ async def test_a_status_refused_with_422_is_dropped_not_retried_and_counted(gith
         for family in text_string_to_metric_families(metrics) for sample in family.samples
     }
     assert samples[("orchestrator_forge_status_failures_total", (("code", "422"), ("forge", "github")))] == 1.0
+
+
+async def test_a_step_waiting_behind_a_retried_one_does_not_make_the_sender_poll(tmp_path):
+    """The sender sleeps until the next step is due. A context's later step waits for its
+    oldest one: while that one backs off, the later one is not due (the sender used to
+    wake every 50 ms until the retry)."""
+    import time
+
+    from orchestrator.forge.base import CommitStatus, Repo, StatusState
+    from orchestrator.forge.journal import BridgeJournal
+
+    journal = BridgeJournal(tmp_path / "forge.db")
+    repo = Repo("octo-org", "widgets", f"https://github.com/{REPO}.git")
+    try:
+        await journal.propose_status("github", repo, SHA, CommitStatus(StatusState.PENDING, CONTEXT, "queued"))
+        [queued] = await journal.statuses_to_send(time.time())
+        retry_at = time.time() + 60
+        await journal.status_retry(queued, at=retry_at, error="HTTP 503")
+        await journal.propose_status("github", repo, SHA, CommitStatus(StatusState.RUNNING, CONTEXT, "running on host0"))
+        assert await journal.statuses_to_send(time.time()) == []
+        assert await journal.next_status_try() == retry_at
+    finally:
+        await journal.close()

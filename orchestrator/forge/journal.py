@@ -389,13 +389,15 @@ class BridgeJournal:
         await self._db.submit(lambda conn: _release(conn, pending))
 
     async def next_status_try(self) -> float | None:
-        """When the next step may be due: its own time, or for a context another sender
-        holds, the end of that sender's lease but no later than a short poll."""
+        """When the next step may be due. Only each context's oldest step counts (the
+        later ones wait for it, whatever their own time); one another sender holds is
+        due at the end of that sender's lease, but looked at again after a short poll."""
 
         def op(conn: sqlite3.Connection) -> float | None:
             return conn.execute(
                 "SELECT MIN(MAX(o.next_try_at, MIN(COALESCE(c.sending_until, 0), ?))) FROM status_outbox o"
-                " LEFT JOIN status_claims c USING (forge, repo_json, commit_sha, context)",
+                " LEFT JOIN status_claims c USING (forge, repo_json, commit_sha, context)"
+                " WHERE o.id IN (SELECT MIN(id) FROM status_outbox GROUP BY forge, repo_json, commit_sha, context)",
                 (time.time() + CLAIM_POLL_S,),
             ).fetchone()[0]
 
