@@ -476,9 +476,10 @@ class BridgeJournal:
 
         return await self._db.submit(op)
 
-    async def record_heads(self, forge: str, repo: Repo | str, heads: dict[str, str]) -> None:
-        """The heads a catch-up pass saw, and when it saw them."""
-        name = repo if isinstance(repo, str) else repo.full_name
+    async def record_heads(self, forge: str, name: str, repo: Repo, heads: dict[str, str]) -> None:
+        """The heads a catch-up pass saw for repository `name` (as configured), and when
+        it saw them. `repo` is the repository as the pass used it: kept unless a webhook
+        described it already, so the next pass need not ask the forge's API again."""
 
         def op(conn: sqlite3.Connection) -> None:
             now = time.time()
@@ -486,11 +487,14 @@ class BridgeJournal:
                 "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)",
                 [(forge, name, ref_key, sha, now) for ref_key, sha in heads.items()],
             )
+            row = conn.execute("SELECT repo_json FROM repositories WHERE forge = ? AND repo = ?", (forge, name)).fetchone()
+            # A webhook's description wins; a row without a clone URL (written by passes
+            # before they kept theirs) is replaced.
+            described = row[0] if row is not None and repo_from_json(row[0]).clone_url else repo_json(repo)
             conn.execute(
                 "INSERT INTO repositories (forge, repo, repo_json, last_pass_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (forge, repo) DO UPDATE SET last_pass_at = excluded.last_pass_at",
-                (forge, name, json.dumps({"owner": name.rpartition("/")[0], "name": name.rpartition("/")[2],
-                                           "clone_url": "", "project_id": None}), now),
+                " ON CONFLICT (forge, repo) DO UPDATE SET repo_json = excluded.repo_json, last_pass_at = excluded.last_pass_at",
+                (forge, name, described, now),
             )
 
         await self._db.submit(op)
