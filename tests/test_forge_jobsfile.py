@@ -207,8 +207,8 @@ def delivery_of(label: str, sha: str) -> tuple[dict[str, str], bytes]:
 
 
 async def settle(bridge: Bridge) -> None:
-    """Until every delivery is processed and the bridge's sender has no status left to
-    send (calling `send_due` beside it could send one twice)."""
+    """Until every delivery is processed and the bridge's own sender has no status left
+    to send."""
     await bridge.bridge.dispatcher.settled()
     async def nothing_to_send() -> bool:
         return await bridge.bridge.journal.next_status_try() is None
