@@ -10,7 +10,9 @@ parser where installed), checked, and only then turned into Python objects:
   refused instead of recursing without end;
 - nesting is bounded by libyaml itself (about 1000 levels) or, without it, by Python's
   recursion limit; either way it is an error with a line, never a traceback;
-- an integer of more than `MAX_INT_DIGITS` digits is refused with its line.
+- an integer of more than `MAX_INT_DIGITS` digits is refused with its line;
+- an unquoted mapping key is never a boolean: YAML 1.1 reads `on:`, `yes:`, `off:` as
+  true/false, which would turn the jobs file's `on:` filter into a `True` key.
 
 Every error is `YamlError` with the file and line: `map.yaml:7: duplicate key 'images'`.
 """
@@ -28,6 +30,8 @@ Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 DEFAULT_MAX_NODES = 100_000
 MERGE_KEY = "<<"
 INT_TAG = "tag:yaml.org,2002:int"
+BOOL_TAG = "tag:yaml.org,2002:bool"
+STR_TAG = "tag:yaml.org,2002:str"
 MAX_INT_DIGITS = 1000  # Python refuses to convert more than 4300 digits, with a traceback
 KeyPath = tuple[Any, ...]
 
@@ -72,6 +76,7 @@ def parse_yaml(text: str | bytes, *, filename: str, max_bytes: int, max_nodes: i
     if node is None:
         return YamlDocument(None, {}, filename)
     _check_graph(node, filename=filename, max_nodes=max_nodes)
+    _plain_keys_as_strings(node)
     lines: dict[KeyPath, int] = {}
     _index_lines(node, (), lines)
     try:
@@ -130,6 +135,28 @@ def _check_graph(root: yaml.Node, *, filename: str, max_nodes: int) -> None:
                 raise YamlError(f"{filename}:{child.start_mark.line + 1}: an anchor contains an alias to itself")
             if id(child) not in expanded:
                 stack.append((child, False))
+
+
+def _plain_keys_as_strings(root: yaml.Node) -> None:
+    """Retag every unquoted key that YAML 1.1 resolved as a boolean (`on`, `off`, `yes`,
+    `no`, `true`, ...) as the string it was written as. Every file parsed here is keyed by
+    names, never by booleans, and `on:` is the jobs file's filter key: without this the
+    README's own example would be refused as an unknown key `True`. Values are left
+    alone (`enabled: yes` is still true). Runs after `_check_graph`, so the graph is
+    acyclic and bounded; the visited set keeps shared (aliased) nodes to one visit."""
+    visited: set[int] = set()
+    stack: list[yaml.Node] = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, _ in node.value:
+                # A plain scalar has no style (None from the Python loader, '' from libyaml's).
+                if isinstance(key, yaml.ScalarNode) and not key.style and key.tag == BOOL_TAG:
+                    key.tag = STR_TAG
+        stack.extend(_children(node))
 
 
 def _refuse_duplicate_keys(node: yaml.MappingNode, filename: str) -> None:

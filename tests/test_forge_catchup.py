@@ -125,8 +125,11 @@ async def test_catch_up_dry_run_changes_nothing_and_a_real_one_runs_the_moved_he
         [real] = await catch_up_once(settings, loaded, repo=REPO, dry_run=False)
         assert real.ran == [f"branch/main@{MOVED}"]
         assert (await fake.wait_for_statuses(MOVED, "orchestrator/test", 1))[0] == "pending"
+        since = len(fake.calls)
         [again] = await catch_up_once(settings, loaded, repo=REPO, dry_run=False)
         assert again.ran == [], "a head that has run is not run again"
+        assert [c.path for c in fake.calls[since:] if c.path == f"/repos/{REPO}"] == [], \
+            "a pass keeps the repository it fetched: the next one does not ask for it again"
     finally:
         await fake.close()
 
@@ -154,6 +157,7 @@ async def test_rerun_publishes_a_new_run_with_fresh_statuses(tmp_path, prefix, c
         states = fake.statuses_for(MOVED, "orchestrator/test")
         assert states[:3] == ["pending", "pending", "success"]
         assert states[3] == "pending" and states[-1] == "success", "the re-run started the context over"
+        assert states == ["pending", "pending", "success"] * 2, "each step sent once (GitHub shows running as pending)"
     finally:
         await bridge.bridge.stop()
         await fake.close()

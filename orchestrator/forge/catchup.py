@@ -141,7 +141,7 @@ class CatchUp:
             # Heads skipped over the commit limit stay unrecorded: the next pass runs them.
             skipped = {(e.ref_key, e.commit_sha) for e in todo[limit:]}
             seen = {e.ref_key: e.commit_sha for e in events if (e.ref_key, e.commit_sha) not in skipped}
-            await self._journal.record_heads(forge_name, full_name, seen)
+            await self._journal.record_heads(forge_name, full_name, repo, seen)
             self.last_pass[(forge_name, full_name)] = time.time()
         await self._check_hooks(forge_name, forge, repo, rlog)
         if report.skipped:

@@ -57,7 +57,9 @@ class Trigger(BaseModel):
         if self.branches is not None:
             # A pull request is filtered by the branch it targets.
             return event.branch is not None and any(fnmatch.fnmatchcase(event.branch, p) for p in self.branches)
-        return True
+        # The mirror of the tag rule above: with a tag filter and no branch filter, a job
+        # is for tags only, not for every branch push and pull request.
+        return self.tags is None
 
 
 class JobSpec(BaseModel):

@@ -9,7 +9,11 @@
 - The last status per (repository, commit, context) is kept, and moves only forward —
   queued, then running, then a final state — so a late `pending` never overwrites a
   result. Each step waits in an outbox until the forge took it, and the steps of one
-  context are sent in order (the commit shows queued, running, then the result).
+  context are sent in order (the commit shows queued, running, then the result). A
+  sender claims a context before it sends (`status_claims`, with a lease): `forge
+  catch-up` and `forge rerun` send from the same journal as the running service, and
+  two senders of one context would otherwise both take its oldest step, the slower
+  one putting an older state on the commit after a newer one.
 - The head of each branch and open pull request, as last seen (catch-up).
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -77,6 +82,15 @@ CREATE TABLE IF NOT EXISTS status_outbox (
     next_try_at REAL NOT NULL DEFAULT 0,
     error       TEXT
 );
+CREATE TABLE IF NOT EXISTS status_claims (
+    forge         TEXT NOT NULL,
+    repo_json     TEXT NOT NULL,
+    commit_sha    TEXT NOT NULL,
+    context       TEXT NOT NULL,
+    sending_until REAL NOT NULL,
+    owner_pid     INTEGER NOT NULL,
+    PRIMARY KEY (forge, repo_json, commit_sha, context)
+);
 CREATE TABLE IF NOT EXISTS repositories (
     forge           TEXT NOT NULL,
     repo            TEXT NOT NULL,
@@ -97,6 +111,9 @@ CREATE TABLE IF NOT EXISTS heads (
 
 # queued < running < final: a status only ever moves to a higher rank.
 _RANK = {StatusState.PENDING: 0, StatusState.RUNNING: 1}
+# How soon a sender looks again at a due context another sender holds: that sender may
+# be another process, whose release wakes nobody here.
+CLAIM_POLL_S = 0.5
 
 
 def _rank(state: StatusState) -> int:
@@ -181,6 +198,28 @@ def _propose(conn: sqlite3.Connection, forge: str, repo: Repo, commit_sha: str, 
         (forge, repo_json(repo), commit_sha, status.context, status.state.value, status.description, status.target_url),
     )
     return True
+
+
+def _claim_key(pending: PendingStatus) -> tuple[str, str, str, str]:
+    # The outbox's unit of order (statuses_to_send groups by the same columns).
+    return pending.forge, repo_json(pending.repo), pending.commit_sha, pending.status.context
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists. Every sender is on this host: the journal is SQLite
+    in WAL mode, which does not work across hosts."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user
+        return True
+    return True
+
+
+def _release(conn: sqlite3.Connection, pending: PendingStatus) -> None:
+    conn.execute("DELETE FROM status_claims WHERE forge = ? AND repo_json = ? AND commit_sha = ? AND context = ?",
+                 _claim_key(pending))
 
 
 class BridgeJournal:
@@ -316,9 +355,51 @@ class BridgeJournal:
 
         return await self._db.submit(op)
 
+    async def claim_status(self, pending: PendingStatus, *, now: float, lease_s: float) -> PendingStatus | None:
+        """Claim `pending`'s context for one send, until `status_done`, `status_retry` or
+        `status_release`, or until `lease_s` passes or the claiming process is gone (a
+        sender that died: a bridge SIGKILLed mid-send sends again as soon as it is
+        restarted, not a lease later). Returns the context's oldest unsent step as it
+        is now — another sender may have sent the listed one meanwhile — or None when
+        no step is due or another sender (maybe another process) holds the context."""
+        key = _claim_key(pending)
+
+        def op(conn: sqlite3.Connection) -> PendingStatus | None:
+            held = conn.execute(
+                "SELECT owner_pid FROM status_claims WHERE forge = ? AND repo_json = ? AND commit_sha = ? AND context = ?"
+                " AND sending_until > ?", (*key, now),
+            ).fetchone()
+            if held is not None and _alive(held[0]):  # this process's own claims count too
+                return None
+            row = conn.execute(
+                "SELECT id, state, description, target_url, attempts, next_try_at FROM status_outbox"
+                " WHERE forge = ? AND repo_json = ? AND commit_sha = ? AND context = ? ORDER BY id LIMIT 1", key,
+            ).fetchone()
+            if row is None or row[5] > now:
+                return None
+            conn.execute("INSERT OR REPLACE INTO status_claims (forge, repo_json, commit_sha, context, sending_until,"
+                         " owner_pid) VALUES (?, ?, ?, ?, ?, ?)", (*key, now + lease_s, os.getpid()))
+            status = CommitStatus(StatusState(row[1]), pending.status.context, row[2], row[3])
+            return PendingStatus(row[0], pending.forge, pending.repo, pending.commit_sha, status, row[4])
+
+        return await self._db.submit(op)
+
+    async def status_release(self, pending: PendingStatus) -> None:
+        """Give a claim up without sending (the sender stops)."""
+        await self._db.submit(lambda conn: _release(conn, pending))
+
     async def next_status_try(self) -> float | None:
+        """When the next step may be due. Only each context's oldest step counts (the
+        later ones wait for it, whatever their own time); one another sender holds is
+        due at the end of that sender's lease, but looked at again after a short poll."""
+
         def op(conn: sqlite3.Connection) -> float | None:
-            return conn.execute("SELECT MIN(next_try_at) FROM status_outbox").fetchone()[0]
+            return conn.execute(
+                "SELECT MIN(MAX(o.next_try_at, MIN(COALESCE(c.sending_until, 0), ?))) FROM status_outbox o"
+                " LEFT JOIN status_claims c USING (forge, repo_json, commit_sha, context)"
+                " WHERE o.id IN (SELECT MIN(id) FROM status_outbox GROUP BY forge, repo_json, commit_sha, context)",
+                (time.time() + CLAIM_POLL_S,),
+            ).fetchone()[0]
 
         return await self._db.submit(op)
 
@@ -327,6 +408,7 @@ class BridgeJournal:
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM status_outbox WHERE id = ?", (pending.row,))
+            _release(conn, pending)
 
         await self._db.submit(op)
 
@@ -336,6 +418,7 @@ class BridgeJournal:
                 "UPDATE status_outbox SET attempts = attempts + 1, next_try_at = ?, error = ? WHERE id = ?",
                 (at, error, pending.row),
             )
+            _release(conn, pending)
 
         await self._db.submit(op)
 
@@ -393,9 +476,10 @@ class BridgeJournal:
 
         return await self._db.submit(op)
 
-    async def record_heads(self, forge: str, repo: Repo | str, heads: dict[str, str]) -> None:
-        """The heads a catch-up pass saw, and when it saw them."""
-        name = repo if isinstance(repo, str) else repo.full_name
+    async def record_heads(self, forge: str, name: str, repo: Repo, heads: dict[str, str]) -> None:
+        """The heads a catch-up pass saw for repository `name` (as configured), and when
+        it saw them. `repo` is the repository as the pass used it: kept unless a webhook
+        described it already, so the next pass need not ask the forge's API again."""
 
         def op(conn: sqlite3.Connection) -> None:
             now = time.time()
@@ -403,11 +487,14 @@ class BridgeJournal:
                 "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)",
                 [(forge, name, ref_key, sha, now) for ref_key, sha in heads.items()],
             )
+            row = conn.execute("SELECT repo_json FROM repositories WHERE forge = ? AND repo = ?", (forge, name)).fetchone()
+            # A webhook's description wins; a row without a clone URL (written by passes
+            # before they kept theirs) is replaced.
+            described = row[0] if row is not None and repo_from_json(row[0]).clone_url else repo_json(repo)
             conn.execute(
                 "INSERT INTO repositories (forge, repo, repo_json, last_pass_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (forge, repo) DO UPDATE SET last_pass_at = excluded.last_pass_at",
-                (forge, name, json.dumps({"owner": name.rpartition("/")[0], "name": name.rpartition("/")[2],
-                                           "clone_url": "", "project_id": None}), now),
+                " ON CONFLICT (forge, repo) DO UPDATE SET repo_json = excluded.repo_json, last_pass_at = excluded.last_pass_at",
+                (forge, name, described, now),
             )
 
         await self._db.submit(op)

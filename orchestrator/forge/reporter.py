@@ -33,6 +33,7 @@ log = EventLogger("orchestrator.forge.reporter")
 RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 300.0
 PREFETCH = 64
+SEND_LEASE_S = 120.0  # longer than one forge call can take (the API clients time out at 30 s)
 
 
 class StatusReporter:
@@ -118,7 +119,20 @@ class StatusReporter:
         for pending in await self._journal.statuses_to_send(time.time()):
             await self._send(pending)
 
-    async def _send(self, pending: PendingStatus) -> None:
+    async def _send(self, listed: PendingStatus) -> None:
+        # `forge catch-up` and `forge rerun` send from the same journal as the service:
+        # one sender of a context at a time, each sending the step that is oldest when it
+        # claims the context (the listed one may have been sent meanwhile).
+        pending = await self._journal.claim_status(listed, now=time.time(), lease_s=SEND_LEASE_S)
+        if pending is None:
+            return
+        try:
+            await self._send_claimed(pending)
+        except BaseException:  # cancelled (a stop) or a bug: let the next sender have it now
+            await asyncio.shield(self._journal.status_release(pending))
+            raise
+
+    async def _send_claimed(self, pending: PendingStatus) -> None:
         forge = self._forges.get(pending.forge)
         if forge is None:
             await self._journal.status_done(pending, error="forge no longer configured")

@@ -150,10 +150,10 @@ class ForgeBridge:
         self.catchup = CatchUp(journal=self.journal, forges=catchup_forges, config=self.config, dispatcher=self.dispatcher)
         tasks = BackgroundTasks()
         stack.push_async_callback(tasks.cancel_all)
-        tasks.spawn(self.reporter.send_forever(), name="forge-status-sender")
         tasks.spawn(self.dispatcher.run_forever(), name="forge-dispatcher")
         if not self._serve:
-            return
+            return  # `catch-up` and `rerun` send their statuses once, at their end (`send_due`)
+        tasks.spawn(self.reporter.send_forever(), name="forge-status-sender")
         for name in catchup_forges:
             tasks.spawn(self._catch_up_forever(name), name=f"forge-catch-up-{name}")
         with failing_as(

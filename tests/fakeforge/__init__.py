@@ -11,6 +11,7 @@ auth rule with `install(fake)`. Tests set state directly (`fake.files[...] = ...
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Call:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)  # when it came (`time.monotonic()`)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,33 @@ class Failure:
     headers: dict[str, str] = field(default_factory=dict)  # e.g. rate-limit reset headers
     reset: bool = False  # drop the connection instead of answering
     path_prefix: str = ""  # only calls whose path starts with this
+    query: dict[str, str] = field(default_factory=dict)  # and whose query has these (e.g. {"page": "2"})
+
+    def matches(self, request: web.Request) -> bool:
+        return request.path.startswith(self.path_prefix) and all(request.query.get(k) == v for k, v in self.query.items())
+
+
+@dataclass
+class Pause:
+    """Calls that match wait, before they are handled, until `release()` (a test orders
+    two clients' calls this way)."""
+
+    path_prefix: str = ""
+    body_contains: bytes = b""
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set once a call is held
+    held: int = 0  # calls held so far
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def matches(self, request: web.Request, body: bytes) -> bool:
+        return not self._released.is_set() and request.path.startswith(self.path_prefix) and self.body_contains in body
+
+    async def hold(self) -> None:
+        self.held += 1
+        self.arrived.set()
+        await self._released.wait()
+
+    def release(self) -> None:
+        self._released.set()
 
 
 @dataclass
@@ -73,6 +102,7 @@ class FakeForge:
         self.hooks: dict[str, list[dict[str, Any]]] = {}  # GitLab: owner/name -> hooks
         self.per_page_default = 30
         self.failures: deque[Failure] = deque()
+        self.pauses: list[Pause] = []
         self.authorized: Callable[[web.Request], bool] = lambda _request: True
         self.app = web.Application(middlewares=[self._middleware])
         self._runner: web.AppRunner | None = None
@@ -81,9 +111,15 @@ class FakeForge:
 
     # --- what tests use ---------------------------------------------------------------
     def fail_next(self, count: int = 1, **failure: Any) -> None:
-        """The next `count` API calls (matching `path_prefix`) fail as described."""
+        """The next `count` API calls (matching `path_prefix` and `query`) fail as described."""
         for _ in range(count):
             self.failures.append(Failure(**failure))
+
+    def pause(self, *, path_prefix: str = "", body_contains: bytes = b"") -> Pause:
+        """Hold every call matching `path_prefix` and `body_contains` until the pause is released."""
+        pause = Pause(path_prefix, body_contains)
+        self.pauses.append(pause)
+        return pause
 
     def statuses_for(self, sha: str, context: str | None = None) -> list[str]:
         return [s.state for s in self.statuses if s.sha == sha and (context is None or s.context == context)]
@@ -96,6 +132,15 @@ class FakeForge:
         """The states set for (`sha`, `context`) once there are `count` of them."""
         async with asyncio.timeout(timeout_s):
             while len(self.statuses_for(sha, context)) < count:
+                self.status_changed.clear()
+                await self.status_changed.wait()
+        return self.statuses_for(sha, context)
+
+    async def wait_for_state(self, sha: str, context: str, state: str, timeout_s: float = 30) -> list[str]:
+        """The states set for (`sha`, `context`) once `state` is among them (the bridge
+        sends only the newest status of a context, so a count can skip steps)."""
+        async with asyncio.timeout(timeout_s):
+            while state not in self.statuses_for(sha, context):
                 self.status_changed.clear()
                 await self.status_changed.wait()
         return self.statuses_for(sha, context)
@@ -127,7 +172,10 @@ class FakeForge:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         body = await request.read()
         self.calls.append(Call(request.method, request.path, dict(request.query), dict(request.headers), body))
-        failure = next((f for f in self.failures if request.path.startswith(f.path_prefix)), None)
+        for pause in self.pauses:
+            if pause.matches(request, body):
+                await pause.hold()
+        failure = next((f for f in self.failures if f.matches(request)), None)
         if failure is not None:
             self.failures.remove(failure)
             if failure.reset:
