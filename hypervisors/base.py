@@ -110,6 +110,14 @@ class Hypervisor(Protocol):
         """Give a pool VM its job (`job`: its user-data, nonce, env and console); from
         then on it runs like a cold job VM. Raises `hypervisors.handoff.HandOffError`."""
 
+    async def save_template(self, spec: VmSpec, template: Path, *, timeout_s: float) -> None:
+        """Save a started pool VM, once it waits for its job, as a template in the
+        directory `template` (memory and disk); the VM is gone afterwards."""
+
+    async def restore(self, spec: VmSpec, template: Path) -> None:
+        """Start the pool VM `spec` from a template instead of booting it (then
+        `wait_ready` as for a booted one). Raises `BackendError`."""
+
     async def wait_stopped(self, spec: VmSpec) -> VmState:
         """Return once the VM has powered off (or is gone)."""
 

@@ -58,8 +58,17 @@ exec /tmp/orch-job
 """.encode()
 
 
-def job_payload(job_user_data: bytes, *, now: float | None = None, seed: bytes | None = None) -> bytes:
-    """The job's own user-data, preceded by the host's time and a fresh random seed."""
+def job_payload(
+    job_user_data: bytes,
+    *,
+    now: float | None = None,
+    seed: bytes | None = None,
+    restored: bool = False,
+    mac_change: tuple[str, str] | None = None,
+) -> bytes:
+    """The job's own user-data, preceded by the host's time and a fresh random seed; for
+    a VM restored from a template (`restored`) also a reseed of the kernel's RNG and its
+    own MAC for the NIC that has the template's."""
     when = int(time.time() if now is None else now)
     entropy = (seed if seed is not None else secrets.token_bytes(SEED_BYTES)).hex()
     body = job_user_data.split(b"\n", 1)[1] if job_user_data.startswith(b"#!") else job_user_data
@@ -69,6 +78,23 @@ def job_payload(job_user_data: bytes, *, now: float | None = None, seed: bytes |
         # Mixed into the pool, whatever the guest's entropy was when it was booted or saved.
         f"printf %s {shlex.quote(entropy)} >/dev/urandom 2>/dev/null || true\n"
     )
+    if restored:
+        # Every copy of a template starts from the same RNG state, and a write to
+        # /dev/urandom does not reseed it. RNDRESEEDCRNG does, where python3 is (every cloud
+        # image: cloud-init is Python); guests with vmgenid reseed by themselves (each copy
+        # gets a new generation id); others at the kernel's next interval (under a minute).
+        prelude += (
+            "command -v python3 >/dev/null 2>&1 && python3 -c "
+            "'import fcntl, os; fcntl.ioctl(os.open(\"/dev/urandom\", os.O_WRONLY), 0x5207)' 2>/dev/null\n"
+        )
+    if mac_change is not None:
+        old, new = (shlex.quote(mac) for mac in mac_change)
+        # Every restored copy has the template's MAC in its memory: the host gave each its own.
+        prelude += (
+            "for orch_nic in /sys/class/net/*; do\n"
+            f'  [ "$(cat "$orch_nic/address" 2>/dev/null)" = {old} ] && ip link set dev "${{orch_nic##*/}}" address {new} 2>/dev/null\n'
+            "done\n"
+        )
     return prelude.encode() + body
 
 

@@ -60,6 +60,8 @@ class NoopHypervisor:
         self._vms: dict[str, _NoopVm] = {}
         self.alive = 0
         self.peak_alive = 0
+        self.templates_saved = 0
+        self.restores = 0
 
     async def prepare(self, spec: VmSpec) -> None:
         self._vms[spec.name] = _NoopVm(spec)
@@ -84,6 +86,21 @@ class NoopHypervisor:
         if vm.alive:
             vm.alive = False
             self.alive -= 1
+
+    async def save_template(self, spec: VmSpec, template: Path, *, timeout_s: float) -> None:
+        """A simulated template: a marker file; the VM is gone afterwards."""
+        await self.wait_ready(spec, timeout_s=timeout_s)
+        await self.destroy(spec)
+        template.mkdir(parents=True, exist_ok=True)
+        (template / "noop-template").write_text(spec.name)
+        self.templates_saved += 1
+
+    async def restore(self, spec: VmSpec, template: Path) -> None:
+        if not (template / "noop-template").exists():
+            raise BackendError(f"noop template {template} does not exist")
+        await self.prepare(spec)
+        await self.start(spec)
+        self.restores += 1
 
     async def wait_ready(self, spec: VmSpec, *, timeout_s: float) -> None:
         vm = self._vms.get(spec.name)

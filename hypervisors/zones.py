@@ -166,6 +166,12 @@ class ZonesHypervisor:
     async def wait_ready(self, spec: VmSpec, *, timeout_s: float) -> None:
         raise HandOffError("the zones backend has no warm pools (bhyve has no job port here)")
 
+    async def save_template(self, spec: VmSpec, template: Path, *, timeout_s: float) -> None:
+        raise BackendError("the zones backend has no warm pools")
+
+    async def restore(self, spec: VmSpec, template: Path) -> None:
+        raise BackendError("the zones backend has no warm pools")
+
     async def hand_over(self, spec: VmSpec, job: VmSpec, *, ready_timeout_s: float) -> None:
         raise HandOffError("the zones backend has no warm pools (bhyve has no job port here)")
 

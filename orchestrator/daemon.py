@@ -382,7 +382,7 @@ class Daemon:
         self._background(stack, self._housekeeping(), "housekeeping")
         # After reconciliation (which destroyed the pool VMs of an earlier run), and
         # closed right after the consumers stop: idle pool VMs go before jobs drain.
-        self.pools.start()
+        await self.pools.start()
         stack.push_async_callback(bounded(self.pools.close, "warm pools"))
         self.scheduler = Scheduler(
             image_map=self.image_map, ledger=self.ledger, intake=self._intake,

@@ -7,6 +7,7 @@ STATE_DIR/            0750
   overlays/           per-job disk overlays (libvirt)
   seeds/              per-job NoCloud seed ISOs and zonecfg scripts
   channels/           pool VMs' job ports (unix sockets; warm pools)
+  templates/          saved pool VMs per image version (warm pools with snapshot: true)
   images/             base images, unless IMAGE_DIR says otherwise
 ```
 
@@ -95,6 +96,10 @@ class StateDir:
         return self.root / "channels"
 
     @property
+    def templates(self) -> Path:
+        return self.root / "templates"
+
+    @property
     def default_images(self) -> Path:
         return self.root / "images"
 
@@ -123,7 +128,7 @@ class StateDir:
         """Make the directories (the root 0750 whatever the umask). Raises OSError."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, STATE_DIR_MODE)
-        for sub in (self.logs, self.overlays, self.seeds, self.channels):
+        for sub in (self.logs, self.overlays, self.seeds, self.channels, self.templates):
             sub.mkdir(mode=STATE_DIR_MODE, exist_ok=True)
             os.chmod(sub, STATE_DIR_MODE)
         # Fail now, not at the first job, when the directory cannot be written.

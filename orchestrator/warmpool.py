@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -97,10 +99,28 @@ class PoolVm:
     taken: asyncio.Event = field(default_factory=asyncio.Event)
     retire: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    restore_from: Path | None = None  # started from this template instead of booting
+    makes: Template | None = None  # booted to be saved as this template, never taken
 
     @property
     def idle(self) -> bool:
         return self.state in (PoolVmState.BOOTING, PoolVmState.READY) and not self.retire.is_set()
+
+
+@dataclass
+class Template:
+    """A pool VM saved while it waits (`warm.snapshot`): pool VMs of this image version
+    are restored from it. Its directory holds the saved memory and the disk they chain on."""
+
+    label: str
+    version: ImageVersion
+    directory: Path
+    ready: bool = False
+
+
+def _version_key(version: ImageVersion) -> str:
+    text = version.entry.model_dump_json() + repr(version.file)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -143,6 +163,7 @@ class WarmPools:
         self._images = images
         self._emit = emit
         self._vms: dict[str, PoolVm] = {}
+        self._templates: dict[str, Template] = {}  # by label: the current version's
         self._health: dict[str, _LabelHealth] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -150,7 +171,10 @@ class WarmPools:
         self._making_room = 0  # refills wait while a job is being given room
 
     # --- life ----------------------------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
+        # Templates of an earlier run describe images as they were then: made again when
+        # needed. (A VM restored from one and still running keeps its disk open.)
+        await asyncio.to_thread(_empty, self._settings.state.templates)
         self._ledger.listeners.append(self.poke)
         self._task = asyncio.create_task(self._loop(), name="warm-pools")
 
@@ -172,6 +196,8 @@ class WarmPools:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._retire([vm for vm in self._vms.values() if vm.idle], "shutdown")
         await asyncio.gather(*(vm.task for vm in self._vms.values() if vm.task is not None), return_exceptions=True)
+        for label in list(self._templates):
+            await self._drop_template(label)
 
     # --- what jobs ask ---------------------------------------------------------------------
     def take(self, label: str, resources: Resources, job_id: str) -> tuple[PoolVm, Reservation] | None:
@@ -292,16 +318,35 @@ class WarmPools:
         for label, image in sorted(self._image_map.images.items()):
             version = versions.get(label)
             if image.warm is not None and version is not None:
-                self._refill(label, image, version, now)
+                await self._refill(label, image, version, now)
+        for label in [label for label in self._templates if self._image_map.images.get(label) is None
+                      or not (self._image_map.images[label].warm or None)]:
+            await self._drop_template(label)
 
-    def _refill(self, label: str, image: ImageEntry, version: ImageVersion, now: float) -> None:
+    async def _refill(self, label: str, image: ImageEntry, version: ImageVersion, now: float) -> None:
         assert image.warm is not None
         health = self._health.setdefault(label, _LabelHealth())
         if now < health.retry_at or now < health.paused_until:
             return
+        template = self._templates.get(label)
+        if template is not None and (template.version != version or not image.warm.snapshot):
+            await self._drop_template(label)
+            template = None
+        if image.warm.snapshot and template is None:
+            directory = self._settings.state.templates / f"{label}-{_version_key(version)}"
+            self._boot_vms(label, image, version, 1, makes=Template(label, version, directory))
+            return
+        if template is not None and not template.ready:
+            return  # being made
         have = sum(1 for vm in self._vms.values() if vm.label == label and vm.idle)
+        self._boot_vms(label, image, version, image.warm.ready - have, restore_from=template.directory if template else None)
+
+    def _boot_vms(
+        self, label: str, image: ImageEntry, version: ImageVersion, count: int, *,
+        restore_from: Path | None = None, makes: Template | None = None,
+    ) -> None:
         resources = self._image_map.default_resources(label)
-        for _ in range(image.warm.ready - have):
+        for _ in range(count):
             if sum(1 for vm in self._vms.values() if vm.state is PoolVmState.BOOTING) >= self._settings.warm_boots_at_once:
                 return
             name = pool_vm_name()
@@ -315,10 +360,13 @@ class WarmPools:
                 self._ledger.release(reservation)
                 log.error("pool.image_unusable", label=label, error=str(exc))
                 return
-            vm = PoolVm(name, label, spec, backend, resources, version, reservation)
+            vm = PoolVm(name, label, spec, backend, resources, version, reservation, restore_from=restore_from, makes=makes)
             self._vms[name] = vm
+            if makes is not None:
+                self._templates[label] = makes
             vm.task = asyncio.create_task(self._keep(vm), name=f"pool-{name}")
-            log.info("pool.vm_booting", label=label, vm=name, backend=backend.name.value)
+            log.info("pool.vm_booting", label=label, vm=name, backend=backend.name.value,
+                     restoring=restore_from is not None, template=makes is not None)
 
     async def _version(self, label: str, image: ImageEntry) -> ImageVersion | None:
         """The image a new pool VM of `label` boots from, or None when it is not ready."""
@@ -359,7 +407,7 @@ class WarmPools:
         taken, failure = False, None
         try:
             failure = await self._boot(vm)
-            if failure is None and not vm.retire.is_set():
+            if failure is None and not vm.retire.is_set() and vm.makes is None:
                 taken, failure = await self._wait_taken(vm)
         except Exception as exc:
             failure = f"orchestrator error: {exc!r}"
@@ -370,16 +418,26 @@ class WarmPools:
     async def _boot(self, vm: PoolVm) -> str | None:
         """None once the VM said it is ready (or when it was retired meanwhile), else why not."""
         started = time.monotonic()
-        try:
-            # Not interrupted: a VM half made by a cancelled call could outlive `destroy`.
-            await vm.backend.prepare(vm.spec)
-            if vm.retire.is_set():
-                return None
-            await vm.backend.start(vm.spec)
-        except BackendError as exc:
-            return f"did not start: {exc}"
         image = self._image_map.images.get(vm.label)
         timeout_s = (image.boot_timeout_s if image is not None else None) or self._settings.boot_timeout_s
+        try:
+            # Not interrupted: a VM half made by a cancelled call could outlive `destroy`.
+            if vm.restore_from is not None:
+                await vm.backend.restore(vm.spec, vm.restore_from)
+            else:
+                await vm.backend.prepare(vm.spec)
+                if vm.retire.is_set():
+                    return None
+                await vm.backend.start(vm.spec)
+            if vm.makes is not None:
+                await vm.backend.save_template(vm.spec, vm.makes.directory, timeout_s=timeout_s)
+                await self._template_made(vm.makes, time.monotonic() - started)
+                return None
+        except BackendError as exc:
+            current = self._templates.get(vm.label)
+            if current is not None and (current is vm.makes or current.directory == vm.restore_from):
+                await self._drop_template(vm.label)  # made again after the backoff
+            return f"did not start: {exc}"
         ready = asyncio.create_task(vm.backend.wait_ready(vm.spec, timeout_s=timeout_s))
         retire = asyncio.create_task(vm.retire.wait())
         try:
@@ -397,7 +455,7 @@ class WarmPools:
         vm.state = PoolVmState.READY
         vm.ready_after_s = round(time.monotonic() - started, 3)
         self._health.setdefault(vm.label, _LabelHealth()).failures_in_a_row = 0
-        log.info("pool.vm_ready", label=vm.label, vm=vm.name, boot_s=vm.ready_after_s)
+        log.info("pool.vm_ready", label=vm.label, vm=vm.name, boot_s=vm.ready_after_s, restored=vm.restore_from is not None)
         self.poke()
         return None
 
@@ -427,6 +485,23 @@ class WarmPools:
         finally:
             if not taken:
                 await self._dispose(vm, failure if not vm.retire.is_set() else None)
+
+    async def _template_made(self, template: Template, took_s: float) -> None:
+        if self._templates.get(template.label) is not template:  # its image changed meanwhile
+            await asyncio.to_thread(shutil.rmtree, template.directory, True)
+            return
+        template.ready = True
+        self._health.setdefault(template.label, _LabelHealth()).failures_in_a_row = 0
+        log.info("pool.template_saved", label=template.label, directory=str(template.directory), boot_and_save_s=round(took_s, 3))
+        self.poke()
+
+    async def _drop_template(self, label: str) -> None:
+        """Forget `label`'s template; its files go once made (a VM still making it finds
+        itself forgotten and removes them). Running VMs restored from it keep its disk open."""
+        template = self._templates.pop(label, None)
+        if template is not None and template.ready:
+            await asyncio.to_thread(shutil.rmtree, template.directory, True)
+            log.info("pool.template_removed", label=label, directory=str(template.directory))
 
     def _retire_soon(self, vm: PoolVm, why: str) -> None:
         if vm.idle:
@@ -465,3 +540,9 @@ class WarmPools:
                     failures_in_a_row=health.failures_in_a_row, retry_in_s=retry_in_s)
         return WarmFailed(host=self._settings.host_name, label=vm.label, vm=vm.name, reason=reason,
                           failures_in_a_row=health.failures_in_a_row, retry_in_s=retry_in_s)
+
+
+def _empty(directory: Path) -> None:
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)

@@ -6,7 +6,9 @@ console of ours is left."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,9 +18,11 @@ import pytest
 import yaml
 
 from hypervisors.base import BackendName
+from hypervisors.guest import new_nonce
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import load_image_map
-from orchestrator.messages import JobStatus
+from orchestrator.journal import Journal
+from orchestrator.messages import JobRequest, JobStatus
 from tests.conftest import AMQP_URL, LIBVIRT_URI, make_settings, wait_for
 from tests.daemonproc import DaemonProcess
 
@@ -264,6 +268,54 @@ async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, te
     assert sorted(p.name for p in (state / "channels").iterdir()) == []
 
 
+async def test_a_job_journaled_to_a_pool_vm_but_not_handed_over_is_handed_back(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
+    """SIGKILL between the intake's journal commit ("job J -> pool VM V") and the hand-off:
+    the next start finds V waiting, its console without J's start line, so V is destroyed
+    and J handed back as its next attempt, which runs once."""
+    cleanup_topology.append("demo")
+    state = tmp_path / "state"
+    orchestrator_id = f"test-{prefix}"
+    env = {
+        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(warm_map(test_image, tmp_path)), "STATE_DIR": str(state),
+        "HOST_NAME": "h", "HOST_CPUS": "4", "HOST_MEMORY_MB": "2048", "DRAIN_TIMEOUT_S": "5", "HTTP_LISTEN": "off",
+        "ORCH_BACKEND": "libvirt", "LIBVIRT_DOMAIN_TYPE": "qemu", "LIBVIRT_NETWORK": test_network,
+        "ORCH_ID": orchestrator_id, "IMAGE_DIR": str(test_image), "MAX_CONCURRENCY": "2",
+    }
+    first = await DaemonProcess(env).start()
+    second: DaemonProcess | None = None
+    try:
+        await wait_for(lambda: first.events("pool.vm_ready"), timeout_s=BOOT_S, interval_s=0.1, what="a ready pool VM")
+        pool_vm = first.events("pool.vm_ready")[0]["vm"]
+        await first.kill()
+        # What the intake had committed when the kill came: the job, and its pool VM.
+        request = JobRequest(request_id=uuid.uuid4(), runs_on="demo", repo_url="https://example.invalid/r.git",
+                             commit_sha="0" * 40, script="echo ran")
+        journal = Journal(state / "state.db")
+        assert await journal.accept(request, label="demo", nonce=new_nonce(), vm_name=pool_vm, backend="libvirt",
+                                    accepted_at=time.time())
+        await journal.close()
+        await broker.open()
+        second = await DaemonProcess(env).start()
+        result = await broker.next_result(timeout_s=BOOT_S)
+        assert result.request_id == request.request_id
+        assert (result.status, result.attempt) == (JobStatus.SUCCEEDED, 2), (result.summary, result.console_tail)
+        assert pool_vm not in ours(orchestrator_id)
+        assert [e["reason"] for e in second.events("job.requeued")] == [
+            "its pool VM had not been given the job when the daemon stopped"
+        ]
+        assert await second.stop() == 0
+        second = None
+        await asyncio.sleep(0.5)
+        assert broker.results.empty() and not broker.conflicts
+    finally:
+        for daemon in (first, second):
+            if daemon is not None:
+                await daemon.kill()
+        leftovers = ours(orchestrator_id)
+        destroy_domains(leftovers)
+    assert leftovers == []
+
+
 def destroy_domains(names: list[str]) -> None:
     conn = libvirt.open(LIBVIRT_URI)
     try:
@@ -274,3 +326,55 @@ def destroy_domains(names: list[str]) -> None:
             domain.undefine()
     finally:
         conn.close()
+
+
+def domain_xml(name: str) -> str:
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        return conn.lookupByName(name).XMLDesc(0)
+    finally:
+        conn.close()
+
+
+async def test_snapshot_restored_vms_run_jobs_each_with_its_own_identity(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
+    cleanup_topology.append("demo")
+    map_path = warm_map(test_image, tmp_path, ready=2)
+    document = yaml.safe_load(map_path.read_text())
+    document["images"]["demo"]["warm"]["snapshot"] = True
+    map_path.write_text(yaml.safe_dump(document))
+    settings = make_settings(
+        prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, max_concurrency=3, host_cpus=4,
+        host_memory_mb=2048, libvirt_domain_type="qemu", libvirt_network=test_network,
+        orchestrator_id=f"test-{prefix}", image_dir=test_image,
+    )
+    daemon = Daemon(settings, load_image_map(map_path))
+    await daemon.start()
+    try:
+        await wait_for(lambda: ready_in_pool(daemon) == 2, timeout_s=2 * BOOT_S, interval_s=0.1, what="2 restored pool VMs")
+        [template] = list(settings.state.templates.iterdir())
+        assert {p.name for p in template.iterdir()} == {"memory.save", "disk.qcow2", "seed.iso"}
+        names = active_pool_domains(settings.orchestrator_id)
+        xmls = [domain_xml(name) for name in names]
+        identities = [(re.search(r"<uuid>(.*?)</uuid>", x).group(1), re.search(r"<mac address='(.*?)'", x).group(1)) for x in xmls]
+        assert len(set(identities)) == 2 and len({u for u, _ in identities}) == 2 and len({m for _, m in identities}) == 2
+        await broker.open()
+        # Past the guest's own reseed interval (the test image has no python3 to force one).
+        script = "sleep 5; cat /sys/class/net/eth0/address; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"
+        jobs = [await broker.submit(runs_on="demo", script=script) for _ in range(2)]
+        results = await broker.collect(2, timeout_s=BOOT_S)
+        assert all(r.status is JobStatus.SUCCEEDED for r in results.values()), [r.summary for r in results.values()]
+        seen = {}
+        for job in jobs:
+            record = await daemon.journal.get(job.job_id)
+            assert record.vm_name in names
+            lines = daemon.console_path(job.job_id).read_text(errors="replace").splitlines()
+            at = next(i for i, line in enumerate(lines) if line.startswith("ORCH-STARTED"))
+            mac, random_hex = lines[at + 1].strip(), lines[at + 2].strip()
+            assert mac == dict(zip(names, (m for _, m in identities)))[record.vm_name]  # the guest took its own MAC
+            seen[job.job_id] = random_hex
+            assert results[job.job_id].timings["to_first_command_s"] < 1.0, results[job.job_id].timings
+        assert len(set(seen.values())) == 2, seen
+    finally:
+        await daemon.stop()
+    assert_nothing_left(settings.state_dir, settings.orchestrator_id)
+    assert list(settings.state.templates.iterdir()) == []

@@ -225,3 +225,29 @@ async def test_a_label_whose_pool_keeps_failing_backs_off(daemon_factory, broker
     await broker.open()
     await broker.submit(runs_on="alpha")
     assert (await broker.next_result()).status is JobStatus.SUCCEEDED  # cold jobs run meanwhile
+
+
+async def test_snapshot_pools_restore_from_one_template_per_image_version(daemon_factory, broker, tmp_path):
+    backend = CountingNoop()
+    path = warm_map(tmp_path, ready=2)
+    document = yaml.safe_load(path.read_text())
+    document["images"]["alpha"]["warm"]["snapshot"] = True
+    path.write_text(yaml.safe_dump(document))
+    daemon = await start(daemon_factory, tmp_path, backend, map_path=path)
+    templates = daemon.settings.state.templates
+    await wait_for(lambda: ready_in_pool(daemon) == 2, what="a pool restored from its template")
+    assert (backend.templates_saved, backend.restores) == (1, 2)
+    [first] = list(templates.iterdir())
+    await broker.open()
+    await broker.submit(runs_on="alpha", env={"NOOP_OUTPUT": "restored"})
+    assert (await broker.next_result()).status is JobStatus.SUCCEEDED
+    await wait_for(lambda: backend.restores == 3 and ready_in_pool(daemon) == 2, what="a refill by restore")
+    assert backend.templates_saved == 1
+    # A new image version: a new template, the old one's files removed.
+    document["images"]["alpha"]["checkout"] = False
+    path.write_text(yaml.safe_dump(document))
+    assert await daemon.reload()
+    await wait_for(lambda: backend.templates_saved == 2 and ready_in_pool(daemon) == 2, what="the pool of the new template")
+    assert [p.name for p in templates.iterdir()] != [first.name] and not first.exists()
+    await daemon.stop()
+    assert list(templates.iterdir()) == []

@@ -15,15 +15,39 @@ from pathlib import Path
 
 import libvirt
 
-from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
+from hypervisors.base import BackendError, BackendName, ImageFormat, VmInfo, VmSpec, VmState
 from hypervisors.libvirt.connection import LibvirtConnection
-from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag
+from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag, rewrite_for_restore
+from hypervisors.libvirt.saveimage import SaveImageError, read_header, write_with_xml
 from hypervisors.libvirt.overlay import create_overlay
 from hypervisors.handoff import HandOffError, JobPort, job_payload
 from hypervisors.seed import write_seed_iso
-from orchestrator.statedir import StateDir, vm_of_file, open_private
+from orchestrator.console import file_contains
+from orchestrator.statedir import StateDir, open_private, vm_of_file
 
 STATE_POLL_S = 5.0  # safety net under lifecycle events
+# A template's files, in its directory (`warmpool` names the directory per image version).
+TEMPLATE_MEMORY = "memory.save"
+TEMPLATE_DISK = "disk.qcow2"
+TEMPLATE_SEED = "seed.iso"
+TEMPLATE_SETTLE_S = 0.5
+WAITING_LINE = b"is waiting for a job"  # what the waiter prints before it says ready
+
+
+async def _wait_for_line(path: Path, text: bytes, *, timeout_s: float) -> None:
+    """Until the console file holds `text` (polled: the file is QEMU's)."""
+    async with asyncio.timeout(timeout_s):
+        while not await asyncio.to_thread(file_contains, path, text):
+            await asyncio.sleep(0.1)
+
+
+def _keep_as_template(files: DomainFiles, template: Path) -> None:
+    """The saved VM's disk and seed become the template's, read-only."""
+    for source, name in ((files.overlay, TEMPLATE_DISK), (files.seed, TEMPLATE_SEED)):
+        if source is not None:
+            target = template / name
+            os.replace(source, target)
+            os.chmod(target, 0o440)
 
 
 def _kvm_usable() -> bool:
@@ -59,6 +83,8 @@ class LibvirtHypervisor:
         self.domain_type = domain_type
         self._stopped: dict[str, asyncio.Event] = {}
         self._ports: dict[str, JobPort] = {}  # pool VMs that said they are ready
+        # Restored VMs: (the template's MAC, their own) when they have a NIC, else None.
+        self._restored: dict[str, tuple[str, str] | None] = {}
         self.connection: LibvirtConnection
 
     @classmethod
@@ -155,7 +181,72 @@ class LibvirtHypervisor:
             raise HandOffError(f"VM {spec.name} has no job port, or the job no user-data")
         if spec.name not in self._ports:
             await self.wait_ready(spec, timeout_s=ready_timeout_s)
-        await self._ports.pop(spec.name).send(job_payload(job.seed.user_data))
+        restored = spec.name in self._restored
+        payload = job_payload(job.seed.user_data, restored=restored, mac_change=self._restored.pop(spec.name, None))
+        await self._ports.pop(spec.name).send(payload)
+
+    # --- snapshot templates (warm pools with `snapshot: true`) ---------------------------
+    async def save_template(self, spec: VmSpec, template: Path, *, timeout_s: float) -> None:
+        """Turn a started pool VM into a template: once its waiter has printed that it is
+        waiting (and blocks saying so on its job port, which no host has connected to),
+        save its memory to `template/memory.save` and keep its disk and seed there; the
+        VM is gone afterwards. Raises `BackendError`."""
+        try:
+            await _wait_for_line(spec.console_path, WAITING_LINE, timeout_s=timeout_s)
+            await asyncio.sleep(TEMPLATE_SETTLE_S)  # from its echo to its blocking write
+            template.mkdir(parents=True, exist_ok=True)
+            files = self.files_for(spec)
+            memory = template / TEMPLATE_MEMORY
+
+            def save(conn: libvirt.virConnect) -> None:
+                domain = conn.lookupByName(spec.name)
+                domain.save(str(memory))  # the domain stops; its definition stays
+                domain.undefine()
+
+            await self.connection.call(save)
+            await asyncio.to_thread(_keep_as_template, files, template)
+        except libvirt.libvirtError as exc:
+            raise BackendError(f"VM {spec.name}: could not be saved as a template: {exc.get_error_message()}") from None
+        except (OSError, TimeoutError) as exc:
+            raise BackendError(f"VM {spec.name}: could not be saved as a template: {exc or 'timed out'}") from None
+        finally:
+            await self.destroy(spec)
+
+    async def restore(self, spec: VmSpec, template: Path) -> None:
+        """Start the pool VM `spec` from `template` (see `save_template`) instead of
+        booting it: its own overlay on the template's disk, its own name, UUID, MAC,
+        console and job port, in a re-headed copy of the saved memory (`saveimage`).
+        Raises `BackendError`."""
+        files = self.files_for(spec)
+        copy = files.overlay.with_suffix(".save")
+        try:
+            await create_overlay(template / TEMPLATE_DISK, ImageFormat.QCOW2, files.overlay, None)
+            spec.console_path.parent.mkdir(parents=True, exist_ok=True)
+            if spec.job_channel is not None:
+                spec.job_channel.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(_create_private, spec.console_path)
+            header = await asyncio.to_thread(read_header, template / TEMPLATE_MEMORY)
+            restored = rewrite_for_restore(
+                header.xml, name=spec.name, files=replace(files, seed=None), template_seed=template / TEMPLATE_SEED,
+                orchestrator_id=self._orchestrator_id,
+            )
+            await asyncio.to_thread(write_with_xml, template / TEMPLATE_MEMORY, copy, restored.xml)
+            self._stopped[spec.name] = asyncio.Event()
+
+            def restore(conn: libvirt.virConnect) -> None:
+                conn.restore(str(copy))
+                # Persistent, like every VM of ours: one that stops while the daemon is
+                # down stays listed, so its result is collected after a restart.
+                conn.defineXML(conn.lookupByName(spec.name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+            await self.connection.call(restore)
+            self._restored[spec.name] = restored.mac_change
+        except (libvirt.libvirtError, SaveImageError, ValueError, OSError, BackendError) as exc:
+            detail = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+            await self.destroy(spec)
+            raise BackendError(f"VM {spec.name} could not be restored from {template}: {detail}") from None
+        finally:
+            await asyncio.to_thread(copy.unlink, missing_ok=True)
 
     async def start(self, spec: VmSpec) -> None:
         self._stopped[spec.name] = asyncio.Event()
@@ -205,6 +296,7 @@ class LibvirtHypervisor:
         await self.destroy(spec)
 
     async def destroy(self, spec: VmSpec) -> None:
+        self._restored.pop(spec.name, None)
         port = self._ports.pop(spec.name, None)
         if port is not None:
             port.close()

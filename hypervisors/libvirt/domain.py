@@ -7,8 +7,10 @@ libvirt itself holds them and `list_ours` can tell our VMs from everyone else's.
 
 from __future__ import annotations
 
+import secrets
+import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hypervisors.base import VmSpec
@@ -124,10 +126,76 @@ def build_domain_xml(
         channel = _sub(devices, "channel", type="unix")
         _sub(channel, "source", mode="bind", path=str(spec.job_channel))
         _sub(channel, "target", type="virtio", name=CHANNEL_NAME)
+    if spec.job_channel is not None:
+        # A generation id a restored copy changes: guests with vmgenid reseed their RNG.
+        _sub(domain, "genid")
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(devices, "memballoon", model="none")
     return ET.tostring(domain, encoding="unicode")
+
+
+def random_mac() -> str:
+    """A locally administered MAC in QEMU's 52:54:00 range (what libvirt picks itself)."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+@dataclass(frozen=True)
+class RestoredDomain:
+    xml: str
+    mac_change: tuple[str, str] | None  # (the template's MAC, this VM's), when it has a NIC
+
+
+def rewrite_for_restore(
+    saved_xml: str, *, name: str, files: DomainFiles, template_seed: Path, orchestrator_id: str
+) -> RestoredDomain:
+    """A template's saved domain XML as one pool VM restored from it: its own name, UUID,
+    generation id, MAC, disk overlay, console, job port and tag; the template's seed (the
+    guest read it before the save; the device must still be there)."""
+    root = ET.fromstring(saved_xml)
+    _one(root, "name").text = name
+    _one(root, "uuid").text = str(uuid.uuid4())
+    genid = root.find("genid")
+    if genid is not None:  # a new generation: a guest with vmgenid reseeds its RNG at once
+        genid.text = str(uuid.uuid4())
+    metadata = _one(root, "metadata")
+    for old in metadata.findall(f"{{{METADATA_NS}}}job"):
+        metadata.remove(old)
+    metadata.append(metadata_element(orchestrator_id, "", replace(files, seed=template_seed), pool=True))
+    devices = _one(root, "devices")
+    for disk in devices.findall("disk"):
+        source = _one(disk, "source")
+        source.set("file", str(files.overlay if disk.get("device") == "disk" else template_seed))
+        backing = disk.find("backingStore")
+        if backing is not None:  # libvirt's record of the template's chain: it re-probes ours
+            disk.remove(backing)
+    for device in devices.findall("serial") + devices.findall("console"):
+        _one(device, "source").set("path", str(files.console))
+    for channel in devices.findall("channel"):
+        if channel.get("type") == "unix" and files.channel is not None:
+            _one(channel, "source").set("path", str(files.channel))
+    mac_change = None
+    for interface in devices.findall("interface"):
+        mac = interface.find("mac")
+        if mac is not None:
+            new = random_mac()
+            mac_change = (mac.get("address", ""), new)
+            mac.set("address", new)
+        target = interface.find("target")
+        if target is not None:  # the template's tap device name: let libvirt pick one
+            interface.remove(target)
+    for seclabel in root.findall("seclabel"):
+        if seclabel.get("type") == "dynamic":  # labels made for the template's UUID
+            for label in seclabel.findall("label") + seclabel.findall("imagelabel"):
+                seclabel.remove(label)
+    return RestoredDomain(ET.tostring(root, encoding="unicode"), mac_change)
+
+
+def _one(parent: ET.Element, path: str) -> ET.Element:
+    element = parent.find(path)
+    if element is None:
+        raise ValueError(f"the saved domain XML has no <{path}>")
+    return element
 
 
 def read_job_tag(domain_xml: str) -> JobTag | None:
