@@ -1,24 +1,36 @@
-"""Control messages (cancel) on `<prefix>.control`, a fanout every host listens to.
+"""Control messages on `<prefix>.control`, a fanout every host listens to: cancel, and
+what operators ask of the fleet (describe, drain, resume, jobs, locate).
 
 A cancel is remembered by every host for a day (journal and memory): the host running
 the job destroys its VM and publishes a `cancelled` result; a host that later takes the
 job from its queue drops it with a `cancelled` result instead of running it. Each host
 answers the sender (`reply_to`) with what it knows, so `orchestrator cancel` can say
-whether the job was running, had finished, or is unknown.
+whether the job was running, had finished, or is unknown. Drain, resume and jobs may
+name hosts; a host not named ignores them (and does not answer).
 """
 
 from __future__ import annotations
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from collections.abc import Callable
+from typing import Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.amqp import json_message
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
-from orchestrator.messages import CancelOutcome, CancelReply, ControlKind, ControlMessage
+from orchestrator.messages import (
+    CancelOutcome,
+    CancelReply,
+    ControlKind,
+    ControlMessage,
+    Heartbeat,
+    JobLocation,
+    JobsQuery,
+    JobsReply,
+    JobSummary,
+)
 from orchestrator.runner import JobRunner, StopReason
 from orchestrator.topology import Topology
 
@@ -45,6 +57,18 @@ class CancelRegistry:
         return job_id in self._ids
 
 
+class HostControl(Protocol):
+    """What operators may ask of a host (the daemon)."""
+
+    def heartbeat(self) -> Heartbeat: ...
+
+    async def set_draining(self, draining: bool) -> Heartbeat: ...
+
+    async def jobs(self, query: JobsQuery) -> list[JobSummary]: ...
+
+    async def locate(self, job_id: str) -> JobLocation | None: ...
+
+
 class ControlListener:
     def __init__(
         self,
@@ -54,14 +78,14 @@ class ControlListener:
         journal: Journal,
         runner: JobRunner,
         cancels: CancelRegistry,
-        describe: Callable[[], BaseModel],
+        operator: HostControl,
     ) -> None:
         self._topology = topology
         self._host = host
         self._journal = journal
         self._runner = runner
         self._cancels = cancels
-        self._describe = describe
+        self._operator = operator
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
 
@@ -79,16 +103,29 @@ class ControlListener:
             except ValidationError as exc:
                 log.warning("control.malformed", error=str(exc.errors()[:1]))
                 return
-            if control.kind is ControlKind.CANCEL and control.request_id is not None:
-                reply: BaseModel = await self.cancel(str(control.request_id))
-            elif control.kind is ControlKind.DESCRIBE:
-                reply = self._describe()
-            else:
+            reply = await self._answer(control)
+            if reply is None:
                 return
             if message.reply_to and self._channel is not None:
                 await self._channel.default_exchange.publish(
                     json_message(reply, persistent=False), routing_key=message.reply_to, mandatory=False
                 )
+
+    async def _answer(self, control: ControlMessage) -> BaseModel | None:
+        kind, operator = control.kind, self._operator
+        if kind is ControlKind.CANCEL and control.request_id is not None:
+            return await self.cancel(str(control.request_id))
+        if kind is ControlKind.DESCRIBE:
+            return operator.heartbeat()
+        if kind is ControlKind.LOCATE and control.request_id is not None:
+            return await operator.locate(str(control.request_id))
+        if not control.for_host(self._host):
+            return None
+        if kind in (ControlKind.DRAIN, ControlKind.RESUME):
+            return await operator.set_draining(kind is ControlKind.DRAIN)
+        if kind is ControlKind.JOBS:
+            return JobsReply(host=self._host, jobs=await operator.jobs(control.jobs or JobsQuery()))
+        return None
 
     async def cancel(self, job_id: str) -> CancelReply:
         await self._cancels.add(job_id)

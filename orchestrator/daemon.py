@@ -36,9 +36,10 @@ from orchestrator.httpapi import HttpLimits, MetricsSnapshot, start_http
 from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, load_image_map
 from orchestrator.images import ImagePreparer
 from orchestrator.intake import JobIntake
-from orchestrator.journal import Journal
+from orchestrator.jobview import detail_of, summary_of
+from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
-from orchestrator.messages import Heartbeat
+from orchestrator.messages import Heartbeat, JobDetail, JobLocation, JobsQuery, JobSummary
 from orchestrator.outbox import ResultOutbox
 from orchestrator.reconcile import reconcile
 from orchestrator.retention import directory_bytes, sweep
@@ -50,6 +51,7 @@ from orchestrator.warmpool import WarmPools
 
 log = EventLogger("orchestrator.daemon")
 
+DRAINING_FLAG = "draining"
 HOUSEKEEPING_SWEEP_S = 3600.0
 HOUSEKEEPING_MEASURE_S = 60.0
 
@@ -220,6 +222,43 @@ class Daemon:
     def console_path(self, job_id: str) -> Path:
         return self.settings.state.console(job_id)
 
+    # --- what operators ask (HTTP API and the control exchange) ------------------------------
+    async def set_draining(self, draining: bool) -> Heartbeat:
+        """Drain: stop taking work (consumers cancelled, queued jobs stay in the broker for
+        other hosts), let running jobs finish, destroy idle pool VMs; resume: take work
+        again. Journaled, so a restarted daemon keeps draining."""
+        assert self.journal is not None
+        await self.journal.set_host_flag(DRAINING_FLAG, on=draining)
+        if draining != self.ledger.draining:
+            self.ledger.set_draining(draining=draining)
+            log.info("host.draining" if draining else "host.resumed", host=self.settings.host_name,
+                     running=self.ledger.running)
+        return self.heartbeat()
+
+    async def jobs(self, query: JobsQuery) -> list[JobSummary]:
+        assert self.journal is not None
+        records = await self.journal.recent(
+            state=JobState(query.state) if query.state else None, label=query.label,
+            since=query.since.timestamp() if query.since else None, limit=query.limit,
+        )
+        return [summary_of(record, host=self.settings.host_name) for record in records]
+
+    async def job(self, job_id: str) -> JobDetail | None:
+        assert self.journal is not None
+        record = await self.journal.get(job_id)
+        return detail_of(record, host=self.settings.host_name) if record is not None else None
+
+    async def locate(self, job_id: str) -> JobLocation | None:
+        """Where a job's log is, when this host ran (or runs) the job: None otherwise."""
+        running = self.job_running(job_id)
+        if not running and not await asyncio.to_thread(self.console_path(job_id).is_file):
+            return None  # not here, or answered here without running
+        public = self.settings.public_url
+        return JobLocation(
+            request_id=job_id, host=self.settings.host_name, running=running,
+            log_url=f"{public}/jobs/{job_id}/log" if public else None,
+        )
+
     def metrics(self) -> MetricsSnapshot:
         return MetricsSnapshot(
             running_by_label={label: self.ledger.running_for(label) for label in self.image_map.images},
@@ -317,6 +356,10 @@ class Daemon:
             await asyncio.to_thread(s.state.create)
             self.journal = Journal(s.state.journal)
         stack.push_async_callback(self.journal.close)
+        with failing_as(f"cannot read the journal {s.state.journal}"):
+            if await self.journal.host_flag(DRAINING_FLAG):  # drained before a restart: still drained
+                self.ledger.set_draining(draining=True)
+                log.info("host.still_draining", host=s.host_name, fix="orchestrator resume, or POST /resume")
 
         _refuse_map_problems(self.image_map, s)
         self.router = RouterHypervisor({}, s.backend)
@@ -365,7 +408,7 @@ class Daemon:
         )
         control = ControlListener(
             topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,
-            cancels=cancels, describe=self.heartbeat,
+            cancels=cancels, operator=self,
         )
         with failing_as("cannot listen to the control exchange"):
             await control.start(self._connection)

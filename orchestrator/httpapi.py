@@ -9,9 +9,13 @@
   from the file (never read whole), with `Range` support so downloads resume.
 - `GET /jobs/{job_id}/log/stream`: the same as server-sent events, one event per console
   line, live while the job runs, ending with an `end` event; `Last-Event-ID` resumes.
+- `GET /jobs?state=&label=&since=&limit=`: this host's jobs, newest first; `GET
+  /jobs/{job_id}`: one job (request without secrets, result, timings). JSON errors.
+- `POST /drain`, `POST /resume`: take the host out of service and back (journaled).
 
 With `HTTP_TOKEN` set, every endpoint but `/healthz` needs `Authorization: Bearer <token>`.
-The app sees the daemon only through `HostView`: it reads, it never changes anything.
+The app sees the daemon only through `HostView`: it reads, and it changes nothing but
+the host's draining state.
 
 HTTP clients are not trusted, so what they can hold is bounded (`HttpLimits`): open
 connections (beyond the cap a new one is closed as soon as it is accepted), the time a
@@ -34,8 +38,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 
 from orchestrator.joblog import LineFollower, LogText
+from orchestrator.messages import Heartbeat, JobDetail, JobsQuery, JobSummary
 from orchestrator.logsetup import EventLogger
 
 log = EventLogger("orchestrator.http")
@@ -151,6 +157,12 @@ class HostView(Protocol):
     def console_path(self, job_id: str) -> Path: ...
 
     def metrics(self) -> MetricsSnapshot: ...
+
+    async def jobs(self, query: JobsQuery) -> list[JobSummary]: ...
+
+    async def job(self, job_id: str) -> JobDetail | None: ...
+
+    async def set_draining(self, draining: bool) -> Heartbeat: ...
 
 
 class _ViewCollector(Collector):
@@ -326,6 +338,10 @@ def bound_port(runner: web.AppRunner) -> int:
     return site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined,union-attr]
 
 
+def draining_answer(beat: Heartbeat) -> dict[str, object]:
+    return {"host": beat.host, "draining": beat.draining, "running": beat.running}
+
+
 def _job_id(request: web.Request) -> str:
     try:
         return str(uuid.UUID(request.match_info["job_id"]))
@@ -467,6 +483,38 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
             load.streams -= 1
         return response
 
+    def json_error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    async def jobs(request: web.Request) -> web.Response:
+        unknown = sorted(set(request.query) - set(JobsQuery.model_fields))
+        if unknown:
+            return json_error(400, f"unknown query parameter {unknown[0]!r}; known: {', '.join(JobsQuery.model_fields)}")
+        try:
+            query = JobsQuery.model_validate(dict(request.query))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            return json_error(400, f"{where}: {error['msg']}")
+        found = await view.jobs(query)
+        return web.json_response({"host": view.host_name, "jobs": [job.model_dump(mode="json") for job in found]})
+
+    async def job(request: web.Request) -> web.Response:
+        try:
+            job_id = str(uuid.UUID(request.match_info["job_id"]))
+        except ValueError:
+            return json_error(400, "job_id must be a job's request_id (a UUID)")
+        detail = await view.job(job_id)
+        if detail is None:
+            return json_error(404, f"no job {job_id} on host {view.host_name}")
+        return web.json_response(detail.model_dump(mode="json"))
+
+    async def drain(_: web.Request) -> web.Response:
+        return web.json_response(draining_answer(await view.set_draining(True)))
+
+    async def resume(_: web.Request) -> web.Response:
+        return web.json_response(draining_answer(await view.set_draining(False)))
+
     @web.middleware
     async def bearer_token(request: web.Request, handler: Any) -> web.StreamResponse:
         if token and request.path != "/healthz":
@@ -484,8 +532,9 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
     app.on_cleanup.append(close_load)
     app.add_routes([
         web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status),
-        web.get("/metrics", metrics), web.get("/jobs/{job_id}/log", job_log),
-        web.get("/jobs/{job_id}/log/stream", job_log_stream),
+        web.get("/metrics", metrics), web.get("/jobs", jobs), web.get("/jobs/{job_id}", job),
+        web.get("/jobs/{job_id}/log", job_log), web.get("/jobs/{job_id}/log/stream", job_log_stream),
+        web.post("/drain", drain), web.post("/resume", resume),
     ])
     return app
 

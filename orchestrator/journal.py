@@ -90,11 +90,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     published_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_accepted ON jobs(accepted_at);
 CREATE TABLE IF NOT EXISTS cancels (
     job_id TEXT PRIMARY KEY,
     at     REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS host_state (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+MAX_LISTED_JOBS = 1000
 
 _COLUMNS = (
     "job_id, label, state, attempt, request, nonce, vm_name, backend, "
@@ -275,6 +282,44 @@ class Journal:
             return {row[0] for row in conn.execute(f"SELECT job_id FROM jobs WHERE state IN ({marks})", keep)}
 
         return await self._db.submit(op)
+
+    async def recent(
+        self, *, state: JobState | None = None, label: str | None = None, since: float | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """This host's jobs, newest first (by when they were accepted or answered)."""
+        where, values = ["1"], []
+        if state is not None:
+            where.append("state = ?")
+            values.append(state.value)
+        if label is not None:
+            where.append("label = ?")
+            values.append(label)
+        if since is not None:
+            where.append("accepted_at >= ?")
+            values.append(since)
+        query = f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY accepted_at DESC LIMIT ?"
+        values.append(min(max(1, limit), MAX_LISTED_JOBS))
+
+        def op(conn: sqlite3.Connection) -> list[JobRecord]:
+            return [_record(row) for row in conn.execute(query, values).fetchall()]
+
+        return await self._db.submit(op)
+
+    async def host_flag(self, name: str) -> bool:
+        """A host-wide switch that outlives the daemon (drained: `draining`)."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT value FROM host_state WHERE name = ?", (name,)).fetchone()
+            return row is not None and row[0] == "1"
+
+        return await self._db.submit(op)
+
+    async def set_host_flag(self, name: str, *, on: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO host_state (name, value) VALUES (?, ?)", (name, "1" if on else "0"))
+
+        await self._db.submit(op)
 
     async def counts(self) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:

@@ -285,6 +285,24 @@ class Heartbeat(BaseModel):
 class ControlKind(str, enum.Enum):
     CANCEL = "cancel"
     DESCRIBE = "describe"  # every host answers with its heartbeat (`orchestrator hosts`)
+    DRAIN = "drain"  # the hosts named stop taking work (answer: heartbeat)
+    RESUME = "resume"  # ... and take work again (answer: heartbeat)
+    JOBS = "jobs"  # every host answers with its jobs (`JobsReply`, `orchestrator jobs`)
+    LOCATE = "locate"  # the host that has the job answers (`JobLocation`, `orchestrator logs`)
+
+
+JobStateName = Literal["accepted", "running", "finished", "published", "requeued"]
+
+
+class JobsQuery(BaseModel):
+    """Which jobs to list (`GET /jobs`, `orchestrator jobs`): newest first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: JobStateName | None = None
+    label: Label | None = None
+    since: UtcDatetime | None = None  # accepted at or after
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
 class ControlMessage(BaseModel):
@@ -293,8 +311,74 @@ class ControlMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     kind: ControlKind
-    request_id: uuid.UUID | None = None  # the job, for cancel
+    request_id: uuid.UUID | None = None  # the job, for cancel and locate
+    hosts: list[str] | None = None  # drain/resume/jobs: only these hosts (None: all)
+    jobs: JobsQuery | None = None  # for jobs
     at: UtcDatetime = Field(default_factory=now_utc)
+
+    def for_host(self, host: str) -> bool:
+        return self.hosts is None or host in self.hosts
+
+
+class JobSummary(BaseModel):
+    """One job as operators see it (`GET /jobs`, `orchestrator jobs`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: uuid.UUID
+    host: str
+    label: str | None
+    state: JobStateName
+    attempt: int
+    accepted_at: UtcDatetime | None
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    status: JobStatus | None
+    summary: str | None
+    vm: str | None
+    warm: bool
+
+
+class RequestView(BaseModel):
+    """What a job asked for, without what may be secret (env values, the script)."""
+
+    repo_url: str
+    commit_sha: str
+    runs_on: str | None
+    script_path: str | None
+    has_script: bool
+    env_names: list[str]
+    timeout_s: int | None
+    size: str | None
+    cpus: int | None
+    memory_mb: int | None
+    disk_gb: int | None
+
+
+class JobDetail(JobSummary):
+    """`GET /jobs/<id>`: the summary, the request as `RequestView`, the result."""
+
+    request: RequestView | None
+    result: JobResult | None
+    timings: dict[str, float]
+
+
+class JobsReply(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    host: str
+    jobs: list[JobSummary]
+
+
+class JobLocation(BaseModel):
+    """A host's answer to `locate`: it has (or had) the job; where its log is."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: uuid.UUID
+    host: str
+    running: bool
+    log_url: str | None  # None without PUBLIC_URL on that host
 
 
 class CancelOutcome(str, enum.Enum):

@@ -1,4 +1,5 @@
-"""The `orchestrator` command: run, enqueue, cancel, hosts, images, config check, forge.
+"""The `orchestrator` command: run, enqueue, cancel, hosts, jobs, logs, drain, resume,
+images, config check, forge.
 
 Each command is one module here with a `register(commands)` that adds its subparser and
 sets `func` to the function that runs it; `main` calls that function. Errors a user can
@@ -14,14 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.cli import cancel, config, enqueue, forge, hosts, images, run
+from orchestrator.cli import cancel, config, drain, enqueue, forge, hosts, images, jobs, logs, run
 from orchestrator.cli.common import CLIError, CommandFunction, OneLineParser
 
 # tests/test_images.py imports it from here; drop this once that import names
 # orchestrator.cli.progress.
 from orchestrator.cli.progress import ProgressPrinter  # noqa: F401
 
-COMMANDS = (run, enqueue, cancel, hosts, images, config, forge)
+COMMANDS = (run, enqueue, cancel, hosts, jobs, logs, drain, images, config, forge)
 
 
 def build_parser() -> argparse.ArgumentParser:
