@@ -453,7 +453,8 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
             )
         job_id, path = log_file(request)
         resume = request.headers.get("Last-Event-ID", "")
-        offset = int(resume) if resume.isdigit() and len(resume) < 20 else 0
+        # isdigit alone passes "²", which int() refuses: ASCII digits only.
+        offset = int(resume) if resume.isascii() and resume.isdigit() and len(resume) < 20 else 0
         size = path.stat().st_size if path.is_file() else 0
         follower = LineFollower(path, min(offset, size))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
