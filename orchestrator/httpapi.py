@@ -9,6 +9,7 @@
   from the file (never read whole), with `Range` support so downloads resume.
 - `GET /jobs/{job_id}/log/stream`: the same as server-sent events, one event per console
   line, live while the job runs, ending with an `end` event; `Last-Event-ID` resumes.
+- `GET /openapi.json`: the OpenAPI 3.1 document of every endpoint (`orchestrator/openapi.json`).
 
 With `HTTP_TOKEN` set, every endpoint but `/healthz` needs `Authorization: Bearer <token>`.
 The app sees the daemon only through `HostView`: it reads, it never changes anything.
@@ -27,6 +28,7 @@ import hmac
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +46,8 @@ SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 STREAM_RETRY_AFTER_S = 10
 REFUSAL_LOG_WINDOW_S = 60.0
+# Read once at import: it is package data, and the app serves it as it is.
+OPENAPI_DOCUMENT = resources.files(__package__).joinpath("openapi.json").read_bytes()
 
 
 @dataclass(frozen=True)
@@ -412,6 +416,9 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
+    async def openapi(_: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI_DOCUMENT, content_type="application/json")
+
     def log_file(request: web.Request) -> tuple[str, Path]:
         """The job's console; a job that runs here and has printed nothing yet has one
         to come (its VM may not have created the file yet)."""
@@ -486,7 +493,7 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
     app.add_routes([
         web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status),
         web.get("/metrics", metrics), web.get("/jobs/{job_id}/log", job_log),
-        web.get("/jobs/{job_id}/log/stream", job_log_stream),
+        web.get("/jobs/{job_id}/log/stream", job_log_stream), web.get("/openapi.json", openapi),
     ])
     return app
 
