@@ -12,6 +12,7 @@
 - `GET /jobs?state=&label=&since=&limit=`: this host's jobs, newest first; `GET
   /jobs/{job_id}`: one job (request without secrets, result, timings). JSON errors.
 - `POST /drain`, `POST /resume`: take the host out of service and back (journaled).
+- `GET /openapi.json`: the OpenAPI 3.1 document of every endpoint (`orchestrator/openapi.json`).
 
 With `HTTP_TOKEN` set, every endpoint but `/healthz` needs `Authorization: Bearer <token>`.
 The app sees the daemon only through `HostView`: it reads, and it changes nothing but
@@ -31,6 +32,7 @@ import hmac
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +52,8 @@ SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 STREAM_RETRY_AFTER_S = 10
 REFUSAL_LOG_WINDOW_S = 60.0
+# Read once at import: it is package data, and the app serves it as it is.
+OPENAPI_DOCUMENT = resources.files(__package__).joinpath("openapi.json").read_bytes()
 
 
 @dataclass(frozen=True)
@@ -428,6 +432,9 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
+    async def openapi(_: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI_DOCUMENT, content_type="application/json")
+
     def log_file(request: web.Request) -> tuple[str, Path]:
         """The job's console; a job that runs here and has printed nothing yet has one
         to come (its VM may not have created the file yet)."""
@@ -469,7 +476,8 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
             )
         job_id, path = log_file(request)
         resume = request.headers.get("Last-Event-ID", "")
-        offset = int(resume) if resume.isdigit() and len(resume) < 20 else 0
+        # isdigit alone passes "²", which int() refuses: ASCII digits only.
+        offset = int(resume) if resume.isascii() and resume.isdigit() and len(resume) < 20 else 0
         size = path.stat().st_size if path.is_file() else 0
         follower = LineFollower(path, min(offset, size))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -534,7 +542,7 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
         web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status),
         web.get("/metrics", metrics), web.get("/jobs", jobs), web.get("/jobs/{job_id}", job),
         web.get("/jobs/{job_id}/log", job_log), web.get("/jobs/{job_id}/log/stream", job_log_stream),
-        web.post("/drain", drain), web.post("/resume", resume),
+        web.post("/drain", drain), web.post("/resume", resume), web.get("/openapi.json", openapi),
     ])
     return app
 

@@ -260,7 +260,13 @@ def describe_image(label: str, image: ImageEntry, *, image_dir: Path, state: Ima
     source and fetch time. `state` defaults to `check_image`; a daemon passes
     `ImagePreparer.state(label)`, which also knows preparations under way."""
     state = state or check_image(image, image_dir=image_dir)
-    path, meta, size = image.local_path, None, "-"
+    return f"{label}: {state.summary} {image.local_path} {describe_installed(image, image_dir=image_dir)}"
+
+
+def describe_installed(image: ImageEntry, *, image_dir: Path) -> str:
+    """What is at `image`'s local_path: size, format, sha256, source and fetch time, `-`
+    (or `?` for the format) for what is not known."""
+    meta, size = None, "-"
     try:
         resolved = resolve_image_path(image, image_dir=image_dir)
         meta = ImageMeta.read(resolved) if image.source is not None else None
@@ -269,7 +275,7 @@ def describe_image(label: str, image: ImageEntry, *, image_dir: Path, state: Ima
         pass  # refused or missing: the state says which
     image_format = meta.format.value if meta else image.format.value if image.format else "?"
     return (
-        f"{label}: {state.summary} {path} {size} format={image_format} sha256={meta.sha256 if meta else '-'} "
+        f"{size} format={image_format} sha256={meta.sha256 if meta else '-'} "
         f"source={image.source or '-'} fetched={meta.fetched_at.isoformat() if meta else '-'}"
     )
 

@@ -165,6 +165,111 @@ def test_config_check_prints_resolved_labels_and_masks_secrets(capsys, monkeypat
     assert "s3cret" not in out and "amqp://user:****@broker:5672/" in out
 
 
+FLEET_MAP = """\
+default_label: ubuntu
+aliases:
+  ubuntu-latest: ubuntu
+sizes:
+  small: {cpus: 1, memory_mb: 1024}
+images:
+  direct:
+    local_path: direct.raw
+    kernel: vmlinuz
+    initrd: initrd.img
+    cmdline: console=ttyS0 root=/dev/vda
+    cpus: 2
+    memory_mb: 2048
+    timeout_s: 600
+    boot_timeout_s: 45
+  ubuntu:
+    source: https://images.example/ubuntu.qcow2
+    local_path: ubuntu.qcow2
+    size: small
+    disk_gb: 20
+    max_cpus: 8
+    max_memory_mb: 16384
+    max_disk_gb: 100
+    max_timeout_s: 1800
+    warm: {ready: 2, max_age_s: 900, snapshot: true}
+  fresh:
+    source: https://images.example/fresh.qcow2
+    local_path: fresh.qcow2
+  sim:
+    backend: noop
+    local_path: /nonexistent/sim.img
+"""
+
+
+def label_lines(out: str, label: str) -> dict[str, str]:
+    """`config check`'s `  name: value` lines under `label <label>`."""
+    block = out.split(f"\nlabel {label}\n", 1)[1]
+    lines = {}
+    for line in block.splitlines():
+        if not line.startswith("  "):
+            break
+        name, _, value = line.strip().partition(": ")
+        lines[name] = value.strip()
+    return lines
+
+
+def test_config_check_shows_what_each_label_resolves_to(capsys, monkeypatch, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("direct.raw", "vmlinuz", "initrd.img", "ubuntu.qcow2"):
+        (images / name).write_bytes(b"x" * 1024)
+    config = images / "map.yaml"
+    config.write_text(FLEET_MAP)
+    monkeypatch.setenv("IMAGE_DIR", str(images))
+    monkeypatch.setenv("DEFAULT_TIMEOUT_S", "7200")
+    monkeypatch.setenv("BOOT_TIMEOUT_S", "90")
+    assert main(["config", "check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"image dir: {images}\n" in out
+
+    direct = label_lines(out, "direct")
+    assert direct["backend"] == "libvirt (host ORCH_BACKEND)"
+    assert direct["image"] == str(images / "direct.raw") and direct["state"] == "ready"
+    assert direct["installed"].startswith("0 MiB format=? sha256=- source=-")
+    assert direct["kernel"] == str(images / "vmlinuz") and direct["initrd"] == str(images / "initrd.img")
+    assert direct["cmdline"] == "console=ttyS0 root=/dev/vda"
+    assert direct["resources"] == "2 CPU, 2048 MiB" and direct["caps"] == "none"
+    assert direct["timeout"] == "600 s (timeout_s), max none (no max_timeout_s)"
+    assert direct["boot timeout"] == "45 s (boot_timeout_s)"
+    assert direct["warm pool"] == "none" and direct["routing keys"] == "'direct'"
+
+    ubuntu = label_lines(out, "ubuntu")
+    assert ubuntu["state"] == "stale (no record of where it came from)"
+    assert ubuntu["resources"] == "1 CPU, 1024 MiB, 20 GiB disk (size small)"
+    assert ubuntu["caps"] == "max_cpus 8, max_memory_mb 16384, max_disk_gb 100"
+    assert ubuntu["timeout"] == "1800 s (host DEFAULT_TIMEOUT_S 7200 s, cut to max_timeout_s), max 1800 s (max_timeout_s)"
+    assert ubuntu["boot timeout"] == "90 s (host BOOT_TIMEOUT_S)"
+    assert ubuntu["warm pool"] == "2 ready, replaced after 900 s, snapshot yes"
+    assert ubuntu["routing keys"] == "'ubuntu', 'ubuntu-latest', '' ('' is a request without runs_on)"
+    assert "kernel" not in ubuntu
+
+    fresh = label_lines(out, "fresh")
+    assert fresh["image"] == str(images / "fresh.qcow2")
+    assert fresh["state"] == "missing" and fresh["source"] == "https://images.example/fresh.qcow2"
+    assert fresh["timeout"] == "7200 s (host DEFAULT_TIMEOUT_S), max none (no max_timeout_s)"
+
+    sim = label_lines(out, "sim")
+    assert sim["backend"] == "noop" and "not read" in sim["image"] and "state" not in sim
+
+
+def test_config_check_refuses_what_the_backend_cannot_do(capsys, monkeypatch, tmp_path):
+    config = tmp_path / "map.yaml"
+    config.write_text(
+        "default_label: oi\nimages:\n  oi:\n    source: https://images.example/oi.img\n"
+        f"    local_path: {tmp_path}/oi.img\n    warm: {{ready: 1}}\n"
+    )
+    monkeypatch.setenv("IMAGE_DIR", str(tmp_path))
+    monkeypatch.setenv("ORCH_BACKEND", "zones")
+    assert main(["config", "check", "--config", str(config)]) == 2
+    assert one_error_line(capsys) == (
+        f"{config}:6: images.oi.warm: the zones backend has no warm pools (remove warm, or give the image the libvirt backend)"
+    )
+
+
 def test_help_is_available_for_every_command(capsys):
     for argv in (["--help"], ["run", "--help"], ["enqueue", "--help"], ["config", "check", "--help"]):
         with pytest.raises(SystemExit) as exit_:

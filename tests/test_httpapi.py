@@ -125,6 +125,29 @@ async def test_sse_resumes_from_last_event_id(daemon_factory, broker):
     assert rest == f"id: {started + 13}\ndata: second\n\nevent: end\ndata: \n\n"
 
 
+async def test_a_last_event_id_that_is_not_an_offset_starts_from_the_beginning(daemon_factory, broker):
+    import asyncio
+
+    port = free_port()
+    daemon = await daemon_factory(http_listen=f"127.0.0.1:{port}")
+    await broker.open()
+    job = await broker.submit(runs_on="alpha", env={"NOOP_OUTPUT": "only line"})
+    await broker.next_result()
+    await wait_for(lambda: not daemon.job_running(job.job_id), what="the job to leave the runner")
+    # "²" is a digit to str.isdigit, not to int(): it was a 500.
+    for resume in ("\u00b2".encode(), "\u0663".encode(), b"-1", b"x", b"9" * 30):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET /jobs/{job.job_id}/log/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+            + b"Last-Event-ID: " + resume + b"\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), (resume, answer[:80])
+        assert b"data: only line" in answer, resume
+
+
 async def test_a_token_that_is_not_utf8_is_just_a_wrong_token(daemon_factory):
     import asyncio
 
