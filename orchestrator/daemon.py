@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+from prometheus_client import CollectorRegistry
 
 from hypervisors.base import BackendError, BackendName, Hypervisor
 from hypervisors.router import RouterHypervisor
@@ -42,6 +43,7 @@ from orchestrator.logsetup import EventLogger
 from orchestrator.messages import Heartbeat, JobDetail, JobLocation, JobsQuery, JobSummary
 from orchestrator.outbox import ResultOutbox
 from orchestrator.reconcile import reconcile
+from orchestrator.metrics import DaemonMetrics, measure_loop_lag
 from orchestrator.retention import directory_bytes, sweep
 from orchestrator.runner import JobRunner, StopReason
 from orchestrator.scheduler import Scheduler
@@ -197,6 +199,10 @@ class Daemon:
         self._state_dir_bytes: int | None = None
         self._dlq_messages: int | None = None
         self._stopped = False
+        # Histograms and gauges recorded as things happen (/metrics serves them beside
+        # the numbers it reads at scrape time); this daemon's own, never a global.
+        self.meters = DaemonMetrics(CollectorRegistry())
+        self.meters.draining.set_function(lambda: float(self.ledger.draining))
 
     # --- HostView (what the HTTP API reads) ---------------------------------------------
     @property
@@ -275,6 +281,7 @@ class Daemon:
             warm_failed=self.pools.failed_total() if self.pools else {},
             warm_taken=self.pools.taken_total() if self.pools else {},
             warm_fallbacks=self.runner.warm_fallbacks if self.runner is not None else 0,
+            warm_wanted=self.pools.wanted() if self.pools is not None else {},
         )
 
     def status(self) -> dict[str, object]:
@@ -368,7 +375,9 @@ class Daemon:
         for name, labels in backends_needed(s, self.image_map).items():
             self.router.add(given[name] if given is not None and name in given else await build_backend(s, name, labels))
 
-        self.images = ImagePreparer(self.image_map, image_dir=s.images_dir, max_image_bytes=s.max_image_bytes)
+        self.images = ImagePreparer(
+            self.image_map, image_dir=s.images_dir, max_image_bytes=s.max_image_bytes, metrics=self.meters,
+        )
         stack.push_async_callback(self.images.close)
 
         self._connection = await self._connect_broker()
@@ -376,7 +385,7 @@ class Daemon:
         await self._declare(self.image_map)
         self._publisher = await ConfirmedPublisher.open(self._connection)
         self._events = await EventPublisher.open(self._connection, self.topology.events)
-        self.outbox = ResultOutbox(self.journal, self._publisher, self.topology)
+        self.outbox = ResultOutbox(self.journal, self._publisher, self.topology, metrics=self.meters)
         self.outbox.start()
         stack.push_async_callback(self._close_outbox)
 
@@ -385,17 +394,19 @@ class Daemon:
                 http = await start_http(self, s.http_listen, token=s.http_token, limits=HttpLimits(
                     max_connections=s.http_max_connections, header_timeout_s=s.http_header_timeout_s,
                     max_streams=s.http_max_streams,
-                ))
+                ), metrics=self.meters.registry)
             stack.push_async_callback(bounded(http.cleanup, "HTTP API"))
         self._background(stack, self._heartbeat(), "heartbeat")
+        self._background(stack, measure_loop_lag(self.meters), "loop-lag")
 
         self.runner = JobRunner(
             settings=s, router=self.router, journal=self.journal, outbox=self.outbox, publisher=self._publisher,
             topology=self.topology, ledger=self.ledger, images=self.images, emit=self._events.emit,
+            metrics=self.meters,
         )
         self.pools = WarmPools(
             settings=s, image_map=self.image_map, router=self.router, ledger=self.ledger, images=self.images,
-            emit=self._events.emit,
+            emit=self._events.emit, metrics=self.meters,
         )
         cancels = CancelRegistry(self.journal)
         await cancels.load()

@@ -141,6 +141,7 @@ class MetricsSnapshot:
     warm_failed: Mapping[str, int] = field(default_factory=dict)  # by label
     warm_taken: Mapping[str, int] = field(default_factory=dict)  # by label: jobs that took a pool VM
     warm_fallbacks: int = 0  # jobs whose pool VM could not take them (booted cold)
+    warm_wanted: Mapping[str, int] = field(default_factory=dict)  # by label: the image's warm.ready
 
 
 class HostView(Protocol):
@@ -205,6 +206,10 @@ class _ViewCollector(Collector):
             taken.add_metric([label], count)
         yield taken
         yield CounterMetricFamily("orchestrator_warm_fallbacks", "Jobs booted cold after their hand-off failed", value=m.warm_fallbacks)
+        wanted = GaugeMetricFamily("orchestrator_warm_wanted", "Ready pool VMs the image map asks for (warm.ready)", labels=["label"])
+        for label, count in sorted(m.warm_wanted.items()):
+            wanted.add_metric([label], count)
+        yield wanted
 
 
 class _LoadCollector(Collector):
@@ -412,11 +417,16 @@ def _text_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
-def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Application:
-    """The app; it counts its log streams in `load` and shows `load` on `/metrics`."""
+def build_app(
+    view: HostView, *, token: str | None, load: HttpLoad, metrics: CollectorRegistry | None = None
+) -> web.Application:
+    """The app; it counts its log streams in `load` and shows `load` on `/metrics`, and
+    `metrics` there too (the daemon's histograms, which it records as things happen)."""
     registry = CollectorRegistry()
     registry.register(_ViewCollector(view))
     registry.register(_LoadCollector(load))
+    if metrics is not None:
+        registry.register(metrics)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "host": view.host_name})
@@ -547,7 +557,11 @@ def build_app(view: HostView, *, token: str | None, load: HttpLoad) -> web.Appli
     return app
 
 
-async def start_http(view: HostView, listen: str, *, token: str | None, limits: HttpLimits = HttpLimits()) -> web.AppRunner:
-    """Serve the daemon's API on `listen` within `limits`. Raises OSError when the address is taken."""
+async def start_http(
+    view: HostView, listen: str, *, token: str | None, limits: HttpLimits = HttpLimits(),
+    metrics: CollectorRegistry | None = None,
+) -> web.AppRunner:
+    """Serve the daemon's API on `listen` within `limits`, with `metrics` on `/metrics`.
+    Raises OSError when the address is taken."""
     load = HttpLoad(limits)
-    return await serve_within_limits(build_app(view, token=token, load=load), listen, load)
+    return await serve_within_limits(build_app(view, token=token, load=load, metrics=metrics), listen, load)

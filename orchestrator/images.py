@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from hypervisors.base import ImageFormat
 from orchestrator.imagemap import Decompress, ImageEntry, ImageMap
 from orchestrator.logsetup import EventLogger
+from orchestrator.metrics import DaemonMetrics, PrepOutcome
 
 log = EventLogger("orchestrator.images")
 
@@ -484,6 +485,7 @@ class ImagePreparer:
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         on_progress: ProgressCallback | None = None,
         on_wait: Callable[[str, Path], None] | None = None,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self._image_map = image_map
         self.image_dir = image_dir
@@ -491,9 +493,17 @@ class ImagePreparer:
         self.min_free_bytes = min_free_bytes
         self._on_progress = on_progress
         self._on_wait = on_wait
+        self._metrics = metrics
         self._locks: dict[str, asyncio.Lock] = {}
         self._status: dict[str, ImageStatus] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._show_in_metrics()
+
+    def _show_in_metrics(self) -> None:
+        if self._metrics is not None:
+            for label, image in self._image_map.images.items():
+                if image.source is not None:
+                    self._metrics.image_known(label)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -505,6 +515,7 @@ class ImagePreparer:
         entry changed is stale at once. A failure recorded for an entry that changed is
         forgotten: it said nothing about the new one."""
         old, self._image_map = self._image_map, image_map
+        self._show_in_metrics()
         for label, status in list(self._status.items()):
             if status.state is not PrepState.PREPARING and image_map.images.get(label) != old.images.get(label):
                 del self._status[label]
@@ -573,20 +584,33 @@ class ImagePreparer:
             if found.ready and (not refresh or image.source is None):
                 self._status[label] = ImageStatus(label, PrepState.READY)
                 return Outcome.PRESENT
+            started, progress = time.monotonic(), ImageStatus(label, PrepState.PREPARING)
             try:
                 if image.source is None:
                     raise ImagePrepError(found.reason or f"{image.local_path} does not exist and the image map gives no source")
-                return await self._prepare_locked(label, image, refresh=refresh)
+                outcome = await self._prepare_locked(label, image, refresh=refresh, status=progress)
             except (ImagePrepError, OSError) as exc:
                 cause = str(exc) if isinstance(exc, ImagePrepError) else f"{exc.filename or 'image file'}: {exc.strerror or exc}"
                 self._status[label] = ImageStatus(label, PrepState.FAILED, error=cause)
                 log.error("image.failed", label=label, error=cause)
+                self._observe(label, PrepOutcome.FAILED, started, progress)
                 what = f"is {found} and " if found.state is PrepState.STALE else ""
                 raise ImagePrepError(f"image {label!r} {what}could not be prepared: {cause}") from None
+            if outcome is not Outcome.PRESENT:  # PRESENT here: another process prepared it meanwhile
+                self._observe(label, PrepOutcome(outcome.value), started, progress)
+            return outcome
 
-    async def _prepare_locked(self, label: str, image: ImageEntry, *, refresh: bool) -> Outcome:
+    def _observe(self, label: str, outcome: PrepOutcome, started: float, progress: ImageStatus) -> None:
+        """One preparation in the metrics: from taking the image's lock to its outcome
+        (a wait for another process's file lock included), and the bytes it wrote."""
+        if self._metrics is not None:
+            self._metrics.image_prepared(
+                label=label, outcome=outcome, seconds=time.monotonic() - started, bytes_written=progress.bytes_out,
+            )
+
+    async def _prepare_locked(self, label: str, image: ImageEntry, *, refresh: bool, status: ImageStatus) -> Outcome:
         """The part under the file lock, which other processes (the CLI, a second daemon)
-        respect too."""
+        respect too. `status` becomes the preparation's progress once a fetch begins."""
         _check_scheme(image)
         target = resolve_image_path(image, image_dir=self.image_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -607,7 +631,7 @@ class ImagePreparer:
             if found.ready and not refresh:
                 self._status[label] = ImageStatus(label, PrepState.READY)
                 return Outcome.PRESENT
-            status = ImageStatus(label, PrepState.PREPARING, started_at=time.monotonic())
+            status.started_at = time.monotonic()
             self._status[label] = status
             # Only a ready image may be asked "has it changed?": for any other, an answer
             # of "not modified" would keep an image the map does not describe.

@@ -1,5 +1,6 @@
 """Results go to the journal first, then to the broker with confirms, retried until it
-takes them (DESIGN.md "Durability"): a broker outage delays results, never loses them."""
+takes them (DESIGN.md "Durability"): a broker outage delays results, never loses them.
+The backlog (stored, not yet confirmed) is what the journal says at each retry pass."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from orchestrator.amqp import ConfirmedPublisher, json_message
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import JobResult, message_id_for
+from orchestrator.metrics import DaemonMetrics
 from orchestrator.topology import Topology
 
 log = EventLogger("orchestrator.outbox")
@@ -23,12 +25,14 @@ class ResultOutbox:
         *,
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self._journal = journal
         self._publisher = publisher
         self._topology = topology
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
+        self._metrics = metrics
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # job ids with a publish under way, so the retry loop never sends one twice
@@ -84,6 +88,10 @@ class ResultOutbox:
         for record in await self._journal.in_states({JobState.FINISHED}):
             if record.result is not None and not await self._publish(record.result):
                 left += 1
+        if self._metrics is not None:
+            # Counted from the journal, not kept up by hand: results stored by an earlier
+            # run of the daemon are in it, and nothing can drift.
+            self._metrics.outbox_backlog.set(left)
         return left
 
     async def _retry_loop(self) -> None:

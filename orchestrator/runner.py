@@ -30,6 +30,7 @@ from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.imagemap import ImageEntry
 from orchestrator.messages import EventKind, JobEvent, JobRequest, JobResult, JobStatus, message_id_for
+from orchestrator.metrics import DaemonMetrics
 from orchestrator.outbox import ResultOutbox
 from orchestrator.statedir import is_pool_vm, vm_name_for
 from orchestrator.topology import Topology
@@ -56,6 +57,7 @@ class RunningJob:
     adopted_started_at: float | None = None  # set for a job taken back after a restart
     interrupted_while_away: bool = False  # its VM was not running when taken back
     handed_over: bool = True  # false for a pool VM's job journaled before its hand-off
+    boot_from: float | None = None  # when its own VM was asked for (a cold boot, not adopted)
     console: ConsoleFollower = field(init=False)
 
     console_max_bytes: int = field(kw_only=True)
@@ -68,6 +70,11 @@ class RunningJob:
 
 def tail_lines(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+def queued_s(job: AcceptedJob) -> float:
+    """Request submitted → accepted here (a clock skewed between hosts gives 0, not < 0)."""
+    return max(0.0, job.accepted_at - job.request.submitted_at.timestamp())
 
 
 def job_timeout_s(request: JobRequest, image: ImageEntry, *, default_timeout_s: int) -> int:
@@ -89,6 +96,7 @@ class JobRunner:
         ledger: CapacityLedger,
         images: ImagePreparer,
         emit: Callable[[str, JobEvent], Awaitable[None]],
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._router = router
@@ -99,6 +107,7 @@ class JobRunner:
         self._ledger = ledger
         self._images = images
         self._emit = emit
+        self._metrics = metrics
         self.running: dict[str, RunningJob] = {}
         self.finished: Counter[str] = Counter()  # by status, for metrics
         self.warm_fallbacks = 0  # jobs whose pool VM could not take them (booted cold)
@@ -125,6 +134,11 @@ class JobRunner:
         )
         self.running[job.job_id] = running
         self.idle.clear()
+        # Recorded now rather than with the result, so a long wait shows (and alerts)
+        # when the job starts, not hours later when it ends. A job taken back after a
+        # restart was recorded by the process that accepted it.
+        if self._metrics is not None and adopted_started_at is None:
+            self._metrics.job_accepted(label=job.label, queued_s=queued_s(job))
         running.task = asyncio.create_task(self._run(running), name=f"job-{job.job_id}")
 
     def stop_job(self, job_id: str, reason: StopReason) -> bool:
@@ -276,6 +290,7 @@ class JobRunner:
                 await self._finish(running, JobStatus.ERROR, str(exc), None, "", accepted_at, None)
                 return None
         await running.console.skip_existing()
+        running.boot_from = time.time()
         try:
             await backend.prepare(spec)
             await backend.start(spec)
@@ -403,8 +418,7 @@ class JobRunner:
             timings["to_first_command_s"] = round(max(0.0, running.console.started_at - accepted_at), 3)
         if started_at is not None:
             timings["run_s"] = round(now - started_at, 3)
-        submitted = job.request.submitted_at.timestamp()
-        timings["queued_s"] = round(max(0.0, accepted_at - submitted), 3)
+        timings["queued_s"] = round(queued_s(job), 3)
         result = JobResult.for_request(
             job.request,
             status=status,
@@ -418,9 +432,20 @@ class JobRunner:
             timings=timings,
         )
         self.finished[status.value] += 1
+        self._observe(running, status, timings)
         log.info("job.finished", job_id=job.job_id, label=job.label, status=status.value, exit_code=exit_code, summary=summary)
         await self._outbox.deliver(result, stored=False)
         await self._emit(f"job.finished.{job.label}", self._event(job, EventKind.FINISHED, status))
+
+    def _observe(self, running: RunningJob, status: JobStatus, timings: dict[str, float]) -> None:
+        if self._metrics is None:
+            return
+        first_command_at, boot_from = running.console.started_at, running.boot_from
+        self._metrics.job_finished(
+            label=running.job.label, status=status.value, warm=is_pool_vm(running.spec.name),
+            run_s=timings.get("run_s"), to_first_command_s=timings.get("to_first_command_s"),
+            boot_s=first_command_at - boot_from if first_command_at is not None and boot_from is not None else None,
+        )
 
     async def _hand_back(self, running: RunningJob, jlog: EventLogger, reason: str) -> None:
         """The job cannot finish here (host shutting down, VM gone): give it to any host

@@ -43,6 +43,7 @@ from orchestrator.imagemap import ImageEntry, ImageMap, Resources
 from orchestrator.images import ImagePreparer, ImagePrepError, resolve_image_path
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import UtcDatetime, now_utc
+from orchestrator.metrics import BootKind, DaemonMetrics
 from orchestrator.statedir import pool_vm_name
 
 log = EventLogger("orchestrator.warmpool")
@@ -155,6 +156,7 @@ class WarmPools:
         ledger: CapacityLedger,
         images: ImagePreparer,
         emit: Callable[[str, BaseModel], Awaitable[None]],
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._image_map = image_map
@@ -162,6 +164,7 @@ class WarmPools:
         self._ledger = ledger
         self._images = images
         self._emit = emit
+        self._metrics = metrics
         self._vms: dict[str, PoolVm] = {}
         self._templates: dict[str, Template] = {}  # by label: the current version's
         self._health: dict[str, _LabelHealth] = {}
@@ -273,6 +276,10 @@ class WarmPools:
                 "retry_in_s": round(max(0.0, health.retry_at - now), 1) or None,
             }
         return shown
+
+    def wanted(self) -> dict[str, int]:
+        """Ready VMs each warm image asks for (its `warm.ready`), by label."""
+        return {label: image.warm.ready for label, image in self._image_map.images.items() if image.warm is not None}
 
     def failed_total(self) -> dict[str, int]:
         return {label: h.failed_total for label, h in self._health.items() if h.failed_total}
@@ -456,6 +463,9 @@ class WarmPools:
         vm.ready_after_s = round(time.monotonic() - started, 3)
         self._health.setdefault(vm.label, _LabelHealth()).failures_in_a_row = 0
         log.info("pool.vm_ready", label=vm.label, vm=vm.name, boot_s=vm.ready_after_s, restored=vm.restore_from is not None)
+        if self._metrics is not None:
+            kind = BootKind.RESTORED if vm.restore_from is not None else BootKind.POOL
+            self._metrics.vm_booted(label=vm.label, kind=kind, seconds=vm.ready_after_s)
         self.poke()
         return None
 

@@ -17,7 +17,8 @@ fi
 
 debs=(rabbitmq-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config busybox-static zstd
-      python3-venv python3-dev gcc virtinst libxml2-utils iptables dnsmasq-base git procps)
+      python3-venv python3-dev gcc virtinst libxml2-utils iptables dnsmasq-base git procps
+      prometheus)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,6 +29,19 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
     # libvirtd sets up its firewall chains at start: restart it if iptables is new.
     case " ${missing[*]} " in *" iptables "*) restart_libvirtd=1 ;; esac
+    case " ${missing[*]} " in *" prometheus "*) prometheus_new=1 ;; esac
+fi
+# promtool (the tests check the example alert rules with it) comes only with Debian's
+# Prometheus server, whose package enables and starts the server. This host wants the
+# tool, not a server: one this run installed is stopped and disabled again (a server
+# installed before is somebody's, and left alone).
+if [ -n "${prometheus_new:-}" ]; then
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    else
+        /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+        update-rc.d prometheus disable >/dev/null 2>&1 || true
+    fi
 fi
 
 # --- RabbitMQ -------------------------------------------------------------------------
