@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from hypervisors.noop import NoopHypervisor
 from hypervisors.base import BackendName
@@ -199,3 +201,39 @@ async def test_logs_of_a_job_on_another_host_whole_and_followed(prefix, tmp_path
         assert code == 2 and "not a UUID" in err
     finally:
         await a.stop()
+
+
+@pytest.mark.libvirt
+async def test_logs_follow_a_job_running_in_a_real_vm(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
+    cleanup_topology.append("demo")
+    map_path = test_image / "image-map.yaml"
+    port = free_port()
+    settings = make_settings(
+        prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, libvirt_domain_type="qemu",
+        libvirt_network=test_network, orchestrator_id=f"test-{prefix}", image_dir=test_image, host_name="vmhost",
+        http_listen=f"127.0.0.1:{port}", http_token=TOKEN, public_url=f"http://127.0.0.1:{port}",
+    )
+    daemon = Daemon(settings, load_image_map(map_path))
+    await daemon.start()
+    try:
+        await broker.open()
+        job = await broker.submit(runs_on="demo", script="for n in 1 2 3 4 5; do echo tick $n; sleep 1; done")
+        console = daemon.console_path(job.job_id)
+        await wait_for(lambda: console.exists() and b"ORCH-STARTED" in console.read_bytes(), timeout_s=120,
+                       interval_s=0.1, what="the job's script to start")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "orchestrator", "logs", "--follow", job.job_id, "--config", str(map_path),
+            env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "HTTP_TOKEN": TOKEN}, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        seen: list[tuple[float, str]] = []
+        assert process.stdout is not None
+        while line := await asyncio.wait_for(process.stdout.readline(), timeout=120):
+            seen.append((time.monotonic(), line.decode().rstrip()))
+        assert await process.wait() == 0, (await process.stderr.read()).decode()
+        ticks = [(at, text) for at, text in seen if text.startswith("tick ")]
+        assert [text for _, text in ticks] == [f"tick {n}" for n in range(1, 6)]
+        assert ticks[-1][0] - ticks[0][0] > 2.5  # printed as they came, not all at the end
+        assert seen[-1][1].startswith("ORCH-RESULT") and (await broker.next_result()).status is JobStatus.SUCCEEDED
+    finally:
+        await daemon.stop()
