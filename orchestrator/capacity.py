@@ -66,6 +66,11 @@ class CapacityLedger:
         """Pool VMs holding capacity that no job has taken."""
         return sum(1 for r in self._held.values() if r.warm)
 
+    def holds_job(self, job_id: str) -> bool:
+        """The job holds capacity here: accepted, whether or not its VM has started yet."""
+        held = self._held.get(job_id)
+        return held is not None and not held.warm
+
     def running_for(self, label: str) -> int:
         return sum(1 for r in self._held.values() if r.label == label and not r.warm)
 

@@ -223,7 +223,9 @@ class Daemon:
         return reasons
 
     def job_running(self, job_id: str) -> bool:
-        return self.runner is not None and job_id in self.runner.running
+        # The ledger holds a job from its acceptance on, a moment before the runner
+        # registers it: a log asked for in between has one to come, not a 404.
+        return self.ledger.holds_job(job_id) or (self.runner is not None and job_id in self.runner.running)
 
     def console_path(self, job_id: str) -> Path:
         return self.settings.state.console(job_id)
