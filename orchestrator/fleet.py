@@ -221,14 +221,15 @@ class Fleet:
 
     async def locate(self, job_id: str) -> list[JobLocation]:
         """The hosts that have (or had) the job (`orchestrator logs`), those running it
-        first. Hosts without it do not answer, so this waits `LOCATE_TIMEOUT_S` unless a
-        host running it answers."""
+        first: as soon as a host running it or every reachable host has answered (hosts
+        without it answer `null`), or after `LOCATE_TIMEOUT_S`."""
+        expected = len(self.reachable())
 
-        def running(answers: list[bytes]) -> bool:
-            return any(_says_running(body) for body in answers)
+        def enough(answers: list[bytes]) -> bool:
+            return len(answers) >= expected or any(_says_running(body) for body in answers)
 
         bodies = await self._ask(
-            ControlMessage(kind=ControlKind.LOCATE, request_id=job_id), timeout_s=LOCATE_TIMEOUT_S, enough=running,
+            ControlMessage(kind=ControlKind.LOCATE, request_id=job_id), timeout_s=LOCATE_TIMEOUT_S, enough=enough,
         )
         found = _parsed(JobLocation, [body for body in bodies if body.strip() != b"null"])
         return sorted(found, key=lambda location: not location.running)

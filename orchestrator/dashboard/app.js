@@ -27,6 +27,27 @@ function el(tag, attrs, ...children) {
 
 const $ = (selector) => document.querySelector(selector);
 
+// Puts `items` in `container` in order, one node each, rebuilding a node only when what
+// it shows (`sigOf`) changed: focus, hover and selection survive the polls.
+function reconcile(container, items, keyOf, sigOf, build) {
+  const existing = new Map([...container.children].map((node) => [node.dataset.key, node]));
+  const wanted = items.map((item) => {
+    const key = keyOf(item), sig = sigOf(item);
+    let node = existing.get(key);
+    if (!node || node.dataset.sig !== sig) {
+      node = build(item);
+      node.dataset.key = key;
+      node.dataset.sig = sig;
+    }
+    return node;
+  });
+  const keep = new Set(wanted);
+  for (const child of [...container.children]) if (!keep.has(child)) child.remove();
+  wanted.forEach((node, i) => {
+    if (container.children[i] !== node) container.insertBefore(node, container.children[i] || null);
+  });
+}
+
 // --- formatting -------------------------------------------------------------------------
 function duration(seconds) {
   seconds = Math.max(0, Math.floor(seconds));
@@ -106,6 +127,7 @@ async function setDraining(host, draining) {
   } finally {
     state.busy.delete(host);
     renderHosts();
+    renderSummary();
   }
 }
 
@@ -176,8 +198,7 @@ function hostCard(host) {
     el("div", { class: "labels" }, host.labels.map((label) => el("span", { class: "label" }, label))),
     el("div", { class: "host-foot" },
       el("span", { class: "muted" }, host.warm ? `${host.warm} warm VM${host.warm === 1 ? "" : "s"} (${warm})` : "no warm VMs"),
-      el("span", { class: host.unreachable ? "seen bad" : "seen muted", title: host.last_seen },
-        host.unreachable ? `silent for ${duration(host.silent_s)}` : `seen ${ago(host.silent_s)}`),
+      el("span", { class: host.unreachable ? "seen bad" : "seen muted", title: host.last_seen }, seenText(host)),
       el("button", {
         type: "button", class: host.draining ? "resume" : "drain", dataset: { host: host.host },
         disabled: busy || host.unreachable,
@@ -185,10 +206,25 @@ function hostCard(host) {
       }, busy ? "…" : host.draining ? "Resume" : "Drain")));
 }
 
+function seenText(host) {
+  return host.unreachable ? `silent for ${duration(host.silent_s)}` : `seen ${ago(host.silent_s)}`;
+}
+
 function renderHosts() {
   if (!state.fleet) return;
   const hosts = state.fleet.hosts;
-  $("#hosts").replaceChildren(...hosts.map(hostCard));
+  const shown = (host) => {
+    const { silent_s, last_seen, at, ...rest } = host; // these change every poll: updated in place below
+    return JSON.stringify([rest, state.busy.has(host.host)]);
+  };
+  reconcile($("#hosts"), hosts, (host) => host.host, shown, hostCard);
+  for (const host of hosts) {
+    const seen = $("#hosts").querySelector(`article[data-key="${CSS.escape(host.host)}"] .seen`);
+    if (seen) {
+      seen.textContent = seenText(host);
+      seen.title = host.last_seen;
+    }
+  }
   const silent = (state.silent || []).length;
   $("#hosts-note").textContent = silent ? `${silent} host(s) did not list their jobs in time` : "";
 }
@@ -201,26 +237,29 @@ function visibleJobs() {
 
 function renderJobs() {
   const jobs = visibleJobs();
-  const rows = jobs.map((job) => {
-    const status = jobStatus(job);
-    const start = job.started_at || job.accepted_at;
-    const live = !job.finished_at && (job.state === "running" || job.state === "accepted");
-    const took = start ? ((job.finished_at ? new Date(job.finished_at) : new Date()) - new Date(start)) / 1000 : null;
-    return el("tr", {
-      class: `job status-${status} ${state.selected === job.job_id ? "selected" : ""}`,
-      dataset: { job: job.job_id, host: job.host }, tabindex: 0, title: job.summary || "",
-      onclick: () => openLog(job),
-      onkeydown: (event) => { if (event.key === "Enter") openLog(job); },
-    },
-      el("td", {}, el("span", { class: `pill ${status}` }, status)),
-      el("td", { class: "mono" }, job.job_id.slice(0, 8), job.warm ? el("span", { class: "warm-mark", title: "took a warm VM" }, " ⚡") : null),
-      el("td", {}, job.label || "–"),
-      el("td", { class: "mono" }, job.host),
-      el("td", {}, clock(start)),
-      el("td", { class: "num mono duration", dataset: live && start ? { since: start } : {} }, took === null ? "–" : duration(took)));
-  });
-  $("#jobs tbody").replaceChildren(...rows);
-  $("#jobs-empty").hidden = rows.length > 0;
+  const shown = (job) => JSON.stringify([job, state.selected === job.job_id]);
+  reconcile($("#jobs tbody"), jobs, (job) => job.job_id, shown, jobRow);
+  $("#jobs-empty").hidden = jobs.length > 0;
+  tick();
+}
+
+function jobRow(job) {
+  const status = jobStatus(job);
+  const start = job.started_at || job.accepted_at;
+  const live = !job.finished_at && (job.state === "running" || job.state === "accepted");
+  const took = start ? ((job.finished_at ? new Date(job.finished_at) : new Date()) - new Date(start)) / 1000 : null;
+  return el("tr", {
+    class: `job status-${status} ${state.selected === job.job_id ? "selected" : ""}`,
+    dataset: { job: job.job_id, host: job.host }, tabindex: 0, title: job.summary || "",
+    onclick: () => openLog(job),
+    onkeydown: (event) => { if (event.key === "Enter") openLog(job); },
+  },
+    el("td", {}, el("span", { class: `pill ${status}` }, status)),
+    el("td", { class: "mono" }, job.job_id.slice(0, 8), job.warm ? el("span", { class: "warm-mark", title: "took a warm VM" }, " ⚡") : null),
+    el("td", {}, job.label || "–"),
+    el("td", { class: "mono" }, job.host),
+    el("td", {}, clock(start)),
+    el("td", { class: "num mono duration", dataset: live && start ? { since: start } : {} }, took === null ? "–" : duration(took)));
 }
 
 function tick() {
@@ -253,7 +292,8 @@ function openLog(job) {
     if (source.readyState === EventSource.CLOSED) logState.textContent = "the log is not available";
     else logState.textContent = "reconnecting…";
   };
-  document.getElementById("log").scrollIntoView({ block: "nearest" });
+  const pane = document.getElementById("log").getBoundingClientRect();
+  if (pane.top > window.innerHeight - 120) document.getElementById("log").scrollIntoView({ block: "start" }); // stacked layout
 }
 
 function appendLine(text) {
