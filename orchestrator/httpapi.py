@@ -13,10 +13,13 @@
   /jobs/{job_id}`: one job (request without secrets, result, timings). JSON errors.
 - `POST /drain`, `POST /resume`: take the host out of service and back (journaled).
 - `GET /openapi.json`: the OpenAPI 3.1 document of every endpoint (`orchestrator/openapi.json`).
+- The dashboard (`GET /`) and the fleet-wide endpoints it reads: `orchestrator.dashboard`.
 
-With `HTTP_TOKEN` set, every endpoint but `/healthz` needs `Authorization: Bearer <token>`.
-The app sees the daemon only through `HostView`: it reads, and it changes nothing but
-the host's draining state.
+With `HTTP_TOKEN` set, every endpoint but `/healthz` answers 401 without
+`Authorization: Bearer <token>` or a session cookie from `POST /login`
+(`orchestrator.sessions`); `GET /` then answers with the sign-in form. The app sees the
+daemon only through `HostView` (and the fleet through `Fleet`): it reads, and it changes
+nothing but draining states.
 
 HTTP clients are not trusted, so what they can hold is bounded (`HttpLimits`): open
 connections (beyond the cap a new one is closed as soon as it is accepted), the time a
@@ -39,7 +42,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from pydantic import ValidationError
 
 from orchestrator import dashboard
 from orchestrator.fleet import Fleet
@@ -459,15 +461,9 @@ def build_app(
         return web.json_response({"error": message}, status=status)
 
     async def jobs(request: web.Request) -> web.Response:
-        unknown = sorted(set(request.query) - set(JobsQuery.model_fields))
-        if unknown:
-            return json_error(400, f"unknown query parameter {unknown[0]!r}; known: {', '.join(JobsQuery.model_fields)}")
-        try:
-            query = JobsQuery.model_validate(dict(request.query))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"])
-            return json_error(400, f"{where}: {error['msg']}")
+        query = dashboard.jobs_query(request)
+        if isinstance(query, web.Response):
+            return query
         found = await view.jobs(query)
         return web.json_response({"host": view.host_name, "jobs": [job.model_dump(mode="json") for job in found]})
 
