@@ -164,7 +164,11 @@ class FleetJobsCache:
 
 def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, access: Access, load: HttpLoad) -> None:
     """The dashboard's page and endpoints on `app` (whose middleware checks credentials)."""
+    from orchestrator.httpapi import RefusalLog  # here: httpapi imports this module
+
     cache = FleetJobsCache(fleet) if fleet is not None else None
+    # A guesser's attempts are a line a minute with their count, not a line each.
+    refused_logins = RefusalLog("http.login_refused", setting="HTTP_TOKEN", limit=0)
     client: dict[str, aiohttp.ClientSession] = {}  # made on first use, closed with the app
 
     def the_fleet() -> Fleet:
@@ -201,7 +205,7 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
         except (ValueError, UnicodeDecodeError):
             return json_error(400, "token: send a form field or a JSON object with a token")
         if not isinstance(given, str) or not given or not access.token_matches(given):
-            log.warning("http.login_refused", remote=request.remote)
+            refused_logins.note()
             if as_form:
                 return login_page(status=401, error="That is not this fleet's token.")
             return json_error(401, "token: wrong or missing")
@@ -316,6 +320,7 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
             load.streams -= 1
 
     async def close_client(_: web.Application) -> None:
+        refused_logins.close()
         if "session" in client:
             await client["session"].close()
 
