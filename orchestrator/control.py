@@ -37,6 +37,7 @@ from orchestrator.topology import Topology
 log = EventLogger("orchestrator.control")
 
 CANCEL_MEMORY_S = 24 * 3600
+NOT_HERE = b"null"  # a host's answer to `locate` for a job it does not have
 
 
 class CancelRegistry:
@@ -111,14 +112,15 @@ class ControlListener:
                     json_message(reply, persistent=False), routing_key=message.reply_to, mandatory=False
                 )
 
-    async def _answer(self, control: ControlMessage) -> BaseModel | None:
+    async def _answer(self, control: ControlMessage) -> BaseModel | bytes | None:
         kind, operator = control.kind, self._operator
         if kind is ControlKind.CANCEL and control.request_id is not None:
             return await self.cancel(str(control.request_id))
         if kind is ControlKind.DESCRIBE:
             return operator.heartbeat()
         if kind is ControlKind.LOCATE and control.request_id is not None:
-            return await operator.locate(str(control.request_id))
+            # `null` when the job is not here: the asker can stop waiting once every host has answered.
+            return await operator.locate(str(control.request_id)) or NOT_HERE
         if not control.for_host(self._host):
             return None
         if kind in (ControlKind.DRAIN, ControlKind.RESUME):

@@ -33,6 +33,7 @@ from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
 from orchestrator.control import CancelRegistry, ControlListener
 from orchestrator.fdlimit import raise_open_files_limit
+from orchestrator.fleet import Fleet
 from orchestrator.httpapi import HttpLimits, MetricsSnapshot, start_http
 from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, load_image_map
 from orchestrator.images import ImagePreparer
@@ -203,6 +204,9 @@ class Daemon:
         # the numbers it reads at scrape time); this daemon's own, never a global.
         self.meters = DaemonMetrics(CollectorRegistry())
         self.meters.draining.set_function(lambda: float(self.ledger.draining))
+        # The dashboard's view of every host (this one's heartbeat is read live).
+        self.fleet = Fleet(topology=self.topology, host=settings.host_name, heartbeat_s=settings.heartbeat_s,
+                           own=self.heartbeat)
 
     # --- HostView (what the HTTP API reads) ---------------------------------------------
     @property
@@ -325,6 +329,7 @@ class Daemon:
             draining=ledger.draining,
             warm=ledger.warm,
             warm_by_label=ledger.warm_by_label(),
+            public_url=self.settings.public_url,
         )
 
     # --- start and stop ----------------------------------------------------------------------
@@ -396,7 +401,7 @@ class Daemon:
                 http = await start_http(self, s.http_listen, token=s.http_token, limits=HttpLimits(
                     max_connections=s.http_max_connections, header_timeout_s=s.http_header_timeout_s,
                     max_streams=s.http_max_streams,
-                ), metrics=self.meters.registry)
+                ), metrics=self.meters.registry, fleet=self.fleet, public_url=s.public_url)
             stack.push_async_callback(bounded(http.cleanup, "HTTP API"))
         self._background(stack, self._heartbeat(), "heartbeat")
         self._background(stack, measure_loop_lag(self.meters), "loop-lag")
@@ -426,6 +431,9 @@ class Daemon:
         with failing_as("cannot listen to the control exchange"):
             await control.start(self._connection)
         stack.push_async_callback(bounded(control.stop, "control listener"))
+        with failing_as("cannot listen to the fleet's heartbeats"):
+            await self.fleet.start(self._connection)
+        stack.push_async_callback(bounded(self.fleet.stop, "fleet view"))
         # Pushed after the control listener, so cancels still work while jobs drain.
         stack.push_async_callback(self._drain)
         with failing_as("cannot reconcile the journal with the hypervisors", "see the backend's error"):

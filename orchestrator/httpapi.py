@@ -13,10 +13,13 @@
   /jobs/{job_id}`: one job (request without secrets, result, timings). JSON errors.
 - `POST /drain`, `POST /resume`: take the host out of service and back (journaled).
 - `GET /openapi.json`: the OpenAPI 3.1 document of every endpoint (`orchestrator/openapi.json`).
+- The dashboard (`GET /`) and the fleet-wide endpoints it reads: `orchestrator.dashboard`.
 
-With `HTTP_TOKEN` set, every endpoint but `/healthz` needs `Authorization: Bearer <token>`.
-The app sees the daemon only through `HostView`: it reads, and it changes nothing but
-the host's draining state.
+With `HTTP_TOKEN` set, every endpoint but `/healthz` answers 401 without
+`Authorization: Bearer <token>` or a session cookie from `POST /login`
+(`orchestrator.sessions`); `GET /` then answers with the sign-in form. The app sees the
+daemon only through `HostView` (and the fleet through `Fleet`): it reads, and it changes
+nothing but draining states.
 
 HTTP clients are not trusted, so what they can hold is bounded (`HttpLimits`): open
 connections (beyond the cap a new one is closed as soon as it is accepted), the time a
@@ -28,7 +31,6 @@ log streams at once (beyond that, 503 with `Retry-After`). Refusals are counted 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -40,17 +42,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from pydantic import ValidationError
 
-from orchestrator.joblog import LineFollower, LogText
+from orchestrator import dashboard
+from orchestrator.fleet import Fleet
+from orchestrator.joblog import LogText
 from orchestrator.messages import Heartbeat, JobDetail, JobsQuery, JobSummary
 from orchestrator.logsetup import EventLogger
+from orchestrator.logstream import stream_log
+from orchestrator.sessions import Access
 
 log = EventLogger("orchestrator.http")
 
-SSE_POLL_S = 0.5
-SSE_KEEPALIVE_S = 15.0
-STREAM_RETRY_AFTER_S = 10
 REFUSAL_LOG_WINDOW_S = 60.0
 # Read once at import: it is package data, and the app serves it as it is.
 OPENAPI_DOCUMENT = resources.files(__package__).joinpath("openapi.json").read_bytes()
@@ -371,34 +373,6 @@ async def _drain_in_thread(response: web.StreamResponse, chunks: Iterator[bytes]
             raise
 
 
-async def _send_events(
-    request: web.Request, response: web.StreamResponse, follower: LineFollower, running: Callable[[], bool]
-) -> None:
-    """Send the console's lines as events until the job has ended and every line is sent
-    (then an `end` event), or until the client goes away (checked before every read, so
-    a stream nobody reads ends within one poll)."""
-    loop = asyncio.get_running_loop()
-    quiet_since = loop.time()
-    while request.transport is not None and not request.transport.is_closing():
-        ended = not running()
-        before = follower.offset
-        # Read by chunk even once the job has ended, so a huge log is never held whole.
-        lines = await asyncio.to_thread(follower.read_marked_lines, final=ended)
-        if lines:
-            # One event per line, each with its id (the file offset after it): a client
-            # cut anywhere resumes after the last line it got (Last-Event-ID).
-            await response.write("".join(f"id: {end}\ndata: {line}\n\n" for line, end in lines).encode())
-            quiet_since = loop.time()
-        elif ended and follower.offset == before:
-            await response.write(b"event: end\ndata: \n\n")
-            return
-        elif loop.time() - quiet_since > SSE_KEEPALIVE_S:
-            await response.write(b": keep-alive\n\n")  # finds a peer that went away
-            quiet_since = loop.time()
-        if not ended and not lines:
-            await asyncio.sleep(SSE_POLL_S)
-
-
 def _text_range(request: web.Request, size: int) -> tuple[int, int] | None:
     """The `Range` asked for as [start, end) of the text, None for the whole text.
     Raises 416 for a range that starts past the end."""
@@ -418,10 +392,13 @@ def _text_range(request: web.Request, size: int) -> tuple[int, int] | None:
 
 
 def build_app(
-    view: HostView, *, token: str | None, load: HttpLoad, metrics: CollectorRegistry | None = None
+    view: HostView, *, token: str | None, load: HttpLoad, metrics: CollectorRegistry | None = None,
+    fleet: Fleet | None = None, public_url: str | None = None,
 ) -> web.Application:
     """The app; it counts its log streams in `load` and shows `load` on `/metrics`, and
-    `metrics` there too (the daemon's histograms, which it records as things happen)."""
+    `metrics` there too (the daemon's histograms, which it records as things happen).
+    The dashboard reads the rest of the fleet through `fleet` (503 without one)."""
+    access = Access(token, public_url=public_url)
     registry = CollectorRegistry()
     registry.register(_ViewCollector(view))
     registry.register(_LoadCollector(load))
@@ -478,42 +455,15 @@ def build_app(
         return response
 
     async def job_log_stream(request: web.Request) -> web.StreamResponse:
-        if load.streams >= load.limits.max_streams:
-            load.streams_refused.note()
-            raise web.HTTPServiceUnavailable(
-                headers={"Retry-After": str(STREAM_RETRY_AFTER_S)},
-                text=f"too many log streams: {load.streams} being served, HTTP_MAX_STREAMS is {load.limits.max_streams}; retry later\n",
-            )
-        job_id, path = log_file(request)
-        resume = request.headers.get("Last-Event-ID", "")
-        # isdigit alone passes "²", which int() refuses: ASCII digits only.
-        offset = int(resume) if resume.isascii() and resume.isdigit() and len(resume) < 20 else 0
-        size = path.stat().st_size if path.is_file() else 0
-        follower = LineFollower(path, min(offset, size))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        load.streams += 1
-        try:
-            await response.prepare(request)
-            await _send_events(request, response, follower, lambda: view.job_running(job_id))
-        except ConnectionResetError:
-            pass  # the client went away while we wrote: the stream is over, nothing to log
-        finally:
-            load.streams -= 1
-        return response
+        return await stream_log(request, view, load, _job_id(request))
 
     def json_error(status: int, message: str) -> web.Response:
         return web.json_response({"error": message}, status=status)
 
     async def jobs(request: web.Request) -> web.Response:
-        unknown = sorted(set(request.query) - set(JobsQuery.model_fields))
-        if unknown:
-            return json_error(400, f"unknown query parameter {unknown[0]!r}; known: {', '.join(JobsQuery.model_fields)}")
-        try:
-            query = JobsQuery.model_validate(dict(request.query))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"])
-            return json_error(400, f"{where}: {error['msg']}")
+        query = dashboard.jobs_query(request)
+        if isinstance(query, web.Response):
+            return query
         found = await view.jobs(query)
         return web.json_response({"host": view.host_name, "jobs": [job.model_dump(mode="json") for job in found]})
 
@@ -534,19 +484,22 @@ def build_app(
         return web.json_response(draining_answer(await view.set_draining(False)))
 
     @web.middleware
-    async def bearer_token(request: web.Request, handler: Any) -> web.StreamResponse:
-        if token and request.path != "/healthz":
-            # Header values arrive as str with undecodable bytes kept as surrogates:
-            # encode them back the same way, so any byte sequence is just a wrong token.
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
-                raise web.HTTPUnauthorized(text="send Authorization: Bearer <HTTP_TOKEN>\n")
-        return await handler(request)
+    async def credentials(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/healthz" or (request.path == "/login" and request.method == "POST"):
+            return await handler(request)
+        reason = access.refusal(request)
+        if reason is None:
+            return await handler(request)
+        if access.session(request) is not None or access.bearer(request):
+            return web.json_response({"error": reason}, status=403)
+        if request.path == "/" and request.method in ("GET", "HEAD"):
+            return dashboard.login_page(status=401)  # a browser gets a way in
+        return web.Response(status=401, text=reason + "\n")
 
     async def close_load(_: web.Application) -> None:
         load.close()
 
-    app = web.Application(middlewares=[headers_arrived, bearer_token])
+    app = web.Application(middlewares=[headers_arrived, credentials])
     app.on_cleanup.append(close_load)
     app.add_routes([
         web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status),
@@ -554,14 +507,16 @@ def build_app(
         web.get("/jobs/{job_id}/log", job_log), web.get("/jobs/{job_id}/log/stream", job_log_stream),
         web.post("/drain", drain), web.post("/resume", resume), web.get("/openapi.json", openapi),
     ])
+    dashboard.add_routes(app, view=view, fleet=fleet, access=access, load=load)
     return app
 
 
 async def start_http(
     view: HostView, listen: str, *, token: str | None, limits: HttpLimits = HttpLimits(),
-    metrics: CollectorRegistry | None = None,
+    metrics: CollectorRegistry | None = None, fleet: Fleet | None = None, public_url: str | None = None,
 ) -> web.AppRunner:
     """Serve the daemon's API on `listen` within `limits`, with `metrics` on `/metrics`.
     Raises OSError when the address is taken."""
     load = HttpLoad(limits)
-    return await serve_within_limits(build_app(view, token=token, load=load, metrics=metrics), listen, load)
+    app = build_app(view, token=token, load=load, metrics=metrics, fleet=fleet, public_url=public_url)
+    return await serve_within_limits(app, listen, load)

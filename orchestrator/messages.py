@@ -279,6 +279,8 @@ class Heartbeat(BaseModel):
     # Warm pool VMs no job has taken (their vCPUs and memory are in the *_used above).
     warm: int = 0
     warm_by_label: dict[str, int] = Field(default_factory=dict)
+    # The host's PUBLIC_URL: where the dashboard of another host reads its job logs.
+    public_url: str | None = None
     at: UtcDatetime = Field(default_factory=now_utc)
 
 

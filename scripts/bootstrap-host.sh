@@ -18,7 +18,7 @@ fi
 debs=(rabbitmq-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       qemu-system-x86 qemu-utils libvirt-dev pkg-config busybox-static zstd
       python3-venv python3-dev gcc virtinst libxml2-utils iptables dnsmasq-base git procps
-      prometheus)
+      prometheus chromium chromium-driver)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from orchestrator.consolecap import HEAD_BYTES, read_cut_state, state_path
-from orchestrator.httpapi import SSE_POLL_S
+from orchestrator.logstream import SSE_POLL_S
 from orchestrator.joblog import CHUNK_BYTES
 from orchestrator.messages import JobStatus
 from orchestrator.runner import StopReason
