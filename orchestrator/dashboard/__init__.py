@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from orchestrator.fleet import Fleet, FleetJobs, FleetUnavailable
 from orchestrator.logsetup import EventLogger
-from orchestrator.logstream import SSE_KEEPALIVE_S, STREAM_RETRY_AFTER_S, has_log, refuse_stream, stream_log
+from orchestrator.logstream import SSE_KEEPALIVE_S, SSE_POLL_S, STREAM_RETRY_AFTER_S, has_log, refuse_stream, stream_log
 from orchestrator.messages import Heartbeat, JobsQuery
 from orchestrator.sessions import Access
 
@@ -306,7 +306,17 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
                 response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                 await response.prepare(request)
                 try:
-                    async for chunk in upstream.content.iter_any():
+                    while request.transport is not None and not request.transport.is_closing():
+                        try:
+                            # Bounded waits, so a browser that left is noticed between the
+                            # upstream's events (its keep-alives come only every 15 s).
+                            chunk = await asyncio.wait_for(upstream.content.readany(), timeout=SSE_POLL_S)
+                        except aiohttp.ClientError:
+                            raise
+                        except TimeoutError:
+                            continue
+                        if not chunk:
+                            break
                         await response.write(chunk)
                 except ConnectionResetError:
                     pass  # the browser went away: the stream is over
