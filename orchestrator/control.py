@@ -95,22 +95,24 @@ class ControlListener:
         control = await self._channel.get_exchange(self._topology.control, ensure=False)
         self._queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         await self._queue.bind(control)
-        await self._queue.consume(self._on_message)
+        # The queue is this host's own, exclusive and gone with its connection: an ack
+        # would protect nothing, so the broker settles each message as it delivers it
+        # (and a host's acks on the wire are its jobs' alone).
+        await self._queue.consume(self._on_message, no_ack=True)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        async with message.process(requeue=False, ignore_processed=True):
-            try:
-                control = ControlMessage.model_validate_json(message.body)
-            except ValidationError as exc:
-                log.warning("control.malformed", error=str(exc.errors()[:1]))
-                return
-            reply = await self._answer(control)
-            if reply is None:
-                return
-            if message.reply_to and self._channel is not None:
-                await self._channel.default_exchange.publish(
-                    json_message(reply, persistent=False), routing_key=message.reply_to, mandatory=False
-                )
+        try:
+            control = ControlMessage.model_validate_json(message.body)
+        except ValidationError as exc:
+            log.warning("control.malformed", error=str(exc.errors()[:1]))
+            return
+        reply = await self._answer(control)
+        if reply is None:
+            return
+        if message.reply_to and self._channel is not None:
+            await self._channel.default_exchange.publish(
+                json_message(reply, persistent=False), routing_key=message.reply_to, mandatory=False
+            )
 
     async def _answer(self, control: ControlMessage) -> BaseModel | bytes | None:
         kind, operator = control.kind, self._operator

@@ -367,7 +367,7 @@ async def _drain_in_thread(response: web.StreamResponse, chunks: Iterator[bytes]
     while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
         try:
             await response.write(chunk)
-        except ConnectionResetError:
+        except ConnectionError:  # reset, or lost while a write waited (aiohttp raises both)
             if isinstance(chunks, Generator):
                 chunks.close()  # no thread is reading it here: `next` has returned
             raise
@@ -450,7 +450,7 @@ def build_app(
         try:
             await _drain_in_thread(response, text.text(raw_start, extent.raw_size, limit=stop - start))
             await response.write_eof()
-        except ConnectionResetError:
+        except ConnectionError:  # reset, or lost while a write waited (aiohttp raises both)
             pass  # the client went away mid-download: nobody to answer, nothing to log
         return response
 

@@ -65,7 +65,7 @@ async def stream_log(request: web.Request, view: LogSource, load: HttpLoad, job_
     try:
         await response.prepare(request)
         await _send_events(request, response, follower, lambda: view.job_running(job_id))
-    except ConnectionResetError:
+    except ConnectionError:  # reset, or lost while a write waited (aiohttp raises both)
         pass  # the client went away while we wrote: the stream is over, nothing to log
     finally:
         load.streams -= 1

@@ -48,6 +48,9 @@ def consumers_by_queue(prefix: str) -> dict[str, int]:
 
 
 async def start_host(prefix, tmp_path, noop_map_path, name: str, **overrides) -> Daemon:
+    # A job left running when a test ends is handed back after a second, not after the
+    # default drain timeout: the stop is the test's cleanup, not what it measures.
+    overrides.setdefault("drain_timeout_s", 1)
     port = free_port()
     settings = make_settings(
         prefix, tmp_path / name, noop_map_path, host_name=name, http_listen=f"127.0.0.1:{port}", http_token=TOKEN,

@@ -30,8 +30,8 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 # Needs no credentials even with HTTP_TOKEN set.
 OPEN_OPERATIONS = frozenset({("GET", "/healthz"), ("POST", "/login")})
 
-MAX_EXAMPLES = 50  # per operation and generation mode
-RUN_BUDGET_S = 60
+MAX_EXAMPLES = 25  # per operation and generation mode (derandomized: the same cases every run)
+RUN_BUDGET_S = 45
 
 
 def documented_operations() -> set[tuple[str, str]]:

@@ -318,7 +318,7 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
                         if not chunk:
                             break
                         await response.write(chunk)
-                except ConnectionResetError:
+                except ConnectionError:  # reset, or lost while a write waited (aiohttp raises both)
                     pass  # the browser went away: the stream is over
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     # Cut upstream: the browser's EventSource reconnects with Last-Event-ID.
