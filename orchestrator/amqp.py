@@ -27,7 +27,8 @@ RECONNECT_MAX_S = 8.0
 def node_of(url: str | URL) -> str:
     """`host:port` of a broker URL: what logs and `/readyz` name, never the credentials."""
     parsed = URL(str(url))
-    return f"{parsed.host}:{parsed.port}"
+    port = parsed.explicit_port or (5671 if parsed.scheme == "amqps" else 5672)
+    return f"{parsed.host}:{port}"
 
 
 class FailoverConnection(aio_pika.RobustConnection):

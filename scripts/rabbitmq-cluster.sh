@@ -185,7 +185,8 @@ cmd_up() {
 cmd_down() {
     local n
     if [ -d "$BASE" ]; then
-        for n in $(seq $NODES -1 1); do stop_node "$n"; done
+        for n in $(seq $NODES -1 1); do stop_node "$n" & done
+        wait
         rm -rf "$BASE"
     fi
     log "down"
