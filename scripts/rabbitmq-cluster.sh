@@ -138,7 +138,9 @@ stop_node() {
     local n=$1 pid
     if pid=$(node_pid "$n"); then
         log "stopping $(node_name "$n")"
-        ctl "$n" -q stop >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
+        # SIGTERM is a clean shutdown for RabbitMQ (as `rabbitmqctl stop`, without the
+        # second or two a CLI run costs).
+        kill -TERM "$pid" 2>/dev/null || true
         local deadline=$((SECONDS + 60))
         while kill -0 "$pid" 2>/dev/null; do
             if [ $SECONDS -ge $deadline ]; then
