@@ -77,7 +77,7 @@ async def raw_floor(urls: str, n: int, paced: int) -> Figures:
             if got == n or len(latencies) == paced:
                 done.set()
 
-        await queue.consume(on_message)
+        tag = await queue.consume(on_message)
         t0 = time.perf_counter()
         for start in range(0, n, 500):  # confirms in windows of 500
             await asyncio.gather(*[
@@ -93,6 +93,7 @@ async def raw_floor(urls: str, n: int, paced: int) -> Figures:
                                                    routing_key=queue.name)
             await asyncio.sleep(0.005)
         await done.wait()
+        await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
@@ -100,7 +101,7 @@ async def raw_floor(urls: str, n: int, paced: int) -> Figures:
 
 
 def image_map_text(labels: list[str]) -> str:
-    return "images:\n" + "".join(
+    return f"default_label: {labels[0]}\nimages:\n" + "".join(
         f"  {label}: {{backend: noop, local_path: /nonexistent/{label}.img, cpus: 1, memory_mb: 64}}\n" for label in labels
     )
 
@@ -214,11 +215,12 @@ async def main() -> None:
     print(f"{args.hosts} noop daemons x MAX_CONCURRENCY {args.concurrency}, {args.labels} labels, {args.jobs} jobs "
           f"(+{args.paced} paced), {os.cpu_count()} CPUs")
     figures: dict[str, tuple[Figures, Figures]] = {}
-    single = (await raw_floor(args.single_url, args.raw, args.paced),
-              await fleet_run([args.single_url], hosts=args.hosts, concurrency=args.concurrency, labels=args.labels,
-                              jobs=args.jobs, paced=args.paced))
+    single_floor = await raw_floor(args.single_url, args.raw, args.paced)
+    print(f"single node: floor {single_floor.rate:.0f} msg/s", flush=True)
+    single = (single_floor, await fleet_run([args.single_url], hosts=args.hosts, concurrency=args.concurrency,
+                                            labels=args.labels, jobs=args.jobs, paced=args.paced))
     figures["single node"] = single
-    report("single node ", *single)
+    report("single node   ", *single)
     started_cluster = args.cluster_urls is None
     if started_cluster:
         subprocess.run(["bash", str(SCRIPT), "up"], check=True)
