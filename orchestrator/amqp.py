@@ -84,9 +84,8 @@ class FailoverConnection(aio_pika.RobustConnection):
         raise last
 
 
-assert hasattr(aio_pika.RobustConnection, "_RobustConnection__connect_transport"), (
-    "aio-pika no longer has RobustConnection.__connect_transport: FailoverConnection needs another hook"
-)
+if not hasattr(aio_pika.RobustConnection, "_RobustConnection__connect_transport"):
+    raise ImportError("aio-pika no longer has RobustConnection.__connect_transport: FailoverConnection needs another hook")
 
 
 async def connect(url: str, *, name: str) -> FailoverConnection:
