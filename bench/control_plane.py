@@ -121,7 +121,8 @@ async def daemon_run(url: str, concurrency: int, burst: int, paced: int) -> tupl
         connection = await aio_pika.connect_robust(url)
         channel = await connection.channel(publisher_confirms=True)
         declared = await declare_topology(
-            connection, topology, image_map, delivery_limit=settings.delivery_limit, dlq_max_length=settings.dlq_max_length
+            connection, topology, image_map, delivery_limit=settings.delivery_limit, dlq_max_length=settings.dlq_max_length,
+            quorum_size=settings.quorum_size,
         )
         results_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await results_queue.bind(declared.results, routing_key="#")

@@ -4,40 +4,116 @@ re-published jobs, dead letters) and fire-and-forget for events."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import aio_pika
 import tenacity
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pydantic import BaseModel
+from yarl import URL
 
+from orchestrator.config import split_amqp_urls
 from orchestrator.logsetup import EventLogger
 
 log = EventLogger("orchestrator.amqp")
 
 
-async def connect(url: str, *, name: str) -> AbstractRobustConnection:
-    """A robust connection: aio-pika reconnects and restores channels, QoS and consumers.
-    Losing and regaining it is logged here, once each (aiormq's own lines are muted)."""
-    connection = await aio_pika.connect_robust(
-        url, client_properties={"connection_name": name}, heartbeat=30, reconnect_interval=1, timeout=10
+RECONNECT_INITIAL_S = 1.0
+RECONNECT_MAX_S = 8.0
+
+
+def node_of(url: str | URL) -> str:
+    """`host:port` of a broker URL: what logs and `/readyz` name, never the credentials."""
+    parsed = URL(str(url))
+    port = parsed.explicit_port or (5671 if parsed.scheme == "amqps" else 5672)
+    return f"{parsed.host}:{port}"
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection over several broker nodes.
+
+    Each (re)connection attempt tries the nodes in turn, starting with the one after the
+    node it last tried: the first connection goes to the first node that answers, and a
+    lost node is left for the next that answers. Once connected, aio-pika restores the
+    channels, QoS and consumers on that node as it would on one. A round in which no node
+    answers is followed by a pause that doubles, from `reconnect_interval` up to
+    `RECONNECT_MAX_S`; a connection resets it.
+
+    Only the connection attempt is ours: it is aio-pika's `RobustConnection.__connect_transport`
+    (name-mangled, so overriding it is overriding `_RobustConnection__connect_transport`),
+    called by its reconnection loop for every attempt. `tests/test_cluster_units.py`
+    checks that aio-pika still has it.
+    """
+
+    def __init__(self, urls: Sequence[str], **kwargs: Any) -> None:
+        if not urls:
+            raise ValueError("no broker URL")
+        self._urls = [URL(url) for url in urls]
+        self._next = 0
+        super().__init__(self._urls[0], **kwargs)
+        self._initial_interval = self.reconnect_interval
+
+    @property
+    def node(self) -> str | None:
+        """`host:port` of the node this connection is on; None while it is not connected."""
+        if self.is_closed or not self.connected.is_set():
+            return None
+        return node_of(self.url)
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        errors: list[str] = []
+        for _ in self._urls:
+            index, self._next = self._next, (self._next + 1) % len(self._urls)
+            self.url = self._urls[index]
+            try:
+                await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+            except CONNECTION_EXCEPTIONS as exc:
+                errors.append(f"{node_of(self.url)}: {describe_error(exc)}")
+                if len(self._urls) > 1:
+                    log.warning("broker.node_unavailable", node=node_of(self.url), error=describe_error(exc))
+                last = exc
+                continue
+            self.reconnect_interval = self._initial_interval
+            log.info("broker.connected", node=node_of(self.url))
+            return
+        self.reconnect_interval = min(self.reconnect_interval * 2, max(RECONNECT_MAX_S, self._initial_interval))
+        if len(self._urls) > 1:
+            raise aio_pika.exceptions.AMQPConnectionError(f"no broker node answered ({'; '.join(errors)})") from last
+        raise last
+
+
+if not hasattr(aio_pika.RobustConnection, "_RobustConnection__connect_transport"):
+    raise ImportError("aio-pika no longer has RobustConnection.__connect_transport: FailoverConnection needs another hook")
+
+
+async def connect(url: str, *, name: str) -> FailoverConnection:
+    """A robust connection to the first node of `url` (one URL, or several
+    comma-separated) that answers: aio-pika reconnects and restores channels, QoS and
+    consumers, on the next node that answers when one is lost. Losing and regaining it
+    is logged here, with the node (aiormq's own lines are muted)."""
+    connection = FailoverConnection(
+        split_amqp_urls(url), client_properties={"connection_name": name}, heartbeat=30, reconnect_interval=RECONNECT_INITIAL_S,
     )
+    await connection.connect(timeout=10)
+
     def lost(_connection: object, exc: BaseException | None = None) -> None:
         if exc is not None and not isinstance(exc, asyncio.CancelledError):  # not our own close()
-            log.warning("broker.connection_lost", error=describe_error(exc))
+            log.warning("broker.connection_lost", node=node_of(connection.url), error=describe_error(exc))
 
     connection.close_callbacks.add(lost)
-    connection.reconnect_callbacks.add(lambda _conn: log.info("broker.reconnected"))
+    connection.reconnect_callbacks.add(lambda _conn: log.info("broker.reconnected", node=node_of(connection.url)))
     return connection
 
 
-async def connect_with_retry(url: str, *, name: str, timeout_s: float, masked_url: str) -> AbstractRobustConnection:
+async def connect_with_retry(url: str, *, name: str, timeout_s: float, masked_url: str) -> FailoverConnection:
     """The first connection, retried with backoff for `timeout_s` (under systemd the
     broker may come up after us); each failed attempt is logged. Raises the last error."""
     retrying = tenacity.AsyncRetrying(
         stop=tenacity.stop_before_delay(timeout_s),
         wait=tenacity.wait_exponential(multiplier=0.25, max=5),
-        retry=tenacity.retry_if_exception_type((OSError, asyncio.TimeoutError)),
+        retry=tenacity.retry_if_exception_type((OSError, asyncio.TimeoutError)),  # AMQPConnectionError is an OSError
         before_sleep=lambda state: log.warning(
             "broker.connect_failed", url=masked_url, attempt=state.attempt_number,
             retry_in_s=round(state.upcoming_sleep, 2), error=describe_error(state.outcome.exception()),

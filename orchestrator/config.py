@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
+from urllib.parse import urlsplit
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hypervisors.base import BackendName
@@ -30,6 +32,12 @@ def _memory_mb() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
     except (ValueError, OSError):
         return 4096
+
+
+def split_amqp_urls(text: str) -> list[str]:
+    """`AMQP_URL` as its list of nodes: comma-separated, blanks ignored (a comma inside a
+    password is written %2C, as URLs escape it)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def parse_capacity_map(text: str) -> dict[str, int]:
@@ -70,6 +78,9 @@ class DaemonSettings(BaseModel):
     warm_boots_at_once: Annotated[int, Field(ge=1, le=64)] = 1
     console_max_bytes: Annotated[int, Field(ge=4 * 1024 * 1024)] = 64 * 1024 * 1024
     delivery_limit: Annotated[int, Field(ge=1, le=1000)] = 50
+    # Quorum queues' initial member count (x-quorum-initial-group-size); RabbitMQ
+    # places min(this, cluster nodes) members. Every host must use the same value.
+    quorum_size: Annotated[int, Field(ge=1, le=15)] = 3
     dlq_max_length: Annotated[int, Field(ge=1)] = 100_000
     retention_days: Annotated[float, Field(gt=0)] = 14.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
@@ -105,9 +116,28 @@ class DaemonSettings(BaseModel):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
-        return value
+        """One URL, or a comma-separated list of a cluster's nodes: each is checked, and
+        the error names which one (without its password)."""
+        urls = split_amqp_urls(value)
+        if not urls:
+            raise ValueError("no broker URL given")
+        for position, url in enumerate(urls, start=1):
+            where = f"URL {position} of {len(urls)} ({mask_password(url)})" if len(urls) > 1 else "it"
+            if not url.startswith(("amqp://", "amqps://")):
+                raise ValueError(f"{where} must start with amqp:// or amqps://")
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+            except ValueError as exc:
+                raise ValueError(f"{where} is not a valid URL: {exc}") from None
+            if not parts.hostname:
+                raise ValueError(f"{where} names no host")
+        return ",".join(urls)
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker nodes `AMQP_URL` lists, in order."""
+        return split_amqp_urls(self.amqp_url)
 
     @property
     def state(self) -> StateDir:
@@ -118,7 +148,12 @@ class DaemonSettings(BaseModel):
         return self.image_dir or self.state.default_images
 
     def masked_amqp_url(self) -> str:
-        return re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:****@", self.amqp_url)
+        """`AMQP_URL` for logs and messages: every node's password masked."""
+        return ",".join(mask_password(url) for url in self.amqp_urls)
+
+
+def mask_password(url: str) -> str:
+    return re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:****@", url)
 
 
 # flag/field name -> environment variable
@@ -144,6 +179,7 @@ ENV_NAMES: Mapping[str, str] = {
     "boot_timeout_s": "BOOT_TIMEOUT_S",
     "console_max_bytes": "CONSOLE_MAX_BYTES",
     "delivery_limit": "DELIVERY_LIMIT",
+    "quorum_size": "QUORUM_SIZE",
     "dlq_max_length": "DLQ_MAX_LENGTH",
     "retention_days": "RETENTION_DAYS",
     "max_attempts": "MAX_ATTEMPTS",
@@ -191,4 +227,7 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
         name = str(first["loc"][0]) if first["loc"] else "?"
         flag = "--" + name.replace("_", "-")
         env_name = ENV_NAMES.get(name, "?")
-        raise SettingsError(f"{flag} / {env_name}: {first['msg']} (got {first.get('input')!r})") from None
+        given = first.get("input")
+        if name == "amqp_url" and isinstance(given, str):
+            given = ",".join(mask_password(url) for url in split_amqp_urls(given))  # never a password in an error
+        raise SettingsError(f"{flag} / {env_name}: {first['msg']} (got {given!r})") from None

@@ -55,6 +55,9 @@ class Settler:
         verdict = decision.verdict
         try:
             if verdict is Verdict.REQUEUE:
+                # Rare by design (DESIGN.md "Capacity"), and each counts toward the
+                # delivery limit: worth a line.
+                log.info("delivery.requeued", job_id=decision.job_id, reason=decision.reason)
                 await message.nack(requeue=True)
             elif verdict is Verdict.DEAD_LETTER:
                 await self._dead_letter(message, decision.reason)

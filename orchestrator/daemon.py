@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from hypervisors.base import BackendError, BackendName, Hypervisor
 from hypervisors.router import RouterHypervisor
 from orchestrator import __version__
-from orchestrator.amqp import ConfirmedPublisher, EventPublisher, connect_with_retry, describe_error
+from orchestrator.amqp import ConfirmedPublisher, EventPublisher, FailoverConnection, connect_with_retry, describe_error
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
@@ -190,7 +190,7 @@ class Daemon:
         self.images: ImagePreparer | None = None
         self._intake: JobIntake | None = None
         self.pools: WarmPools | None = None
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._connection: FailoverConnection | None = None
         self._events: EventPublisher | None = None
         self._publisher: ConfirmedPublisher | None = None
         self._stack = AsyncExitStack()
@@ -217,6 +217,11 @@ class Daemon:
     def broker_connected(self) -> bool:
         connection = self._connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    @property
+    def broker_node(self) -> str | None:
+        """`host:port` of the broker node this host is connected to; None while it is not."""
+        return self._connection.node if self._connection is not None else None
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
@@ -326,6 +331,7 @@ class Daemon:
             cpus_total=ledger.cpus_total,
             memory_mb_used=ledger.memory_mb_used,
             memory_mb_total=ledger.memory_mb_total,
+            broker_node=self.broker_node,
             draining=ledger.draining,
             warm=ledger.warm,
             warm_by_label=ledger.warm_by_label(),
@@ -456,7 +462,7 @@ class Daemon:
             await self.scheduler.start(self._connection)
         stack.push_async_callback(bounded(self.scheduler.stop, "consumers"))
 
-    async def _connect_broker(self) -> aio_pika.abc.AbstractRobustConnection:
+    async def _connect_broker(self) -> FailoverConnection:
         s = self.settings
         try:
             return await connect_with_retry(
@@ -473,11 +479,12 @@ class Daemon:
         assert self._connection is not None
         with failing_as(
             "cannot declare the broker's exchanges and queues",
-            "every host of a fleet must use the same DELIVERY_LIMIT; a queue declared with other arguments must be deleted first",
+            "every host of a fleet must use the same DELIVERY_LIMIT and QUORUM_SIZE; a queue declared with other arguments must be deleted first",
         ):
             declared = await declare_topology(
                 self._connection, self.topology, image_map,
                 delivery_limit=self.settings.delivery_limit, dlq_max_length=self.settings.dlq_max_length,
+                quorum_size=self.settings.quorum_size,
             )
             await declared.channel.close()
 

@@ -2,7 +2,7 @@
 
 - `GET /healthz`: the process is up.
 - `GET /readyz`: 200 when the broker connection is open and the host takes work; 503
-  with the reasons otherwise (broker away, draining).
+  with the reasons otherwise (broker away, draining). `broker_node` names the node.
 - `GET /status`: capacity, running jobs, image preparation (state, bytes, progress).
 - `GET /metrics`: Prometheus, from a registry of this app's own (no global state).
 - `GET /jobs/{job_id}/log`: the job's console log as text with `\\n` line ends, streamed
@@ -154,6 +154,9 @@ class HostView(Protocol):
 
     @property
     def broker_connected(self) -> bool: ...
+
+    @property
+    def broker_node(self) -> str | None: ...
 
     def not_ready_reasons(self) -> list[str]: ...
 
@@ -410,7 +413,10 @@ def build_app(
 
     async def readyz(_: web.Request) -> web.Response:
         reasons = view.not_ready_reasons()
-        body = {"ready": not reasons, "broker": "connected" if view.broker_connected else "disconnected", "reasons": reasons}
+        body = {
+            "ready": not reasons, "broker": "connected" if view.broker_connected else "disconnected",
+            "broker_node": view.broker_node, "reasons": reasons,
+        }
         return web.json_response(body, status=200 if not reasons else 503)
 
     async def status(_: web.Request) -> web.Response:

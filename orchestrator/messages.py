@@ -275,6 +275,9 @@ class Heartbeat(BaseModel):
     cpus_total: int
     memory_mb_used: int
     memory_mb_total: int
+    # `host:port` of the broker node the host is connected to (one of AMQP_URL's);
+    # None while it reconnects.
+    broker_node: str | None = None
     draining: bool = False
     # Warm pool VMs no job has taken (their vCPUs and memory are in the *_used above).
     warm: int = 0

@@ -2,7 +2,15 @@
 
 All names live under a prefix (`ci` by default), so several fleets or test runs can
 share one broker. Declaring twice is harmless; declaring with other arguments than an
-existing queue has fails, so every host must use the same `delivery_limit`.
+existing queue has fails, so every host must use the same `delivery_limit` and
+`quorum_size`.
+
+Every queue is a quorum queue with `x-quorum-initial-group-size` = `quorum_size`
+(DESIGN.md "Broker cluster"). RabbitMQ gives a new queue min(quorum_size, cluster nodes)
+members, so the argument stays the same on every host whatever the cluster's size (a
+cap computed here from the nodes each host sees would differ between hosts, and an
+argument that differs is PRECONDITION_FAILED). A queue keeps the members it was
+declared with: nodes added later join it with `rabbitmq-queues grow`.
 """
 
 from __future__ import annotations
@@ -86,23 +94,28 @@ class DeclaredTopology:
     dlq: AbstractQueue
 
 
-def _job_queue_arguments(topology: Topology, delivery_limit: int) -> dict[str, object]:
+def quorum_queue_arguments(quorum_size: int, **extra: object) -> dict[str, object]:
+    """The arguments of one of our quorum queues: replicated on `quorum_size` nodes (at
+    most the cluster's), plus `extra` (e.g. `{"x-delivery-limit": 50}`). Anything that
+    declares one of our queues declares it with these, or the broker refuses it."""
+    return {"x-queue-type": "quorum", "x-quorum-initial-group-size": quorum_size, **extra}
+
+
+def _job_queue_arguments(topology: Topology, delivery_limit: int, quorum_size: int) -> dict[str, object]:
     # Quorum queues: replicated, and their delivery limit stops a message that keeps
     # killing consumers from looping forever (it goes to the DLQ instead).
-    return {
-        "x-queue-type": "quorum",
-        "x-dead-letter-exchange": topology.dlx,
-        "x-delivery-limit": delivery_limit,
-    }
+    return quorum_queue_arguments(
+        quorum_size, **{"x-dead-letter-exchange": topology.dlx, "x-delivery-limit": delivery_limit}
+    )
 
 
 async def _declare_dlq(
-    connection: AbstractConnection, channel: AbstractChannel, topology: Topology, max_length: int
+    connection: AbstractConnection, channel: AbstractChannel, topology: Topology, max_length: int, quorum_size: int
 ) -> AbstractQueue:
     """The dead-letter queue, bounded: beyond `max_length` messages the oldest are
     dropped. A DLQ declared earlier without the bound (or with another) cannot be
     changed by a declare: it is used as it is, and the log says how to bound it."""
-    arguments = {"x-queue-type": "quorum", "x-max-length": max_length, "x-overflow": "drop-head"}
+    arguments = quorum_queue_arguments(quorum_size, **{"x-max-length": max_length, "x-overflow": "drop-head"})
     probe = await connection.channel()  # a refused declare closes its channel
     try:
         await probe.declare_queue(topology.dlq, durable=True, arguments=arguments)
@@ -120,14 +133,14 @@ async def _declare_dlq(
 
 async def declare_topology(
     connection: AbstractConnection, topology: Topology, image_map: ImageMap | None, *, delivery_limit: int,
-    dlq_max_length: int,
+    dlq_max_length: int, quorum_size: int,
 ) -> DeclaredTopology:
     """Declare everything on a channel of `connection`; the caller closes
     `DeclaredTopology.channel` when it no longer needs the objects. Without an image map
     (the forge bridge) no label queue is declared: only hosts know their labels."""
     channel = await connection.channel(publisher_confirms=True)
     dlx = await channel.declare_exchange(topology.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
-    dlq = await _declare_dlq(connection, channel, topology, dlq_max_length)
+    dlq = await _declare_dlq(connection, channel, topology, dlq_max_length, quorum_size)
     await dlq.bind(dlx, routing_key="")
     unroutable_exchange = await channel.declare_exchange(
         topology.unroutable_exchange, aio_pika.ExchangeType.FANOUT, durable=True
@@ -138,7 +151,7 @@ async def declare_topology(
         durable=True,
         arguments={"alternate-exchange": topology.unroutable_exchange},
     )
-    queue_args = _job_queue_arguments(topology, delivery_limit)
+    queue_args = _job_queue_arguments(topology, delivery_limit, quorum_size)
     unroutable = await channel.declare_queue(topology.unroutable_queue, durable=True, arguments=queue_args)
     await unroutable.bind(unroutable_exchange, routing_key="")
     label_queues: dict[str, AbstractQueue] = {}
@@ -151,7 +164,9 @@ async def declare_topology(
     results = await channel.declare_exchange(topology.results, aio_pika.ExchangeType.TOPIC, durable=True)
     # Results wait here for the forge integration even while it is down; `enqueue --wait`
     # binds its own exclusive queue beside it.
-    results_queue = await channel.declare_queue(topology.results_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    results_queue = await channel.declare_queue(
+        topology.results_queue, durable=True, arguments=quorum_queue_arguments(quorum_size)
+    )
     await results_queue.bind(results, routing_key="#")
     events = await channel.declare_exchange(topology.events, aio_pika.ExchangeType.TOPIC, durable=True)
     control = await channel.declare_exchange(topology.control, aio_pika.ExchangeType.FANOUT, durable=True)

@@ -24,7 +24,7 @@ from orchestrator.config import DaemonSettings
 from orchestrator.daemon import Daemon
 from orchestrator.imagemap import ImageMap, load_image_map
 from orchestrator.messages import JobRequest, JobResult
-from orchestrator.topology import Topology, delete_topology
+from orchestrator.topology import Topology, delete_topology, quorum_queue_arguments
 from tests.amqpproxy import AmqpProxy
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -189,8 +189,9 @@ async def daemon_factory(
 class Broker:
     """Test-side client: publish requests, collect results and dead letters."""
 
-    def __init__(self, connection: aio_pika.abc.AbstractRobustConnection, prefix: str) -> None:
+    def __init__(self, connection: aio_pika.abc.AbstractRobustConnection, prefix: str, *, quorum_size: int = 3) -> None:
         self.connection = connection
+        self.quorum_size = quorum_size  # as the daemons declare the results queue (QUORUM_SIZE)
         self.topology = Topology(prefix)
         self.results: asyncio.Queue[JobResult] = asyncio.Queue()
         self.channel: aio_pika.abc.AbstractChannel | None = None
@@ -207,7 +208,9 @@ class Broker:
         # The durable results queue, as a forge integration reads it: results published
         # while this client's connection is down wait there.
         results = await self.channel.declare_exchange(self.topology.results, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await self.channel.declare_queue(self.topology.results_queue, durable=True, arguments={"x-queue-type": "quorum"})
+        queue = await self.channel.declare_queue(
+            self.topology.results_queue, durable=True, arguments=quorum_queue_arguments(self.quorum_size)
+        )
         await queue.bind(results, routing_key="#")
 
         async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:

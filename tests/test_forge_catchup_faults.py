@@ -518,7 +518,7 @@ async def test_two_senders_of_one_journal_never_send_a_step_twice_or_out_of_orde
 
     def reporter(journal: BridgeJournal, forge: HeldForge) -> StatusReporter:
         return StatusReporter(journal=journal, forges={"github": forge},  # type: ignore[dict-item]
-                              topology=Topology("unused"), delivery_limit=5)
+                              topology=Topology("unused"), delivery_limit=5, quorum_size=3)
 
     service, command = reporter(service_journal, HeldForge(shown)), reporter(command_journal, slow)
     repo = Repo("octo-org", "widgets", f"https://github.com/{REPO}.git")

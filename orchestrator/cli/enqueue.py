@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import Any
 
-from orchestrator.cli.broker import broker_exchange
+from orchestrator.cli.broker import on_any_node
 from orchestrator.cli.common import STATUS_EXIT_CODES, CLIError, Commands, add_command, load_cli_image_map, load_cli_settings
 from orchestrator.cli.request import request_from_flags
 from orchestrator.config import DaemonSettings
@@ -59,13 +60,26 @@ async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: 
     from orchestrator.topology import Topology
 
     topology = Topology(settings.amqp_prefix)
-    async with broker_exchange(settings, topology.jobs) as (channel, jobs):
+    message_id = message_id_for(request.job_id, request.attempt)
+    enqueued = False
+
+    async def publish_and_wait(channel: Any, jobs: Any) -> int:
+        # On the node this attempt has: a publish that its node did not confirm is
+        # published again on the next (same message_id); a wait whose node is lost after
+        # the confirm says so, since a result published meanwhile would be missed.
+        nonlocal enqueued
+        if enqueued:
+            raise CLIError(
+                f"job {request.job_id} is enqueued, but the broker node was lost while waiting for its result "
+                "(see `orchestrator jobs` for it)", exit_code=3,
+            )
         results_queue = None
         if args.wait:
             results = await channel.get_exchange(topology.results, ensure=False)
             results_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             await results_queue.bind(results, routing_key=request.job_id)
-        await jobs.publish(json_message(request, message_id=message_id_for(request.job_id, request.attempt)), routing_key=routing_key)
+        await jobs.publish(json_message(request, message_id=message_id), routing_key=routing_key)
+        enqueued = True
         print(f"enqueued job {request.job_id} (routing key {routing_key!r})", file=sys.stderr)
         if results_queue is None:
             print(request.job_id)
@@ -80,7 +94,9 @@ async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: 
                         return STATUS_EXIT_CODES[result.status]
         except TimeoutError:
             raise CLIError(f"no result for job {request.job_id} within {args.wait_timeout} s (it may still run)") from None
-    return 3
+        return 3
+
+    return await on_any_node(settings, topology.jobs, publish_and_wait)
 
 
 def _print_result(result: JobResult) -> None:

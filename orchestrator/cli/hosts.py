@@ -31,10 +31,11 @@ async def _hosts(settings: DaemonSettings, answer_timeout: float, *, as_json: bo
             continue
         state = "draining" if beat.draining else "serving"
         warm = f" + {beat.warm} warm VMs" if beat.warm else ""
+        node = f"broker node {beat.broker_node}, " if beat.broker_node else ""
         print(
             f"{beat.host}: {state}, {beat.running}/{beat.max_concurrency} jobs{warm}, "
             f"{beat.cpus_used}/{beat.cpus_total} vCPUs, {beat.memory_mb_used}/{beat.memory_mb_total} MiB, "
-            f"version {beat.version}, labels {', '.join(beat.labels)}"
+            f"{node}version {beat.version}, labels {', '.join(beat.labels)}"
         )
     if not as_json:
         print(f"{len(beats)} host(s) answered within {answer_timeout:g} s")

@@ -26,7 +26,7 @@ from orchestrator.forge.journal import BridgeJournal, PendingStatus
 from orchestrator.forge.status import finished, running
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import EventKind, JobEvent, JobResult
-from orchestrator.topology import Topology
+from orchestrator.topology import Topology, quorum_queue_arguments
 
 log = EventLogger("orchestrator.forge.reporter")
 
@@ -37,11 +37,13 @@ SEND_LEASE_S = 120.0  # longer than one forge call can take (the API clients tim
 
 
 class StatusReporter:
-    def __init__(self, *, journal: BridgeJournal, forges: Mapping[str, Forge], topology: Topology, delivery_limit: int) -> None:
+    def __init__(self, *, journal: BridgeJournal, forges: Mapping[str, Forge], topology: Topology, delivery_limit: int,
+                 quorum_size: int) -> None:
         self._journal = journal
         self._forges = forges
         self._topology = topology
         self._delivery_limit = delivery_limit
+        self._quorum_size = quorum_size
         self._wake = asyncio.Event()
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self.sent: Counter[str] = Counter()  # forge -> statuses set
@@ -61,7 +63,7 @@ class StatusReporter:
         await self._channel.set_qos(prefetch_count=PREFETCH)
         queue = await self._channel.declare_queue(
             self._topology.forge_status_queue, durable=True,
-            arguments={"x-queue-type": "quorum", "x-delivery-limit": self._delivery_limit},
+            arguments=quorum_queue_arguments(self._quorum_size, **{"x-delivery-limit": self._delivery_limit}),
         )
         await queue.bind(self._topology.results, routing_key="#")
         await queue.bind(self._topology.events, routing_key="job.#")

@@ -131,14 +131,15 @@ class ForgeBridge:
                 f"{describe_error(exc)} (start RabbitMQ or fix AMQP_URL)"
             ) from None
         stack.push_async_callback(bounded(self._connection.close, "broker connection"))
-        with failing_as("cannot declare the broker's exchanges", "use the same DELIVERY_LIMIT and DLQ_MAX_LENGTH as the hosts"):
+        with failing_as("cannot declare the broker's exchanges", "use the same DELIVERY_LIMIT, DLQ_MAX_LENGTH and QUORUM_SIZE as the hosts"):
             declared = await declare_topology(
-                self._connection, self.topology, None, delivery_limit=s.delivery_limit, dlq_max_length=s.dlq_max_length
+                self._connection, self.topology, None, delivery_limit=s.delivery_limit, dlq_max_length=s.dlq_max_length,
+                quorum_size=s.quorum_size,
             )
             await declared.channel.close()
         publisher = await ConfirmedPublisher.open(self._connection)
         self.reporter = StatusReporter(journal=self.journal, forges=self.forges, topology=self.topology,
-                                       delivery_limit=s.delivery_limit)
+                                       delivery_limit=s.delivery_limit, quorum_size=s.quorum_size)
         self.dispatcher = Dispatcher(journal=self.journal, forges=self.forges, config=self.config, publisher=publisher,
                                      topology=self.topology, propose_status=self.reporter.propose,
                                      statuses_changed=self.reporter.wake)
@@ -157,7 +158,7 @@ class ForgeBridge:
         for name in catchup_forges:
             tasks.spawn(self._catch_up_forever(name), name=f"forge-catch-up-{name}")
         with failing_as(
-            f"cannot consume {self.topology.forge_status_queue}", "use the same DELIVERY_LIMIT as when it was declared"
+            f"cannot consume {self.topology.forge_status_queue}", "use the same DELIVERY_LIMIT and QUORUM_SIZE as when it was declared"
         ):
             await self.reporter.start(self._connection)
         stack.push_async_callback(self.reporter.stop)
