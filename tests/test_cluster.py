@@ -32,7 +32,7 @@ import pytest
 from orchestrator.amqp import connect
 from orchestrator.imagemap import load_image_map
 from orchestrator.messages import JobRequest, JobStatus
-from orchestrator.topology import Topology, declare_topology, delete_topology
+from orchestrator.topology import Topology, declare_topology
 from tests.conftest import Broker, wait_for
 from tests.daemonproc import ROOT, DaemonProcess
 from tests.rabbitcluster import RabbitCluster, run_script
@@ -85,10 +85,6 @@ async def cluster_broker(cluster: RabbitCluster, prefix: str) -> AsyncIterator[C
     client = ClusterBroker(connection, prefix)
     await client.open()
     yield client
-    # The test's queues go: a node that restarts later recovers only the queues it has.
-    await asyncio.wait_for(connection.connected.wait(), 60)
-    channel = await connection.channel()
-    await delete_topology(channel, Topology(prefix), ["alpha", "beta"])
     await connection.close()
 
 
