@@ -71,11 +71,18 @@ class RabbitCluster:
         leader = next(q["leader"] for q in json.loads(text) if q["name"] == queue)
         return self.node_number(leader)
 
-    async def assert_nothing_left(self, prefix: str) -> None:
-        """No message of the test's queues is ready or unacked anywhere in the cluster."""
-        left = {
-            name: (q["messages_ready"], q["messages_unacknowledged"])
-            for name, q in (await self.queues(prefix)).items()
-            if q["messages_ready"] or q["messages_unacknowledged"]
-        }
-        assert left == {}, f"left in the broker (ready, unacked): {left}"
+    async def assert_nothing_left(self, prefix: str, timeout_s: float = 20) -> None:
+        """No message of the test's queues is ready or unacked anywhere in the cluster.
+        A quorum queue's counts are the leader's statistics, refreshed every few seconds:
+        asked again until they hold or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = {
+                name: (q["messages_ready"], q["messages_unacknowledged"])
+                for name, q in (await self.queues(prefix)).items()
+                if q["messages_ready"] or q["messages_unacknowledged"]
+            }
+            if not left:
+                return
+            assert time.monotonic() < deadline, f"left in the broker (ready, unacked) after {timeout_s:g} s: {left}"
+            await asyncio.sleep(1)
