@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.imagemap import parse_image_map  # noqa: E402
 from orchestrator.messages import JobRequest, JobResult, JobStatus  # noqa: E402
+from orchestrator.config import Settings  # noqa: E402
 from orchestrator.topology import Topology, declare_topology, delete_topology  # noqa: E402
 from tests.daemonproc import DaemonProcess  # noqa: E402
 from tests.procstat import PeakUse, Use, ensure_own_descriptors, use_of, with_limits  # noqa: E402
@@ -200,9 +201,15 @@ async def daemon_and_broker(url: str, state: Path, port: int) -> AsyncIterator[t
     config.write_text(MAP)
     connection = await aio_pika.connect_robust(url)
     channel = await connection.channel(publisher_confirms=True)
-    declared = await declare_topology(channel, topology, parse_image_map(MAP, filename="map", base_dir=state), delivery_limit=50)
-    jobs = Jobs(channel, declared.jobs)
-    await jobs.listen(declared.results)
+    defaults = Settings.model_fields  # the daemon declares with its defaults: so must we
+    declared = await declare_topology(
+        connection, topology, parse_image_map(MAP, filename="map", base_dir=state),
+        delivery_limit=defaults["delivery_limit"].default, dlq_max_length=defaults["dlq_max_length"].default,
+        quorum_size=defaults["quorum_size"].default,
+    )
+    await declared.channel.close()
+    jobs = Jobs(channel, await channel.get_exchange(topology.jobs))
+    await jobs.listen(await channel.get_exchange(topology.results))
     env = {
         "AMQP_URL": url, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(config), "STATE_DIR": str(state / "state"),
         "ORCH_BACKEND": "noop", "HOST_NAME": "bench", "HOST_CPUS": "64", "HOST_MEMORY_MB": "65536",

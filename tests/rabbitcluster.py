@@ -56,9 +56,18 @@ class RabbitCluster:
         self.start_times.append(round(time.monotonic() - began, 1))
 
     async def ctl(self, *args: str) -> str:
-        """rabbitmqctl on a running node."""
-        node = min(self.running)
-        return await asyncio.to_thread(run_script, "ctl", str(node), "-q", *args)
+        """rabbitmqctl on a running node, asked again on the next one (then after a
+        pause) when one does not answer: with twenty hosts and three nodes on two cores,
+        a node may be too busy for the CLI's own timeout."""
+        for attempt in range(6):
+            node = sorted(self.running)[attempt % len(self.running)]
+            try:
+                return await asyncio.to_thread(run_script, "ctl", str(node), "-q", *args)
+            except AssertionError:
+                if attempt == 5:
+                    raise
+                await asyncio.sleep(1)
+        raise AssertionError("unreachable")
 
     async def queues(self, prefix: str) -> dict[str, dict[str, Any]]:
         """The queues named `<prefix>.*`: name -> leader, members, ready and unacked counts."""
