@@ -207,7 +207,7 @@ async def test_logs_of_a_job_on_another_host_whole_and_followed(prefix, tmp_path
 
 @pytest.mark.libvirt
 async def test_logs_follow_a_job_running_in_a_real_vm(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
-    cleanup_topology.append("demo")
+    cleanup_topology.extend(["demo", "demo-silent"])
     map_path = test_image / "image-map.yaml"
     port = free_port()
     settings = make_settings(
