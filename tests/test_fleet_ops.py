@@ -138,6 +138,14 @@ async def test_jobs_over_http_and_across_the_fleet(prefix, tmp_path, noop_map_pa
         running = await broker.submit(runs_on="beta", env={"NOOP_FAIL": "hang"}, timeout_s=60)
         await wait_for(lambda: a.job_running(running.job_id) or b.job_running(running.job_id), what="a running job")
         host = a if a.job_running(running.job_id) else b
+
+        async def journaled_running() -> bool:
+            # A job's log exists from its acceptance; its journal state says running a
+            # moment later, when its VM has started.
+            found = await host.job(running.job_id)
+            return found is not None and str(getattr(found.state, "value", found.state)) == "running"
+
+        await wait_for(journaled_running, what="the job journaled as running")
         async with aiohttp.ClientSession(headers=AUTH) as http:
             async with http.get(f"{api(host)}/jobs", params={"state": "running"}) as response:
                 listed = await response.json()
