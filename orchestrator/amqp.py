@@ -4,10 +4,12 @@ re-published jobs, dead letters) and fire-and-forget for events."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import aio_pika
+import aiormq
 import tenacity
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
@@ -126,6 +128,32 @@ async def connect_with_retry(url: str, *, name: str, timeout_s: float, masked_ur
     raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
+# What a broker operation raises when its connection or channel is gone: aiormq's errors
+# (its ChannelInvalidStateError is a RuntimeError), socket errors, and ours below.
+BROKER_ERRORS = (aio_pika.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError)
+
+
+class BrokerOperationCancelled(ConnectionError):
+    """A broker operation that aiormq cancelled because its connection or channel closed."""
+
+
+@contextlib.contextmanager
+def broker_cancellation_as_error() -> Iterator[None]:
+    """aiormq cancels what waits on a connection or channel it loses (confirms, RPCs, its
+    own tasks), so the awaiting task sees a `CancelledError` nobody asked for: left to
+    propagate, it ends a retry loop or skips a job's hand-over as if the task had been
+    stopped. Inside this block it is a `BrokerOperationCancelled` (a ConnectionError), for
+    the usual broker-error paths; a real cancellation of the task itself passes through."""
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        reason = exc.args[0] if exc.args else None
+        raise BrokerOperationCancelled(f"the broker connection closed mid-operation ({describe_error(reason) if isinstance(reason, BaseException) else reason or 'cancelled'})") from None
+
+
 def describe_error(exc: BaseException | None) -> str:
     """An exception as one short line (aiormq's often have an empty str())."""
     if exc is None:
@@ -171,8 +199,9 @@ class ConfirmedPublisher:
         return exchange
 
     async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout_s: float = 30) -> None:
-        target = await self._exchange(exchange)
-        await target.publish(message, routing_key=routing_key, timeout=timeout_s)
+        with broker_cancellation_as_error():
+            target = await self._exchange(exchange)
+            await target.publish(message, routing_key=routing_key, timeout=timeout_s)
 
 
 class EventPublisher:
@@ -189,8 +218,9 @@ class EventPublisher:
 
     async def emit(self, routing_key: str, event: BaseModel) -> None:
         try:
-            if self._exchange is None:
-                self._exchange = await self._channel.get_exchange(self._exchange_name, ensure=False)
-            await self._exchange.publish(json_message(event, persistent=False), routing_key=routing_key, mandatory=False)
+            with broker_cancellation_as_error():
+                if self._exchange is None:
+                    self._exchange = await self._channel.get_exchange(self._exchange_name, ensure=False)
+                await self._exchange.publish(json_message(event, persistent=False), routing_key=routing_key, mandatory=False)
         except Exception as exc:  # events are advisory: never let one fail a job
             log.warning("event.publish_failed", routing_key=routing_key, error=str(exc))

@@ -15,13 +15,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from orchestrator.amqp import ConfirmedPublisher
+from orchestrator.amqp import BROKER_ERRORS, ConfirmedPublisher, broker_cancellation_as_error, describe_error
 from orchestrator.logsetup import EventLogger
 from orchestrator.topology import REASON_HEADER, Topology
 
 log = EventLogger("orchestrator.consumer")
+
+SETTLE_TIMEOUT_S = 10.0  # an ack or nack is a frame written, not a round trip: seconds mean the channel is gone
 
 
 class Verdict(str, enum.Enum):
@@ -31,6 +34,7 @@ class Verdict(str, enum.Enum):
     DUPLICATE = "duplicate"  # this host already has the job: ack and drop
     DEAD_LETTER = "dead_letter"  # malformed: to the DLQ with the reason
     REQUEUE = "requeue"  # cannot start it now: back to the queue for any host
+    RETURNED = "returned"  # its channel closed first: the broker has it back, nothing to settle
 
 
 @dataclass
@@ -44,6 +48,15 @@ class Decision:
 Handler = Callable[[AbstractIncomingMessage], Awaitable[Decision]]
 
 
+def delivery_channel_open(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel a message came on is still open: once it closes, the broker
+    has the message back (an ack can no longer reach it)."""
+    try:
+        return not message.channel.is_closed
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return False
+
+
 class Settler:
     """Owns every ack, reject and nack of job deliveries (and nothing else does)."""
 
@@ -54,22 +67,33 @@ class Settler:
     async def settle(self, message: AbstractIncomingMessage, decision: Decision) -> None:
         verdict = decision.verdict
         try:
-            if verdict is Verdict.REQUEUE:
-                # Rare by design (DESIGN.md "Capacity"), and each counts toward the
-                # delivery limit: worth a line.
-                log.info("delivery.requeued", job_id=decision.job_id, reason=decision.reason)
-                await message.nack(requeue=True)
-            elif verdict is Verdict.DEAD_LETTER:
-                await self._dead_letter(message, decision.reason)
-            else:
-                await message.ack()
+            with broker_cancellation_as_error():
+                await self._settle(message, decision)
         except Exception as exc:
             # The channel is gone: the broker returns the message to the queue by itself,
             # and a redelivery of a journaled job is recognised as a duplicate.
-            log.warning("delivery.settle_failed", verdict=verdict.value, job_id=decision.job_id, error=str(exc))
+            log.warning("delivery.settle_failed", verdict=verdict.value, job_id=decision.job_id, error=describe_error(exc))
         # A journaled job is this host's from now on, acked or not: run it.
         if decision.after_ack is not None:
             decision.after_ack()
+
+    async def _settle(self, message: AbstractIncomingMessage, decision: Decision) -> None:
+        verdict = decision.verdict
+        if verdict is Verdict.RETURNED:
+            return
+        if verdict is Verdict.REQUEUE:
+            # Rare by design (DESIGN.md "Capacity"), and each counts toward the
+            # delivery limit: worth a line.
+            log.info("delivery.requeued", job_id=decision.job_id, reason=decision.reason)
+            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                await message.nack(requeue=True)
+        elif verdict is Verdict.DEAD_LETTER:
+            await self._dead_letter(message, decision.reason)
+        else:
+            # Bounded: on a channel that a broker node took down with it, the frame
+            # may wait for a writer that is gone, and the job would never start.
+            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                await message.ack()
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         headers = dict(message.headers or {})
@@ -90,9 +114,11 @@ class Settler:
         except Exception as exc:
             # Could not add our reason: let the broker dead-letter it (x-death headers).
             log.warning("delivery.dead_letter_publish_failed", error=str(exc))
-            await message.reject(requeue=False)
+            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                await message.reject(requeue=False)
             return
-        await message.ack()
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            await message.ack()
 
 
 class QueueConsumer:
@@ -153,9 +179,16 @@ class QueueConsumer:
                 await self._queue.cancel(tag)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._in_flight.add(task)
+        # aio-pika runs this callback in a task of the channel's, and cancels it when the
+        # channel closes (a broker node going down). A delivery journaled here must still
+        # reach the runner, or the job would stay accepted, never run, its capacity held
+        # and other hosts taking it for this one's: the work runs in a task of its own.
+        work = asyncio.ensure_future(self._process(message))
+        self._in_flight.add(work)
+        work.add_done_callback(self._in_flight.discard)
+        await asyncio.shield(work)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
         # Prefetch windows are per consumer (quorum queues have no channel-wide qos):
         # count deliveries not yet settled per consumer tag.
         tag = message.consumer_tag or ""
@@ -163,7 +196,13 @@ class QueueConsumer:
         counted = True
         try:
             try:
-                decision = await self._handler(message)
+                with broker_cancellation_as_error():
+                    decision = await self._handler(message)
+            except BROKER_ERRORS as exc:
+                # The broker went away while the message was handled (asking the fleet):
+                # nothing was journaled; back to the queue, never to the dead letters.
+                log.warning("delivery.handler_interrupted", queue=self.name, error=describe_error(exc))
+                decision = Decision(Verdict.REQUEUE, reason=f"broker connection lost while handling: {describe_error(exc)}")
             except Exception as exc:  # a bug in handling one message must not stop intake
                 log.error("delivery.handler_failed", queue=self.name, error=repr(exc), exc_info=True)
                 decision = Decision(Verdict.DEAD_LETTER, reason=f"internal error while handling: {exc!r}")
@@ -171,7 +210,8 @@ class QueueConsumer:
                 self.requeued += 1
             if self._window_would_overflow(tag):
                 try:
-                    await self.pause()
+                    async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                        await self.pause()
                 except Exception as exc:  # the channel is gone; settle as well as we can
                     log.warning("consumer.pause_failed", queue=self.name, error=str(exc))
                 self.paused_itself()
@@ -181,8 +221,6 @@ class QueueConsumer:
         finally:
             if counted:
                 self._uncount(tag)
-            if task is not None:
-                self._in_flight.discard(task)
 
     def _uncount(self, tag: str) -> None:
         self._unacked[tag] -= 1

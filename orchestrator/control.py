@@ -1,5 +1,6 @@
 """Control messages on `<prefix>.control`, a fanout every host listens to: cancel, and
-what operators ask of the fleet (describe, drain, resume, jobs, locate).
+what operators ask of the fleet (describe, drain, resume, jobs, locate), and what hosts
+ask each other before running a job twice (holder).
 
 A cancel is remembered by every host for a day (journal and memory): the host running
 the job destroys its VM and publishes a `cancelled` result; a host that later takes the
@@ -18,6 +19,7 @@ from typing import Protocol
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.amqp import json_message
+from orchestrator.fleet import NOT_HELD
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import (
@@ -26,6 +28,7 @@ from orchestrator.messages import (
     ControlKind,
     ControlMessage,
     Heartbeat,
+    JobHolding,
     JobLocation,
     JobsQuery,
     JobsReply,
@@ -37,7 +40,6 @@ from orchestrator.topology import Topology
 log = EventLogger("orchestrator.control")
 
 CANCEL_MEMORY_S = 24 * 3600
-NOT_HERE = b"null"  # a host's answer to `locate` for a job it does not have
 
 
 class CancelRegistry:
@@ -68,6 +70,8 @@ class HostControl(Protocol):
     async def jobs(self, query: JobsQuery) -> list[JobSummary]: ...
 
     async def locate(self, job_id: str) -> JobLocation | None: ...
+
+    async def holding(self, job_id: str) -> JobHolding | None: ...
 
 
 class ControlListener:
@@ -122,7 +126,9 @@ class ControlListener:
             return operator.heartbeat()
         if kind is ControlKind.LOCATE and control.request_id is not None:
             # `null` when the job is not here: the asker can stop waiting once every host has answered.
-            return await operator.locate(str(control.request_id)) or NOT_HERE
+            return await operator.locate(str(control.request_id)) or NOT_HELD
+        if kind is ControlKind.HOLDER and control.request_id is not None:
+            return await operator.holding(str(control.request_id)) or NOT_HELD
         if not control.for_host(self._host):
             return None
         if kind in (ControlKind.DRAIN, ControlKind.RESUME):

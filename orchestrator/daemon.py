@@ -41,7 +41,7 @@ from orchestrator.intake import JobIntake
 from orchestrator.jobview import detail_of, summary_of
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
-from orchestrator.messages import Heartbeat, JobDetail, JobLocation, JobsQuery, JobSummary
+from orchestrator.messages import Heartbeat, JobDetail, JobHolding, JobLocation, JobsQuery, JobSummary
 from orchestrator.outbox import ResultOutbox
 from orchestrator.reconcile import reconcile
 from orchestrator.metrics import DaemonMetrics, measure_loop_lag
@@ -276,6 +276,20 @@ class Daemon:
             log_url=f"{public}/jobs/{job_id}/log" if public else None,
         )
 
+    async def holding(self, job_id: str) -> JobHolding | None:
+        """What this host's journal has of a job (`holder`), or that it is checking a
+        redelivery of it with the fleet; None when it has nothing of it (a job it left
+        to another host included)."""
+        assert self.journal is not None
+        record = await self.journal.get(job_id)
+        if record is not None and record.state is not JobState.SUPERSEDED:  # another host's, not this one's
+            return JobHolding(request_id=job_id, host=self.settings.host_name, attempt=record.attempt,
+                              state=record.state.value)
+        attempt = self._intake.checking.get(job_id) if self._intake is not None else None
+        if attempt is not None:
+            return JobHolding(request_id=job_id, host=self.settings.host_name, attempt=attempt, state="checking")
+        return None
+
     def metrics(self) -> MetricsSnapshot:
         return MetricsSnapshot(
             running_by_label={label: self.ledger.running_for(label) for label in self.image_map.images},
@@ -415,7 +429,7 @@ class Daemon:
         self.runner = JobRunner(
             settings=s, router=self.router, journal=self.journal, outbox=self.outbox, publisher=self._publisher,
             topology=self.topology, ledger=self.ledger, images=self.images, emit=self._events.emit,
-            metrics=self.meters,
+            metrics=self.meters, holder_of=self.fleet.holder_of,
         )
         self.pools = WarmPools(
             settings=s, image_map=self.image_map, router=self.router, ledger=self.ledger, images=self.images,
@@ -428,7 +442,7 @@ class Daemon:
             publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
             start_job=self.runner.start, cancelled=cancels, running=self.runner.running,
             wait_released=self.runner.wait_released,
-            max_message_bytes=s.max_message_bytes, pools=self.pools,
+            max_message_bytes=s.max_message_bytes, pools=self.pools, holder_of=self.fleet.holder_of,
         )
         control = ControlListener(
             topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,

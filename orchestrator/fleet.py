@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.amqp import describe_error, json_message
+from orchestrator.amqp import BROKER_ERRORS, broker_cancellation_as_error, describe_error, json_message
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import (
     ControlKind,
     ControlMessage,
     Heartbeat,
+    JobHolding,
     JobLocation,
     JobsQuery,
     JobsReply,
@@ -44,6 +44,7 @@ MAX_HOSTS = 1024
 MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a JOBS answer of 1,000 jobs is well under 1 MiB
 ANSWER_TIMEOUT_S = 2.0
 LOCATE_TIMEOUT_S = 2.0
+NOT_HELD = b"null"  # a host's answer to `locate` or `holder` for a job it does not have
 
 
 _Answer = TypeVar("_Answer", bound=BaseModel)
@@ -169,13 +170,14 @@ class Fleet:
                 complete.set()
 
         try:
-            # Not restored after a reconnect: it lives for one question.
-            replies = await channel.declare_queue(exclusive=True, auto_delete=True, robust=False)
-            tag = await replies.consume(on_answer, no_ack=True)
-            message = json_message(question, persistent=False)
-            message.reply_to = replies.name
-            await control.publish(message, routing_key="")
-        except (aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            with broker_cancellation_as_error():
+                # Not restored after a reconnect: it lives for one question.
+                replies = await channel.declare_queue(exclusive=True, auto_delete=True, robust=False)
+                tag = await replies.consume(on_answer, no_ack=True)
+                message = json_message(question, persistent=False)
+                message.reply_to = replies.name
+                await control.publish(message, routing_key="")
+        except BROKER_ERRORS as exc:
             raise FleetUnavailable(f"cannot ask the fleet: {describe_error(exc)}") from None
         try:
             await asyncio.wait_for(complete.wait(), timeout_s)
@@ -183,9 +185,10 @@ class Fleet:
             pass
         finally:
             try:
-                await replies.cancel(tag)  # the queue goes with its consumer (auto-delete)
-            except (aio_pika.exceptions.AMQPError, ConnectionError):
-                pass
+                with broker_cancellation_as_error():
+                    await replies.cancel(tag)  # the queue goes with its consumer (auto-delete)
+            except BROKER_ERRORS:
+                pass  # gone with its channel
         return list(answers)
 
     async def _describe_all(self) -> None:
@@ -233,6 +236,34 @@ class Fleet:
         )
         found = _parsed(JobLocation, [body for body in bodies if body.strip() != b"null"])
         return sorted(found, key=lambda location: not location.running)
+
+
+    async def holder_of(self, job_id: str, attempt: int) -> JobHolding | None:
+        """Another host whose journal has `attempt` (or a later one) of the job, or that
+        is checking that attempt itself; None once every reachable host has answered
+        without one, or after `LOCATE_TIMEOUT_S`. Right after start-up the hosts are
+        first learnt from the describe round (a restarted host asks before heartbeats)."""
+        if self._describe is not None and not self._describe.done():
+            await asyncio.wait({self._describe}, timeout=ANSWER_TIMEOUT_S)
+        expected = len(self.reachable())
+
+        def holding(body: bytes) -> JobHolding | None:
+            if body.strip() == NOT_HELD:
+                return None
+            found = _parsed(JobHolding, [body])
+            if found and found[0].host != self._host and found[0].attempt >= attempt:
+                return found[0]
+            return None
+
+        def enough(answers: list[bytes]) -> bool:
+            return len(answers) >= expected or holding(answers[-1]) is not None
+
+        bodies = await self._ask(
+            ControlMessage(kind=ControlKind.HOLDER, request_id=job_id), timeout_s=LOCATE_TIMEOUT_S, enough=enough,
+        )
+        held = [found for found in map(holding, bodies) if found is not None]
+        # A host that ran or journaled it outranks one still checking.
+        return min(held, key=lambda found: found.state == "checking", default=None)
 
 
 def _parsed(model: type[_Answer], bodies: list[bytes]) -> list[_Answer]:

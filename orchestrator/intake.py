@@ -1,13 +1,14 @@
 """Decides what happens to each delivered job message (the `Decision`; `Settler` acts on it).
 
-For a label queue: parse and validate → stale? → resources → reserve capacity → journal
-row committed → START (acked, then run). For the unroutable queue: route a legacy or
+For a label queue: parse and validate → a redelivery another host holds? → stale? →
+resources → reserve capacity → journal row committed → START (acked, then run). For the unroutable queue: route a legacy or
 alias-less message to its label's queue again, or answer "unknown label" with an error
 result. Nothing here acks: it only decides.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -24,7 +25,9 @@ from hypervisors.base import BackendError
 from hypervisors.guest import new_nonce
 from orchestrator.amqp import ConfirmedPublisher, json_message
 from orchestrator.capacity import CapacityLedger, Reservation
-from orchestrator.consumer import Decision, Verdict
+from orchestrator.consumer import Decision, Verdict, delivery_channel_open
+from orchestrator.fleet import FleetUnavailable
+from orchestrator.handback import HolderOf
 from orchestrator.imagemap import ImageEntry, ImageMap, RequestRejected, Resources
 from orchestrator.journal import Journal
 from orchestrator.logsetup import EventLogger
@@ -196,6 +199,7 @@ class JobIntake:
         wait_released: Callable[[str, float], Awaitable[bool]] | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         pools: WarmPools | None = None,
+        holder_of: HolderOf | None = None,
     ) -> None:
         self._image_map = image_map
         self._ledger = ledger
@@ -211,8 +215,12 @@ class JobIntake:
         self._wait_released = wait_released or _never_held
         self._max_message_bytes = max_message_bytes
         self._pools = pools
+        self._holder_of = holder_of
         # Journaled here and not yet handed to the runner (the ack comes in between).
         self._starting: dict[str, JobRequest] = {}
+        # Redeliveries this host is asking the fleet about (job id → attempt), until
+        # decided: what it answers to `holder` meanwhile.
+        self.checking: dict[str, int] = {}
 
     def update_map(self, image_map: ImageMap) -> None:
         """A reloaded image map; jobs already accepted keep the entry they were taken with."""
@@ -279,6 +287,34 @@ class JobIntake:
             # each time counts toward the delivery limit, and the job would end in the DLQ.
             if not await self._wait_released(job_id, HAND_BACK_WAIT_S):
                 return Decision(Verdict.REQUEUE, reason=f"attempt {held.attempt} is still held here", job_id=job_id)
+        still_ours = functools.partial(delivery_channel_open, message)
+        if message.redelivered and job_id not in self.checking:
+            self.checking[job_id] = request.attempt
+            try:
+                return await self._take_redelivery(label, request, still_ours)
+            finally:
+                del self.checking[job_id]
+        return await self._take(label, request, still_ours)
+
+    async def _take_redelivery(self, label: str, request: JobRequest, still_ours: Callable[[], bool]) -> Decision:
+        """A request delivered again may be another host's already: a host killed before
+        its ack reached the broker, or whose ack went down with a broker node, took it
+        first (and runs it, or reconciles it when it starts again). Unless this host's
+        journal knows the job (then it decides, as for any copy), the fleet is asked."""
+        if self._holder_of is not None and await self._journal.get(request.job_id) is None:
+            try:
+                holder = await self._holder_of(request.job_id, request.attempt)
+            except FleetUnavailable:
+                holder = None  # the broker is away: so is this delivery's channel, most likely
+            if holder is not None and holder.state != "checking":
+                log.info("job.held_elsewhere", job_id=request.job_id, label=label, attempt=request.attempt,
+                         holder=holder.host, holder_state=holder.state)
+                return Decision(Verdict.DUPLICATE, reason=f"attempt {holder.attempt} is on host {holder.host}",
+                                job_id=request.job_id)
+        return await self._take(label, request, still_ours)
+
+    async def _take(self, label: str, request: JobRequest, still_ours: Callable[[], bool]) -> Decision:
+        job_id = request.job_id
         if job_id in self._cancelled:
             return await self._answer(request, label, JobStatus.CANCELLED, "cancelled before a host started it")
         if request.deadline is not None and request.deadline < now_utc():
@@ -306,6 +342,15 @@ class JobIntake:
             reservation = await self._reserve(job_id, label, resources)
             if reservation is None:
                 return Decision(Verdict.REQUEUE, reason="no capacity now", job_id=job_id)
+        if not still_ours():
+            # Its channel closed while it was handled (a broker node went down): the
+            # broker has it back for another host, and an ack could not reach it now.
+            if pool_vm is not None and self._pools is not None:
+                self._pools.give_back(pool_vm, reservation)
+            else:
+                self._ledger.release(reservation)
+            log.info("job.returned", job_id=job_id, label=label, reason="its delivery's channel closed before it was journaled")
+            return Decision(Verdict.RETURNED, reason="channel closed before it was journaled", job_id=job_id)
         nonce = new_nonce()
         accepted_at = time.time()
         self._starting[job_id] = request

@@ -30,6 +30,7 @@ class JobState(str, enum.Enum):
     FINISHED = "finished"  # result known and stored, not yet confirmed by the broker
     PUBLISHED = "published"  # result confirmed by the broker
     REQUEUED = "requeued"  # handed back to the broker as a new attempt
+    SUPERSEDED = "superseded"  # another host has this attempt (its delivery came twice): not run here
 
 
 LIVE_STATES = frozenset({JobState.ACCEPTED, JobState.RUNNING})
@@ -38,13 +39,16 @@ LIVE_STATES = frozenset({JobState.ACCEPTED, JobState.RUNNING})
 # (unknown label, stale, rejected). A requeued job comes back only as a later attempt.
 TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     None: frozenset({JobState.ACCEPTED, JobState.FINISHED}),
-    JobState.ACCEPTED: frozenset({JobState.RUNNING, JobState.FINISHED, JobState.REQUEUED}),
-    JobState.RUNNING: frozenset({JobState.FINISHED, JobState.REQUEUED}),
+    JobState.ACCEPTED: frozenset({JobState.RUNNING, JobState.FINISHED, JobState.REQUEUED, JobState.SUPERSEDED}),
+    JobState.RUNNING: frozenset({JobState.FINISHED, JobState.REQUEUED, JobState.SUPERSEDED}),
     JobState.FINISHED: frozenset({JobState.PUBLISHED}),
     JobState.PUBLISHED: frozenset(),
     # A later attempt comes back here to run, or to be answered (stale, cancelled).
     JobState.REQUEUED: frozenset({JobState.ACCEPTED, JobState.FINISHED}),
+    JobState.SUPERSEDED: frozenset({JobState.ACCEPTED, JobState.FINISHED}),
 }
+# States a job leaves only as a later attempt.
+HANDED_ON = frozenset({JobState.REQUEUED, JobState.SUPERSEDED})
 
 # What a transition may set besides the state.
 _FIELDS = frozenset({
@@ -140,8 +144,9 @@ def _transition(conn: sqlite3.Connection, job_id: str, to: JobState, fields: dic
     if to not in TRANSITIONS[current]:
         before = current.value if current else "(not in the journal)"
         raise InvalidTransition(f"job {job_id}: {before} -> {to.value} is not allowed")
-    if current is JobState.REQUEUED and found is not None and fields.get("attempt", 0) <= found[1]:
-        # The same attempt again is a redelivery of what this host handed on.
+    if current in HANDED_ON and found is not None and fields.get("attempt", 0) <= found[1]:
+        # The same attempt again is a redelivery of what this host handed on (or left
+        # to the host that has it).
         raise InvalidTransition(f"job {job_id}: attempt {fields.get('attempt')} is not later than attempt {found[1]}")
     values = {**fields, "state": to.value}
     if found is None:

@@ -294,9 +294,10 @@ class ControlKind(str, enum.Enum):
     RESUME = "resume"  # ... and take work again (answer: heartbeat)
     JOBS = "jobs"  # every host answers with its jobs (`JobsReply`, `orchestrator jobs`)
     LOCATE = "locate"  # the host that has the job answers (`JobLocation`, `orchestrator logs`)
+    HOLDER = "holder"  # every host answers what its journal has of the job (`JobHolding`)
 
 
-JobStateName = Literal["accepted", "running", "finished", "published", "requeued"]
+JobStateName = Literal["accepted", "running", "finished", "published", "requeued", "superseded"]
 
 
 class JobsQuery(BaseModel):
@@ -384,6 +385,23 @@ class JobLocation(BaseModel):
     host: str
     running: bool
     log_url: str | None  # None without PUBLIC_URL on that host
+
+
+class JobHolding(BaseModel):
+    """A host's answer to `holder`: the attempt of the job its journal has, and its state
+    there; `checking` while the host asks the fleet itself before taking a redelivery.
+
+    Asked before a host runs a redelivered request it does not know (its first taker's
+    ack may have been lost with a broker node) and before a host hands a job back as
+    its next attempt (a redelivery of it may already run elsewhere): a holding of the
+    same or a later attempt means the job is another host's."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: uuid.UUID
+    host: str
+    attempt: Annotated[int, Field(ge=1)]
+    state: JobStateName | Literal["checking"]
 
 
 class CancelOutcome(str, enum.Enum):

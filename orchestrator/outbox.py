@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from orchestrator.amqp import ConfirmedPublisher, json_message
+from orchestrator.amqp import ConfirmedPublisher, broker_cancellation_as_error, describe_error, json_message
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import JobResult, message_id_for
@@ -97,7 +97,12 @@ class ResultOutbox:
     async def _retry_loop(self) -> None:
         delay = self._retry_initial_s
         while True:
-            left = await self.flush()
+            try:
+                with broker_cancellation_as_error():
+                    left = await self.flush()
+            except Exception as exc:  # the journal or the broker failed this pass: the next one tries again
+                log.warning("outbox.pass_failed", error=describe_error(exc))
+                left = 1
             if left == 0:
                 delay = self._retry_initial_s
                 await self._wake.wait()

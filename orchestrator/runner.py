@@ -1,8 +1,9 @@
 """Runs accepted jobs: VM spec → prepare/start → wait (timeout, cancel, drain) → result.
 
 Every job ends in exactly one of: a result stored in the journal and handed to the
-outbox, or the request handed back to the broker as a new attempt (host shutdown). The
-VM is destroyed and the capacity released in every case.
+outbox, the request handed back to the broker as a new attempt (host shutdown), or left
+to another host that has it (superseded: a redelivery of it ran there). The VM is
+destroyed and the capacity released in every case.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hypervisors.base import BackendError, Hypervisor, SeedFiles, VmSpec, VmStat
 from hypervisors.guest import build_meta_data, build_user_data, find_exit_code, started_line
 from hypervisors.handoff import HandOffError
 from hypervisors.router import RouterHypervisor
-from orchestrator.amqp import ConfirmedPublisher, json_message
+from orchestrator.amqp import ConfirmedPublisher, describe_error
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.console import ConsoleFollower, file_contains
@@ -29,7 +30,8 @@ from orchestrator.intake import AcceptedJob
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
 from orchestrator.imagemap import ImageEntry
-from orchestrator.messages import EventKind, JobEvent, JobRequest, JobResult, JobStatus, message_id_for
+from orchestrator.handback import HandBack, HandBackOutcome, HolderOf
+from orchestrator.messages import EventKind, JobEvent, JobRequest, JobResult, JobStatus
 from orchestrator.metrics import DaemonMetrics
 from orchestrator.outbox import ResultOutbox
 from orchestrator.statedir import is_pool_vm, vm_name_for
@@ -97,17 +99,17 @@ class JobRunner:
         images: ImagePreparer,
         emit: Callable[[str, JobEvent], Awaitable[None]],
         metrics: DaemonMetrics | None = None,
+        holder_of: HolderOf | None = None,
     ) -> None:
         self._settings = settings
         self._router = router
         self._journal = journal
         self._outbox = outbox
-        self._publisher = publisher
-        self._topology = topology
         self._ledger = ledger
         self._images = images
         self._emit = emit
         self._metrics = metrics
+        self._hand_backs = HandBack(publisher=publisher, topology=topology, holder_of=holder_of)
         self.running: dict[str, RunningJob] = {}
         self.finished: Counter[str] = Counter()  # by status, for metrics
         self.warm_fallbacks = 0  # jobs whose pool VM could not take them (booted cold)
@@ -449,27 +451,32 @@ class JobRunner:
 
     async def _hand_back(self, running: RunningJob, jlog: EventLogger, reason: str) -> None:
         """The job cannot finish here (host shutting down, VM gone): give it to any host
-        as its next attempt, or give up with an error after `max_attempts`."""
+        as its next attempt, or give up with an error after `max_attempts`; unless
+        another host has it already (`handback.py`)."""
         request = running.job.request
-        if request.attempt >= self._settings.max_attempts:
+        try:
+            outcome, holder = await self._hand_backs.give_back(
+                request, running.job.label, jlog=jlog, stopping=lambda: running.stop_reason is StopReason.SHUTDOWN,
+                max_attempts=self._settings.max_attempts,
+            )
+        except Exception as exc:
+            # The broker is away: the job stays live in the journal, and the next start
+            # of this daemon finds its VM gone and hands it back then.
+            jlog.error("job.hand_back_failed", error=describe_error(exc), reason=reason)
+            return
+        if outcome is HandBackOutcome.SUPERSEDED and holder is not None:
+            await self._journal.move(request.job_id, JobState.SUPERSEDED)
+            jlog.info("job.superseded", attempt=request.attempt, holder=holder.host, holder_state=holder.state, reason=reason)
+            return
+        if outcome is HandBackOutcome.LAST_ATTEMPT:
             await self._finish(
                 running, JobStatus.ERROR,
                 f"gave up after attempt {request.attempt} of {self._settings.max_attempts}: {reason}",
                 None, "", running.job.accepted_at, None,
             )
             return
-        retry = request.model_copy(update={"attempt": request.attempt + 1})
-        try:
-            await self._publisher.publish(
-                self._topology.jobs, running.job.label, json_message(retry, message_id=message_id_for(request.job_id, retry.attempt))
-            )
-        except Exception as exc:
-            # The broker is away: the job stays live in the journal, and the next start
-            # of this daemon finds its VM gone and hands it back then.
-            jlog.error("job.hand_back_failed", error=str(exc) or type(exc).__name__, reason=reason)
-            return
         await self._journal.move(request.job_id, JobState.REQUEUED)
-        jlog.info("job.requeued", attempt=retry.attempt, reason=reason)
+        jlog.info("job.requeued", attempt=request.attempt + 1, reason=reason)
         await self._emit(f"job.requeued.{running.job.label}", self._event(running.job, EventKind.REQUEUED))
 
     def _event(self, job: AcceptedJob, kind: EventKind, status: JobStatus | None = None) -> JobEvent:

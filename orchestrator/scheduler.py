@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from aio_pika.abc import AbstractRobustConnection
 
+from orchestrator.amqp import broker_cancellation_as_error
 from orchestrator.capacity import CapacityLedger
 from orchestrator.consumer import QueueConsumer, Settler
 from orchestrator.imagemap import ImageMap
@@ -115,7 +116,8 @@ class Scheduler:
             await self._dirty.wait()
             self._dirty.clear()
             try:
-                await self._rebalance()
+                with broker_cancellation_as_error():
+                    await self._rebalance()
             except Exception as exc:  # a channel mid-reconnect: try again on the next change
                 log.warning("scheduler.rebalance_failed", error=str(exc))
                 await asyncio.sleep(0.5)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "rabbitmq-cluster.sh"
 NODES = (1, 2, 3)
@@ -75,6 +77,21 @@ class RabbitCluster:
                               "--formatter", "json")
         return {q["name"]: q for q in json.loads(text) if q["name"].startswith(f"{prefix}.")}
 
+    async def dead_letter_reasons(self, prefix: str) -> list[str]:
+        """What the dead-letter queue holds: each message's reason, routing key and body."""
+        connection = await aio_pika.connect(self.url(sorted(self.running)[0]))
+        try:
+            channel = await connection.channel()
+            queue = await channel.get_queue(f"{prefix}.jobs.dlq", ensure=False)
+            found = []
+            while (message := await queue.get(no_ack=False, fail=False)) is not None:
+                headers = message.headers or {}
+                found.append(f"{headers.get('x-orchestrator-reason') or headers.get('x-death')} "
+                             f"(key {message.routing_key}): {message.body[:300]!r}")
+            return found
+        finally:
+            await connection.close()
+
     async def leader_of(self, queue: str) -> int:
         text = await self.ctl("list_queues", "name", "leader", "--formatter", "json")
         leader = next(q["leader"] for q in json.loads(text) if q["name"] == queue)
@@ -93,5 +110,7 @@ class RabbitCluster:
             }
             if not left:
                 return
-            assert time.monotonic() < deadline, f"left in the broker (ready, unacked) after {timeout_s:g} s: {left}"
+            if time.monotonic() >= deadline:
+                dead = await self.dead_letter_reasons(prefix) if left.get(f"{prefix}.jobs.dlq", (0, 0))[0] else []
+                raise AssertionError(f"left in the broker (ready, unacked) after {timeout_s:g} s: {left}; dead letters: {dead}")
             await asyncio.sleep(1)

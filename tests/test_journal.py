@@ -38,11 +38,14 @@ async def test_accept_records_a_job_once_and_a_redelivery_is_refused(journal: Jo
     assert record is not None and record.state is JobState.ACCEPTED and record.accepted_at == 1.0
 
 
-async def test_a_requeued_job_comes_back_only_as_a_later_attempt(journal: Journal):
+@pytest.mark.parametrize("handed_on", [JobState.REQUEUED, JobState.SUPERSEDED])
+async def test_a_job_handed_on_comes_back_only_as_a_later_attempt(journal: Journal, handed_on: JobState):
     req = request()
     await accept(journal, req)
-    await journal.move(req.job_id, JobState.REQUEUED)
+    await journal.move(req.job_id, handed_on)
     assert not await accept(journal, req)  # the same attempt again: a redelivery
+    answer = JobResult.for_request(req, status=JobStatus.CANCELLED, summary="cancelled")
+    assert not await journal.record_answer(req, answer, label="alpha")
     assert await accept(journal, request(attempt=2, job_id=req.request_id))
     assert (await journal.get(req.job_id)).attempt == 2
 

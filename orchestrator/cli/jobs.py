@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import typing
 from datetime import datetime
 
 from pydantic import ValidationError
@@ -11,9 +12,9 @@ from pydantic import ValidationError
 from orchestrator.cli.broker import ask_hosts
 from orchestrator.cli.common import CLIError, Commands, add_command, load_cli_settings
 from orchestrator.config import DaemonSettings
-from orchestrator.messages import ControlKind, ControlMessage, JobsQuery, JobsReply, JobSummary, now_utc
+from orchestrator.messages import ControlKind, ControlMessage, JobsQuery, JobsReply, JobStateName, JobSummary, now_utc
 
-STATES = ("accepted", "running", "finished", "published", "requeued")
+STATES = typing.get_args(JobStateName)
 
 
 def register(commands: Commands) -> None:

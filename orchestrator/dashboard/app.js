@@ -75,7 +75,8 @@ function mib(value) {
 
 function jobStatus(job) {
   if (job.status) return job.status;
-  return job.state === "running" ? "running" : job.state === "requeued" ? "requeued" : "queued";
+  if (job.state === "running" || job.state === "requeued" || job.state === "superseded") return job.state;
+  return "queued";
 }
 
 function hostState(host) {
