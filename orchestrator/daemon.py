@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import signal
 import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
@@ -37,7 +38,7 @@ from orchestrator.fleet import Fleet
 from orchestrator.httpapi import HttpLimits, MetricsSnapshot, start_http
 from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, load_image_map
 from orchestrator.images import ImagePreparer
-from orchestrator.intake import JobIntake
+from orchestrator.intake import REDELIVERY_CHECK_S, JobIntake
 from orchestrator.jobview import detail_of, summary_of
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
@@ -442,7 +443,8 @@ class Daemon:
             publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
             start_job=self.runner.start, cancelled=cancels, running=self.runner.running,
             wait_released=self.runner.wait_released,
-            max_message_bytes=s.max_message_bytes, pools=self.pools, holder_of=self.fleet.holder_of,
+            max_message_bytes=s.max_message_bytes, pools=self.pools,
+            holder_of=functools.partial(self.fleet.holder_of, timeout_s=REDELIVERY_CHECK_S),
         )
         control = ControlListener(
             topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,

@@ -238,13 +238,14 @@ class Fleet:
         return sorted(found, key=lambda location: not location.running)
 
 
-    async def holder_of(self, job_id: str, attempt: int) -> JobHolding | None:
+    async def holder_of(self, job_id: str, attempt: int, *, timeout_s: float = LOCATE_TIMEOUT_S) -> JobHolding | None:
         """Another host whose journal has `attempt` (or a later one) of the job, or that
         is checking that attempt itself; None once every reachable host has answered
-        without one, or after `LOCATE_TIMEOUT_S`. Right after start-up the hosts are
-        first learnt from the describe round (a restarted host asks before heartbeats)."""
+        without one, or after `timeout_s`. Right after start-up the hosts are first
+        learnt from the describe round (a restarted host asks before heartbeats): it is
+        waited for, or the question would end at this host's own answer."""
         if self._describe is not None and not self._describe.done():
-            await asyncio.wait({self._describe}, timeout=ANSWER_TIMEOUT_S)
+            await asyncio.wait({self._describe}, timeout=2 * ANSWER_TIMEOUT_S)  # it ends by itself within one
         expected = len(self.reachable())
 
         def holding(body: bytes) -> JobHolding | None:
@@ -258,9 +259,7 @@ class Fleet:
         def enough(answers: list[bytes]) -> bool:
             return len(answers) >= expected or holding(answers[-1]) is not None
 
-        bodies = await self._ask(
-            ControlMessage(kind=ControlKind.HOLDER, request_id=job_id), timeout_s=LOCATE_TIMEOUT_S, enough=enough,
-        )
+        bodies = await self._ask(ControlMessage(kind=ControlKind.HOLDER, request_id=job_id), timeout_s=timeout_s, enough=enough)
         held = [found for found in map(holding, bodies) if found is not None]
         # A host that ran or journaled it outranks one still checking.
         return min(held, key=lambda found: found.state == "checking", default=None)

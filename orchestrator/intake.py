@@ -169,6 +169,12 @@ def _request_id_in(data: dict[str, object]) -> uuid.UUID | None:
 
 
 HAND_BACK_WAIT_S = 30.0
+# How long a redelivery waits for the fleet's answers. The host that journaled it may be
+# failing over to another broker node itself (the node that lost its ack was often its
+# own), and answers once its channels are restored: in the cluster soak 0.5 s let a few
+# jobs a run be run twice, 2 s none. A host that is down never answers (it reconciles
+# the job itself when it starts, `handback.py`): its redeliveries wait this long.
+REDELIVERY_CHECK_S = 2.0
 
 
 async def _never_held(_job_id: str, _timeout_s: float) -> bool:

@@ -454,6 +454,9 @@ class JobRunner:
         as its next attempt, or give up with an error after `max_attempts`; unless
         another host has it already (`handback.py`)."""
         request = running.job.request
+        # Its VM is gone (shut down, destroyed, or lost while the daemon was away): the
+        # capacity is free now, not only once the fleet has answered and the broker taken it.
+        self._ledger.release(running.job.reservation)
         try:
             outcome, holder = await self._hand_backs.give_back(
                 request, running.job.label, jlog=jlog, stopping=lambda: running.stop_reason is StopReason.SHUTDOWN,

@@ -94,7 +94,8 @@ class ClusterBroker(Broker):
                 return await super().submit(routing_key, **fields)
             except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError):
                 await asyncio.wait_for(self.connection.connected.wait(), 60)
-                await asyncio.sleep(0.05)  # the channel is restored just after the connection
+                assert self.channel is not None
+                await asyncio.wait_for(self.channel.ready(), 60)  # restored just after the connection
         raise AssertionError("could not publish a job for 100 attempts")
 
 
@@ -220,6 +221,8 @@ async def test_enqueue_and_the_forge_bridge_publish_while_a_node_is_down(cluster
     bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github", amqp_url=urls)
     try:
         assert bridge.bridge.broker_connected
+        ready = await get_json(f"{bridge.url}/readyz")
+        assert ready["ready"] and RabbitCluster.node_number(ready["broker_node"]) == 2, ready
         sha = hashlib.sha1(b"while node 1 is down").hexdigest()
         fake.files[("octo-org/widgets", sha, ".orchestrator.yaml")] = JOBS.encode()
         assert (await bridge.deliver(*github_push(sha)))[0] == 202

@@ -44,11 +44,22 @@ def warm_map(test_image: Path, directory: Path, *, ready: int = 1, image_dir: Pa
     return path
 
 
+def tagged(domain: libvirt.virDomain, orchestrator_id: str) -> bool:
+    """Whether a listed domain carries our tag; False for one gone since it was listed
+    (the daemon destroys pool VMs while the test looks)."""
+    try:
+        return f"<orch:orchestrator>{orchestrator_id}<" in domain.XMLDesc(0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+
+
 def ours(orchestrator_id: str) -> list[str]:
     """Our domains (by their tag), as libvirt lists them."""
     conn = libvirt.open(LIBVIRT_URI)
     try:
-        return [d.name() for d in conn.listAllDomains(0) if f"<orch:orchestrator>{orchestrator_id}<" in d.XMLDesc(0)]
+        return [d.name() for d in conn.listAllDomains(0) if tagged(d, orchestrator_id)]
     finally:
         conn.close()
 
@@ -58,7 +69,7 @@ def active_pool_domains(orchestrator_id: str) -> list[str]:
     try:
         return [
             d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            if d.name().startswith("pool-") and f"<orch:orchestrator>{orchestrator_id}<" in d.XMLDesc(0)
+            if d.name().startswith("pool-") and tagged(d, orchestrator_id)
         ]
     finally:
         conn.close()
@@ -86,13 +97,7 @@ class PeakOfOurs:
         await asyncio.gather(self._task, return_exceptions=True)
 
     def _count(self, conn: libvirt.virConnect) -> int:
-        count = 0
-        for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-            try:
-                count += f"<orch:orchestrator>{self.orchestrator_id}<" in domain.XMLDesc(0)
-            except libvirt.libvirtError:
-                continue  # gone while we looked
-        return count
+        return sum(tagged(domain, self.orchestrator_id) for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
 
     async def _sample(self) -> None:
         conn = await asyncio.to_thread(libvirt.open, LIBVIRT_URI)
@@ -219,18 +224,23 @@ async def test_a_new_image_file_rebuilds_the_pool(prefix, tmp_path, test_image, 
     assert_nothing_left(settings.state_dir, settings.orchestrator_id)
 
 
+def warm_daemon_env(prefix: str, tmp_path: Path, test_image: Path, test_network: str, state: Path, orchestrator_id: str) -> dict[str, str]:
+    """A daemon process's environment: the warm test map, on libvirt, two jobs at once."""
+    return {
+        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(warm_map(test_image, tmp_path)), "STATE_DIR": str(state),
+        "HOST_NAME": "h", "HOST_CPUS": "4", "HOST_MEMORY_MB": "2048", "DRAIN_TIMEOUT_S": "5", "HTTP_LISTEN": "off",
+        "ORCH_BACKEND": "libvirt", "LIBVIRT_DOMAIN_TYPE": "qemu", "LIBVIRT_NETWORK": test_network,
+        "ORCH_ID": orchestrator_id, "IMAGE_DIR": str(test_image), "MAX_CONCURRENCY": "2",
+    }
+
+
 async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
     """The job's pool VM is adopted and its result collected; the idle pool VM of the
     killed daemon is destroyed and a fresh one boots."""
     cleanup_topology.append("demo")
     state = tmp_path / "state"
     orchestrator_id = f"test-{prefix}"
-    env = {
-        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(warm_map(test_image, tmp_path)), "STATE_DIR": str(state),
-        "HOST_NAME": "h", "HOST_CPUS": "4", "HOST_MEMORY_MB": "2048", "DRAIN_TIMEOUT_S": "5", "HTTP_LISTEN": "off",
-        "ORCH_BACKEND": "libvirt", "LIBVIRT_DOMAIN_TYPE": "qemu", "LIBVIRT_NETWORK": test_network,
-        "ORCH_ID": orchestrator_id, "IMAGE_DIR": str(test_image), "MAX_CONCURRENCY": "2",
-    }
+    env = warm_daemon_env(prefix, tmp_path, test_image, test_network, state, orchestrator_id)
     first = await DaemonProcess(env).start()
     second: DaemonProcess | None = None
     try:
@@ -275,12 +285,7 @@ async def test_a_job_journaled_to_a_pool_vm_but_not_handed_over_is_handed_back(p
     cleanup_topology.append("demo")
     state = tmp_path / "state"
     orchestrator_id = f"test-{prefix}"
-    env = {
-        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(warm_map(test_image, tmp_path)), "STATE_DIR": str(state),
-        "HOST_NAME": "h", "HOST_CPUS": "4", "HOST_MEMORY_MB": "2048", "DRAIN_TIMEOUT_S": "5", "HTTP_LISTEN": "off",
-        "ORCH_BACKEND": "libvirt", "LIBVIRT_DOMAIN_TYPE": "qemu", "LIBVIRT_NETWORK": test_network,
-        "ORCH_ID": orchestrator_id, "IMAGE_DIR": str(test_image), "MAX_CONCURRENCY": "2",
-    }
+    env = warm_daemon_env(prefix, tmp_path, test_image, test_network, state, orchestrator_id)
     first = await DaemonProcess(env).start()
     second: DaemonProcess | None = None
     try:

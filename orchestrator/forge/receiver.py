@@ -52,6 +52,7 @@ def build_receiver(
     dispatcher: Dispatcher,
     not_ready_reasons: Callable[[], list[str]],
     metrics: Callable[[], list[Any]],
+    broker_node: Callable[[], str | None] = lambda: None,
 ) -> web.Application:
     webhooks: Counter[tuple[str, str]] = Counter()
     # Bodies are read (up to max_body_bytes each) before they can be authenticated: only
@@ -104,7 +105,8 @@ def build_receiver(
 
     async def readyz(_: web.Request) -> web.Response:
         reasons = not_ready_reasons()
-        return web.json_response({"ready": not reasons, "reasons": reasons}, status=200 if not reasons else 503)
+        body = {"ready": not reasons, "broker_node": broker_node(), "reasons": reasons}
+        return web.json_response(body, status=200 if not reasons else 503)
 
     async def metrics_page(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")

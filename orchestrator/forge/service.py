@@ -15,7 +15,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
-from orchestrator.amqp import ConfirmedPublisher, connect_with_retry, describe_error
+from orchestrator.amqp import ConfirmedPublisher, FailoverConnection, connect_with_retry, describe_error
 from orchestrator.config import DaemonSettings
 from orchestrator.daemon import BackgroundTasks, StartupError, bounded, failing_as
 from orchestrator.forge.base import Forge
@@ -59,6 +59,12 @@ class ForgeBridge:
     def broker_connected(self) -> bool:
         connection = self._connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    @property
+    def broker_node(self) -> str | None:
+        """`host:port` of the broker node the bridge is connected to; None while it is not."""
+        connection = self._connection
+        return connection.node if isinstance(connection, FailoverConnection) else None
 
     def not_ready_reasons(self) -> list[str]:
         reasons = [] if self.broker_connected else ["broker connection is down (webhooks are still journaled and answered 202)"]
@@ -163,7 +169,8 @@ class ForgeBridge:
             await self.reporter.start(self._connection)
         stack.push_async_callback(self.reporter.stop)
         app = build_receiver(forges=self.forges, config=self.config, dispatcher=self.dispatcher,
-                             not_ready_reasons=self.not_ready_reasons, metrics=self._metrics)
+                             not_ready_reasons=self.not_ready_reasons, metrics=self._metrics,
+                             broker_node=lambda: self.broker_node)
         load = HttpLoad(HttpLimits(max_connections=config.max_connections, header_timeout_s=config.header_timeout_s))
         with failing_as(f"cannot listen on {config.listen}", "choose a free address in the forge config's `listen`"):
             runner = await serve_within_limits(app, config.listen, load)
