@@ -17,6 +17,7 @@ import faulthandler
 import functools
 import signal
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -34,11 +35,11 @@ from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
 from orchestrator.control import CancelRegistry, ControlListener
 from orchestrator.fdlimit import raise_open_files_limit
-from orchestrator.fleet import Fleet
+from orchestrator.fleet import Fleet, FleetUnavailable
 from orchestrator.httpapi import HttpLimits, MetricsSnapshot, start_http
 from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, load_image_map
 from orchestrator.images import ImagePreparer
-from orchestrator.intake import REDELIVERY_CHECK_S, JobIntake
+from orchestrator.intake import REDELIVERY_CHECK_S, AcceptedJob, JobIntake
 from orchestrator.jobview import detail_of, summary_of
 from orchestrator.journal import JobState, Journal
 from orchestrator.logsetup import EventLogger
@@ -56,6 +57,10 @@ from orchestrator.warmpool import WarmPools
 log = EventLogger("orchestrator.daemon")
 
 DRAINING_FLAG = "draining"
+# Jobs accepted this long before the broker connection was lost may have lost their
+# ack with it (an ack is a frame on the socket, never confirmed): once connected again,
+# the host asks the fleet whether another host was given them.
+ACK_DOUBT_S = 10.0
 HOUSEKEEPING_SWEEP_S = 3600.0
 HOUSEKEEPING_MEASURE_S = 60.0
 
@@ -201,6 +206,8 @@ class Daemon:
         self._state_dir_bytes: int | None = None
         self._dlq_messages: int | None = None
         self._stopped = False
+        self._broker_lost_at: float | None = None  # wall clock, while the connection is down
+        self._ack_checks = BackgroundTasks()
         # Histograms and gauges recorded as things happen (/metrics serves them beside
         # the numbers it reads at scrape time); this daemon's own, never a global.
         self.meters = DaemonMetrics(CollectorRegistry())
@@ -436,6 +443,9 @@ class Daemon:
             settings=s, image_map=self.image_map, router=self.router, ledger=self.ledger, images=self.images,
             emit=self._events.emit, metrics=self.meters,
         )
+        self._connection.close_callbacks.add(self._broker_lost)
+        self._connection.reconnect_callbacks.add(self._broker_back)
+        stack.push_async_callback(self._ack_checks.cancel_all)
         cancels = CancelRegistry(self.journal)
         await cancels.load()
         self._intake = JobIntake(
@@ -477,6 +487,39 @@ class Daemon:
         with failing_as("cannot consume the label queues"):
             await self.scheduler.start(self._connection)
         stack.push_async_callback(bounded(self.scheduler.stop, "consumers"))
+
+    # --- acks lost with the broker connection ----------------------------------------------
+    def _broker_lost(self, _connection: object, exc: BaseException | None = None) -> None:
+        if exc is not None and not isinstance(exc, asyncio.CancelledError) and self._broker_lost_at is None:
+            self._broker_lost_at = time.time()
+
+    def _broker_back(self, _connection: object) -> None:
+        lost_at, self._broker_lost_at = self._broker_lost_at, None
+        self.fleet.rediscover()
+        if lost_at is None or self.runner is None:
+            return
+        doubtful = [running.job for running in self.runner.running.values()
+                    if running.job.accepted_at >= lost_at - ACK_DOUBT_S]
+        if doubtful:
+            self._ack_checks.spawn(self._check_acks(doubtful), name="ack-check")
+
+    async def _check_acks(self, jobs: list[AcceptedJob]) -> None:
+        """Jobs whose ack may have gone down with the connection: the broker then gave
+        them to another host, which asked this one first but got no answer while it was
+        away. Where another host now has the attempt, this host's copy is stopped (no
+        second result, no VM spent on it); where it is only checking, it will hear from
+        this host and leave the job here."""
+        assert self.runner is not None
+
+        async def check(job: AcceptedJob) -> None:
+            try:
+                holder = await self.fleet.holder_of(job.job_id, job.request.attempt)
+            except FleetUnavailable:
+                return  # gone again: the next reconnection asks
+            if holder is not None and holder.state != "checking" and self.runner.supersede(job.job_id, holder.host):
+                log.warning("job.ack_lost", job_id=job.job_id, holder=holder.host, holder_state=holder.state)
+
+        await asyncio.gather(*(check(job) for job in jobs))
 
     async def _connect_broker(self) -> FailoverConnection:
         s = self.settings

@@ -103,6 +103,13 @@ class Fleet:
         await heartbeats.consume(self._on_heartbeat, no_ack=True)
         self._describe = asyncio.create_task(self._describe_all(), name="fleet-describe")
 
+    def rediscover(self) -> None:
+        """Ask every host to describe itself again: after a reconnection, the heartbeats
+        sent while this host was away never reached it (its queue went with its
+        connection), and questions that wait for every host must know them."""
+        if self._channel is not None and (self._describe is None or self._describe.done()):
+            self._describe = asyncio.create_task(self._describe_all(), name="fleet-describe")
+
     async def stop(self) -> None:
         if self._describe is not None:
             self._describe.cancel()

@@ -45,6 +45,7 @@ CONSOLE_TAIL_LINES = 40
 class StopReason(str, enum.Enum):
     CANCEL = "cancel"
     SHUTDOWN = "shutdown"
+    SUPERSEDED = "superseded"  # its ack was lost and another host runs the redelivery
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RunningJob:
     interrupted_while_away: bool = False  # its VM was not running when taken back
     handed_over: bool = True  # false for a pool VM's job journaled before its hand-off
     boot_from: float | None = None  # when its own VM was asked for (a cold boot, not adopted)
+    superseded_by: str | None = None  # the host that runs it instead (StopReason.SUPERSEDED)
     console: ConsoleFollower = field(init=False)
 
     console_max_bytes: int = field(kw_only=True)
@@ -152,6 +154,16 @@ class JobRunner:
         running.stop_requested.set()
         return True
 
+    def supersede(self, job_id: str, holder: str) -> bool:
+        """Stop a job another host runs (its ack here was lost): its VM is destroyed, no
+        result is published, the journal says `superseded`. False when it is not running
+        here any more, or already stopping for another reason."""
+        running = self.running.get(job_id)
+        if running is None or running.stop_reason is not None:
+            return False
+        running.superseded_by = holder
+        return self.stop_job(job_id, StopReason.SUPERSEDED)
+
     async def wait_released(self, job_id: str, timeout_s: float) -> bool:
         """Wait until this host holds `job_id` no more (a job being handed back is
         published before it is let go); False when it still does after `timeout_s`."""
@@ -238,6 +250,11 @@ class JobRunner:
                     return
             running.console.start()  # (a no-op when the hand-off started it)
             outcome, summary, vm_state = await self._watch(running, started_at)
+            if outcome is None and running.stop_reason is StopReason.SUPERSEDED:
+                await self._journal.move(job.job_id, JobState.SUPERSEDED)
+                jlog.info("job.superseded", attempt=job.request.attempt, holder=running.superseded_by,
+                          reason="its ack was lost with the broker connection; the broker gave it to that host")
+                return
             if outcome is None:
                 await self._hand_back(running, jlog, "host shutting down")
                 return
@@ -359,7 +376,8 @@ class JobRunner:
 
     async def _watch(self, running: RunningJob, started_at: float) -> tuple[JobStatus | None, str, VmState | None]:
         """Wait for the VM to stop, a timeout, or a stop request. The status is SUCCEEDED
-        for "stopped by itself" (the console decides), None for "hand it back"."""
+        for "stopped by itself" (the console decides), None for "hand it back" (or, after
+        `supersede`, for "another host runs it")."""
         job, spec, backend = running.job, running.spec, running.backend
         timeout_s = self.timeout_s(job)
         elapsed = time.time() - started_at  # an adopted VM has been running already
@@ -397,6 +415,8 @@ class JobRunner:
             await backend.shutdown(spec, timeout_s=self._settings.shutdown_timeout_s)
             return None, "host shutting down", None
         await backend.destroy(spec)
+        if running.stop_reason is StopReason.SUPERSEDED:
+            return None, f"host {running.superseded_by} runs it", None
         if running.stop_reason is StopReason.CANCEL:
             return JobStatus.CANCELLED, "cancelled on request; the VM was destroyed", None
         if timed_out_booting:

@@ -17,9 +17,11 @@ from collections.abc import Awaitable
 
 import aio_pika
 
+from hypervisors.noop import NoopHypervisor
 from orchestrator.journal import JobState, Journal
 from orchestrator.messages import JobRequest, JobStatus
 from orchestrator.statedir import vm_name_for
+from tests.amqpproxy import BASIC_ACK
 from tests.conftest import SHA, Broker, make_settings, wait_for
 from tests.test_reload import consumers_on
 
@@ -121,3 +123,29 @@ async def _is(value: Awaitable[object], expected: object) -> bool:
 async def _state(daemon, job_id: str) -> JobState | None:
     record = await daemon.journal.get(job_id)
     return record.state if record is not None else None
+
+
+async def test_a_host_whose_ack_was_lost_stops_its_copy_once_back_when_another_host_runs_the_redelivery(
+    daemon_factory, broker, amqp_proxy
+):
+    ack_lost = amqp_proxy.cut_at(BASIC_ACK)  # after host a's journal commit, before the broker has its ack
+    first_vms = NoopHypervisor()
+    first = await daemon_factory(host_name="a", amqp_url=amqp_proxy.url, backend=first_vms)
+    await broker.open()
+    job = await broker.submit(runs_on="alpha", script="make", env={"NOOP_DURATION_S": "10"})
+    await asyncio.wait_for(ack_lost.wait(), 20)
+    amqp_proxy.down()  # host a stays away: it cannot answer the question about its job
+    await wait_for(lambda: first_vms.alive == 1, what="host a to run the job it journaled")
+
+    second_vms = NoopHypervisor()
+    await daemon_factory(host_name="b", backend=second_vms)  # the broker redelivers the job to it
+    await wait_for(lambda: second_vms.alive == 1, what="host b to run the redelivery", timeout_s=30)
+    amqp_proxy.up()
+    await wait_for(
+        lambda: _is(_state(first, job.job_id), JobState.SUPERSEDED), what="host a to leave the job to host b",
+        timeout_s=30,
+    )
+    assert first_vms.alive == 0 and second_vms.alive == 1  # host a's copy stopped, host b's runs on
+    result = await broker.next_result(timeout_s=30)
+    assert result.request_id == job.request_id and result.host == "b" and result.status is JobStatus.SUCCEEDED
+    assert not broker.conflicts and broker.redeliveries == 0
