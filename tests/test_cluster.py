@@ -152,7 +152,10 @@ async def test_the_daemon_fails_over_when_its_node_stops_and_running_jobs_finish
     ready = await get_json(f"http://127.0.0.1:{port}/readyz")
     assert ready["ready"] and ready["broker_node"] == "127.0.0.1:5682"
     jobs = [await cluster_broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "1.5"}) for _ in range(8)]
-    await wait_for(lambda: started(daemon) == 4, what="4 jobs running, 4 queued", timeout_s=30)
+    # Jobs running and queued when the leader goes. (Not "exactly 4 started": once the
+    # first deliveries came in two batches, 3 then 4 half a second after the first 3
+    # ended, and the count went from 3 to 7 between two looks.)
+    await wait_for(lambda: started(daemon) >= 4, what="4 jobs running, the rest queued", timeout_s=30)
 
     await cluster.stop_node(2)
     results = await cluster_broker.collect(8, timeout_s=60)
@@ -181,7 +184,10 @@ async def test_losing_a_label_queues_leader_elects_another_and_consumers_resume(
     daemon = await DaemonProcess(host_env(cluster, prefix, tmp_path, noop_map_path, "h1", (2, 3, 1), MAX_CONCURRENCY="4")).start()
     assert connected_node(daemon) == 2
     jobs = [await cluster_broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "1"}) for _ in range(8)]
-    await wait_for(lambda: started(daemon) == 4, what="4 jobs running, 4 queued", timeout_s=30)
+    # Jobs running and queued when the leader goes. (Not "exactly 4 started": once the
+    # first deliveries came in two batches, 3 then 4 half a second after the first 3
+    # ended, and the count went from 3 to 7 between two looks.)
+    await wait_for(lambda: started(daemon) >= 4, what="4 jobs running, the rest queued", timeout_s=30)
 
     await cluster.stop_node(1)
     assert await cluster.leader_of(queue) in (2, 3)
