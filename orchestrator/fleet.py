@@ -44,6 +44,7 @@ MAX_HOSTS = 1024
 MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a JOBS answer of 1,000 jobs is well under 1 MiB
 ANSWER_TIMEOUT_S = 2.0
 LOCATE_TIMEOUT_S = 2.0
+REPLY_QUEUE_CANCEL_TIMEOUT_S = 1.0
 NOT_HELD = b"null"  # a host's answer to `locate` or `holder` for a job it does not have
 
 
@@ -191,10 +192,13 @@ class Fleet:
         except TimeoutError:
             pass
         finally:
+            # The queue goes with its consumer (auto-delete), or with its channel. Bounded:
+            # on a channel whose connection dropped, the cancel waits for a reconnection
+            # that a daemon stopping (which cancels this question) would never see.
             try:
                 with broker_cancellation_as_error():
-                    await replies.cancel(tag)  # the queue goes with its consumer (auto-delete)
-            except BROKER_ERRORS:
+                    await asyncio.wait_for(replies.cancel(tag), REPLY_QUEUE_CANCEL_TIMEOUT_S)
+            except (*BROKER_ERRORS, TimeoutError):
                 pass  # gone with its channel
         return list(answers)
 

@@ -94,3 +94,21 @@ async def test_readiness_reports_the_broker_state_and_metrics_are_served(daemon_
         await rabbitmqctl("start_app")
         await rabbitmqctl("await_startup")
     await _until(f"{base}/readyz", 200)
+
+
+async def test_a_daemon_whose_broker_went_away_stops_without_waiting_on_it(daemon_factory, amqp_proxy, caplog):
+    """A stop while the broker is away (systemd stopping a host in an outage) closes
+    every step at once: a question to the fleet asked just after a reconnection (the
+    describe round) once waited there for a broker that never came back."""
+    daemon = await daemon_factory(amqp_url=amqp_proxy.url)
+    amqp_proxy.down()
+    await wait_for(lambda: not daemon.broker_connected, what="the daemon to see the broker gone")
+    reconnected = amqp_proxy.connections + 1
+    amqp_proxy.up()
+    # Back: the daemon asks every host to describe itself (a question that stays open for
+    # its whole answer timeout), and the broker goes again while it is asked.
+    await wait_for(lambda: amqp_proxy.connections >= reconnected and daemon.broker_connected, what="the reconnection")
+    amqp_proxy.down()
+    await daemon.stop()
+    timed_out = [r for r in caplog.records if r.name == "orchestrator.daemon" and r.msg == "daemon.close_timed_out"]
+    assert timed_out == [], [r.fields for r in timed_out]
