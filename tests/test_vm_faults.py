@@ -26,7 +26,7 @@ def image_dir(tmp_path: Path) -> Path:
     images = tmp_path / "images"
     if not images.exists():
         images.mkdir()
-        for name in ("base.qcow2", "vmlinuz", "initramfs.cpio.gz"):
+        for name in ("base.qcow2", "kernel", "initramfs.cpio.gz"):
             os.link(TEST_IMAGE / name, images / name)
     return images
 
@@ -34,7 +34,7 @@ def image_dir(tmp_path: Path) -> Path:
 def broken_map(tmp_path: Path, **image: str) -> str:
     images = image_dir(tmp_path)
     entries = {"backend": "libvirt", "local_path": str(images / "base.qcow2"), "format": "qcow2",
-               "checkout": "false", "memory_mb": "256", "kernel": str(images / "vmlinuz"),
+               "checkout": "false", "memory_mb": "256", "kernel": str(images / "kernel"),
                "initrd": str(images / "initramfs.cpio.gz"), "cmdline": "console=ttyS0 panic=-1 quiet", **image}
     body = "".join(f"    {k}: {v}\n" for k, v in entries.items())
     return f"default_label: alpha\nimages:\n  alpha:\n{body}"

@@ -36,7 +36,7 @@ async def test_a_pool_vm_waits_then_runs_the_job_handed_to_it(test_image, test_n
         uri=LIBVIRT_URI, network=test_network, domain_type="qemu", state_dir=state, orchestrator_id=f"test-{uuid.uuid4().hex[:8]}"
     )
     pool = f"pool-{uuid.uuid4()}"
-    boot = DirectBoot(test_image / "vmlinuz", test_image / "initramfs.cpio.gz", "console=ttyS0 panic=-1 quiet")
+    boot = DirectBoot(test_image / "kernel", test_image / "initramfs.cpio.gz", "console=ttyS0 panic=-1 quiet")
     spec = VmSpec(
         name=pool, job_id="", image_path=test_image / "base.qcow2", image_format=ImageFormat.QCOW2, cpus=1,
         memory_mb=256, disk_gb=None, console_path=state / "logs" / f"{pool}.console",

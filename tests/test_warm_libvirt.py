@@ -200,7 +200,7 @@ async def test_a_new_image_file_rebuilds_the_pool(prefix, tmp_path, test_image, 
     cleanup_topology.append("demo")
     images = tmp_path / "images"
     images.mkdir()
-    for name in ("base.qcow2", "vmlinuz", "initramfs.cpio.gz"):
+    for name in ("base.qcow2", "kernel", "initramfs.cpio.gz"):
         shutil.copy(test_image / name, images / name)
     map_path = warm_map(test_image, tmp_path, image_dir=images)
     settings = make_settings(
