@@ -55,7 +55,7 @@ def make_spec(state: Path) -> VmSpec:
         name=f"job-{job}", job_id=job, image_path=IMAGE / "base.qcow2", image_format=ImageFormat.QCOW2,
         cpus=1, memory_mb=256, disk_gb=None, console_path=state / "logs" / f"{job}.console",
         seed=SeedFiles(user_data, build_meta_data(job_id=job, hostname="bench")),
-        direct_boot=DirectBoot(IMAGE / "vmlinuz", IMAGE / "initramfs.cpio.gz", CMDLINE), nonce=nonce,
+        direct_boot=DirectBoot(IMAGE / "kernel", IMAGE / "initramfs.cpio.gz", CMDLINE), nonce=nonce,
     )
 
 
@@ -123,7 +123,7 @@ def virt_install(state: Path, runs: int) -> list[float]:
                 "virt-install", "--connect", URI, "--name", name, "--memory", "256", "--vcpus", "1",
                 "--import", "--disk", f"path={overlay},format=qcow2,bus=virtio",
                 "--cloud-init", f"user-data={user_data}", "--virt-type", "qemu", "--network", "none",
-                "--boot", f"kernel={IMAGE / 'vmlinuz'},initrd={IMAGE / 'initramfs.cpio.gz'},kernel_args={CMDLINE}",
+                "--boot", f"kernel={IMAGE / 'kernel'},initrd={IMAGE / 'initramfs.cpio.gz'},kernel_args={CMDLINE}",
                 "--osinfo", "detect=on,require=off", "--graphics", "none",
                 "--serial", f"file,path={state / 'logs' / (name + '.console')}",
                 "--noautoconsole", "--noreboot",
