@@ -88,10 +88,12 @@ async def floor(state: Path, runs: int) -> tuple[list[float], list[float]]:
             spec, DomainFiles(overlay, None, spec.console_path), domain_type="qemu", orchestrator_id="bench", network=None
         )
         t0 = time.perf_counter()
-        conn.defineXML(xml).create()
-        define_start.append(time.perf_counter() - t0)
-        remove_domain(conn, spec.name)
-        overlay.unlink()
+        try:
+            conn.defineXML(xml).create()
+            define_start.append(time.perf_counter() - t0)
+        finally:  # a start that fails (a missing kernel file) leaves the definition
+            remove_domain(conn, spec.name)
+            overlay.unlink()
     conn.close()
     return qemu_img, define_start
 
@@ -101,10 +103,12 @@ async def ours(state: Path, runs: int, backend: LibvirtHypervisor) -> list[float
     for _ in range(runs):
         spec = make_spec(state)
         t0 = time.perf_counter()
-        await backend.prepare(spec)
-        await backend.start(spec)
-        times.append(time.perf_counter() - t0)
-        await backend.destroy(spec)
+        try:
+            await backend.prepare(spec)
+            await backend.start(spec)
+            times.append(time.perf_counter() - t0)
+        finally:
+            await backend.destroy(spec)
     return times
 
 
@@ -148,13 +152,15 @@ async def boot_to_result(state: Path, runs: int, backend: LibvirtHypervisor) -> 
     for _ in range(runs):
         spec = make_spec(state)
         t0 = time.perf_counter()
-        await backend.prepare(spec)
-        await backend.start(spec)
-        t1 = time.perf_counter()
-        await backend.wait_stopped(spec)
-        t2 = time.perf_counter()
-        assert find_exit_code(spec.console_path.read_text(), spec.nonce) == 0
-        await backend.destroy(spec)
+        try:
+            await backend.prepare(spec)
+            await backend.start(spec)
+            t1 = time.perf_counter()
+            await backend.wait_stopped(spec)
+            t2 = time.perf_counter()
+            assert find_exit_code(spec.console_path.read_text(), spec.nonce) == 0
+        finally:
+            await backend.destroy(spec)
         t3 = time.perf_counter()
         boots.append(t2 - t1)
         overheads.append((t1 - t0) + (t3 - t2))
