@@ -40,6 +40,12 @@ def test_flags_override_environment_and_bad_values_name_flag_and_variable():
         (["run", "--max-concurrency", "0"], "--max-concurrency / MAX_CONCURRENCY"),
         (["run", "--config", "/no/such.yaml"], "/no/such.yaml: cannot read the image map"),
         (["frobnicate"], "invalid choice"),
+        (["hosts", "--answer-timeout", "nan"], "argument --answer-timeout: 'nan': give a number of seconds above 0"),
+        (["jobs", "--answer-timeout", "-1"], "argument --answer-timeout: '-1': give a number of seconds above 0"),
+        (["drain", "--wait", "--wait-timeout", "soon"], "argument --wait-timeout: 'soon' is not a number of seconds"),
+        (["enqueue", "--repo", "https://x/y", "--commit", "a" * 40, "--wait-timeout", "inf"], "argument --wait-timeout: 'inf'"),
+        (["cancel", "job-1"], "argument job_id: 'job-1' is not a UUID (a job's request_id)"),
+        (["logs", "--answer-timeout", "0", "0" * 32], "argument --answer-timeout: '0': give a number of seconds above 0"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):

@@ -7,7 +7,7 @@ import asyncio
 import uuid
 
 from orchestrator.cli.broker import ask_hosts
-from orchestrator.cli.common import CLIError, Commands, add_command, load_cli_settings
+from orchestrator.cli.common import Commands, add_answer_timeout, add_command, load_cli_settings, parse_job_id
 from orchestrator.config import DaemonSettings
 from orchestrator.messages import CancelOutcome, CancelReply, ControlKind, ControlMessage
 
@@ -16,17 +16,12 @@ def register(commands: Commands) -> None:
     cancel = add_command(
         commands, "cancel", cmd_cancel, help="cancel a job", description="Cancel a job: the host running it destroys its VM and publishes a cancelled result; a job still queued is dropped when a host takes it (cancels are remembered for a day)."
     )
-    cancel.add_argument("job_id", help="the job's request_id")
-    cancel.add_argument("--answer-timeout", type=float, default=3.0, help="seconds to wait for hosts to answer (default 3)")
+    cancel.add_argument("job_id", type=parse_job_id, help="the job's request_id")
+    add_answer_timeout(cancel, 3.0)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    settings = load_cli_settings(args)
-    try:
-        job_id = uuid.UUID(args.job_id)
-    except ValueError:
-        raise CLIError(f"job_id: {args.job_id!r} is not a UUID (a job's request_id)") from None
-    return asyncio.run(_cancel(settings, job_id, args.answer_timeout))
+    return asyncio.run(_cancel(load_cli_settings(args), args.job_id, args.answer_timeout))
 
 
 async def _cancel(settings: DaemonSettings, job_id: uuid.UUID, answer_timeout: float) -> int:

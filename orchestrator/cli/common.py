@@ -5,6 +5,8 @@ and the exit codes of a job's statuses."""
 from __future__ import annotations
 
 import argparse
+import math
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
@@ -54,6 +56,32 @@ def add_command(commands: Commands, name: str, func: CommandFunction, **parser_o
     parser.add_argument("--config", type=Path, help=f"image map YAML (env ORCH_CONFIG; default {DEFAULT_IMAGE_MAP})")
     parser.set_defaults(func=func)
     return parser
+
+
+def parse_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
+def parse_job_id(text: str) -> uuid.UUID:
+    """An argparse type: a job's id (its request's `request_id`)."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID (a job's request_id)") from None
+
+
+def add_answer_timeout(parser: argparse.ArgumentParser, default_s: float) -> None:
+    """`--answer-timeout`, for the commands that ask the hosts over the control exchange."""
+    parser.add_argument(
+        "--answer-timeout", type=parse_seconds, default=default_s, help=f"seconds to wait for hosts to answer (default {default_s:g})"
+    )
 
 
 def load_cli_settings(args: argparse.Namespace) -> DaemonSettings:

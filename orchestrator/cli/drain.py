@@ -13,7 +13,7 @@ import asyncio
 import time
 
 from orchestrator.cli.broker import ask_hosts
-from orchestrator.cli.common import CLIError, Commands, add_command, load_cli_settings
+from orchestrator.cli.common import CLIError, Commands, add_answer_timeout, add_command, load_cli_settings, parse_seconds
 from orchestrator.config import DaemonSettings
 from orchestrator.messages import ControlKind, ControlMessage, Heartbeat
 
@@ -29,10 +29,10 @@ def register(commands: Commands) -> None:
         which = command.add_mutually_exclusive_group(required=True)
         which.add_argument("--host", action="append", metavar="HOST", help="a host (HOST_NAME); repeat for more")
         which.add_argument("--all", action="store_true", help="every host on the broker")
-        command.add_argument("--answer-timeout", type=float, default=3.0, help="seconds to wait for hosts to answer (default 3)")
+        add_answer_timeout(command, 3.0)
         if kind is ControlKind.DRAIN:
             command.add_argument("--wait", action="store_true", help="return once the hosts run nothing")
-            command.add_argument("--wait-timeout", type=float, default=None, help="give up waiting after this many seconds")
+            command.add_argument("--wait-timeout", type=parse_seconds, default=None, help="give up waiting after this many seconds")
         command.set_defaults(kind=kind)
 
 

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from orchestrator.cli.broker import on_any_node
-from orchestrator.cli.common import STATUS_EXIT_CODES, CLIError, Commands, add_command, load_cli_image_map, load_cli_settings
+from orchestrator.cli.common import STATUS_EXIT_CODES, CLIError, Commands, add_command, load_cli_image_map, load_cli_settings, parse_seconds
 from orchestrator.cli.request import request_from_flags
 from orchestrator.config import DaemonSettings
 from orchestrator.imagemap import ImageMap, RequestRejected
@@ -34,7 +34,7 @@ def register(commands: Commands) -> None:
     enqueue.add_argument("--timeout", type=int, help="job timeout in seconds")
     enqueue.add_argument("--request-id", help="job id (default: a new UUID)")
     enqueue.add_argument("--wait", action="store_true", help="wait for the result, print it, exit with the job's status")
-    enqueue.add_argument("--wait-timeout", type=float, default=3600, help="give up waiting after this many seconds (default 3600)")
+    enqueue.add_argument("--wait-timeout", type=parse_seconds, default=3600, help="give up waiting after this many seconds (default 3600)")
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:

@@ -6,14 +6,14 @@ import argparse
 import asyncio
 
 from orchestrator.cli.broker import ask_hosts
-from orchestrator.cli.common import Commands, add_command, load_cli_settings
+from orchestrator.cli.common import Commands, add_answer_timeout, add_command, load_cli_settings
 from orchestrator.config import DaemonSettings
 from orchestrator.messages import ControlKind, ControlMessage, Heartbeat
 
 
 def register(commands: Commands) -> None:
     hosts = add_command(commands, "hosts", cmd_hosts, help="the fleet: every host's labels, capacity and usage", description="Ask every host on the broker to describe itself and print the answers.")
-    hosts.add_argument("--answer-timeout", type=float, default=2.0, help="seconds to wait for hosts to answer (default 2)")
+    add_answer_timeout(hosts, 2.0)
     hosts.add_argument("--json", action="store_true", help="one JSON heartbeat per line")
 
 

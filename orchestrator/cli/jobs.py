@@ -10,7 +10,7 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from orchestrator.cli.broker import ask_hosts
-from orchestrator.cli.common import CLIError, Commands, add_command, load_cli_settings
+from orchestrator.cli.common import CLIError, Commands, add_answer_timeout, add_command, load_cli_settings
 from orchestrator.config import DaemonSettings
 from orchestrator.messages import ControlKind, ControlMessage, JobsQuery, JobsReply, JobStateName, JobSummary, now_utc
 
@@ -23,7 +23,7 @@ def register(commands: Commands) -> None:
     jobs.add_argument("--state", choices=STATES, help="only jobs in this state (running: a VM runs the job now)")
     jobs.add_argument("--label", help="only jobs of this label")
     jobs.add_argument("--limit", type=int, default=50, help="at most this many per host (1-1000, default 50)")
-    jobs.add_argument("--answer-timeout", type=float, default=3.0, help="seconds to wait for hosts to answer (default 3)")
+    add_answer_timeout(jobs, 3.0)
     jobs.add_argument("--json", action="store_true", help="one JSON job per line")
 
 

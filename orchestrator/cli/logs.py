@@ -14,7 +14,7 @@ import sys
 import uuid
 
 from orchestrator.cli.broker import ask_hosts
-from orchestrator.cli.common import CLIError, Commands, add_command, load_cli_settings
+from orchestrator.cli.common import CLIError, Commands, add_answer_timeout, add_command, load_cli_settings, parse_job_id
 from orchestrator.config import DaemonSettings
 from orchestrator.messages import ControlKind, ControlMessage, JobLocation
 
@@ -24,18 +24,13 @@ RECONNECT_WAIT_S = 1.0
 
 def register(commands: Commands) -> None:
     logs = add_command(commands, "logs", cmd_logs, help="print a job's log (from the host that ran it)", description=__doc__.split("\n\n")[1])
-    logs.add_argument("job_id", help="the job's request_id")
+    logs.add_argument("job_id", type=parse_job_id, help="the job's request_id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing while the job runs")
-    logs.add_argument("--answer-timeout", type=float, default=3.0, help="seconds to wait for hosts to answer (default 3)")
+    add_answer_timeout(logs, 3.0)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    settings = load_cli_settings(args)
-    try:
-        job_id = uuid.UUID(args.job_id)
-    except ValueError:
-        raise CLIError(f"job_id: {args.job_id!r} is not a UUID (a job's request_id)") from None
-    return asyncio.run(_logs(settings, job_id, follow=args.follow, answer_timeout=args.answer_timeout))
+    return asyncio.run(_logs(load_cli_settings(args), args.job_id, follow=args.follow, answer_timeout=args.answer_timeout))
 
 
 async def _logs(settings: DaemonSettings, job_id: uuid.UUID, *, follow: bool, answer_timeout: float) -> int:
