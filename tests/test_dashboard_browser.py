@@ -12,12 +12,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
 from orchestrator.daemon import Daemon
-from tests.conftest import wait_for
+from tests.conftest import AMQP_URL, wait_for
 from tests.test_fleet_ops import AUTH, TOKEN, api, start_host
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -150,6 +151,10 @@ async def test_the_dashboard_in_chromium(fleet, broker, browser):
     await browser.until(lambda d: "b" in text_of(row)(d).split(), "the job's host in its row")
     await browser.until(lambda d: host_states(d) == {"a": "idle", "b": "busy", "c": "unreachable"}, "a idle, b busy")
     await browser.until(lambda d: d.find_elements(*by_css("#jobs tr.status-failed")), "the failed job, marked")
+    # Where each host is connected (on a cluster: which node), and c's last known node.
+    node = f"on broker node 127.0.0.1:{urlsplit(AMQP_URL).port or 5672}"
+    assert node in await browser.until(text_of('#hosts article[data-host="a"] .node'), "a's broker node")
+    assert (await browser.until(text_of('#hosts article[data-host="c"] .node'), "c's broker node")).startswith("last on")
     summary = (await browser.until(text_of("#summary"), "the summary")).upper()
     assert "UNREACHABLE" in summary and "FAILED RECENTLY" in summary
     await browser.screenshot("dashboard-fleet.png")

@@ -197,6 +197,7 @@ function hostCard(host) {
     meter("vCPU", host.cpus_used, host.cpus_total, `${host.cpus_used} / ${host.cpus_total}`),
     meter("Memory", host.memory_mb_used, host.memory_mb_total, `${mib(host.memory_mb_used)} / ${mib(host.memory_mb_total)}`),
     el("div", { class: "labels" }, host.labels.map((label) => el("span", { class: "label" }, label))),
+    el("div", { class: "node muted", title: "the RabbitMQ node this host is connected to" }, nodeText(host)),
     el("div", { class: "host-foot" },
       el("span", { class: "muted" }, host.warm ? `${host.warm} warm VM${host.warm === 1 ? "" : "s"} (${warm})` : "no warm VMs"),
       el("span", { class: host.unreachable ? "seen bad" : "seen muted", title: host.last_seen }, seenText(host)),
@@ -205,6 +206,12 @@ function hostCard(host) {
         disabled: busy || host.unreachable,
         onclick: () => setDraining(host.host, !host.draining),
       }, busy ? "…" : host.draining ? "Resume" : "Drain")));
+}
+
+function nodeText(host) {
+  // On a broker cluster, where each host is connected (it moves when its node goes).
+  if (!host.broker_node) return "not connected to a broker";
+  return `${host.unreachable ? "last on" : "on"} broker node ${host.broker_node}`;
 }
 
 function seenText(host) {
