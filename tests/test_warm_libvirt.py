@@ -6,11 +6,12 @@ console of ours is left."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import libvirt
@@ -234,6 +235,28 @@ def warm_daemon_env(prefix: str, tmp_path: Path, test_image: Path, test_network:
     }
 
 
+@contextlib.asynccontextmanager
+async def daemon_processes(env: dict[str, str], orchestrator_id: str) -> AsyncIterator[Callable[[], Awaitable[DaemonProcess]]]:
+    """Starts daemon processes with `env` (as many as the test asks for); at the end
+    every one still running is killed, what a killed one left of ours is destroyed, and
+    (when the test passed) nothing of ours may be left."""
+    started: list[DaemonProcess] = []
+
+    async def start() -> DaemonProcess:
+        started.append(await DaemonProcess(env).start())
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            await daemon.kill()
+        # A clean stop destroys the pool; after a kill or a failure, what is left goes here.
+        leftovers = ours(orchestrator_id)
+        destroy_domains(leftovers)
+    assert leftovers == []
+
+
 async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
     """The job's pool VM is adopted and its result collected; the idle pool VM of the
     killed daemon is destroyed and a fresh one boots."""
@@ -241,9 +264,8 @@ async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, te
     state = tmp_path / "state"
     orchestrator_id = f"test-{prefix}"
     env = warm_daemon_env(prefix, tmp_path, test_image, test_network, state, orchestrator_id)
-    first = await DaemonProcess(env).start()
-    second: DaemonProcess | None = None
-    try:
+    async with daemon_processes(env, orchestrator_id) as start:
+        first = await start()
         await wait_for(lambda: first.events("pool.vm_ready"), timeout_s=BOOT_S, interval_s=0.1, what="a ready pool VM")
         await broker.open()
         job = await broker.submit(runs_on="demo", script="echo started; sleep 8; echo finished")
@@ -254,7 +276,7 @@ async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, te
         idle = first.events("pool.vm_booting")[1]["vm"]
         await first.kill()
         assert {assigned, idle} <= set(ours(orchestrator_id))  # both outlive the daemon
-        second = await DaemonProcess(env).start()
+        second = await start()
         result = await broker.next_result(timeout_s=BOOT_S)
         assert result.request_id == job.request_id
         assert result.status is JobStatus.SUCCEEDED and result.attempt == 1, (result.summary, result.console_tail)
@@ -264,17 +286,8 @@ async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, te
         await wait_for(lambda: second.events("pool.vm_ready"), timeout_s=BOOT_S, interval_s=0.1, what="a fresh pool VM")
         assert second.events("pool.vm_ready")[0]["vm"] not in (assigned, idle)
         assert await second.stop() == 0
-        second = None
         await asyncio.sleep(0.5)
         assert broker.results.empty() and not broker.conflicts
-    finally:
-        for daemon in (first, second):
-            if daemon is not None:
-                await daemon.kill()
-        # The stop destroys the pool; after a failure, what a killed daemon left goes here.
-        leftovers = ours(orchestrator_id)
-        destroy_domains(leftovers)
-    assert leftovers == []
     assert sorted(p.name for p in (state / "channels").iterdir()) == []
 
 
@@ -286,9 +299,8 @@ async def test_a_job_journaled_to_a_pool_vm_but_not_handed_over_is_handed_back(p
     state = tmp_path / "state"
     orchestrator_id = f"test-{prefix}"
     env = warm_daemon_env(prefix, tmp_path, test_image, test_network, state, orchestrator_id)
-    first = await DaemonProcess(env).start()
-    second: DaemonProcess | None = None
-    try:
+    async with daemon_processes(env, orchestrator_id) as start:
+        first = await start()
         await wait_for(lambda: first.events("pool.vm_ready"), timeout_s=BOOT_S, interval_s=0.1, what="a ready pool VM")
         pool_vm = first.events("pool.vm_ready")[0]["vm"]
         await first.kill()
@@ -300,7 +312,7 @@ async def test_a_job_journaled_to_a_pool_vm_but_not_handed_over_is_handed_back(p
                                     accepted_at=time.time())
         await journal.close()
         await broker.open()
-        second = await DaemonProcess(env).start()
+        second = await start()
         result = await broker.next_result(timeout_s=BOOT_S)
         assert result.request_id == request.request_id
         assert (result.status, result.attempt) == (JobStatus.SUCCEEDED, 2), (result.summary, result.console_tail)
@@ -309,16 +321,8 @@ async def test_a_job_journaled_to_a_pool_vm_but_not_handed_over_is_handed_back(p
             "its pool VM had not been given the job when the daemon stopped"
         ]
         assert await second.stop() == 0
-        second = None
         await asyncio.sleep(0.5)
         assert broker.results.empty() and not broker.conflicts
-    finally:
-        for daemon in (first, second):
-            if daemon is not None:
-                await daemon.kill()
-        leftovers = ours(orchestrator_id)
-        destroy_domains(leftovers)
-    assert leftovers == []
 
 
 def destroy_domains(names: list[str]) -> None:
