@@ -21,7 +21,7 @@ from typing import TypeVar
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.amqp import BROKER_ERRORS, broker_cancellation_as_error, describe_error, json_message
+from orchestrator.amqp import BROKER_ERRORS, broker_cancellation_as_error, describe_error, json_message, wait_uncancelled
 from orchestrator.logsetup import EventLogger
 from orchestrator.messages import (
     ControlKind,
@@ -192,13 +192,14 @@ class Fleet:
         except TimeoutError:
             pass
         finally:
-            # The queue goes with its consumer (auto-delete), or with its channel. Bounded:
-            # on a channel whose connection dropped, the cancel waits for a reconnection
-            # that a daemon stopping (which cancels this question) would never see.
+            # The queue goes with its consumer (auto-delete), or with its channel. Waited
+            # for only so long: on a channel whose connection dropped, the cancel waits
+            # for a reconnection that a daemon stopping (which cancels this question)
+            # would never see. Never cancelled: that would close the shared channel.
             try:
                 with broker_cancellation_as_error():
-                    await asyncio.wait_for(replies.cancel(tag), REPLY_QUEUE_CANCEL_TIMEOUT_S)
-            except (*BROKER_ERRORS, TimeoutError):
+                    await wait_uncancelled(replies.cancel(tag), REPLY_QUEUE_CANCEL_TIMEOUT_S)
+            except BROKER_ERRORS:
                 pass  # gone with its channel
         return list(answers)
 

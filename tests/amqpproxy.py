@@ -8,6 +8,9 @@ what the broker sends is copied as it comes. Faults:
 - `cut_at(method)`: the next time a client sends `method`, every connection is cut
   (both sockets closed) and that frame never reaches the broker. One-shot.
 - `down()`: cut every connection and refuse (close at once) new ones until `up()`.
+- `hold_at(method, seconds)`: the next time a client sends `method`, that frame and
+  everything after it on its connection reach the broker `seconds` later (a slow broker
+  or network, in order). One-shot.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ METHOD_FRAME = 1
 Method = tuple[int, int]  # (class-id, method-id)
 BASIC_PUBLISH: Method = (60, 40)
 BASIC_ACK: Method = (60, 80)
+BASIC_CANCEL: Method = (60, 30)
 
 
 @dataclass(eq=False)  # kept in a set by identity
@@ -50,6 +54,7 @@ class AmqpProxy:
         self.connections = 0  # accepted and forwarded, over the proxy's life
         self.is_down = False
         self._armed: tuple[Method, asyncio.Event] | None = None
+        self._hold: tuple[Method, float, asyncio.Event] | None = None
         self._links: set[_Link] = set()
         self._server: asyncio.Server | None = None
 
@@ -74,6 +79,13 @@ class AmqpProxy:
         happened = asyncio.Event()
         self._armed = (method, happened)
         return happened
+
+    def hold_at(self, method: Method, seconds: float) -> asyncio.Event:
+        """Arm: hold a client's connection for `seconds` when it next sends `method`. The
+        event is set once the held frame has gone on to the broker."""
+        passed = asyncio.Event()
+        self._hold = (method, seconds, passed)
+        return passed
 
     def down(self) -> None:
         self.is_down = True
@@ -119,11 +131,17 @@ class AmqpProxy:
                     rest = await reader.readexactly(size + 1)  # payload and frame-end
                     if rest[-1] != FRAME_END:
                         raise ValueError(f"AMQP frame without frame-end 0xCE: {header + rest[:16]!r}")
-                    if kind == METHOD_FRAME and self._trips(struct.unpack("!HH", rest[:4])):
+                    method = struct.unpack("!HH", rest[:4]) if kind == METHOD_FRAME else None
+                    if method is not None and self._trips(method):
                         self._cut_all()
                         return
+                    held = self._held(method)
+                    if held is not None:
+                        await asyncio.sleep(held[0])  # nothing later on this connection passes it
                     link.upstream.write(header + rest)
                     await link.upstream.drain()
+                    if held is not None:
+                        held[1].set()
             finally:
                 link.cut()
 
@@ -133,6 +151,13 @@ class AmqpProxy:
         self._armed[1].set()
         self._armed = None
         return True
+
+    def _held(self, method: Method | None) -> tuple[float, asyncio.Event] | None:
+        if method is None or self._hold is None or self._hold[0] != method:
+            return None
+        _, seconds, passed = self._hold
+        self._hold = None
+        return seconds, passed
 
     @staticmethod
     async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link) -> None:

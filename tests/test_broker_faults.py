@@ -8,7 +8,8 @@ import asyncio
 import subprocess
 
 from hypervisors.noop import NoopHypervisor
-from orchestrator.messages import JobStatus
+from orchestrator.messages import JobsQuery, JobStatus
+from tests.amqpproxy import BASIC_CANCEL
 from tests.conftest import wait_for
 
 
@@ -112,3 +113,20 @@ async def test_a_daemon_whose_broker_went_away_stops_without_waiting_on_it(daemo
     await daemon.stop()
     timed_out = [r for r in caplog.records if r.name == "orchestrator.daemon" and r.msg == "daemon.close_timed_out"]
     assert timed_out == [], [r.fields for r in timed_out]
+
+
+async def test_a_fleet_question_whose_clean_up_the_broker_is_slow_to_confirm_costs_nothing(daemon_factory, amqp_proxy, caplog):
+    """A fleet question cancels its reply queue's consumer when it is done, waiting a
+    second at most. The broker confirming that cancel late (load, a slow link) must not
+    cost the host its channel: a cancel cut short closed it (aiormq's answer to an RPC
+    cancelled), and the next question published on it took the whole connection down,
+    the acks of the host's jobs with it."""
+    daemon = await daemon_factory(amqp_url=amqp_proxy.url)
+    # The next cancel the host sends (the describe round's at start, or a question's)
+    # reaches the broker 2.5 s late, and everything the host sends after it too.
+    cancel_passed = amqp_proxy.hold_at(BASIC_CANCEL, 2.5)
+    await asyncio.wait_for(cancel_passed.wait(), 30)
+    answer = await daemon.fleet.jobs(JobsQuery())
+    assert [reply.host for reply in answer.replies] == [daemon.settings.host_name]
+    lost = [r for r in caplog.records if r.name == "orchestrator.amqp" and r.msg == "broker.connection_lost"]
+    assert lost == [] and amqp_proxy.connections == 1, [r.fields for r in lost]
