@@ -52,6 +52,9 @@ class Figures:
     rate: float
     p50_ms: float
     p99_ms: float
+    requeued: int = 0  # deliveries handed back for want of room ("no capacity now")
+    redelivery_checks: int = 0  # redelivered requests asked about across the fleet first
+    broker_errors: int = 0  # connections lost and acks that failed (none expected here)
 
 
 async def raw_floor(urls: str, n: int, paced: int) -> Figures:
@@ -106,7 +109,8 @@ def image_map_text(labels: list[str]) -> str:
     )
 
 
-async def fleet_run(urls: list[str], *, hosts: int, concurrency: int, labels: int, jobs: int, paced: int) -> Figures:
+async def fleet_run(urls: list[str], *, hosts: int, concurrency: int, labels: int, jobs: int, paced: int,
+                    split: bool = False) -> Figures:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     names = [f"l{i}" for i in range(labels)]
     topology = Topology(prefix)
@@ -152,6 +156,8 @@ async def fleet_run(urls: list[str], *, hosts: int, concurrency: int, labels: in
                 "MAX_CONCURRENCY": str(concurrency), "HOST_CPUS": "4096", "HOST_MEMORY_MB": str(1 << 30),
                 "HTTP_LISTEN": "off", "HEARTBEAT_S": "3600", "QUORUM_SIZE": "3",
             }
+            if split:  # label limits that add up to MAX_CONCURRENCY: no requeue for want of room
+                env["CAPACITY_MAP"] = ",".join(f"{label}={concurrency // labels}" for label in names)
             daemons.append(DaemonProcess(env))
         await asyncio.gather(*(d.start(timeout_s=180) for d in daemons))
         try:
@@ -183,6 +189,10 @@ async def fleet_run(urls: list[str], *, hosts: int, concurrency: int, labels: in
             latencies = [started_at[k] - t for k, t in published_at.items() if k in started_at]
         finally:
             await asyncio.gather(*(d.stop() for d in daemons))
+            requeued = sum(len(d.events("delivery.requeued")) for d in daemons)
+            checks = sum(len(d.events("job.redelivery_checked")) for d in daemons)
+            broker_errors = sum(len(d.events("broker.connection_lost")) + len(d.events("delivery.settle_failed"))
+                                for d in daemons)
             for label in names:
                 await channel.queue_delete(topology.label_queue(label))
             for name in (topology.unroutable_queue, topology.dlq, topology.results_queue):
@@ -190,7 +200,7 @@ async def fleet_run(urls: list[str], *, hosts: int, concurrency: int, labels: in
             for name in topology.exchanges():
                 await channel.exchange_delete(name)
             await client.close()
-    return Figures(rate, pct(latencies, 0.5) * 1000, pct(latencies, 0.99) * 1000)
+    return Figures(rate, pct(latencies, 0.5) * 1000, pct(latencies, 0.99) * 1000, requeued, checks, broker_errors)
 
 
 def report(name: str, floor: Figures, fleet: Figures) -> None:
@@ -199,6 +209,8 @@ def report(name: str, floor: Figures, fleet: Figures) -> None:
     print(f"{name}: fleet {fleet.rate:7.0f} jobs/s ({fleet.rate / floor.rate:.2f}x raw)   publish->start "
           f"p50 {fleet.p50_ms:.2f} ms ({fleet.p50_ms / floor.p50_ms:.1f}x raw)  p99 {fleet.p99_ms:.2f} ms "
           f"({fleet.p99_ms / floor.p99_ms:.1f}x raw)")
+    print(f"{name}: {fleet.requeued} deliveries requeued for want of room, {fleet.redelivery_checks} redeliveries "
+          f"checked with the fleet, {fleet.broker_errors} broker errors")
 
 
 async def main() -> None:
@@ -211,14 +223,18 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--paced", type=int, default=300)
     parser.add_argument("--raw", type=int, default=5000)
+    parser.add_argument("--split-capacity", action="store_true",
+                        help="CAPACITY_MAP with label limits that add up to --concurrency (default: each label may take every slot)")
     args = parser.parse_args()
     print(f"{args.hosts} noop daemons x MAX_CONCURRENCY {args.concurrency}, {args.labels} labels, {args.jobs} jobs "
-          f"(+{args.paced} paced), {os.cpu_count()} CPUs")
+          f"(+{args.paced} paced), {os.cpu_count()} CPUs"
+          + (", label limits adding up to MAX_CONCURRENCY" if args.split_capacity else ""))
     figures: dict[str, tuple[Figures, Figures]] = {}
     single_floor = await raw_floor(args.single_url, args.raw, args.paced)
     print(f"single node: floor {single_floor.rate:.0f} msg/s", flush=True)
     single = (single_floor, await fleet_run([args.single_url], hosts=args.hosts, concurrency=args.concurrency,
-                                            labels=args.labels, jobs=args.jobs, paced=args.paced))
+                                            labels=args.labels, jobs=args.jobs, paced=args.paced,
+                                            split=args.split_capacity))
     figures["single node"] = single
     report("single node   ", *single)
     started_cluster = args.cluster_urls is None
@@ -229,7 +245,7 @@ async def main() -> None:
         urls = [u for u in args.cluster_urls.split(",") if u]
         cluster = (await raw_floor(args.cluster_urls, args.raw, args.paced),
                    await fleet_run(urls, hosts=args.hosts, concurrency=args.concurrency, labels=args.labels,
-                                   jobs=args.jobs, paced=args.paced))
+                                   jobs=args.jobs, paced=args.paced, split=args.split_capacity))
     finally:
         if started_cluster:
             subprocess.run(["bash", str(SCRIPT), "down"], check=True)

@@ -308,10 +308,15 @@ class JobIntake:
         first (and runs it, or reconciles it when it starts again). Unless this host's
         journal knows the job (then it decides, as for any copy), the fleet is asked."""
         if self._holder_of is not None and await self._journal.get(request.job_id) is None:
+            asked_at = time.monotonic()
             try:
                 holder = await self._holder_of(request.job_id, request.attempt)
             except FleetUnavailable:
                 holder = None  # the broker is away: so is this delivery's channel, most likely
+            # Every redelivery costs a question to the fleet (a requeue for want of room
+            # is one too): worth a line, and a count in bench/fleet.py.
+            log.info("job.redelivery_checked", job_id=request.job_id, label=label, attempt=request.attempt,
+                     holder=holder.host if holder is not None else None, took_ms=round((time.monotonic() - asked_at) * 1000))
             if holder is not None and holder.state != "checking":
                 log.info("job.held_elsewhere", job_id=request.job_id, label=label, attempt=request.attempt,
                          holder=holder.host, holder_state=holder.state)
