@@ -29,7 +29,14 @@ from prometheus_client import CollectorRegistry
 from hypervisors.base import BackendError, BackendName, Hypervisor
 from hypervisors.router import RouterHypervisor
 from orchestrator import __version__
-from orchestrator.amqp import ConfirmedPublisher, EventPublisher, FailoverConnection, connect_with_retry, describe_error
+from orchestrator.amqp import (
+    ConfirmedPublisher,
+    EventPublisher,
+    FailoverConnection,
+    connect_with_retry,
+    describe_error,
+    wait_uncancelled,
+)
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
 from orchestrator.consumer import Settler
@@ -124,6 +131,7 @@ async def build_backend(settings: DaemonSettings, name: BackendName, labels: lis
 
 
 CLOSE_STEP_TIMEOUT_S = 15.0
+CANCEL_AGAIN_S = 1.0
 
 
 def bounded(close: Callable[[], Awaitable[object]], what: str) -> Callable[[], Awaitable[None]]:
@@ -164,10 +172,15 @@ class BackgroundTasks:
             log.error("task.failed", task=task.get_name(), error=describe_error(task.exception()))
 
     async def cancel_all(self) -> None:
-        tasks, self._tasks = list(self._tasks), set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every task and wait until each has ended. One still running a second
+        later is cancelled again: aiormq can swallow a cancellation that lands while it
+        closes a channel, and the task then went on (the housekeeping loop once kept a
+        daemon from stopping at all)."""
+        pending, self._tasks = set(self._tasks), set()
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
 
 
 class Daemon:
@@ -639,7 +652,10 @@ class Daemon:
                     dlq = await channel.declare_queue(self.topology.dlq, passive=True)
                     self._dlq_messages = dlq.declaration_result.message_count
                 finally:
-                    await channel.close()
+                    # Never cancelled (the daemon stopping cancels this loop): aiormq can
+                    # swallow a cancel that lands in a channel's close, or answer it with a
+                    # second Channel.Close that the broker takes for a connection error.
+                    await wait_uncancelled(channel.close(), CLOSE_STEP_TIMEOUT_S)
             except Exception as exc:
                 log.warning("housekeeping.failed", error=describe_error(exc))
             await asyncio.sleep(HOUSEKEEPING_MEASURE_S)
