@@ -154,20 +154,16 @@ def broker_cancellation_as_error() -> Iterator[None]:
         raise BrokerOperationCancelled(f"the broker connection closed mid-operation ({describe_error(reason) if isinstance(reason, BaseException) else reason or 'cancelled'})") from None
 
 
-async def wait_uncancelled(operation: Awaitable[object], timeout_s: float) -> bool:
-    """Wait up to `timeout_s` for a broker RPC without ever cancelling it; whether it
-    finished. aiormq answers a cancelled RPC by closing its channel, and a publish on that
+async def wait_uncancelled(operation: Awaitable[object], timeout_s: float) -> None:
+    """Wait up to `timeout_s` for a broker RPC without ever cancelling it. aiormq answers a cancelled RPC by closing its channel, and a publish on that
     channel before aio-pika has reopened it is a connection error (CHANNEL_ERROR
     "expected 'channel.open'") that takes the host's whole connection down, and the acks
     of its jobs with it. Past the timeout the operation goes on by itself; its error, if
     any (its channel closed meanwhile), is dropped."""
     task = asyncio.ensure_future(operation)
     task.add_done_callback(lambda done: done.cancelled() or done.exception())
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(task), timeout_s)
-    except TimeoutError:
-        return False
-    return True
 
 
 def describe_error(exc: BaseException | None) -> str:
