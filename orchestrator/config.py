@@ -82,6 +82,10 @@ class DaemonSettings(BaseModel):
     # places min(this, cluster nodes) members. Every host must use the same value.
     quorum_size: Annotated[int, Field(ge=1, le=15)] = 3
     dlq_max_length: Annotated[int, Field(ge=1)] = 100_000
+    # How long a delivery may be held un-acked waiting for room for its size before it
+    # is handed back: below RabbitMQ's consumer_timeout (30 min by default), past which
+    # the broker closes the channel and requeues everything it holds.
+    max_hold_s: Annotated[float, Field(gt=0, lt=1800)] = 1200.0
     retention_days: Annotated[float, Field(gt=0)] = 14.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
@@ -181,6 +185,7 @@ ENV_NAMES: Mapping[str, str] = {
     "delivery_limit": "DELIVERY_LIMIT",
     "quorum_size": "QUORUM_SIZE",
     "dlq_max_length": "DLQ_MAX_LENGTH",
+    "max_hold_s": "MAX_HOLD_S",
     "retention_days": "RETENTION_DAYS",
     "max_attempts": "MAX_ATTEMPTS",
     "heartbeat_s": "HEARTBEAT_S",

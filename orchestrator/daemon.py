@@ -39,12 +39,13 @@ from orchestrator.amqp import (
 )
 from orchestrator.capacity import CapacityLedger
 from orchestrator.config import DaemonSettings
-from orchestrator.consumer import Settler
+from orchestrator.consumer import RequeueReason, Settler
+from orchestrator.deadletters import DeadLetterAnswerer
 from orchestrator.control import CancelRegistry, ControlListener
 from orchestrator.fdlimit import raise_open_files_limit
 from orchestrator.fleet import Fleet, FleetUnavailable
 from orchestrator.httpapi import HttpLimits, MetricsSnapshot, start_http
-from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, load_image_map
+from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, Resources, load_image_map
 from orchestrator.images import ImagePreparer
 from orchestrator.intake import REDELIVERY_CHECK_S, AcceptedJob, JobIntake
 from orchestrator.jobview import detail_of, summary_of
@@ -60,6 +61,7 @@ from orchestrator.scheduler import Scheduler
 from orchestrator.statedir import restrict_umask
 from orchestrator.topology import Topology, declare_topology
 from orchestrator.warmpool import WarmPools
+from orchestrator.window import HostWindow
 
 log = EventLogger("orchestrator.daemon")
 
@@ -225,6 +227,11 @@ class Daemon:
         # the numbers it reads at scrape time); this daemon's own, never a global.
         self.meters = DaemonMetrics(CollectorRegistry())
         self.meters.draining.set_function(lambda: float(self.ledger.draining))
+        # The broker window: claims for what the consumers may be sent, held deliveries.
+        self.window = HostWindow(self.ledger, self._default_size, max_hold_s=settings.max_hold_s)
+        self.meters.held.set_function(lambda: float(self.window.held))
+        self.meters.claimed.set_function(lambda: float(self.ledger.claimed))
+        self.meters.count_reasons([reason.value for reason in RequeueReason])
         # The dashboard's view of every host (this one's heartbeat is read live).
         self.fleet = Fleet(topology=self.topology, host=settings.host_name, heartbeat_s=settings.heartbeat_s,
                            own=self.heartbeat)
@@ -462,7 +469,7 @@ class Daemon:
         cancels = CancelRegistry(self.journal)
         await cancels.load()
         self._intake = JobIntake(
-            image_map=self.image_map, ledger=self.ledger, journal=self.journal, outbox=self.outbox,
+            image_map=self.image_map, window=self.window, journal=self.journal, outbox=self.outbox,
             publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
             start_job=self.runner.start, cancelled=cancels, running=self.runner.running,
             wait_released=self.runner.wait_released,
@@ -493,13 +500,27 @@ class Daemon:
         # closed right after the consumers stop: idle pool VMs go before jobs drain.
         await self.pools.start()
         stack.push_async_callback(bounded(self.pools.close, "warm pools"))
+        settler = Settler(self._publisher, self.topology, count_requeue=self._count_requeue)
+        dead_letters = DeadLetterAnswerer(
+            topology=self.topology, publisher=self._publisher, settler=settler, holder_of=self.fleet.holder_of,
+            delivery_limit=s.delivery_limit, max_message_bytes=s.max_message_bytes,
+            answered=self.meters.dead_letter_results.inc,
+        )
+        with failing_as("cannot consume the dead letters"):
+            await dead_letters.start(self._connection)
+        stack.push_async_callback(bounded(dead_letters.stop, "dead-letter answers"))
         self.scheduler = Scheduler(
-            image_map=self.image_map, ledger=self.ledger, intake=self._intake,
-            settler=Settler(self._publisher, self.topology), topology=self.topology,
+            image_map=self.image_map, window=self.window, intake=self._intake, settler=settler, topology=self.topology,
         )
         with failing_as("cannot consume the label queues"):
             await self.scheduler.start(self._connection)
         stack.push_async_callback(bounded(self.scheduler.stop, "consumers"))
+
+    def _count_requeue(self, reason: RequeueReason) -> None:
+        self.meters.requeued(reason.value)
+
+    def _default_size(self, label: str) -> Resources:
+        return self.image_map.default_resources(label)
 
     # --- acks lost with the broker connection ----------------------------------------------
     def _broker_lost(self, _connection: object, exc: BaseException | None = None) -> None:

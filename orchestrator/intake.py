@@ -1,7 +1,8 @@
 """Decides what happens to each delivered job message (the `Decision`; `Settler` acts on it).
 
 For a label queue: parse and validate → a redelivery another host holds? → stale? →
-resources → reserve capacity → journal row committed → START (acked, then run). For the unroutable queue: route a legacy or
+resources → the delivery's claim redeemed for the job's reservation (or the delivery held
+until room frees: `orchestrator.window`) → journal row committed → START (acked, then run). For the unroutable queue: route a legacy or
 alias-less message to its label's queue again, or answer "unknown label" with an error
 result. Nothing here acks: it only decides.
 """
@@ -25,7 +26,7 @@ from hypervisors.base import BackendError
 from hypervisors.guest import new_nonce
 from orchestrator.amqp import ConfirmedPublisher, json_message
 from orchestrator.capacity import CapacityLedger, Reservation
-from orchestrator.consumer import Decision, Verdict, delivery_channel_open
+from orchestrator.consumer import Decision, RequeueReason, Verdict, delivery_channel_open, delivery_count
 from orchestrator.fleet import FleetUnavailable
 from orchestrator.handback import HolderOf
 from orchestrator.imagemap import ImageEntry, ImageMap, RequestRejected, Resources
@@ -42,6 +43,7 @@ from orchestrator.outbox import ResultOutbox
 from orchestrator.statedir import vm_name_for
 from orchestrator.topology import REROUTED_HEADER, Topology
 from orchestrator.warmpool import PoolVm, WarmPools
+from orchestrator.window import Claimed, HostWindow
 
 log = EventLogger("orchestrator.intake")
 
@@ -175,10 +177,22 @@ HAND_BACK_WAIT_S = 30.0
 # jobs a run be run twice, 2 s none. A host that is down never answers (it reconciles
 # the job itself when it starts, `handback.py`): its redeliveries wait this long.
 REDELIVERY_CHECK_S = 2.0
+# A held delivery looks at its channel this often besides every change of room: once
+# the channel has closed, the broker has it back and holding it is pointless.
+HOLD_RECHECK_S = 1.0
 
 
 async def _never_held(_job_id: str, _timeout_s: float) -> bool:
     return True
+
+
+@dataclass
+class _Delivery:
+    """What intake keeps of the delivery it decides on, besides its request."""
+
+    still_ours: Callable[[], bool]  # its channel is open: an ack can still reach the broker
+    claimed: Claimed
+    count: int  # x-delivery-count
 
 
 class RunsAJob(Protocol):
@@ -192,7 +206,7 @@ class JobIntake:
         self,
         *,
         image_map: ImageMap,
-        ledger: CapacityLedger,
+        window: HostWindow,
         journal: Journal,
         outbox: ResultOutbox,
         publisher: ConfirmedPublisher,
@@ -208,7 +222,8 @@ class JobIntake:
         holder_of: HolderOf | None = None,
     ) -> None:
         self._image_map = image_map
-        self._ledger = ledger
+        self._window = window
+        self._ledger: CapacityLedger = window.ledger
         self._journal = journal
         self._outbox = outbox
         self._publisher = publisher
@@ -232,9 +247,9 @@ class JobIntake:
         """A reloaded image map; jobs already accepted keep the entry they were taken with."""
         self._image_map = image_map
 
-    def handler_for(self, label: str) -> Callable[[AbstractIncomingMessage], object]:
-        async def handle(message: AbstractIncomingMessage) -> Decision:
-            return await self.on_job_message(label, message)
+    def handler_for(self, label: str) -> Callable[[AbstractIncomingMessage, Claimed], Awaitable[Decision]]:
+        async def handle(message: AbstractIncomingMessage, claimed: Claimed) -> Decision:
+            return await self.on_job_message(label, message, claimed)
 
         return handle
 
@@ -261,7 +276,8 @@ class JobIntake:
         differing = known.fields_differing_from(request) if known is not None else []
         if differing:
             log.warning("job.request_id_reused", job_id=job_id, label=label, fields=differing)
-            return Decision(Verdict.DEAD_LETTER, reason=f"request_id {job_id} reused with a different request", job_id=job_id)
+            return Decision(Verdict.DEAD_LETTER, reason=f"request_id {job_id} reused with a different request", job_id=job_id,
+                            result_owed=False)
         log.info("job.duplicate", job_id=job_id, label=label, attempt=request.attempt)
         return Decision(Verdict.DUPLICATE, reason="already known", job_id=job_id)
 
@@ -278,7 +294,8 @@ class JobIntake:
         await self._outbox.deliver(result, stored=True)
         return Decision(Verdict.ANSWERED, reason=summary, job_id=request.job_id)
 
-    async def on_job_message(self, label: str, message: AbstractIncomingMessage) -> Decision:
+    async def on_job_message(self, label: str, message: AbstractIncomingMessage, claimed: Claimed | None = None) -> Decision:
+        claimed = claimed if claimed is not None else Claimed(None)
         request = self._parse(message, label=label)
         if isinstance(request, Decision):
             return request
@@ -292,17 +309,18 @@ class JobIntake:
             # instead would bring it straight back, again and again: on a quorum queue
             # each time counts toward the delivery limit, and the job would end in the DLQ.
             if not await self._wait_released(job_id, HAND_BACK_WAIT_S):
-                return Decision(Verdict.REQUEUE, reason=f"attempt {held.attempt} is still held here", job_id=job_id)
-        still_ours = functools.partial(delivery_channel_open, message)
+                return Decision(Verdict.REQUEUE, reason=f"attempt {held.attempt} is still held here", job_id=job_id,
+                                requeue_reason=RequeueReason.ATTEMPT_HELD)
+        delivery = _Delivery(functools.partial(delivery_channel_open, message), claimed, delivery_count(message))
         if message.redelivered and job_id not in self.checking:
             self.checking[job_id] = request.attempt
             try:
-                return await self._take_redelivery(label, request, still_ours)
+                return await self._take_redelivery(label, request, delivery)
             finally:
                 del self.checking[job_id]
-        return await self._take(label, request, still_ours)
+        return await self._take(label, request, delivery)
 
-    async def _take_redelivery(self, label: str, request: JobRequest, still_ours: Callable[[], bool]) -> Decision:
+    async def _take_redelivery(self, label: str, request: JobRequest, delivery: _Delivery) -> Decision:
         """A request delivered again may be another host's already: a host killed before
         its ack reached the broker, or whose ack went down with a broker node, took it
         first (and runs it, or reconciles it when it starts again). Unless this host's
@@ -322,9 +340,9 @@ class JobIntake:
                          holder=holder.host, holder_state=holder.state)
                 return Decision(Verdict.DUPLICATE, reason=f"attempt {holder.attempt} is on host {holder.host}",
                                 job_id=request.job_id)
-        return await self._take(label, request, still_ours)
+        return await self._take(label, request, delivery)
 
-    async def _take(self, label: str, request: JobRequest, still_ours: Callable[[], bool]) -> Decision:
+    async def _take(self, label: str, request: JobRequest, delivery: _Delivery) -> Decision:
         job_id = request.job_id
         if job_id in self._cancelled:
             return await self._answer(request, label, JobStatus.CANCELLED, "cancelled before a host started it")
@@ -332,7 +350,8 @@ class JobIntake:
             return await self._answer(request, label, JobStatus.ERROR, f"stale: deadline {request.deadline.isoformat()} passed before a host could start the job")
         image = self._image_map.images.get(label)
         if image is None:  # the label left the map (reload) while this was delivered
-            return Decision(Verdict.REQUEUE, reason=f"label {label} is no longer served here", job_id=job_id)
+            return Decision(Verdict.REQUEUE, reason=f"label {label} is no longer served here", job_id=job_id,
+                            requeue_reason=RequeueReason.LABEL_REMOVED)
         try:
             resources = self._image_map.resources_for(label, request)
             backend = self._backend_of(image)
@@ -350,10 +369,11 @@ class JobIntake:
             vm_name = pool_vm.name
         else:
             pool_vm, vm_name = None, vm_name_for(job_id)
-            reservation = await self._reserve(job_id, label, resources)
-            if reservation is None:
-                return Decision(Verdict.REQUEUE, reason="no capacity now", job_id=job_id)
-        if not still_ours():
+            held = await self._reserve(job_id, label, resources, delivery)
+            if isinstance(held, Decision):
+                return held
+            reservation = held
+        if not delivery.still_ours():
             # Its channel closed while it was handled (a broker node went down): the
             # broker has it back for another host, and an ack could not reach it now.
             if pool_vm is not None and self._pools is not None:
@@ -361,7 +381,8 @@ class JobIntake:
             else:
                 self._ledger.release(reservation)
             log.info("job.returned", job_id=job_id, label=label, reason="its delivery's channel closed before it was journaled")
-            return Decision(Verdict.RETURNED, reason="channel closed before it was journaled", job_id=job_id)
+            return Decision(Verdict.RETURNED, reason="channel closed before it was journaled", job_id=job_id,
+                            requeue_reason=RequeueReason.CHANNEL_CLOSED)
         nonce = new_nonce()
         accepted_at = time.time()
         self._starting[job_id] = request
@@ -376,15 +397,58 @@ class JobIntake:
             self._let_go(reservation, pool_vm)
             return await self._copy_of_journaled(request, label)
         accepted = AcceptedJob(request, label, image, resources, reservation, nonce, vm_name, accepted_at, pool_vm)
-        log.info("job.accepted", job_id=job_id, label=label, attempt=request.attempt, vm=vm_name, warm=pool_vm is not None)
+        # delivery_count: how often the broker delivered this message before; above 0
+        # only after a requeue or a consumer lost with it (tests read it from here).
+        log.info("job.accepted", job_id=job_id, label=label, attempt=request.attempt, vm=vm_name, warm=pool_vm is not None,
+                 delivery_count=delivery.count)
         return Decision(Verdict.START, job_id=job_id, after_ack=lambda: self._hand_over(accepted))
 
-    async def _reserve(self, job_id: str, label: str, resources: Resources) -> Reservation | None:
-        """Capacity for a cold job, idle pool VMs given up for it when that makes room."""
-        reservation = self._ledger.try_reserve(job_id, label, resources.cpus, resources.memory_mb)
-        if reservation is None and self._pools is not None and await self._pools.make_room(label, resources.cpus, resources.memory_mb):
+    async def _reserve(self, job_id: str, label: str, resources: Resources, delivery: _Delivery) -> Reservation | Decision:
+        """Capacity for a cold job in place of its delivery's claim. Without room (a size
+        larger than its label's default, a delivery past its window after a reconnection)
+        the delivery is held, un-acked, until room frees: a Decision only when it stops
+        waiting for another reason (the host drains or stops, its channel closed, or
+        `MAX_HOLD_S` passed)."""
+        reservation = await self._reserve_now(job_id, label, resources, delivery.claimed)
+        if reservation is not None:
+            return reservation
+        window = self._window
+        deadline = time.monotonic() + window.max_hold_s
+        with window.holding(job_id, label, resources):
+            while True:
+                if window.closing:
+                    return Decision(Verdict.REQUEUE, reason="the daemon stops", job_id=job_id,
+                                    requeue_reason=RequeueReason.STOPPING)
+                if self._ledger.draining:
+                    return Decision(Verdict.REQUEUE, reason="the host drains", job_id=job_id,
+                                    requeue_reason=RequeueReason.DRAINING)
+                if not delivery.still_ours():
+                    log.info("job.returned", job_id=job_id, label=label, reason="its delivery's channel closed while it was held")
+                    return Decision(Verdict.RETURNED, reason="channel closed while it was held", job_id=job_id,
+                                    requeue_reason=RequeueReason.CHANNEL_CLOSED)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("job.held_too_long", job_id=job_id, label=label, max_hold_s=window.max_hold_s,
+                                cpus=resources.cpus, memory_mb=resources.memory_mb)
+                    return Decision(Verdict.REQUEUE, reason=f"held {window.max_hold_s:g} s without room (MAX_HOLD_S)",
+                                    job_id=job_id, requeue_reason=RequeueReason.HELD_TOO_LONG)
+                await window.changed(min(remaining, HOLD_RECHECK_S))
+                reservation = await self._reserve_now(job_id, label, resources, delivery.claimed)
+                if reservation is not None:
+                    return reservation
+
+    async def _reserve_now(self, job_id: str, label: str, resources: Resources, claimed: Claimed) -> Reservation | None:
+        """Redeem the claim for the job's reservation, idle pool VMs given up for it when
+        that makes room; None (the claim kept) when there is no room now."""
+        cpus, memory_mb = resources.cpus, resources.memory_mb
+        reservation = self._ledger.redeem(claimed.reservation, job_id, label, cpus, memory_mb)
+        if reservation is None and self._pools is not None and await self._pools.make_room(
+            label, cpus, memory_mb, claim=claimed.reservation
+        ):
             # No await between the pool's last release and this: the room is this job's.
-            reservation = self._ledger.try_reserve(job_id, label, resources.cpus, resources.memory_mb)
+            reservation = self._ledger.redeem(claimed.reservation, job_id, label, cpus, memory_mb)
+        if reservation is not None:
+            claimed.reservation = None  # it became the job's
         return reservation
 
     def _let_go(self, reservation: Reservation, pool_vm: PoolVm | None) -> None:
@@ -400,7 +464,7 @@ class JobIntake:
         finally:
             del self._starting[job.job_id]
 
-    async def on_unroutable_message(self, message: AbstractIncomingMessage) -> Decision:
+    async def on_unroutable_message(self, message: AbstractIncomingMessage, _claimed: Claimed | None = None) -> Decision:
         request = self._parse(message, queue="unroutable")
         if isinstance(request, Decision):
             return request

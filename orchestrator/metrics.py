@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from orchestrator.logsetup import EventLogger
 
@@ -98,6 +98,30 @@ class DaemonMetrics:
         self.draining = Gauge(
             "orchestrator_draining", "1 while the host takes no new jobs (draining)", registry=registry,
         )
+        self.requeues = Counter(
+            "orchestrator_requeues_total",
+            "Job deliveries handed back to the broker, by reason; each counts toward DELIVERY_LIMIT",
+            ["reason"], registry=registry,
+        )
+        self.held = Gauge(
+            "orchestrator_deliveries_held", "Deliveries held un-acked, waiting for room for their size", registry=registry,
+        )
+        self.claimed = Gauge(
+            "orchestrator_window_claims", "Room promised to deliveries the broker may send this host (its window)",
+            registry=registry,
+        )
+        self.dead_letter_results = Counter(
+            "orchestrator_dead_letter_results_total", "Error results published for dead-lettered job requests",
+            registry=registry,
+        )
+
+    def count_reasons(self, reasons: list[str]) -> None:
+        """Show every requeue reason from zero on (a first requeue must be an increase)."""
+        for reason in reasons:
+            self.requeues.labels(reason)
+
+    def requeued(self, reason: str) -> None:
+        self.requeues.labels(reason).inc()
 
     def job_accepted(self, *, label: str, queued_s: float) -> None:
         self.queue_wait.labels(label).observe(queued_s)

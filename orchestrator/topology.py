@@ -27,6 +27,9 @@ log = EventLogger("orchestrator.topology")
 
 REASON_HEADER = "x-orchestrator-reason"
 REROUTED_HEADER = "x-orchestrator-rerouted"
+# On a dead letter of ours whose request must get no error result (its request_id names
+# another job: a result would end that job's status).
+NO_RESULT_HEADER = "x-orchestrator-no-result"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ class Topology:
     @property
     def dlq(self) -> str:
         return f"{self.prefix}.jobs.dlq"
+
+    @property
+    def dead_letters_queue(self) -> str:
+        """Dead letters again (the DLX is a fanout), for the hosts to answer each with an
+        error result (`orchestrator.deadletters`); the DLQ keeps its copy."""
+        return f"{self.prefix}.jobs.dead-letters"
 
     def label_queue(self, label: str) -> str:
         return f"{self.prefix}.jobs.{label}"
@@ -142,6 +151,11 @@ async def declare_topology(
     dlx = await channel.declare_exchange(topology.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
     dlq = await _declare_dlq(connection, channel, topology, dlq_max_length, quorum_size)
     await dlq.bind(dlx, routing_key="")
+    dead_letters = await channel.declare_queue(
+        topology.dead_letters_queue, durable=True,
+        arguments=quorum_queue_arguments(quorum_size, **{"x-max-length": dlq_max_length, "x-overflow": "drop-head"}),
+    )
+    await dead_letters.bind(dlx, routing_key="")
     unroutable_exchange = await channel.declare_exchange(
         topology.unroutable_exchange, aio_pika.ExchangeType.FANOUT, durable=True
     )
@@ -175,8 +189,8 @@ async def declare_topology(
 
 async def delete_topology(channel: AbstractChannel, topology: Topology, labels: list[str]) -> None:
     """Remove everything `declare_topology` made (tests and benchmarks clean up with it)."""
-    for name in [topology.label_queue(l) for l in labels] + [topology.unroutable_queue, topology.dlq, topology.results_queue,
-                                                             topology.forge_status_queue]:
+    for name in [topology.label_queue(l) for l in labels] + [topology.unroutable_queue, topology.dlq, topology.dead_letters_queue,
+                                                             topology.results_queue, topology.forge_status_queue]:
         await channel.queue_delete(name)
     for name in topology.exchanges():
         await channel.exchange_delete(name)

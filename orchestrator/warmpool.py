@@ -226,18 +226,20 @@ class WarmPools:
         self._health[vm.label].taken_total -= 1
         vm.task = asyncio.create_task(self._watch_ready(vm), name=f"pool-{vm.name}")
 
-    async def make_room(self, label: str, cpus: int, memory_mb: int) -> bool:
-        """Give up idle pool VMs until a job of `label` with this size has room; False
-        (nothing given up) when even that would not make room."""
+    async def make_room(self, label: str, cpus: int, memory_mb: int, *, claim: Reservation | None = None) -> bool:
+        """Give up idle pool VMs until a job of `label` with this size has room (in place
+        of its delivery's `claim`, when it has one); False (nothing given up) when even
+        that would not make room."""
         idle = [vm for vm in self._vms.values() if vm.idle]
         # Other labels' first, then booting ones (least work lost), then the oldest.
         idle.sort(key=lambda vm: (vm.label == label, vm.state is PoolVmState.READY, vm.born))
+        own = [claim] if claim is not None else []
         chosen: list[PoolVm] = []
         for vm in idle:
-            if self._ledger.room_without(label, cpus, memory_mb, [c.reservation for c in chosen]):
+            if self._ledger.room_without(label, cpus, memory_mb, own + [c.reservation for c in chosen]):
                 break
             chosen.append(vm)
-        if not chosen or not self._ledger.room_without(label, cpus, memory_mb, [c.reservation for c in chosen]):
+        if not chosen or not self._ledger.room_without(label, cpus, memory_mb, own + [c.reservation for c in chosen]):
             return False
         self._making_room += 1
         try:

@@ -364,9 +364,8 @@ async def test_twenty_hosts_share_work_by_capacity_and_a_killed_host_loses_nothi
     cluster, cluster_broker, prefix, tmp_path, noop_map_path
 ):
     # Capacities 1-3 and labels differ by host; each host's label limits add up to its
-    # MAX_CONCURRENCY, the configuration in which no host can be offered a job it
-    # cannot start (quorum queues have no prefetch shared by a host's label consumers:
-    # README "Running on a cluster").
+    # MAX_CONCURRENCY, so that shares per label slot can be compared (tests/test_backlog.py
+    # has limits that overlap: each host's window holds them all the same).
     label_limits = [{"alpha": 1, "beta": 0}, {"alpha": 1, "beta": 1}, {"alpha": 2, "beta": 1}, {"alpha": 0, "beta": 1}]
     limits = {f"f{i:02d}": label_limits[i % 4] for i in range(FLEET_HOSTS)}
     capacity = {host: sum(by_label.values()) for host, by_label in limits.items()}
@@ -396,7 +395,7 @@ async def test_twenty_hosts_share_work_by_capacity_and_a_killed_host_loses_nothi
     for daemon in every_daemon:
         host = daemon.env["HOST_NAME"]
         assert peak_held(daemon) <= capacity[host], (host, peak_held(daemon), capacity[host])
-        requeued[host] += sum(e.get("reason") == "no capacity now" for e in daemon.events("delivery.requeued"))
+        requeued[host] += len(daemon.events("delivery.requeued"))
     assert sum(requeued.values()) == 0, requeued
     # Each host's share follows its capacity: alpha jobs per alpha slot alike on hosts
     # with one alpha slot and with two (the killed host aside).

@@ -14,6 +14,7 @@ import aio_pika
 from orchestrator.amqp import ConfirmedPublisher, connect
 from orchestrator.consumer import Decision, QueueConsumer, Settler, Verdict, delivery_channel_open
 from orchestrator.topology import Topology
+from orchestrator.window import Claimed
 from tests.conftest import wait_for
 
 
@@ -30,7 +31,7 @@ async def test_a_delivery_journaled_as_its_channel_goes_still_reaches_the_runner
         started: list[str] = []
         channel_open_after_cut: list[bool] = []
 
-        async def handler(message: aio_pika.abc.AbstractIncomingMessage) -> Decision:
+        async def handler(message: aio_pika.abc.AbstractIncomingMessage, _claimed: Claimed) -> Decision:
             handling.set()
             await go_on.wait()  # the channel is cut meanwhile
             channel_open_after_cut.append(delivery_channel_open(message))
@@ -38,10 +39,9 @@ async def test_a_delivery_journaled_as_its_channel_goes_still_reaches_the_runner
             return Decision(Verdict.START, job_id=body, after_ack=lambda: started.append(body))
 
         settler = Settler(await ConfirmedPublisher.open(connection), Topology(prefix))
-        consumer = await QueueConsumer.open(connection, queue_name, handler, settler)
+        consumer = await QueueConsumer.open(connection, queue_name, handler, settler, prefetch=1)  # one delivery at a time
         for body in ("journaled", "not journaled"):
             await setup.default_exchange.publish(aio_pika.Message(body.encode()), routing_key=queue_name)
-        consumer.free_slots = lambda: 1  # one delivery at a time
         await consumer.resume()
 
         await asyncio.wait_for(handling.wait(), 20)
