@@ -34,6 +34,7 @@ UNROUTABLE_PREFETCH = 16
 # change of room): a job arriving in an empty queue is seen, and idle claims move to it.
 STARVED_POLL_S = 1.0
 DEPTH_TTL_S = 0.5  # queue depths asked for are reused this long
+MAX_PREFETCH = 16  # claims a label's consumer resumes with, at most
 
 
 class Scheduler:
@@ -155,10 +156,16 @@ class Scheduler:
             self._starved = bool(self._window.held)
             return
         if not self._window.held:
-            # One claim each, the label that waited longest first: enough whenever there
-            # is room for every label that wants some.
-            grants = self._grant(sorted(paused, key=self._waited_order), {label: 1 for label in paused})
+            # Claims in turns, the label that waited longest first. When every label got
+            # one there is room for all: each keeps half of what it got (a prefetch
+            # window to take a burst in, journaled in one group commit), and the other
+            # half stays unclaimed for the claims running consumers renew at each ack.
+            grants = self._grant(sorted(paused, key=self._waited_order), {label: MAX_PREFETCH for label in paused})
             if all(grants.values()):
+                for claims in grants.values():
+                    for claim in claims[max(1, len(claims) // 2):]:
+                        self._window.release(claim)
+                    del claims[max(1, len(claims) // 2):]
                 self._starved = False
                 await self._resume(grants)
                 return
