@@ -58,6 +58,29 @@ exec /tmp/orch-job
 """.encode()
 
 
+# Every copy of a template starts from the same RNG state, and a write to /dev/urandom
+# mixes into the input pool without reseeding the generator that reads come from. A
+# kernel with vmgenid reseeds it by itself as the copy starts (each copy gets a new
+# generation id, mixed in first): nothing to do, and nothing is started to find out (a
+# glob in the shell). Without it only the RNDRESEEDCRNG ioctl reseeds at once, which a
+# shell cannot issue: perl (Essential on Debian, and much quicker to start than python3
+# under software emulation) or python3 asks for it; with neither, the kernel reseeds from
+# the mixed pool at its next interval (seconds after boot, a minute at most). The line
+# printed says which happened (tests read it from the console).
+RESEED_AFTER_RESTORE = """orch_vmgenid=
+for orch_dev in /sys/bus/acpi/drivers/vmgenid/*:*; do [ -e "$orch_dev" ] && orch_vmgenid=1; done
+if [ -n "$orch_vmgenid" ]; then
+  echo "orchestrator: RNG reseeded by the kernel (vmgenid)"
+elif command -v perl >/dev/null 2>&1 && perl -e 'open(my $f, ">", "/dev/urandom") or exit 1; ioctl($f, 0x5207, 0) or exit 1' 2>/dev/null; then
+  echo "orchestrator: RNG reseeded (RNDRESEEDCRNG, perl)"
+elif command -v python3 >/dev/null 2>&1 && python3 -c 'import fcntl, os; fcntl.ioctl(os.open("/dev/urandom", os.O_WRONLY), 0x5207)' 2>/dev/null; then
+  echo "orchestrator: RNG reseeded (RNDRESEEDCRNG, python3)"
+else
+  echo "orchestrator: host entropy mixed in; the kernel reseeds at its next interval (no vmgenid, perl or python3)"
+fi
+"""
+
+
 def job_payload(
     job_user_data: bytes,
     *,
@@ -79,14 +102,7 @@ def job_payload(
         f"printf %s {shlex.quote(entropy)} >/dev/urandom 2>/dev/null || true\n"
     )
     if restored:
-        # Every copy of a template starts from the same RNG state, and a write to
-        # /dev/urandom does not reseed it. RNDRESEEDCRNG does, where python3 is (every cloud
-        # image: cloud-init is Python); guests with vmgenid reseed by themselves (each copy
-        # gets a new generation id); others at the kernel's next interval (under a minute).
-        prelude += (
-            "command -v python3 >/dev/null 2>&1 && python3 -c "
-            "'import fcntl, os; fcntl.ioctl(os.open(\"/dev/urandom\", os.O_WRONLY), 0x5207)' 2>/dev/null\n"
-        )
+        prelude += RESEED_AFTER_RESTORE
     if mac_change is not None:
         old, new = (shlex.quote(mac) for mac in mac_change)
         # Every restored copy has the template's MAC in its memory: the host gave each its own.

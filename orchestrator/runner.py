@@ -281,6 +281,8 @@ class JobRunner:
             tail = await running.console.finish()
             await self._finish(running, JobStatus.ERROR, f"orchestrator error: {exc!r}", None, tail, accepted_at, started_at)
         finally:
+            if job.warm is not None:
+                job.warm.began.set()  # the pool may refill (if its first command never came)
             await running.console.finish()
             try:
                 await running.backend.destroy(running.spec)
@@ -385,6 +387,9 @@ class JobRunner:
         stopped = asyncio.create_task(backend.wait_stopped(spec))
         stop_requested = asyncio.create_task(running.stop_requested.wait())
         booted = asyncio.create_task(running.console.has_output.wait())
+        if job.warm is not None:
+            # The pool refills once a taken VM's job is under way (`WarmPools.take`).
+            booted.add_done_callback(lambda _: job.warm.began.set() if job.warm is not None else None)
         waiting = {stopped, stop_requested}
         boot_deadline = asyncio.get_running_loop().time() + max(0.0, boot_timeout_s - elapsed)
         deadline = asyncio.get_running_loop().time() + max(0.0, timeout_s - elapsed)

@@ -9,7 +9,9 @@ until it is taken or destroyed, so nothing else ever destroys an untaken pool VM
 nothing is destroyed twice.
 
 The pool refills in the background, at most `WARM_BOOTS_AT_ONCE` boots at a time across
-all labels. VMs older than `warm.max_age_s`, or built from an image that has changed
+all labels, and never while a job that took a pool VM has not run its first command yet
+(at most `HAND_OFF_FIRST_S`): a restore copies hundreds of megabytes and a boot takes
+the CPU, and a hand-off under way comes first. VMs older than `warm.max_age_s`, or built from an image that has changed
 (its map entry or the installed file), are replaced. A VM that dies or never says it is
 ready is replaced after a backoff that grows while boots keep failing, and each failure
 is an `image.warm_failed` event. When a job of any label needs the room, idle pool VMs
@@ -50,6 +52,7 @@ log = EventLogger("orchestrator.warmpool")
 
 CHECK_S = 5.0  # ages and image changes are looked at this often, besides every change
 YIELD_PAUSE_S = 30.0  # a pool that gave up VMs for other jobs waits this long to refill
+HAND_OFF_FIRST_S = 10.0  # refills wait this long at most for a taken VM's first command
 BACKOFF_FIRST_S = 5.0
 BACKOFF_MAX_S = 600.0
 
@@ -98,6 +101,7 @@ class PoolVm:
     state: PoolVmState = PoolVmState.BOOTING
     ready_after_s: float | None = None  # boot → ready line
     taken: asyncio.Event = field(default_factory=asyncio.Event)
+    began: asyncio.Event = field(default_factory=asyncio.Event)  # its job's first command ran, or the job ended
     retire: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     restore_from: Path | None = None  # started from this template instead of booting
@@ -172,6 +176,7 @@ class WarmPools:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._making_room = 0  # refills wait while a job is being given room
+        self._handing_off: dict[str, asyncio.Task[None]] = {}  # taken VMs whose job has not begun, by name
 
     # --- life ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -197,6 +202,10 @@ class WarmPools:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        waits = list(self._handing_off.values())
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
         await self._retire([vm for vm in self._vms.values() if vm.idle], "shutdown")
         await asyncio.gather(*(vm.task for vm in self._vms.values() if vm.task is not None), return_exceptions=True)
         for label in list(self._templates):
@@ -211,14 +220,29 @@ class WarmPools:
                 vm.state = PoolVmState.TAKEN
                 vm.taken.set()
                 del self._vms[vm.name]  # the runner's from here; its task lets go of it
+                self._handing_off[vm.name] = asyncio.create_task(self._hand_off_first(vm), name=f"hand-off-{vm.name}")
                 reservation = self._ledger.take_warm(vm.reservation, job_id)
                 self._health.setdefault(label, _LabelHealth()).taken_total += 1
                 log.info("pool.vm_taken", job_id=job_id, label=label, vm=vm.name, age_s=round(time.monotonic() - vm.born, 1))
                 return vm, reservation
         return None
 
+    async def _hand_off_first(self, vm: PoolVm) -> None:
+        """Hold refills until the job that took `vm` runs its first command."""
+        try:
+            await asyncio.wait_for(vm.began.wait(), HAND_OFF_FIRST_S)
+        except TimeoutError:
+            pass
+        finally:
+            if self._handing_off.get(vm.name) is asyncio.current_task():  # not a later take's
+                del self._handing_off[vm.name]
+            self.poke()
+
     def give_back(self, vm: PoolVm, job_reservation: Reservation) -> None:
         """Undo `take` (the job was known here already): the VM is the pool's again."""
+        waiting = self._handing_off.pop(vm.name, None)
+        if waiting is not None:
+            waiting.cancel()
         vm.reservation = self._ledger.return_warm(job_reservation, vm.name)
         vm.state = PoolVmState.READY
         vm.taken.clear()
@@ -322,7 +346,7 @@ class WarmPools:
                 stale.append((vm, f"older than max_age_s {image.warm.max_age_s}"))
         for vm, why in stale:
             self._retire_soon(vm, why)
-        if self._ledger.draining or self._making_room:
+        if self._ledger.draining or self._making_room or self._handing_off:
             return
         for label, image in sorted(self._image_map.images.items()):
             version = versions.get(label)

@@ -345,11 +345,25 @@ def domain_xml(name: str) -> str:
         conn.close()
 
 
-async def test_snapshot_restored_vms_run_jobs_each_with_its_own_identity(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
+RESEEDED_BY_KERNEL = "orchestrator: RNG reseeded by the kernel (vmgenid)"
+MIXED_ONLY = "orchestrator: host entropy mixed in; the kernel reseeds at its next interval (no vmgenid, perl or python3)"
+
+
+@pytest.mark.parametrize("vmgenid", [True, False], ids=["vmgenid", "no-vmgenid"])
+async def test_snapshot_restored_vms_run_jobs_each_with_its_own_identity(
+    prefix, tmp_path, test_image, test_network, cleanup_topology, broker, vmgenid
+):
+    """Each restored copy gets its own UUID, MAC and RNG state. With vmgenid the kernel
+    reseeds as the copy starts: the job reads fresh random bytes at once and nothing is
+    started for it. Without (the driver kept from loading; the test image has no perl
+    or python3 either), the host's entropy is mixed in and the kernel reseeds at its
+    next interval, which the job waits out."""
     cleanup_topology.append("demo")
     map_path = warm_map(test_image, tmp_path, ready=2)
     document = yaml.safe_load(map_path.read_text())
     document["images"]["demo"]["warm"]["snapshot"] = True
+    if not vmgenid:
+        document["images"]["demo"]["cmdline"] += " initcall_blacklist=vmgenid_driver_init"
     map_path.write_text(yaml.safe_dump(document))
     settings = make_settings(
         prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, max_concurrency=3, host_cpus=4,
@@ -367,8 +381,9 @@ async def test_snapshot_restored_vms_run_jobs_each_with_its_own_identity(prefix,
         identities = [(re.search(r"<uuid>(.*?)</uuid>", x).group(1), re.search(r"<mac address='(.*?)'", x).group(1)) for x in xmls]
         assert len(set(identities)) == 2 and len({u for u, _ in identities}) == 2 and len({m for _, m in identities}) == 2
         await broker.open()
-        # Past the guest's own reseed interval (the test image has no python3 to force one).
-        script = "sleep 5; cat /sys/class/net/eth0/address; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"
+        # Without vmgenid: past the guest's own reseed interval.
+        wait = "" if vmgenid else "sleep 5; "
+        script = f"{wait}cat /sys/class/net/eth0/address; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"
         jobs = [await broker.submit(runs_on="demo", script=script) for _ in range(2)]
         results = await broker.collect(2, timeout_s=BOOT_S)
         assert all(r.status is JobStatus.SUCCEEDED for r in results.values()), [r.summary for r in results.values()]
@@ -379,6 +394,8 @@ async def test_snapshot_restored_vms_run_jobs_each_with_its_own_identity(prefix,
             lines = daemon.console_path(job.job_id).read_text(errors="replace").splitlines()
             at = next(i for i, line in enumerate(lines) if line.startswith("ORCH-STARTED"))
             mac, random_hex = lines[at + 1].strip(), lines[at + 2].strip()
+            said = [line.strip() for line in lines[:at] if line.startswith("orchestrator: ")]
+            assert said[-1:] == [RESEEDED_BY_KERNEL if vmgenid else MIXED_ONLY], said
             assert mac == dict(zip(names, (m for _, m in identities)))[record.vm_name]  # the guest took its own MAC
             seen[job.job_id] = random_hex
             assert results[job.job_id].timings["to_first_command_s"] < 1.0, results[job.job_id].timings
