@@ -4,8 +4,10 @@ Built once with debootstrap from the Debian mirror (as root; cached in OUT, defa
 /var/cache/orchestrator/bench-bookworm, rebuilt only when this recipe changes):
   base.qcow2       an ext4 root file system (label `root`) made from the debootstrap tree
                    with `mkfs.ext4 -d`: no loop device, no partition table
-  vmlinuz          Debian's cloud kernel (linux-image-cloud-amd64), for direct kernel boot
-  initrd.img       its initramfs (initramfs-tools), which finds the root disk by label
+  vmlinuz          Debian's kernel (linux-image-amd64, as in Debian's `generic` cloud
+                   images; the `cloud` kernel has no vmgenid), for direct kernel boot
+  initrd.img       its initramfs (initramfs-tools, Debian's defaults), which finds the
+                   root disk by label
   image-map.yaml   the label `bookworm`: libvirt, 1 vCPU, 1 GiB, no checkout
 
 The guest is what a Debian cloud image boots: systemd, udev, cloud-init with the NoCloud
@@ -18,19 +20,23 @@ Usage: python bench/realimage.py [OUT]   (bench/start_latency.py --real calls it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
+# Installed with apt inside the debootstrap tree (debootstrap's own resolver misses
+# dependencies of a set this large).
 PACKAGES = [
-    "systemd-sysv", "udev", "kmod", "linux-image-cloud-amd64", "initramfs-tools", "cloud-init", "e2fsprogs",
-    "iproute2", "ifupdown", "isc-dhcp-client", "procps", "perl-base", "python3",
+    "systemd-sysv", "udev", "kmod", "linux-image-amd64", "initramfs-tools", "cloud-init", "e2fsprogs",
+    "iproute2", "ifupdown", "isc-dhcp-client", "procps",
 ]
 DISK_SIZE = "3G"
 DEFAULT_OUT = Path("/var/cache/orchestrator/bench-bookworm")
@@ -39,11 +45,11 @@ FILES = {
     "etc/fstab": "LABEL=root / ext4 defaults,discard 0 1\n",
     "etc/hostname": "debian\n",
     "etc/hosts": "127.0.0.1 localhost\n127.0.1.1 debian\n",
-    # What Debian's genericcloud images ship for a NoCloud seed: look for it, nothing else.
+    # A NoCloud seed is all there is: look for it, nothing else.
     "etc/cloud/cloud.cfg.d/90_datasource.cfg": "datasource_list: [NoCloud, None]\n",
-    # initramfs-tools: the virtio disk and the ext4 root in the initramfs (MODULES=most).
-    "etc/initramfs-tools/conf.d/orchestrator-bench.conf": "MODULES=most\n",
 }
+# Keeps package scripts from starting services inside the build tree (removed after).
+POLICY_RC = "#!/bin/sh\nexit 101\n"
 
 MAP = """\
 # The benchmark's real cloud image (bench/realimage.py): Debian bookworm, Debian's cloud-init.
@@ -75,6 +81,23 @@ def run(*argv: str) -> None:
     subprocess.run(argv, check=True)
 
 
+@contextlib.contextmanager
+def mounted(root: Path) -> Iterator[None]:
+    """/proc, /sys and /dev in the build tree while packages install (some maintainer
+    scripts read them), unmounted whatever happens."""
+    done: list[Path] = []
+    try:
+        for source, target, kind in (("proc", "proc", "proc"), ("sysfs", "sys", "sysfs"), ("/dev", "dev", None)):
+            where = root / target
+            where.mkdir(exist_ok=True)
+            run("mount", *(["--bind", source] if kind is None else ["-t", kind, source]), str(where))
+            done.append(where)
+        yield
+    finally:
+        for where in reversed(done):
+            subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 def build(out: Path = DEFAULT_OUT) -> Path:
     """Build the image in `out` unless it is there already; the image map's path."""
     stamp = out / f".built-{recipe_key()}"
@@ -88,13 +111,20 @@ def build(out: Path = DEFAULT_OUT) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix="build-") as scratch_dir:
         root = Path(scratch_dir) / "rootfs"
-        run("debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR)
+        run("debootstrap", "--variant=minbase", SUITE, str(root), MIRROR)
         for relative, text in FILES.items():
             path = root / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-        run("chroot", str(root), "update-initramfs", "-u", "-k", "all")
-        run("chroot", str(root), "apt-get", "clean")
+        policy = root / "usr/sbin/policy-rc.d"
+        policy.write_text(POLICY_RC)
+        policy.chmod(0o755)
+        with mounted(root):
+            chroot = ("chroot", str(root), "env", "DEBIAN_FRONTEND=noninteractive")
+            run(*chroot, "apt-get", "update", "-q")
+            run(*chroot, "apt-get", "install", "-y", "-q", *PACKAGES)
+            run(*chroot, "apt-get", "clean")
+        policy.unlink()
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         initrds = sorted((root / "boot").glob("initrd.img-*"))
         if not kernels or not initrds:
