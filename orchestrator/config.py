@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hypervisors.base import BackendName
 from orchestrator.imagemap import DEFAULT_IMAGE_MAP, MAP_MAX_BYTES
 from orchestrator.messages import LABEL_PATTERN, MAX_MESSAGE_BYTES
+from orchestrator.reference import AMQP_NAME_PATTERN, REFERENCE_ROUTING_KEY, ReferenceError, map_reference_settings
 from orchestrator.statedir import StateDir
 
 
@@ -57,6 +58,12 @@ class DaemonSettings(BaseModel):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     broker_connect_timeout_s: Annotated[float, Field(ge=0)] = 60.0
     amqp_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")] = "ci"
+    # The reference orchestrator's AMQP settings, mapped onto ours (orchestrator/reference.py):
+    # an exchange other than <prefix>.jobs bound into it, a queue consumed as an ingress.
+    amqp_exchange: Annotated[str, Field(pattern=AMQP_NAME_PATTERN)] | None = None
+    amqp_queue: Annotated[str, Field(pattern=AMQP_NAME_PATTERN)] | None = None
+    amqp_routing_key: Annotated[str, Field(pattern=r"^[^\s]{0,255}$")] = REFERENCE_ROUTING_KEY
+    amqp_prefetch: Annotated[int, Field(ge=1, le=65535)] | None = None  # reported, not applied
     config: Path = DEFAULT_IMAGE_MAP
     map_max_bytes: Annotated[int, Field(ge=1024)] = MAP_MAX_BYTES
     max_concurrency: Annotated[int, Field(ge=1, le=1024)] = 2
@@ -165,6 +172,10 @@ ENV_NAMES: Mapping[str, str] = {
     "amqp_url": "AMQP_URL",
     "broker_connect_timeout_s": "BROKER_CONNECT_TIMEOUT_S",
     "amqp_prefix": "AMQP_PREFIX",
+    "amqp_exchange": "AMQP_EXCHANGE",
+    "amqp_queue": "AMQP_QUEUE",
+    "amqp_routing_key": "AMQP_ROUTING_KEY",
+    "amqp_prefetch": "AMQP_PREFETCH",
     "config": "ORCH_CONFIG",
     "map_max_bytes": "MAP_MAX_BYTES",
     "max_concurrency": "MAX_CONCURRENCY",
@@ -226,7 +237,11 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
             value = None
         raw[name] = value
     try:
-        return DaemonSettings.model_validate(raw)
+        map_reference_settings(raw, default_prefix=DaemonSettings.model_fields["amqp_prefix"].default)
+    except ReferenceError as exc:
+        raise SettingsError(str(exc)) from None
+    try:
+        settings = DaemonSettings.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "?"
@@ -236,3 +251,16 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
         if name == "amqp_url" and isinstance(given, str):
             given = ",".join(mask_password(url) for url in split_amqp_urls(given))  # never a password in an error
         raise SettingsError(f"{flag} / {env_name}: {first['msg']} (got {given!r})") from None
+    if settings.amqp_queue is not None and settings.amqp_queue in _own_queue_names(settings.amqp_prefix):
+        raise SettingsError(
+            f"AMQP_QUEUE={settings.amqp_queue} is one of this fleet's own queues: name the queue the reference "
+            "integration's requests wait in (the reference's AMQP_QUEUE), or drop AMQP_QUEUE"
+        )
+    return settings
+
+
+def _own_queue_names(prefix: str) -> set[str]:
+    from orchestrator.topology import Topology  # (imports the image map; settings load first)
+
+    own = Topology(prefix)
+    return {own.unroutable_queue, own.dlq, own.dead_letters_queue, own.results_queue, own.forge_status_queue}

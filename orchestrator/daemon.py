@@ -47,6 +47,7 @@ from orchestrator.fleet import Fleet, FleetUnavailable
 from orchestrator.httpapi import HttpLimits, MetricsSnapshot, start_http
 from orchestrator.imagemap import ImageEntry, ImageMap, ImageMapError, Resources, load_image_map
 from orchestrator.images import ImagePreparer
+from orchestrator.ingress import ReferenceIngress
 from orchestrator.intake import REDELIVERY_CHECK_S, AcceptedJob, JobIntake
 from orchestrator.jobview import detail_of, summary_of
 from orchestrator.journal import JobState, Journal
@@ -146,6 +147,17 @@ def bounded(close: Callable[[], Awaitable[object]], what: str) -> Callable[[], A
             log.warning("daemon.close_timed_out", step=what, timeout_s=CLOSE_STEP_TIMEOUT_S)
 
     return step
+
+
+def _refuse_reference_conflicts(image_map: ImageMap, settings: DaemonSettings) -> None:
+    """AMQP_QUEUE naming a label queue would take that label's jobs off its consumers."""
+    topology = Topology(settings.amqp_prefix)
+    for label in image_map.images:
+        if settings.amqp_queue == topology.label_queue(label):
+            raise StartupError(
+                f"AMQP_QUEUE={settings.amqp_queue} is the queue of label {label}: name the queue the reference "
+                "integration's requests wait in, or drop AMQP_QUEUE"
+            )
 
 
 def _refuse_map_problems(image_map: ImageMap, settings: DaemonSettings) -> None:
@@ -424,6 +436,11 @@ class Daemon:
                 log.info("host.still_draining", host=s.host_name, fix="orchestrator resume, or POST /resume")
 
         _refuse_map_problems(self.image_map, s)
+        _refuse_reference_conflicts(self.image_map, s)
+        if s.amqp_prefetch is not None:
+            log.warning("config.amqp_prefetch_not_applied", amqp_prefetch=s.amqp_prefetch,
+                        why="each host's window sets its consumers' prefetch from what it can start now",
+                        fix="drop AMQP_PREFETCH; MAX_CONCURRENCY and CAPACITY_MAP bound what a host runs")
         self.router = RouterHypervisor({}, s.backend)
         stack.push_async_callback(self.router.close)
         given = self._given_backends
@@ -509,6 +526,12 @@ class Daemon:
         with failing_as("cannot consume the dead letters"):
             await dead_letters.start(self._connection)
         stack.push_async_callback(bounded(dead_letters.stop, "dead-letter answers"))
+        ingress = ReferenceIngress(settings=s, topology=self.topology, handler=self._intake.on_unroutable_message,
+                                   settler=settler)
+        with failing_as("cannot set up the reference integration's ingress (AMQP_EXCHANGE, AMQP_QUEUE)",
+                        "check the names, and that this broker user may declare and bind them"):
+            await ingress.start(self._connection)
+        stack.push_async_callback(bounded(ingress.stop, "reference ingress"))
         self.scheduler = Scheduler(
             image_map=self.image_map, window=self.window, intake=self._intake, settler=settler, topology=self.topology,
         )

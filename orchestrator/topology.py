@@ -110,7 +110,7 @@ def quorum_queue_arguments(quorum_size: int, **extra: object) -> dict[str, objec
     return {"x-queue-type": "quorum", "x-quorum-initial-group-size": quorum_size, **extra}
 
 
-def _job_queue_arguments(topology: Topology, delivery_limit: int, quorum_size: int) -> dict[str, object]:
+def job_queue_arguments(topology: Topology, *, delivery_limit: int, quorum_size: int) -> dict[str, object]:
     # Quorum queues: replicated, and their delivery limit stops a message that keeps
     # killing consumers from looping forever (it goes to the DLQ instead).
     return quorum_queue_arguments(
@@ -165,7 +165,7 @@ async def declare_topology(
         durable=True,
         arguments={"alternate-exchange": topology.unroutable_exchange},
     )
-    queue_args = _job_queue_arguments(topology, delivery_limit, quorum_size)
+    queue_args = job_queue_arguments(topology, delivery_limit=delivery_limit, quorum_size=quorum_size)
     unroutable = await channel.declare_queue(topology.unroutable_queue, durable=True, arguments=queue_args)
     await unroutable.bind(unroutable_exchange, routing_key="")
     label_queues: dict[str, AbstractQueue] = {}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Iterator
 
 from hypervisors.base import BackendName
 from orchestrator.cli.common import CLIError, Commands, OneLineParser, add_command, load_cli_image_map, load_cli_settings
+from orchestrator import reference
 from orchestrator.config import DaemonSettings
 from orchestrator.imagemap import ImageEntry, ImageMap
 
@@ -36,6 +38,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"label {label}")
         for name, value in describe_label(image_map, label, settings):
             print(f"  {name + ':':<14} {value}")
+    environ = {**os.environ, "AMQP_URL": settings.masked_amqp_url()} if os.environ.get("AMQP_URL") else os.environ
+    for item in reference.describe(
+        environ, prefix=settings.amqp_prefix, exchange=settings.amqp_exchange, queue=settings.amqp_queue,
+        routing_key=settings.amqp_routing_key, prefetch=settings.amqp_prefetch,
+    ):
+        print(f"reference setting {item.variable}={item.value}: {item.became}")
     shown = settings.model_dump(mode="json")
     shown["amqp_url"] = settings.masked_amqp_url()
     if shown.get("http_token"):
