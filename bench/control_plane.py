@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypervisors.base import BackendName, VmSpec  # noqa: E402
 from hypervisors.noop import NoopHypervisor  # noqa: E402
-from orchestrator.config import DaemonSettings  # noqa: E402
-from orchestrator.daemon import Daemon  # noqa: E402
-from orchestrator.imagemap import parse_image_map  # noqa: E402
-from orchestrator.messages import JobRequest  # noqa: E402
-from orchestrator.topology import Topology, declare_topology, delete_topology  # noqa: E402
+from orchestrator.core.config import DaemonSettings  # noqa: E402
+from orchestrator.host.daemon import Daemon  # noqa: E402
+from orchestrator.core.imagemap import parse_image_map  # noqa: E402
+from orchestrator.core.messages import JobRequest  # noqa: E402
+from orchestrator.core.topology import Topology, declare_topology, delete_topology  # noqa: E402
 
 MAP = """\
 default_label: bench

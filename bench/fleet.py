@@ -38,10 +38,10 @@ import aio_pika
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.amqp import connect  # noqa: E402
-from orchestrator.imagemap import parse_image_map  # noqa: E402
-from orchestrator.messages import JobEvent, JobRequest  # noqa: E402
-from orchestrator.topology import Topology, declare_topology, delete_topology, quorum_queue_arguments  # noqa: E402
+from orchestrator.core.amqp import connect  # noqa: E402
+from orchestrator.core.imagemap import parse_image_map  # noqa: E402
+from orchestrator.core.messages import JobEvent, JobRequest  # noqa: E402
+from orchestrator.core.topology import Topology, declare_topology, delete_topology, quorum_queue_arguments  # noqa: E402
 from tests.daemonproc import DaemonProcess  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "rabbitmq-cluster.sh"

@@ -36,7 +36,7 @@ import aio_pika  # noqa: E402
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from orchestrator.topology import Topology, delete_topology  # noqa: E402
+from orchestrator.core.topology import Topology, delete_topology  # noqa: E402
 from tests.fakeforge import FakeForge  # noqa: E402
 from tests.fakeforge import github as fake_github  # noqa: E402
 from tests.forgebridge import SECRET, write_config  # noqa: E402

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import aio_pika  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from orchestrator.topology import Topology, delete_topology  # noqa: E402
+from orchestrator.core.topology import Topology, delete_topology  # noqa: E402
 from tests.fakeforge import FakeForge, Pull  # noqa: E402
 from tests.fakeforge import github as fake_github  # noqa: E402
 from tests.forgebridge import SECRET  # noqa: E402

@@ -34,8 +34,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.messages import JobRequest, JobResult  # noqa: E402
-from orchestrator.topology import Topology, delete_topology  # noqa: E402
+from orchestrator.core.messages import JobRequest, JobResult  # noqa: E402
+from orchestrator.core.topology import Topology, delete_topology  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

@@ -38,13 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypervisors.base import BackendName  # noqa: E402
-from orchestrator.config import DaemonSettings  # noqa: E402
-from orchestrator.daemon import Daemon  # noqa: E402
-from orchestrator.imagemap import load_image_map  # noqa: E402
-from orchestrator.messages import JobRequest, JobResult, JobStatus  # noqa: E402
-from orchestrator.topology import Topology  # noqa: E402
-from orchestrator.topology import delete_topology as delete_queues_and_exchanges  # noqa: E402
-from orchestrator import warmpool  # noqa: E402
+from orchestrator.core.config import DaemonSettings  # noqa: E402
+from orchestrator.host.daemon import Daemon  # noqa: E402
+from orchestrator.core.imagemap import load_image_map  # noqa: E402
+from orchestrator.core.messages import JobRequest, JobResult, JobStatus  # noqa: E402
+from orchestrator.core.topology import Topology  # noqa: E402
+from orchestrator.core.topology import delete_topology as delete_queues_and_exchanges  # noqa: E402
+from orchestrator.host import warmpool  # noqa: E402
 
 import realimage  # noqa: E402  (bench/realimage.py)
 
@@ -196,7 +196,7 @@ async def main() -> None:
         image = TEST_IMAGE
     logging.basicConfig(level=logging.WARNING)
     ready_times = ReadyTimes()
-    pool_log = logging.getLogger("orchestrator.warmpool")
+    pool_log = logging.getLogger("orchestrator.host.warmpool")
     pool_log.addHandler(ready_times)
     pool_log.setLevel(logging.INFO)
     pool_log.propagate = False

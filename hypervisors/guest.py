@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
+from pathlib import Path
 
 RESULT_PREFIX = "ORCH-RESULT"
 # Printed when the job's script starts (after boot, or after a pool VM's hand-off): the
@@ -127,3 +128,20 @@ def build_user_data(
 
 def build_meta_data(*, job_id: str, hostname: str) -> bytes:
     return f"instance-id: {job_id}\nlocal-hostname: {hostname}\n".encode()
+
+
+SCAN_CHUNK_BYTES = 1024 * 1024
+
+
+def file_contains(path: Path, marker: bytes) -> bool:
+    """Whether `marker` occurs anywhere in the file (read in chunks; blocking)."""
+    try:
+        with path.open("rb") as console:
+            carry = b""
+            while chunk := console.read(SCAN_CHUNK_BYTES):
+                if marker in carry + chunk:
+                    return True
+                carry = chunk[-len(marker):]
+    except FileNotFoundError:
+        pass
+    return False

@@ -20,7 +20,7 @@ from pathlib import Path
 from hypervisors.base import BackendError, BackendName, VmInfo, VmSpec, VmState
 from hypervisors.guest import result_line, started_line
 from hypervisors.handoff import HandOffError
-from orchestrator.statedir import open_private
+from hypervisors.statedir import open_private
 
 
 @dataclass

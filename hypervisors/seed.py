@@ -14,7 +14,7 @@ from pathlib import Path
 import pycdlib
 
 from hypervisors.base import SeedFiles
-from orchestrator.statedir import open_private
+from hypervisors.statedir import open_private
 
 _NAMES = (("USERDATA.;1", "user-data"), ("METADATA.;1", "meta-data"), ("NETCONFI.;1", "network-config"))
 

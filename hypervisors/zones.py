@@ -21,7 +21,7 @@ from pathlib import Path
 from hypervisors.base import BackendError, BackendName, ImageFormat, VmInfo, VmSpec, VmState
 from hypervisors.handoff import HandOffError
 from hypervisors.seed import write_seed_iso
-from orchestrator.statedir import StateDir, vm_of_file, open_private
+from hypervisors.statedir import StateDir, vm_of_file, open_private
 
 POLL_S = 2.0
 CONSOLE_SOCKET = "/tmp/vm.com1"

@@ -103,7 +103,7 @@ if [ ! -e "$stamp" ]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
     # libvirt-python builds against libvirt-dev here (gcc + Python headers).
-    "$venv/bin/pip" install -q -e "$here[test,libvirt]"
+    "$venv/bin/pip" install -q -e "$here[test,libvirt,lint]"
     "$venv/bin/python" -c "import aio_pika, libvirt, pycdlib, zstandard, orchestrator" 
     rm -f "$venv"/.installed-*
     touch "$stamp"

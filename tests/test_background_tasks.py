@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from orchestrator.daemon import BackgroundTasks
+from orchestrator.core.lifecycle import BackgroundTasks
 
 
 async def test_a_task_that_swallows_its_cancellation_is_cancelled_again_until_it_ends():

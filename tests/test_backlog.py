@@ -14,8 +14,8 @@ from pathlib import Path
 import aio_pika
 import yaml
 
-from orchestrator.messages import JobStatus
-from orchestrator.runner import StopReason
+from orchestrator.core.messages import JobStatus
+from orchestrator.host.runner import StopReason
 from tests.conftest import AMQP_URL, Broker, wait_for
 from tests.daemonproc import DaemonProcess
 
@@ -109,7 +109,7 @@ async def test_labels_sharing_two_slots_take_a_deep_backlog_without_a_requeue(pr
 
 
 async def _delete(amqp, prefix: str, labels: list[str]) -> None:
-    from orchestrator.topology import Topology, delete_topology
+    from orchestrator.core.topology import Topology, delete_topology
 
     channel = await amqp.channel()
     await delete_topology(channel, Topology(prefix), labels)

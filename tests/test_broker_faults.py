@@ -8,7 +8,7 @@ import asyncio
 import subprocess
 
 from hypervisors.noop import NoopHypervisor
-from orchestrator.messages import JobsQuery, JobStatus
+from orchestrator.core.messages import JobsQuery, JobStatus
 from tests.amqpproxy import BASIC_CANCEL
 from tests.conftest import wait_for
 
@@ -111,7 +111,7 @@ async def test_a_daemon_whose_broker_went_away_stops_without_waiting_on_it(daemo
     await wait_for(lambda: amqp_proxy.connections >= reconnected and daemon.broker_connected, what="the reconnection")
     amqp_proxy.down()
     await daemon.stop()
-    timed_out = [r for r in caplog.records if r.name == "orchestrator.daemon" and r.msg == "daemon.close_timed_out"]
+    timed_out = [r for r in caplog.records if r.name == "orchestrator.host.daemon" and r.msg == "daemon.close_timed_out"]
     assert timed_out == [], [r.fields for r in timed_out]
 
 
@@ -128,5 +128,5 @@ async def test_a_fleet_question_whose_clean_up_the_broker_is_slow_to_confirm_cos
     await asyncio.wait_for(cancel_passed.wait(), 30)
     answer = await daemon.fleet.jobs(JobsQuery())
     assert [reply.host for reply in answer.replies] == [daemon.settings.host_name]
-    lost = [r for r in caplog.records if r.name == "orchestrator.amqp" and r.msg == "broker.connection_lost"]
+    lost = [r for r in caplog.records if r.name == "orchestrator.core.amqp" and r.msg == "broker.connection_lost"]
     assert lost == [] and amqp_proxy.connections == 1, [r.fields for r in lost]

@@ -8,7 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from orchestrator.messages import JobStatus
+from orchestrator.core.messages import JobStatus
 from tests.conftest import AMQP_URL, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,10 +14,10 @@ import aio_pika
 
 from hypervisors.base import BackendName
 from hypervisors.noop import NoopHypervisor
-from orchestrator.daemon import Daemon
-from orchestrator.imagemap import load_image_map
-from orchestrator.messages import JobStatus
-from orchestrator.runner import StopReason
+from orchestrator.host.daemon import Daemon
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.core.messages import JobStatus
+from orchestrator.host.runner import StopReason
 from tests.conftest import AMQP_URL, make_settings, wait_for
 from tests.fakes.counting_noop import CountingNoop
 

@@ -10,9 +10,9 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.cli.request import ENV_NAME_RULE
-from orchestrator.config import SettingsError, load_settings, parse_capacity_map
-from orchestrator.daemon import StartupError
-from orchestrator.messages import ENV_NAME_PATTERN, MAX_ENV_ENTRIES, MAX_ENV_VALUE_BYTES, MAX_SCRIPT_BYTES
+from orchestrator.core.config import SettingsError, load_settings, parse_capacity_map
+from orchestrator.core.lifecycle import StartupError
+from orchestrator.core.messages import ENV_NAME_PATTERN, MAX_ENV_ENTRIES, MAX_ENV_VALUE_BYTES, MAX_SCRIPT_BYTES
 
 ENQUEUE = ["enqueue", "--repo", "https://x/y", "--commit", "a" * 40]
 
@@ -156,8 +156,8 @@ def test_run_that_cannot_start_says_why_in_one_line_and_exits_1(capsys, monkeypa
     async def cannot_start(settings, image_map):
         raise StartupError("libvirt: cannot connect to qemu:///system (start libvirtd)")
 
-    monkeypatch.setattr("orchestrator.daemon.run_daemon", cannot_start)
-    monkeypatch.setattr("orchestrator.logsetup.configure_logging", lambda **_: None)
+    monkeypatch.setattr("orchestrator.host.daemon.run_daemon", cannot_start)
+    monkeypatch.setattr("orchestrator.core.logsetup.configure_logging", lambda **_: None)
     assert main(["run", "--config", str(noop_map_path), "--state-dir", str(tmp_path)]) == 1
     assert capsys.readouterr().err == "error: libvirt: cannot connect to qemu:///system (start libvirtd)\n"
 
@@ -287,7 +287,7 @@ def test_help_is_available_for_every_command(capsys):
 def test_every_setting_is_in_the_readme_table():
     from pathlib import Path
 
-    from orchestrator.config import ENV_NAMES
+    from orchestrator.core.config import ENV_NAMES
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert [name for name in ENV_NAMES.values() if f"| `{name}`" not in readme and f"`{name}` |" not in readme] == []

@@ -29,10 +29,10 @@ import aio_pika
 import aiohttp
 import pytest
 
-from orchestrator.amqp import connect
-from orchestrator.imagemap import load_image_map
-from orchestrator.messages import JobRequest, JobResult, JobStatus
-from orchestrator.topology import Topology, declare_topology
+from orchestrator.core.amqp import connect
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.core.messages import JobRequest, JobResult, JobStatus
+from orchestrator.core.topology import Topology, declare_topology
 from tests.conftest import Broker, wait_for
 from tests.daemonproc import ROOT, DaemonProcess
 from tests.rabbitcluster import RabbitCluster, run_script

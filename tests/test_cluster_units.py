@@ -8,8 +8,8 @@ import socket
 import aio_pika
 import pytest
 
-from orchestrator.amqp import FailoverConnection, connect, node_of
-from orchestrator.config import SettingsError, load_settings
+from orchestrator.core.amqp import FailoverConnection, connect, node_of
+from orchestrator.core.config import SettingsError, load_settings
 from tests.conftest import AMQP_URL
 
 

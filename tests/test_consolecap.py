@@ -8,9 +8,9 @@ import os
 import threading
 from pathlib import Path
 
-from orchestrator.consolecap import HEAD_BYTES, cap_console, read_cut_state
-from orchestrator.joblog import LineFollower
-from orchestrator.messages import JobStatus
+from orchestrator.core.consolecap import HEAD_BYTES, cap_console, read_cut_state
+from orchestrator.web.joblog import LineFollower
+from orchestrator.core.messages import JobStatus
 from tests.conftest import wait_for
 
 MIB = 1024 * 1024
@@ -79,7 +79,7 @@ async def test_a_guest_that_prints_without_end_keeps_a_bounded_log_and_its_resul
 async def test_a_console_replaced_by_a_shorter_one_is_read_from_its_start(tmp_path: Path):
     """virtlogd (libvirt's stdio_handler "logd") rotates console files at 2 MiB: the
     follower must read the new file rather than wait for it to outgrow the old one."""
-    from orchestrator.console import ConsoleFollower
+    from orchestrator.host.console import ConsoleFollower
 
     console = tmp_path / "job.console"
     console.write_bytes(b"boot noise\n" * 10_000)

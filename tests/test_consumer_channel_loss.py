@@ -11,10 +11,10 @@ import asyncio
 
 import aio_pika
 
-from orchestrator.amqp import ConfirmedPublisher, connect
-from orchestrator.consumer import Decision, QueueConsumer, Settler, Verdict, delivery_channel_open
-from orchestrator.topology import Topology
-from orchestrator.window import Claimed
+from orchestrator.core.amqp import ConfirmedPublisher, connect
+from orchestrator.host.consumer import Decision, QueueConsumer, Settler, Verdict, delivery_channel_open
+from orchestrator.core.topology import Topology
+from orchestrator.host.window import Claimed
 from tests.conftest import wait_for
 
 

@@ -11,8 +11,9 @@ from http.cookies import SimpleCookie
 import aiohttp
 import pytest
 
-from orchestrator.daemon import Daemon
-from orchestrator.httpapi import HttpLimits, HttpLoad, build_app
+from orchestrator.host.daemon import Daemon
+from orchestrator.core.httpserver import HttpLimits, HttpLoad
+from orchestrator.web.app import build_app
 from tests.conftest import wait_for
 from tests.test_fleet_ops import AUTH, TOKEN, api, start_host
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from orchestrator.daemon import Daemon
+from orchestrator.host.daemon import Daemon
 from tests.conftest import AMQP_URL, wait_for
 from tests.test_fleet_ops import AUTH, TOKEN, api, start_host
 

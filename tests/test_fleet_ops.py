@@ -14,9 +14,9 @@ import pytest
 
 from hypervisors.noop import NoopHypervisor
 from hypervisors.base import BackendName
-from orchestrator.daemon import Daemon
-from orchestrator.imagemap import load_image_map
-from orchestrator.messages import JobStatus
+from orchestrator.host.daemon import Daemon
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.core.messages import JobStatus
 from tests.conftest import AMQP_URL, make_settings, wait_for
 from tests.test_httpapi import free_port
 

@@ -11,8 +11,8 @@ import aio_pika
 import aiohttp
 import pytest
 
-from orchestrator.journal import JobState
-from orchestrator.messages import EventKind, JobEvent
+from orchestrator.host.journal import JobState
+from orchestrator.core.messages import EventKind, JobEvent
 from tests.conftest import wait_for
 
 from tests.fakeforge import FakeForge

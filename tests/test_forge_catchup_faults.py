@@ -23,7 +23,7 @@ import pytest
 
 from orchestrator.forge.base import CommitStatus, Repo, StatusState
 from orchestrator.forge.config import LoadedForgeConfig, load_forge_config
-from orchestrator.journal import JobState
+from orchestrator.host.journal import JobState
 from tests.conftest import make_settings, wait_for
 from tests.fakeforge import FakeForge, Pull
 from tests.fakeforge import forgejo as fake_forgejo
@@ -508,7 +508,7 @@ async def test_two_senders_of_one_journal_never_send_a_step_twice_or_out_of_orde
     send for the same context. The service waits for the context, then sends the rest."""
     from orchestrator.forge.journal import BridgeJournal
     from orchestrator.forge.reporter import StatusReporter
-    from orchestrator.topology import Topology
+    from orchestrator.core.topology import Topology
 
     path = tmp_path / "forge.db"
     service_journal, command_journal = BridgeJournal(path), BridgeJournal(path)

@@ -19,7 +19,6 @@ from orchestrator.forge.base import (
     CommitStatus,
     EventKind,
     Forge,
-    ForgeApiError,
     ForgeEvent,
     ForgeKind,
     Ignored,
@@ -29,6 +28,7 @@ from orchestrator.forge.base import (
     StatusState,
     WebhookError,
 )
+from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.forgejo import DESCRIPTION_LIMIT, FORGE_STATES, ForgejoForge
 from orchestrator.forge.http import DEFAULT_RETRY_S
 from tests.fakeforge import FakeForge, Pull

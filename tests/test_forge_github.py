@@ -14,7 +14,6 @@ from orchestrator.forge.base import (
     CommitStatus,
     EventKind,
     Forge,
-    ForgeApiError,
     ForgeEvent,
     ForgeKind,
     Ignored,
@@ -23,6 +22,7 @@ from orchestrator.forge.base import (
     StatusState,
     WebhookError,
 )
+from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.github import GitHubForge, shorten
 from orchestrator.forge.http import DEFAULT_RETRY_S
 from tests.fakeforge import FakeForge, Pull

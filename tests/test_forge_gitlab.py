@@ -17,7 +17,6 @@ import pytest
 from orchestrator.forge.base import (
     CommitStatus,
     EventKind,
-    ForgeApiError,
     ForgeEvent,
     Ignored,
     Ping,
@@ -25,6 +24,7 @@ from orchestrator.forge.base import (
     StatusState,
     WebhookError,
 )
+from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.gitlab import (
     STATUS_TEXT_LIMIT,
     GitLabForge,

@@ -20,7 +20,7 @@ from orchestrator.forge.jobsfile import (
     parse_jobs_file,
 )
 from orchestrator.forge.planner import request_id_for
-from orchestrator.journal import JobState
+from orchestrator.host.journal import JobState
 from tests.conftest import wait_for
 from tests.fakeforge import FakeForge
 from tests.fakeforge import github as fake_github

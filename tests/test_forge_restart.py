@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from orchestrator.journal import JobState
+from orchestrator.host.journal import JobState
 from tests.conftest import AMQP_URL, wait_for
 from tests.fakeforge import FakeForge
 from tests.fakeforge import github as fake_github

@@ -11,7 +11,7 @@ import uuid
 
 import aiohttp
 
-from orchestrator.journal import JobState
+from orchestrator.host.journal import JobState
 from tests.conftest import AMQP_URL
 from tests.fakeforge import FakeForge
 from tests.fakeforge import github as fake_github

@@ -8,8 +8,8 @@ import json
 import resource
 import uuid
 
-from orchestrator.messages import MAX_SCRIPT_BYTES, JobStatus
-from orchestrator.topology import REASON_HEADER
+from orchestrator.core.messages import MAX_SCRIPT_BYTES, JobStatus
+from orchestrator.core.topology import REASON_HEADER
 from tests.conftest import SHA, Broker
 from tests.daemonproc import DaemonProcess
 from tests.test_reliability import daemon_env

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from orchestrator.messages import JobStatus
+from orchestrator.core.messages import JobStatus
 from tests.conftest import wait_for
 from tests.daemonproc import DaemonProcess
 from tests.procstat import PeakUse, cpu_seconds, ensure_own_descriptors, open_fds, open_files_limit, with_limits
@@ -181,7 +181,7 @@ async def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(prefix, 
 
 
 async def test_refusals_are_logged_at_once_then_at_most_once_a_window_with_their_count(caplog):
-    from orchestrator.httpapi import RefusalLog  # here: the other tests also run against code without it
+    from orchestrator.core.httpserver import RefusalLog
 
     refusals = RefusalLog("http.connections_refused", setting="HTTP_MAX_CONNECTIONS", limit=256, window_s=0.2)
 

@@ -7,8 +7,8 @@ import uuid
 
 import aiohttp
 
-from orchestrator.messages import JobStatus
-from orchestrator.runner import StopReason
+from orchestrator.core.messages import JobStatus
+from orchestrator.host.runner import StopReason
 from tests.conftest import wait_for
 
 

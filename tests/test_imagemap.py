@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.imagemap import ImageMapError, RequestRejected, Resources, load_image_map, parse_image_map
-from orchestrator.messages import JobRequest
+from orchestrator.core.imagemap import ImageMapError, RequestRejected, Resources, load_image_map, parse_image_map
+from orchestrator.core.messages import JobRequest
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "orchestrator-image-map.yaml"
 

@@ -17,8 +17,8 @@ import pytest
 import zstandard
 from aiohttp import web
 
-from orchestrator.imagemap import ImageEntry, ImageMap, parse_image_map
-from orchestrator.images import (
+from orchestrator.core.imagemap import ImageEntry, ImageMap, parse_image_map
+from orchestrator.core.images import (
     ImageMeta,
     ImagePreparer,
     ImagePrepError,
@@ -26,7 +26,7 @@ from orchestrator.images import (
     PrepState,
     describe_image,
 )
-from orchestrator.messages import JobStatus
+from orchestrator.core.messages import JobStatus
 
 
 def disk_like_bytes(size: int, seed: int = 1) -> bytes:
@@ -161,7 +161,7 @@ def frame_of_exactly(size: int, seed: int) -> bytes:
 
 
 async def test_multi_frame_zstd_decompresses_also_when_a_frame_ends_at_a_read_boundary(tmp_path):
-    from orchestrator.images import CHUNK
+    from orchestrator.core.images import CHUNK
 
     # The file:// source reads CHUNK bytes at a time, so the first frame ends exactly
     # where a read ends; the second frame is split across reads.
@@ -501,13 +501,13 @@ async def test_a_reader_never_sees_a_partial_file(server, tmp_path):
 def test_qcow2_format_is_detected(tmp_path):
     image = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
-    from orchestrator.images import detect_format
+    from orchestrator.core.images import detect_format
 
     assert asyncio.run(detect_format(image)).value == "qcow2"
 
 
 async def test_job_whose_image_cannot_be_prepared_gets_error_and_other_labels_work(server, daemon_factory, broker, tmp_path):
-    from orchestrator.imagemap import parse_image_map as parse
+    from orchestrator.core.imagemap import parse_image_map as parse
     from tests.conftest import NOOP_MAP
 
     broken = NOOP_MAP.replace(
@@ -599,7 +599,7 @@ def test_progress_printer_writes_plain_lines_off_a_terminal():
     import io
 
     from orchestrator.cli import ProgressPrinter
-    from orchestrator.images import ImageStatus, PrepState
+    from orchestrator.core.images import ImageStatus, PrepState
 
     stream = io.StringIO()
     printer = ProgressPrinter(stream, interval_s=0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from orchestrator.messages import JobStatus
-from orchestrator.topology import REASON_HEADER
+from orchestrator.core.messages import JobStatus
+from orchestrator.core.topology import REASON_HEADER
 from tests.conftest import SHA, wait_for
 
 

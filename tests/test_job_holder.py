@@ -1,6 +1,6 @@
 """A job delivered twice runs once across the fleet: a redelivered request another host
 has is acked without running, and a host handing a job back leaves it to a host that
-already ran its redelivery (`holder`, orchestrator/handback.py).
+already ran its redelivery (`holder`, orchestrator/host/handback.py).
 
 The redeliveries are the broker's own: a consumer takes the request without acking and
 its channel closes, so the broker marks it redelivered, as it does when a host is killed
@@ -18,9 +18,9 @@ from collections.abc import Awaitable
 import aio_pika
 
 from hypervisors.noop import NoopHypervisor
-from orchestrator.journal import JobState, Journal
-from orchestrator.messages import JobRequest, JobStatus
-from orchestrator.statedir import vm_name_for
+from orchestrator.host.journal import JobState, Journal
+from orchestrator.core.messages import JobRequest, JobStatus
+from hypervisors.statedir import vm_name_for
 from tests.amqpproxy import BASIC_ACK
 from tests.conftest import SHA, Broker, make_settings, wait_for
 from tests.test_reload import consumers_on

@@ -8,8 +8,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator import joblog
-from orchestrator.joblog import MAX_LINE_BYTES, LineFollower, LogText
+from orchestrator.web import joblog
+from orchestrator.web.joblog import MAX_LINE_BYTES, LineFollower, LogText
 
 # Console bytes: CR, LF, multi-byte UTF-8 (é), an invalid byte and plain letters.
 console_bytes = st.lists(st.sampled_from([b"a", b"b", b"\r", b"\n", "é".encode(), b"\xff"]), max_size=60).map(b"".join)

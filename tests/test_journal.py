@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.journal import InvalidTransition, JobState, Journal
-from orchestrator.messages import JobRequest, JobResult, JobStatus
+from orchestrator.host.journal import InvalidTransition, JobState, Journal
+from orchestrator.core.messages import JobRequest, JobResult, JobStatus
 
 
 def request(attempt: int = 1, job_id: uuid.UUID | None = None) -> JobRequest:
@@ -86,7 +86,7 @@ async def test_a_later_attempt_of_a_requeued_job_may_be_answered(journal: Journa
 
 
 async def test_a_database_locked_too_long_fails_that_write_and_the_journal_keeps_serving(tmp_path: Path):
-    from orchestrator.sqlitedb import GroupCommitDatabase
+    from orchestrator.core.sqlitedb import GroupCommitDatabase
 
     path = tmp_path / "shared.db"
     db = GroupCommitDatabase(path, schema="CREATE TABLE IF NOT EXISTS t (v INTEGER);", thread_name="t", busy_timeout_s=0.2)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from orchestrator.intake import MalformedRequest, parse_request
-from orchestrator.messages import (
+from orchestrator.core.requestbody import MalformedRequest, parse_request
+from orchestrator.core.messages import (
     MAX_ENV_ENTRIES,
     MAX_ENV_VALUE_BYTES,
     MAX_MESSAGE_BYTES,

@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.imagemap import load_image_map
-from orchestrator.images import PrepState
-from orchestrator.messages import JobStatus
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.core.images import PrepState
+from orchestrator.core.messages import JobStatus
 from tests.conftest import NOOP_MAP, wait_for
 from tests.fakes.counting_noop import CountingNoop
 from tests.rawhttp import scrape

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.imagemap import load_image_map
-from orchestrator.images import PrepState
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.core.images import PrepState
 from tests.conftest import ROOT, wait_for
 from tests.fakes.counting_noop import CountingNoop
 from tests.rawhttp import scrape

@@ -17,10 +17,10 @@ import pytest
 
 from hypervisors.base import BackendName
 from hypervisors.noop import NoopHypervisor
-from orchestrator.config import SettingsError, load_settings
-from orchestrator.daemon import Daemon
-from orchestrator.imagemap import load_image_map
-from orchestrator.messages import JobStatus
+from orchestrator.core.config import SettingsError, load_settings
+from orchestrator.host.daemon import Daemon
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.core.messages import JobStatus
 from tests.conftest import AMQP_URL, SHA, Broker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import pytest
 
 from hypervisors.base import BackendName, VmSpec
 from hypervisors.noop import NoopHypervisor
-from orchestrator.daemon import Daemon
-from orchestrator.imagemap import load_image_map
-from orchestrator.messages import JobStatus
+from orchestrator.host.daemon import Daemon
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.core.messages import JobStatus
 from tests.amqpproxy import BASIC_ACK
 from tests.conftest import AMQP_URL, LIBVIRT_URI, make_settings, wait_for
 from tests.fakes.counting_noop import CountingNoop

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aio_pika
 
-from orchestrator.messages import JobStatus
+from orchestrator.core.messages import JobStatus
 from tests.conftest import NOOP_MAP, wait_for
 from tests.daemonproc import DaemonProcess
 from tests.test_reliability import daemon_env
@@ -81,8 +81,8 @@ def file_image_map(source: Path, image_dir: Path, sha256: str) -> str:
 async def test_a_changed_image_is_stale_after_reload_and_prepared_again(daemon_factory, broker, noop_map_path, tmp_path):
     import hashlib
 
-    from orchestrator.imagemap import load_image_map
-    from orchestrator.images import ImageMeta
+    from orchestrator.core.imagemap import load_image_map
+    from orchestrator.core.images import ImageMeta
 
     source, image_dir = tmp_path / "release.img", tmp_path / "images"
     source.write_bytes(b"release one\n" * 4096)

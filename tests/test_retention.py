@@ -13,10 +13,10 @@ import uuid
 import aio_pika
 import aiohttp
 
-from orchestrator.journal import JobState
-from orchestrator.messages import JobRequest, JobResult, JobStatus
-from orchestrator.retention import DAY_S, sweep
-from orchestrator.runner import StopReason
+from orchestrator.host.journal import JobState
+from orchestrator.core.messages import JobRequest, JobResult, JobStatus
+from orchestrator.host.retention import DAY_S, sweep
+from orchestrator.host.runner import StopReason
 from tests.conftest import SHA, wait_for
 from tests.test_httpapi import free_port
 

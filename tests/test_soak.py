@@ -10,7 +10,7 @@ import random
 import sqlite3
 from pathlib import Path
 
-from orchestrator.messages import JobStatus
+from orchestrator.core.messages import JobStatus
 from tests.daemonproc import DaemonProcess
 from tests.test_broker_faults import rabbitmqctl
 from tests.test_reliability import daemon_env

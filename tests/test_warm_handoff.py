@@ -15,7 +15,7 @@ import pytest
 from hypervisors.base import DirectBoot, ImageFormat, SeedFiles, VmSpec, VmState
 from hypervisors.guest import build_meta_data, build_user_data, find_exit_code, new_nonce
 from hypervisors.handoff import HandOffError, job_payload, waiter_user_data
-from orchestrator.statedir import StateDir
+from hypervisors.statedir import StateDir
 from tests.conftest import LIBVIRT_URI
 
 pytestmark = pytest.mark.libvirt

@@ -20,10 +20,10 @@ import yaml
 
 from hypervisors.base import BackendName
 from hypervisors.guest import new_nonce
-from orchestrator.daemon import Daemon
-from orchestrator.imagemap import load_image_map
-from orchestrator.journal import Journal
-from orchestrator.messages import JobRequest, JobStatus
+from orchestrator.host.daemon import Daemon
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.host.journal import Journal
+from orchestrator.core.messages import JobRequest, JobStatus
 from tests.conftest import AMQP_URL, LIBVIRT_URI, make_settings, wait_for
 from tests.daemonproc import DaemonProcess
 

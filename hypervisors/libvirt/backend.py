@@ -22,8 +22,8 @@ from hypervisors.libvirt.saveimage import SaveImageError, read_header, write_wit
 from hypervisors.libvirt.overlay import create_overlay
 from hypervisors.handoff import HandOffError, JobPort, job_payload
 from hypervisors.seed import write_seed_iso
-from orchestrator.console import file_contains
-from orchestrator.statedir import StateDir, open_private, vm_of_file
+from hypervisors.guest import file_contains
+from hypervisors.statedir import StateDir, open_private, vm_of_file
 
 STATE_POLL_S = 5.0  # safety net under lifecycle events
 # A template's files, in its directory (`warmpool` names the directory per image version).

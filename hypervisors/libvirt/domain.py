@@ -115,7 +115,7 @@ def build_domain_xml(
         _sub(interface, "model", type="virtio")
     serial = _sub(devices, "serial", type="file")
     # Appended, never truncated: the daemon cuts an overlong console in place while QEMU
-    # writes (orchestrator.consolecap), and a re-run keeps the earlier attempt's output.
+    # writes (orchestrator.core.consolecap), and a re-run keeps the earlier attempt's output.
     _sub(serial, "source", path=str(files.console), append="on")
     _sub(serial, "target", port="0")
     console = _sub(devices, "console", type="file")

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from orchestrator.cli.common import CLIError
-from orchestrator.config import DaemonSettings, mask_password
-from orchestrator.messages import ControlMessage
+from orchestrator.core.config import DaemonSettings, mask_password
+from orchestrator.core.messages import ControlMessage
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ async def _connect_first(urls: list[str], start: int) -> tuple[Any, int]:
     CLIError naming each node's failure when none does."""
     import aio_pika
 
-    from orchestrator.amqp import describe_error, node_of
+    from orchestrator.core.amqp import describe_error, node_of
 
     failures = []
     for offset in range(len(urls)):
@@ -57,7 +57,7 @@ async def on_any_node(settings: DaemonSettings, exchange_name: str, work: Callab
     import aio_pika
     from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-    from orchestrator.amqp import describe_error, node_of
+    from orchestrator.core.amqp import describe_error, node_of
 
     urls = settings.amqp_urls
     start = 0
@@ -87,8 +87,8 @@ async def on_any_node(settings: DaemonSettings, exchange_name: str, work: Callab
 async def ask_hosts(settings: DaemonSettings, question: ControlMessage, answer_timeout: float) -> list[bytes]:
     """Publish a control message to every host with a reply queue; the bodies of the
     answers that arrived within `answer_timeout` seconds."""
-    from orchestrator.amqp import json_message
-    from orchestrator.topology import Topology
+    from orchestrator.core.amqp import json_message
+    from orchestrator.core.topology import Topology
 
     async def ask(channel: Any, control: Any) -> list[bytes]:
         message = json_message(question, persistent=False)

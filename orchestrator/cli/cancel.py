@@ -8,8 +8,8 @@ import uuid
 
 from orchestrator.cli.broker import ask_hosts
 from orchestrator.cli.common import Commands, add_answer_timeout, add_command, load_cli_settings, parse_job_id
-from orchestrator.config import DaemonSettings
-from orchestrator.messages import CancelOutcome, CancelReply, ControlKind, ControlMessage
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.messages import CancelOutcome, CancelReply, ControlKind, ControlMessage
 
 
 def register(commands: Commands) -> None:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
-from orchestrator.config import DaemonSettings, SettingsError, load_settings
-from orchestrator.imagemap import DEFAULT_IMAGE_MAP, ImageMap, ImageMapError, load_image_map
-from orchestrator.messages import JobStatus
+from orchestrator.core.config import DaemonSettings, SettingsError, load_settings
+from orchestrator.core.imagemap import DEFAULT_IMAGE_MAP, ImageMap, ImageMapError, load_image_map
+from orchestrator.core.messages import JobStatus
 
 # The object `add_subparsers` returns: each command module adds its parser to it.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 from hypervisors.base import BackendName
 from orchestrator.cli.common import CLIError, Commands, OneLineParser, add_command, load_cli_image_map, load_cli_settings
-from orchestrator import reference
-from orchestrator.config import DaemonSettings
-from orchestrator.imagemap import ImageEntry, ImageMap
+from orchestrator.core import reference
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.imagemap import ImageEntry, ImageMap
 
 
 def register(commands: Commands) -> None:
@@ -55,7 +55,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def describe_label(image_map: ImageMap, label: str, settings: DaemonSettings) -> Iterator[tuple[str, str]]:
     """(name, value) lines: what a job on `label` gets on this host, and where each value
     comes from when the host's settings supply it."""
-    from orchestrator.images import ImagePrepError, PrepState, check_image, describe_installed, resolve_image_path
+    from orchestrator.core.images import ImagePrepError, PrepState, check_image, describe_installed, resolve_image_path
 
     image = image_map.images[label]
     backend = image.backend or settings.backend

@@ -14,8 +14,8 @@ import time
 
 from orchestrator.cli.broker import ask_hosts
 from orchestrator.cli.common import CLIError, Commands, add_answer_timeout, add_command, load_cli_settings, parse_seconds
-from orchestrator.config import DaemonSettings
-from orchestrator.messages import ControlKind, ControlMessage, Heartbeat
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.messages import ControlKind, ControlMessage, Heartbeat
 
 WAIT_POLL_S = 1.0
 

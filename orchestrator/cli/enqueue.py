@@ -11,9 +11,9 @@ from typing import Any
 from orchestrator.cli.broker import on_any_node
 from orchestrator.cli.common import STATUS_EXIT_CODES, CLIError, Commands, add_command, load_cli_image_map, load_cli_settings, parse_seconds
 from orchestrator.cli.request import request_from_flags
-from orchestrator.config import DaemonSettings
-from orchestrator.imagemap import ImageMap, RequestRejected
-from orchestrator.messages import MAX_SCRIPT_BYTES, JobRequest, JobResult, message_id_for
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.imagemap import ImageMap, RequestRejected
+from orchestrator.core.messages import MAX_SCRIPT_BYTES, JobRequest, JobResult, message_id_for
 
 
 def register(commands: Commands) -> None:
@@ -56,8 +56,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: JobRequest, routing_key: str) -> int:
-    from orchestrator.amqp import json_message
-    from orchestrator.topology import Topology
+    from orchestrator.core.amqp import json_message
+    from orchestrator.core.topology import Topology
 
     topology = Topology(settings.amqp_prefix)
     message_id = message_id_for(request.job_id, request.attempt)

@@ -76,9 +76,9 @@ def cmd_forge_check(args: argparse.Namespace) -> int:
 
 
 def cmd_forge(args: argparse.Namespace) -> int:
-    from orchestrator.daemon import StartupError
+    from orchestrator.core.lifecycle import StartupError
     from orchestrator.forge.service import run_bridge
-    from orchestrator.logsetup import configure_logging
+    from orchestrator.core.logsetup import configure_logging
 
     _, settings, loaded = _load(args)
     configure_logging(fmt=settings.log_format)
@@ -90,8 +90,8 @@ def cmd_forge(args: argparse.Namespace) -> int:
 
 
 def _run_tool(coro_factory, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from orchestrator.daemon import StartupError
-    from orchestrator.logsetup import configure_logging
+    from orchestrator.core.lifecycle import StartupError
+    from orchestrator.core.logsetup import configure_logging
 
     _, settings, loaded = _load(args)
     configure_logging(fmt=settings.log_format)

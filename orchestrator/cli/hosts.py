@@ -7,8 +7,8 @@ import asyncio
 
 from orchestrator.cli.broker import ask_hosts
 from orchestrator.cli.common import Commands, add_answer_timeout, add_command, load_cli_settings
-from orchestrator.config import DaemonSettings
-from orchestrator.messages import ControlKind, ControlMessage, Heartbeat
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.messages import ControlKind, ControlMessage, Heartbeat
 
 
 def register(commands: Commands) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from orchestrator.cli.common import CLIError, Commands, OneLineParser, add_command, load_cli_image_map, load_cli_settings
 from orchestrator.cli.progress import ProgressPrinter
-from orchestrator.imagemap import RequestRejected
+from orchestrator.core.imagemap import RequestRejected
 
 
 def register(commands: Commands) -> None:
@@ -27,7 +27,7 @@ def register(commands: Commands) -> None:
 
 
 def cmd_images_prepare(args: argparse.Namespace) -> int:
-    from orchestrator.images import ImagePreparer, ImagePrepError
+    from orchestrator.core.images import ImagePreparer, ImagePrepError
 
     settings = load_cli_settings(args)
     image_map = load_cli_image_map(settings)
@@ -66,7 +66,7 @@ def cmd_images_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_images_list(args: argparse.Namespace) -> int:
-    from orchestrator.images import describe_image
+    from orchestrator.core.images import describe_image
 
     settings = load_cli_settings(args)
     image_map = load_cli_image_map(settings)

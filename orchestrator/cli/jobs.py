@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from orchestrator.cli.broker import ask_hosts
 from orchestrator.cli.common import CLIError, Commands, add_answer_timeout, add_command, load_cli_settings
-from orchestrator.config import DaemonSettings
-from orchestrator.messages import ControlKind, ControlMessage, JobsQuery, JobsReply, JobStateName, JobSummary, now_utc
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.messages import ControlKind, ControlMessage, JobsQuery, JobsReply, JobStateName, JobSummary, now_utc
 
 STATES = typing.get_args(JobStateName)
 

@@ -15,8 +15,8 @@ import uuid
 
 from orchestrator.cli.broker import ask_hosts
 from orchestrator.cli.common import CLIError, Commands, add_answer_timeout, add_command, load_cli_settings, parse_job_id
-from orchestrator.config import DaemonSettings
-from orchestrator.messages import ControlKind, ControlMessage, JobLocation
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.messages import ControlKind, ControlMessage, JobLocation
 
 RECONNECTS = 5
 RECONNECT_WAIT_S = 1.0

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from orchestrator.images import ImageStatus
+    from orchestrator.core.images import ImageStatus
 
 
 class ProgressPrinter:

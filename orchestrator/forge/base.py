@@ -12,10 +12,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from orchestrator.forge.http import ApiClient
+from orchestrator.forge.http import ApiClient
 
 ZERO_SHA = "0" * 40
 
@@ -128,17 +127,6 @@ class PullHead:
     head_branch: str
     head_clone_url: str
     from_fork: bool
-
-
-class ForgeApiError(Exception):
-    """A forge API call failed. `retry_after_s` is set when trying again can help (5xx,
-    network errors, rate limits: from `Retry-After` or the rate-limit reset header);
-    None means it will not (other 4xx)."""
-
-    def __init__(self, message: str, *, status: int | None, retry_after_s: float | None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after_s = retry_after_s
 
 
 class Forge(Protocol):

@@ -36,8 +36,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, field_validator, model_validator
 
 from orchestrator.forge.base import ForgeKind
-from orchestrator.messages import ENV_NAME_PATTERN, LABEL_PATTERN
-from orchestrator.yamlfile import YamlDocument, YamlError, parse_yaml
+from orchestrator.core.messages import ENV_NAME_PATTERN, LABEL_PATTERN
+from orchestrator.core.yamlfile import YamlDocument, YamlError, parse_yaml
 
 CONFIG_MAX_BYTES = 1024 * 1024
 NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"

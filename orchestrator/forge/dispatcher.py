@@ -16,15 +16,16 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 
-from orchestrator.amqp import ConfirmedPublisher, describe_error, json_message
-from orchestrator.forge.base import Forge, ForgeApiError, ForgeEvent
+from orchestrator.core.amqp import ConfirmedPublisher, describe_error, json_message
+from orchestrator.forge.base import Forge, ForgeEvent
+from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.config import LoadedForgeConfig
 from orchestrator.forge.journal import BridgeJournal, Delivery, Run
 from orchestrator.forge.planner import event_from_json, event_to_json, plan_event, request_id_for
 from orchestrator.forge.status import queued, superseded
-from orchestrator.logsetup import EventLogger
-from orchestrator.messages import ControlKind, ControlMessage, JobRequest, message_id_for
-from orchestrator.topology import Topology
+from orchestrator.core.logsetup import EventLogger
+from orchestrator.core.messages import ControlKind, ControlMessage, JobRequest, message_id_for
+from orchestrator.core.topology import Topology
 
 log = EventLogger("orchestrator.forge.dispatcher")
 

@@ -62,7 +62,6 @@ from orchestrator.forge.base import (
     BranchHead,
     CommitStatus,
     EventKind,
-    ForgeApiError,
     ForgeEvent,
     ForgeKind,
     Ignored,
@@ -73,6 +72,7 @@ from orchestrator.forge.base import (
     WebhookError,
     WebhookOutcome,
 )
+from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.http import MAX_PAGES, NEXT_LINK, ApiClient
 
 API_PREFIX = "/api/v1"

@@ -31,7 +31,6 @@ from orchestrator.forge.base import (
     BranchHead,
     CommitStatus,
     EventKind,
-    ForgeApiError,
     ForgeEvent,
     ForgeKind,
     Ignored,
@@ -42,6 +41,7 @@ from orchestrator.forge.base import (
     WebhookError,
     WebhookOutcome,
 )
+from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.http import ApiClient
 
 API_VERSION = "2022-11-28"

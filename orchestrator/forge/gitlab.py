@@ -31,7 +31,6 @@ from orchestrator.forge.base import (
     BranchHead,
     CommitStatus,
     EventKind,
-    ForgeApiError,
     ForgeEvent,
     ForgeKind,
     Ignored,
@@ -42,8 +41,9 @@ from orchestrator.forge.base import (
     WebhookError,
     WebhookOutcome,
 )
+from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.http import DEFAULT_RETRY_S, ApiClient
-from orchestrator.logsetup import EventLogger
+from orchestrator.core.logsetup import EventLogger
 
 log = EventLogger("orchestrator.forge.gitlab")
 

@@ -20,12 +20,23 @@ from typing import Any
 
 import aiohttp
 
-from orchestrator.forge.base import ForgeApiError
 
 DEFAULT_RETRY_S = 5.0
 MAX_PAGES = 1000  # a listing longer than this is cut (and catch-up says so)
 RESPONSE_CAP = 32 * 1024 * 1024  # a forge's answer larger than this is an error, not a job
 NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
+
+
+class ForgeApiError(Exception):
+    """A forge API call failed. `retry_after_s` is set when trying again can help (5xx,
+    network errors, rate limits: from `Retry-After` or the rate-limit reset header);
+    None means it will not (other 4xx)."""
+
+    def __init__(self, message: str, *, status: int | None, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
 
 
 def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:

@@ -25,8 +25,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from orchestrator.forge.base import EventKind, ForgeEvent
-from orchestrator.messages import ENV_NAME_PATTERN, LABEL_PATTERN, MAX_ENV_ENTRIES, Cpus, DiskGb, MemoryMb, TimeoutS
-from orchestrator.yamlfile import YamlError, parse_yaml
+from orchestrator.core.messages import ENV_NAME_PATTERN, LABEL_PATTERN, MAX_ENV_ENTRIES, Cpus, DiskGb, MemoryMb, TimeoutS
+from orchestrator.core.yamlfile import YamlError, parse_yaml
 
 JOBS_FILE_MAX_BYTES = 256 * 1024 + 64 * 1024  # a script of the largest size, and the rest
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"

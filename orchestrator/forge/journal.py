@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.forge.base import CommitStatus, Repo, StatusState
-from orchestrator.sqlitedb import GroupCommitDatabase
+from orchestrator.core.sqlitedb import GroupCommitDatabase
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (

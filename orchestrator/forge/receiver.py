@@ -24,8 +24,8 @@ from prometheus_client.registry import Collector
 from orchestrator.forge.base import Forge, Ignored, Ping, WebhookError
 from orchestrator.forge.config import LoadedForgeConfig
 from orchestrator.forge.dispatcher import Dispatcher
-from orchestrator.httpapi import headers_arrived
-from orchestrator.logsetup import EventLogger
+from orchestrator.core.httpserver import headers_arrived
+from orchestrator.core.logsetup import EventLogger
 
 log = EventLogger("orchestrator.forge.receiver")
 

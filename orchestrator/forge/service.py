@@ -15,9 +15,9 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
-from orchestrator.amqp import ConfirmedPublisher, FailoverConnection, connect_with_retry, describe_error
-from orchestrator.config import DaemonSettings
-from orchestrator.daemon import BackgroundTasks, StartupError, bounded, failing_as
+from orchestrator.core.amqp import ConfirmedPublisher, FailoverConnection, connect_with_retry, describe_error
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.lifecycle import BackgroundTasks, StartupError, bounded, failing_as
 from orchestrator.forge.base import Forge
 from orchestrator.forge.catchup import CatchUp, RepoReport
 from orchestrator.forge.config import LoadedForgeConfig
@@ -26,10 +26,10 @@ from orchestrator.forge.journal import BridgeJournal
 from orchestrator.forge.receiver import build_receiver, gauges
 from orchestrator.forge.registry import build_forge
 from orchestrator.forge.reporter import StatusReporter
-from orchestrator.httpapi import HttpLimits, HttpLoad, bound_port, serve_within_limits
-from orchestrator.logsetup import EventLogger
-from orchestrator.statedir import STATE_DIR_MODE, restrict_umask
-from orchestrator.topology import Topology, declare_topology
+from orchestrator.core.httpserver import HttpLimits, HttpLoad, bound_port, serve_within_limits
+from orchestrator.core.logsetup import EventLogger
+from hypervisors.statedir import STATE_DIR_MODE, restrict_umask
+from orchestrator.core.topology import Topology, declare_topology
 
 log = EventLogger("orchestrator.forge")
 

@@ -5,7 +5,7 @@ limit). Context: `orchestrator/<job name>`; `orchestrator` for the jobs file its
 from __future__ import annotations
 
 from orchestrator.forge.base import CommitStatus, StatusState
-from orchestrator.messages import JobResult, JobStatus
+from orchestrator.core.messages import JobResult, JobStatus
 
 CONTEXT_PREFIX = "orchestrator"
 
