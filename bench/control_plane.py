@@ -22,13 +22,13 @@ import aio_pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hypervisors.base import BackendName, VmSpec  # noqa: E402
-from hypervisors.noop import NoopHypervisor  # noqa: E402
-from orchestrator.core.config import DaemonSettings  # noqa: E402
-from orchestrator.host.daemon import Daemon  # noqa: E402
-from orchestrator.core.imagemap import parse_image_map  # noqa: E402
-from orchestrator.core.messages import JobRequest  # noqa: E402
-from orchestrator.core.topology import Topology, declare_topology, delete_topology  # noqa: E402
+from hypervisors.base import BackendName, VmSpec
+from hypervisors.noop import NoopHypervisor
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.imagemap import parse_image_map
+from orchestrator.core.messages import JobRequest
+from orchestrator.core.topology import Topology, declare_topology, delete_topology
+from orchestrator.host.daemon import Daemon
 
 MAP = """\
 default_label: bench

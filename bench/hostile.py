@@ -31,14 +31,14 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.core.imagemap import parse_image_map  # noqa: E402
-from orchestrator.core.messages import JobRequest, JobResult, JobStatus  # noqa: E402
-from orchestrator.core.config import Settings  # noqa: E402
-from orchestrator.core.topology import Topology, declare_topology, delete_topology  # noqa: E402
-from tests.daemonproc import DaemonProcess  # noqa: E402
-from tests.procstat import PeakUse, Use, ensure_own_descriptors, use_of, with_limits  # noqa: E402
-from tests.rawhttp import Connection, close_all, closed_by_peer, metric, open_idle, request_head, scrape  # noqa: E402
-from tests.test_httpapi import free_port  # noqa: E402
+from orchestrator.core.config import Settings
+from orchestrator.core.imagemap import parse_image_map
+from orchestrator.core.messages import JobRequest, JobResult, JobStatus
+from orchestrator.core.topology import Topology, declare_topology, delete_topology
+from tests.daemonproc import DaemonProcess
+from tests.procstat import PeakUse, Use, ensure_own_descriptors, use_of, with_limits
+from tests.rawhttp import Connection, close_all, closed_by_peer, metric, open_idle, request_head, scrape
+from tests.test_httpapi import free_port
 
 MAP = """\
 default_label: bench

@@ -34,8 +34,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.core.messages import JobRequest, JobResult  # noqa: E402
-from orchestrator.core.topology import Topology, delete_topology  # noqa: E402
+from orchestrator.core.messages import JobRequest, JobResult
+from orchestrator.core.topology import Topology, delete_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -77,7 +77,7 @@ def lag_buckets(metrics_text: str) -> list[tuple[float, float]]:
 def quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> tuple[float, int]:
     """The q-quantile of what the histogram recorded between two scrapes (linear within a
     bucket, as PromQL's histogram_quantile), and how many samples that was."""
-    counts = [(bound, a - b) for (bound, a), (_, b) in zip(after, before)]
+    counts = [(bound, a - b) for (bound, a), (_, b) in zip(after, before, strict=True)]
     total = counts[-1][1]
     if total <= 0:
         return float("nan"), 0

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.core.imagemap import parse_image_map  # noqa: E402
-from orchestrator.core.images import ImagePreparer  # noqa: E402
+from orchestrator.core.imagemap import parse_image_map
+from orchestrator.core.images import ImagePreparer
 
 WORK = Path("/var/cache/orchestrator/bench-images")
 MIB = 2**20

@@ -26,10 +26,10 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hypervisors.base import DirectBoot, ImageFormat, SeedFiles, VmSpec  # noqa: E402
-from hypervisors.guest import build_meta_data, build_user_data, find_exit_code, new_nonce  # noqa: E402
-from hypervisors.libvirt.backend import LibvirtHypervisor  # noqa: E402
-from hypervisors.libvirt.domain import DomainFiles, build_domain_xml  # noqa: E402
+from hypervisors.base import DirectBoot, ImageFormat, SeedFiles, VmSpec
+from hypervisors.guest import build_meta_data, build_user_data, find_exit_code, new_nonce
+from hypervisors.libvirt.backend import LibvirtHypervisor
+from hypervisors.libvirt.domain import DomainFiles, build_domain_xml
 
 IMAGE = Path("/var/cache/orchestrator/test-image")
 URI = "qemu:///system"
@@ -179,7 +179,7 @@ async def main() -> None:
             (state / sub).mkdir()
         backend = await LibvirtHypervisor.connect(uri=URI, network=None, domain_type="qemu", state_dir=state, orchestrator_id="bench")
         qemu_img, define_start = await floor(state, args.runs)
-        floor_total = [a + b for a, b in zip(qemu_img, define_start)]
+        floor_total = [a + b for a, b in zip(qemu_img, define_start, strict=True)]
         mine = await ours(state, args.runs, backend)
         vi = virt_install(state, args.runs)
         boots, overheads = await boot_to_result(state, args.boots, backend)

@@ -37,16 +37,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hypervisors.base import BackendName  # noqa: E402
-from orchestrator.core.config import DaemonSettings  # noqa: E402
-from orchestrator.host.daemon import Daemon  # noqa: E402
-from orchestrator.core.imagemap import load_image_map  # noqa: E402
-from orchestrator.core.messages import JobRequest, JobResult, JobStatus  # noqa: E402
-from orchestrator.core.topology import Topology  # noqa: E402
-from orchestrator.core.topology import delete_topology as delete_queues_and_exchanges  # noqa: E402
-from orchestrator.host import warmpool  # noqa: E402
+import realimage
 
-import realimage  # noqa: E402  (bench/realimage.py)
+from hypervisors.base import BackendName
+from orchestrator.core.config import DaemonSettings
+from orchestrator.core.imagemap import load_image_map
+from orchestrator.core.messages import JobRequest, JobResult, JobStatus
+from orchestrator.core.topology import Topology
+from orchestrator.core.topology import delete_topology as delete_queues_and_exchanges
+from orchestrator.host import warmpool
+from orchestrator.host.daemon import Daemon
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ module implementing `Hypervisor`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 

@@ -91,8 +91,8 @@ class NoopHypervisor:
         """A simulated template: a marker file; the VM is gone afterwards."""
         await self.wait_ready(spec, timeout_s=timeout_s)
         await self.destroy(spec)
-        template.mkdir(parents=True, exist_ok=True)
-        (template / "noop-template").write_text(spec.name)
+        await asyncio.to_thread(template.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread((template / "noop-template").write_text, spec.name)
         self.templates_saved += 1
 
     async def restore(self, spec: VmSpec, template: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from hypervisors.base import BackendError, BackendName, ImageFormat, VmInfo, VmSpec, VmState
 from hypervisors.handoff import HandOffError
 from hypervisors.seed import write_seed_iso
-from hypervisors.statedir import StateDir, vm_of_file, open_private
+from hypervisors.statedir import StateDir, open_private, vm_of_file
 
 POLL_S = 2.0
 CONSOLE_SOCKET = "/tmp/vm.com1"
@@ -101,7 +101,7 @@ class ZonesHypervisor:
             code, _, _ = await self._tools.run("zfs", "list", "-H", "-o", "name", snapshot, check=False)
             if code == 0:
                 return snapshot
-            size = image.stat().st_size
+            size = (await asyncio.to_thread(image.stat)).st_size
             await self._tools.run("zfs", "create", "-p", "-V", str(size), volume)
             await asyncio.to_thread(_copy_into, image, self._zvol_devices / volume)
             await self._tools.run("zfs", "snapshot", snapshot)

@@ -21,10 +21,10 @@ import pytest
 from hypervisors.base import BackendName
 from hypervisors.noop import NoopHypervisor
 from orchestrator.core.config import DaemonSettings
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.imagemap import ImageMap, load_image_map
 from orchestrator.core.messages import JobRequest, JobResult
 from orchestrator.core.topology import Topology, delete_topology, quorum_queue_arguments
+from orchestrator.host.daemon import Daemon
 from tests.amqpproxy import AmqpProxy
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

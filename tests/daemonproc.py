@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class DaemonProcess:
     """Every instance is recorded in `started` so a fixture can kill what a failed test left."""
 
-    started: list[DaemonProcess] = []
+    started: ClassVar[list[DaemonProcess]] = []
 
     def __init__(
         self, env: dict[str, str], *, limits: Mapping[int, int] | None = None,

@@ -14,9 +14,9 @@ import aio_pika
 
 from hypervisors.base import BackendName
 from hypervisors.noop import NoopHypervisor
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.imagemap import load_image_map
 from orchestrator.core.messages import JobStatus
+from orchestrator.host.daemon import Daemon
 from orchestrator.host.runner import StopReason
 from tests.conftest import AMQP_URL, make_settings, wait_for
 from tests.fakes.counting_noop import CountingNoop

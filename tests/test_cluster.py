@@ -282,7 +282,7 @@ async def test_a_rolling_restart_of_every_node_during_a_soak_with_daemon_kills_l
         # A fault once each sixth of the jobs is in: node restarts and SIGKILLs in turn.
         steps = ["node1", "kill", "node2", "kill", "node3", "kill"]
         for step_index, step in enumerate(steps):
-            await wait_for(lambda: len(results) >= (step_index + 1) * SOAK_JOBS // (len(steps) + 1),
+            await wait_for(lambda step_index=step_index: len(results) >= (step_index + 1) * SOAK_JOBS // (len(steps) + 1),
                            what=f"results before fault {step}", timeout_s=120, interval_s=0.05)
             if step == "kill":
                 victim = rng.randrange(SOAK_HOSTS)
@@ -374,7 +374,7 @@ async def test_twenty_hosts_share_work_by_capacity_and_a_killed_host_loses_nothi
                        CAPACITY_MAP=",".join(f"{label}={n}" for label, n in limits[host].items()))
         for i, host in enumerate(limits)
     }
-    daemons = dict(zip(envs, await asyncio.gather(*(DaemonProcess(env).start() for env in envs.values()))))
+    daemons = dict(zip(envs, await asyncio.gather(*(DaemonProcess(env).start() for env in envs.values())), strict=True))
     every_daemon = list(daemons.values())
     jobs = [
         await cluster_broker.submit(runs_on="alpha" if n % 3 else "beta", env={"NOOP_DURATION_S": "0.4"})

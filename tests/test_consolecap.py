@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 
 from orchestrator.core.consolecap import HEAD_BYTES, cap_console, read_cut_state
-from orchestrator.web.joblog import LineFollower
 from orchestrator.core.messages import JobStatus
+from orchestrator.web.joblog import LineFollower
 from tests.conftest import wait_for
 
 MIB = 1024 * 1024
@@ -58,7 +58,7 @@ def test_cutting_while_a_writer_appends_loses_nothing_of_the_newest_part(tmp_pat
     # A cut starts at a block boundary, so the line after the marker (or after the jump a
     # reader makes over a cut) may be the end of a line; every other line is whole.
     torn = [i for i, line in enumerate(seen) if not (line.startswith(("line ", "[orchestrator: ", "ORCH-RESULT")) or line == "")]
-    assert all(i > 0 and (seen[i - 1].startswith("[orchestrator: ") or seen[i - 1] == "") or
+    assert all((i > 0 and (seen[i - 1].startswith("[orchestrator: ") or seen[i - 1] == "")) or
                int(seen[i - 1].split()[1]) + 1 < int(seen[i + 1].split()[1]) for i in torn), [seen[i - 1 : i + 2] for i in torn]
     assert len(numbers) > written // 50, "the reader kept up with most of it"
 

@@ -12,8 +12,8 @@ import asyncio
 import aio_pika
 
 from orchestrator.core.amqp import ConfirmedPublisher, connect
-from orchestrator.host.consumer import Decision, QueueConsumer, Settler, Verdict, delivery_channel_open
 from orchestrator.core.topology import Topology
+from orchestrator.host.consumer import Decision, QueueConsumer, Settler, Verdict, delivery_channel_open
 from orchestrator.host.window import Claimed
 from tests.conftest import wait_for
 

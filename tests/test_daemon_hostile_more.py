@@ -15,10 +15,10 @@ from pathlib import Path
 import aiohttp
 
 from orchestrator.core.consolecap import HEAD_BYTES, read_cut_state, state_path
-from orchestrator.web.logstream import SSE_POLL_S
-from orchestrator.web.joblog import CHUNK_BYTES
 from orchestrator.core.messages import JobStatus
 from orchestrator.host.runner import StopReason
+from orchestrator.web.joblog import CHUNK_BYTES
+from orchestrator.web.logstream import SSE_POLL_S
 from tests.conftest import wait_for
 from tests.daemonproc import DaemonProcess
 from tests.procstat import GIB, PeakUse, peak_rss_bytes, reset_peak_rss, rss_bytes, with_limits

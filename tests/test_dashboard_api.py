@@ -11,8 +11,8 @@ from http.cookies import SimpleCookie
 import aiohttp
 import pytest
 
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.httpserver import HttpLimits, HttpLoad
+from orchestrator.host.daemon import Daemon
 from orchestrator.web.app import build_app
 from tests.conftest import wait_for
 from tests.test_fleet_ops import AUTH, TOKEN, api, start_host
@@ -77,7 +77,7 @@ async def test_fleet_jobs_shows_a_running_job_on_either_host(two_hosts, broker):
     owner = "a" if a.job_running(running.job_id) else "b"
     async with aiohttp.ClientSession(headers=AUTH) as http:
         for asked in (a, b):
-            async def both_answered() -> bool:
+            async def both_answered(asked=asked) -> bool:
                 return (await get_json(http, f"{api(asked)}/fleet/jobs"))[1].get("hosts") == ["a", "b"]
 
             await wait_for(both_answered, what="both hosts answering", interval_s=0.2)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 import uuid
 
-from orchestrator.host.journal import JobState
-from orchestrator.core.messages import JobRequest, JobStatus
 from hypervisors.statedir import vm_name_for
+from orchestrator.core.messages import JobRequest, JobStatus
 from orchestrator.core.topology import REASON_HEADER
+from orchestrator.host.journal import JobState
 from tests.conftest import SHA, Broker, wait_for
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from hypervisors.noop import NoopHypervisor
 from hypervisors.base import BackendName
-from orchestrator.host.daemon import Daemon
+from hypervisors.noop import NoopHypervisor
 from orchestrator.core.imagemap import load_image_map
 from orchestrator.core.messages import JobStatus
+from orchestrator.host.daemon import Daemon
 from tests.conftest import AMQP_URL, make_settings, wait_for
 from tests.test_httpapi import free_port
 

@@ -11,10 +11,9 @@ import aio_pika
 import aiohttp
 import pytest
 
-from orchestrator.host.journal import JobState
 from orchestrator.core.messages import EventKind, JobEvent
+from orchestrator.host.journal import JobState
 from tests.conftest import wait_for
-
 from tests.fakeforge import FakeForge
 from tests.fakeforge import github as fake_github
 from tests.forgebridge import JOBS, SECRET, Bridge, start_bridge, write_config

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import aiohttp
-from pathlib import Path
 
 from tests.fakeforge import FakeForge, Pull
 from tests.fakeforge import github as fake_github
@@ -65,7 +65,7 @@ async def test_a_push_and_a_pull_request_made_while_the_bridge_was_down_run_once
     try:
         assert await fake.wait_for_statuses(MOVED, "orchestrator/test", 3) == ["pending", "pending", "success"]
         assert await fake.wait_for_statuses(PR_HEAD, "orchestrator/test", 3) == ["pending", "pending", "success"]
-        assert [s.description for s in fake.statuses if s.sha == MOVED][0] == "queued (caught up)"
+        assert next(s.description for s in fake.statuses if s.sha == MOVED) == "queued (caught up)"
         assert second.bridge.catchup.caught_up[("github", REPO)] == 2
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{second.url}/metrics") as response:

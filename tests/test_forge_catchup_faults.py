@@ -506,9 +506,9 @@ async def test_two_senders_of_one_journal_never_send_a_step_twice_or_out_of_orde
     """The race itself, without a broker: a second process's reporter (`forge catch-up`)
     is slow to send "queued" while the service's reporter has "running" and the result to
     send for the same context. The service waits for the context, then sends the rest."""
+    from orchestrator.core.topology import Topology
     from orchestrator.forge.journal import BridgeJournal
     from orchestrator.forge.reporter import StatusReporter
-    from orchestrator.core.topology import Topology
 
     path = tmp_path / "forge.db"
     service_journal, command_journal = BridgeJournal(path), BridgeJournal(path)

@@ -95,8 +95,8 @@ async def test_a_push_runs_in_a_real_vm_and_its_status_links_to_the_log(tmp_path
     import aiohttp
 
     from hypervisors.base import BackendName
-    from orchestrator.host.daemon import Daemon
     from orchestrator.core.imagemap import load_image_map
+    from orchestrator.host.daemon import Daemon
     from tests.conftest import make_settings
     from tests.test_httpapi import free_port
 

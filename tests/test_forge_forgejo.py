@@ -28,9 +28,8 @@ from orchestrator.forge.base import (
     StatusState,
     WebhookError,
 )
-from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.forgejo import DESCRIPTION_LIMIT, FORGE_STATES, ForgejoForge
-from orchestrator.forge.http import DEFAULT_RETRY_S
+from orchestrator.forge.http import DEFAULT_RETRY_S, ForgeApiError
 from tests.fakeforge import FakeForge, Pull
 from tests.fakeforge import forgejo as fake_forgejo
 

@@ -22,9 +22,8 @@ from orchestrator.forge.base import (
     StatusState,
     WebhookError,
 )
-from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.github import GitHubForge, shorten
-from orchestrator.forge.http import DEFAULT_RETRY_S
+from orchestrator.forge.http import DEFAULT_RETRY_S, ForgeApiError
 from tests.fakeforge import FakeForge, Pull
 from tests.fakeforge.github import delivery, fixture, fixture_names, install, signature, webhook_headers
 
@@ -417,7 +416,7 @@ async def test_repository_takes_the_canonical_name_from_the_answer(
     assert await github.repository("OctoCat/hello-world") == Repo(
         "octocat", "Hello-World", "https://github.com/octocat/Hello-World.git")
     answer["owner"] = {"login": 42}
-    with pytest.raises(ForgeApiError, match="owner.login") as odd:
+    with pytest.raises(ForgeApiError, match=r"owner\.login") as odd:
         await github.repository("octocat/Hello-World")
     assert (odd.value.status, odd.value.retry_after_s) == (200, None)
     del answer["owner"]

@@ -24,14 +24,13 @@ from orchestrator.forge.base import (
     StatusState,
     WebhookError,
 )
-from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.gitlab import (
     STATUS_TEXT_LIMIT,
     GitLabForge,
     GitLabHook,
     HookAlertStatus,
 )
-from orchestrator.forge.http import DEFAULT_RETRY_S
+from orchestrator.forge.http import DEFAULT_RETRY_S, ForgeApiError
 from tests.fakeforge import FakeForge, Pull
 from tests.fakeforge import gitlab as fake_gitlab
 

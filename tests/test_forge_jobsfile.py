@@ -272,7 +272,7 @@ async def test_hostile_jobs_files_are_one_error_each_and_the_bridge_goes_on(gith
     for name, (text, _, _) in HOSTILE.items():
         github.fake.files[(REPO, shas[name], JOBS_FILE)] = text
         assert (await github.deliver(*push(shas[name])))[0] == 202, name
-    for name, sha in shas.items():
+    for sha in shas.values():
         await github.fake.wait_for_state(sha, "orchestrator", "error")
     await settle(github)
     for name, (_, line, says) in HOSTILE.items():

@@ -135,7 +135,7 @@ async def test_no_token_or_secret_reaches_the_log_and_the_push_gets_its_job_secr
         headers, body = fake_github.delivery("push.branch", "not-the-secret")
         assert (await deliver_to(url, "github", headers, body))[0] == 401
         await fake.wait_for_state(invalid, "orchestrator", "error")
-        for name, sha in runs.items():
+        for sha in runs.values():
             await fake.wait_for_state(sha, "orchestrator/deploy", "success")
         assert await bridge.stop(timeout_s=10) == 0
         log = "".join(bridge.lines)

@@ -18,9 +18,9 @@ from collections.abc import Awaitable
 import aio_pika
 
 from hypervisors.noop import NoopHypervisor
-from orchestrator.host.journal import JobState, Journal
-from orchestrator.core.messages import JobRequest, JobStatus
 from hypervisors.statedir import vm_name_for
+from orchestrator.core.messages import JobRequest, JobStatus
+from orchestrator.host.journal import JobState, Journal
 from tests.amqpproxy import BASIC_ACK
 from tests.conftest import SHA, Broker, make_settings, wait_for
 from tests.test_reload import consumers_on

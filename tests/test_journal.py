@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.host.journal import InvalidTransition, JobState, Journal
 from orchestrator.core.messages import JobRequest, JobResult, JobStatus
+from orchestrator.host.journal import InvalidTransition, JobState, Journal
 
 
 def request(attempt: int = 1, job_id: uuid.UUID | None = None) -> JobRequest:

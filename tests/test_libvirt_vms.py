@@ -17,9 +17,9 @@ import pytest
 
 from hypervisors.base import BackendError, BackendName
 from hypervisors.libvirt.backend import LibvirtHypervisor
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.imagemap import load_image_map
 from orchestrator.core.messages import JobStatus
+from orchestrator.host.daemon import Daemon
 from tests.conftest import LIBVIRT_URI, make_settings, wait_for
 
 pytestmark = pytest.mark.libvirt

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from orchestrator.core.requestbody import MalformedRequest, parse_request
 from orchestrator.core.messages import (
     MAX_ENV_ENTRIES,
     MAX_ENV_VALUE_BYTES,
@@ -20,6 +19,7 @@ from orchestrator.core.messages import (
     JobResult,
     JobStatus,
 )
+from orchestrator.core.requestbody import MalformedRequest, parse_request
 
 VALID = {
     "schema_version": "jobrequest.v1",

@@ -15,10 +15,10 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from orchestrator import __version__
 from orchestrator.core.httpserver import HttpLimits, HttpLoad
-from orchestrator.web.app import OPENAPI_DOCUMENT, build_app
 from orchestrator.core.imagemap import load_image_map
-from orchestrator.host.journal import JobState
 from orchestrator.core.messages import Heartbeat, JobResult, JobStatus
+from orchestrator.host.journal import JobState
+from orchestrator.web.app import OPENAPI_DOCUMENT, build_app
 from tests.conftest import NOOP_MAP, wait_for
 from tests.test_httpapi import CONSOLE, free_port
 

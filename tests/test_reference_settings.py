@@ -18,9 +18,9 @@ import pytest
 from hypervisors.base import BackendName
 from hypervisors.noop import NoopHypervisor
 from orchestrator.core.config import SettingsError, load_settings
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.imagemap import load_image_map
 from orchestrator.core.messages import JobStatus
+from orchestrator.host.daemon import Daemon
 from tests.conftest import AMQP_URL, SHA, Broker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,13 +14,13 @@ import pytest
 
 from hypervisors.base import BackendName, VmSpec
 from hypervisors.noop import NoopHypervisor
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.imagemap import load_image_map
 from orchestrator.core.messages import JobStatus
+from orchestrator.host.daemon import Daemon
 from tests.amqpproxy import BASIC_ACK
 from tests.conftest import AMQP_URL, LIBVIRT_URI, make_settings, wait_for
-from tests.fakes.counting_noop import CountingNoop
 from tests.daemonproc import DaemonProcess
+from tests.fakes.counting_noop import CountingNoop
 
 
 def daemon_env(prefix: str, state: Path, config: Path, **extra: str) -> dict[str, str]:

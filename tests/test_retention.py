@@ -13,8 +13,8 @@ import uuid
 import aio_pika
 import aiohttp
 
-from orchestrator.host.journal import JobState
 from orchestrator.core.messages import JobRequest, JobResult, JobStatus
+from orchestrator.host.journal import JobState
 from orchestrator.host.retention import DAY_S, sweep
 from orchestrator.host.runner import StopReason
 from tests.conftest import SHA, wait_for

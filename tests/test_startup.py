@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.core.imagemap import load_image_map
 from orchestrator.core.lifecycle import StartupError
 from orchestrator.host.daemon import Daemon
-from orchestrator.core.imagemap import load_image_map
 from tests.conftest import AMQP_URL, make_settings, wait_for
 from tests.daemonproc import ROOT, DaemonProcess
 from tests.fakes.illumos_bin import install_fake_illumos_tools

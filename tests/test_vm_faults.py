@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from hypervisors.base import BackendName
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.imagemap import parse_image_map
 from orchestrator.core.messages import JobRequest, JobStatus
+from orchestrator.host.daemon import Daemon
 from orchestrator.host.runner import job_timeout_s
 from tests.conftest import TEST_IMAGE, make_settings
 

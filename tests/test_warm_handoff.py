@@ -68,5 +68,5 @@ async def test_a_pool_vm_waits_then_runs_the_job_handed_to_it(test_image, test_n
 async def test_a_vm_without_a_job_port_refuses_a_hand_over(tmp_path):
     from hypervisors.handoff import hand_over
 
-    with pytest.raises(HandOffError, match="cannot reach the VM's job port|did not say it was ready"):
+    with pytest.raises(HandOffError, match=r"cannot reach the VM's job port|did not say it was ready"):
         await hand_over(tmp_path / "no.sock", b"x", ready_timeout_s=0.3)

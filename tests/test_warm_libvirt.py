@@ -20,10 +20,10 @@ import yaml
 
 from hypervisors.base import BackendName
 from hypervisors.guest import new_nonce
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.imagemap import load_image_map
-from orchestrator.host.journal import Journal
 from orchestrator.core.messages import JobRequest, JobStatus
+from orchestrator.host.daemon import Daemon
+from orchestrator.host.journal import Journal
 from tests.conftest import AMQP_URL, LIBVIRT_URI, make_settings, wait_for
 from tests.daemonproc import DaemonProcess
 
@@ -396,7 +396,7 @@ async def test_snapshot_restored_vms_run_jobs_each_with_its_own_identity(
             mac, random_hex = lines[at + 1].strip(), lines[at + 2].strip()
             said = [line.strip() for line in lines[:at] if line.startswith("orchestrator: ")]
             assert said[-1:] == [RESEEDED_BY_KERNEL if vmgenid else MIXED_ONLY], said
-            assert mac == dict(zip(names, (m for _, m in identities)))[record.vm_name]  # the guest took its own MAC
+            assert mac == dict(zip(names, (m for _, m in identities), strict=True))[record.vm_name]  # the guest took its own MAC
             seen[job.job_id] = random_hex
             assert results[job.job_id].timings["to_first_command_s"] < 1.0, results[job.job_id].timings
         assert len(set(seen.values())) == 2, seen

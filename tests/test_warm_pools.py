@@ -11,10 +11,10 @@ import json
 import yaml
 
 from hypervisors.base import VmState
-from orchestrator.host.daemon import Daemon
 from orchestrator.core.imagemap import load_image_map
-from orchestrator.host.journal import JobState
 from orchestrator.core.messages import JobStatus
+from orchestrator.host.daemon import Daemon
+from orchestrator.host.journal import JobState
 from tests.conftest import NOOP_MAP, wait_for
 from tests.fakes.counting_noop import CountingNoop
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import libvirt
 
 from hypervisors.base import BackendError, BackendName, ImageFormat, VmInfo, VmSpec, VmState
+from hypervisors.guest import file_contains
+from hypervisors.handoff import HandOffError, JobPort, job_payload
 from hypervisors.libvirt.connection import LibvirtConnection
 from hypervisors.libvirt.domain import DomainFiles, build_domain_xml, read_job_tag, rewrite_for_restore
-from hypervisors.libvirt.saveimage import SaveImageError, read_header, write_with_xml
 from hypervisors.libvirt.overlay import create_overlay
-from hypervisors.handoff import HandOffError, JobPort, job_payload
+from hypervisors.libvirt.saveimage import SaveImageError, read_header, write_with_xml
 from hypervisors.seed import write_seed_iso
-from hypervisors.guest import file_contains
 from hypervisors.statedir import StateDir, open_private, vm_of_file
 
 STATE_POLL_S = 5.0  # safety net under lifecycle events
@@ -37,7 +37,8 @@ WAITING_LINE = b"is waiting for a job"  # what the waiter prints before it says 
 async def _wait_for_line(path: Path, text: bytes, *, timeout_s: float) -> None:
     """Until the console file holds `text` (polled: the file is QEMU's)."""
     async with asyncio.timeout(timeout_s):
-        while not await asyncio.to_thread(file_contains, path, text):
+        # Polled: QEMU writes the file, there is no event to wait on.
+        while not await asyncio.to_thread(file_contains, path, text):  # noqa: ASYNC110
             await asyncio.sleep(0.1)
 
 
@@ -148,6 +149,7 @@ class LibvirtHypervisor:
         try:
             await create_overlay(spec.image_path, spec.image_format, files.overlay, spec.disk_gb)
             if spec.seed is not None:
+                assert files.seed is not None  # a spec with a seed has a seed file
                 await asyncio.to_thread(write_seed_iso, spec.seed, files.seed)
             spec.console_path.parent.mkdir(parents=True, exist_ok=True)
             if spec.job_channel is not None:
@@ -194,7 +196,7 @@ class LibvirtHypervisor:
         try:
             await _wait_for_line(spec.console_path, WAITING_LINE, timeout_s=timeout_s)
             await asyncio.sleep(TEMPLATE_SETTLE_S)  # from its echo to its blocking write
-            template.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(template.mkdir, parents=True, exist_ok=True)
             files = self.files_for(spec)
             memory = template / TEMPLATE_MEMORY
 

@@ -41,7 +41,7 @@ async def image_info(path: Path, image_format: ImageFormat | None = None) -> dic
 
 async def create_overlay(base: Path, base_format: ImageFormat, overlay: Path, disk_gb: int | None) -> None:
     """Create `overlay` backed by `base`; its virtual size is max(base, disk_gb)."""
-    if not base.is_file():
+    if not await asyncio.to_thread(base.is_file):
         raise BackendError(f"base image {base} does not exist (prepare the image first)")
     size_bytes = None
     if disk_gb is not None:

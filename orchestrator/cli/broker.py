@@ -41,7 +41,7 @@ async def _connect_first(urls: list[str], start: int) -> tuple[Any, int]:
         index = (start + offset) % len(urls)
         try:
             return await aio_pika.connect(urls[index], timeout=CONNECT_TIMEOUT_S), index
-        except Exception as exc:  # noqa: BLE001 - refused, DNS, TLS, auth, timeout, bad URL: each is the user's to fix
+        except Exception as exc:
             failures.append(f"{mask_password(urls[index]) if len(urls) == 1 else node_of(urls[index])}: {describe_error(exc)}")
     if len(urls) == 1:
         raise CLIError(f"cannot connect to the broker at {failures[0]}")
@@ -97,7 +97,11 @@ async def ask_hosts(settings: DaemonSettings, question: ControlMessage, answer_t
         await control.publish(message, routing_key="")
         bodies: list[bytes] = []
         lost = asyncio.get_running_loop().create_future()
-        channel.close_callbacks.add(lambda _channel, exc=None: lost.done() or lost.set_result(exc))
+        def on_close(_channel: object, exc: BaseException | None = None) -> None:
+            if not lost.done():
+                lost.set_result(exc)
+
+        channel.close_callbacks.add(on_close)
         try:
             async with asyncio.timeout(answer_timeout):
                 async with replies_queue.iterator() as incoming:

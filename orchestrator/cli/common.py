@@ -16,7 +16,7 @@ from orchestrator.core.imagemap import DEFAULT_IMAGE_MAP, ImageMap, ImageMapErro
 from orchestrator.core.messages import JobStatus
 
 # The object `add_subparsers` returns: each command module adds its parser to it.
-Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Commands: TypeAlias = "argparse._SubParsersAction[Any]"
 # What runs a command: its parsed arguments in, the process exit code out.
 CommandFunction: TypeAlias = Callable[[argparse.Namespace], int]
 

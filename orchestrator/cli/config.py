@@ -8,7 +8,14 @@ import os
 from collections.abc import Iterator
 
 from hypervisors.base import BackendName
-from orchestrator.cli.common import CLIError, Commands, OneLineParser, add_command, load_cli_image_map, load_cli_settings
+from orchestrator.cli.common import (
+    CLIError,
+    Commands,
+    OneLineParser,
+    add_command,
+    load_cli_image_map,
+    load_cli_settings,
+)
 from orchestrator.core import reference
 from orchestrator.core.config import DaemonSettings
 from orchestrator.core.imagemap import ImageEntry, ImageMap

@@ -13,7 +13,14 @@ import asyncio
 import time
 
 from orchestrator.cli.broker import ask_hosts
-from orchestrator.cli.common import CLIError, Commands, add_answer_timeout, add_command, load_cli_settings, parse_seconds
+from orchestrator.cli.common import (
+    CLIError,
+    Commands,
+    add_answer_timeout,
+    add_command,
+    load_cli_settings,
+    parse_seconds,
+)
 from orchestrator.core.config import DaemonSettings
 from orchestrator.core.messages import ControlKind, ControlMessage, Heartbeat
 

@@ -9,7 +9,15 @@ import sys
 from typing import Any
 
 from orchestrator.cli.broker import on_any_node
-from orchestrator.cli.common import STATUS_EXIT_CODES, CLIError, Commands, add_command, load_cli_image_map, load_cli_settings, parse_seconds
+from orchestrator.cli.common import (
+    STATUS_EXIT_CODES,
+    CLIError,
+    Commands,
+    add_command,
+    load_cli_image_map,
+    load_cli_settings,
+    parse_seconds,
+)
 from orchestrator.cli.request import request_from_flags
 from orchestrator.core.config import DaemonSettings
 from orchestrator.core.imagemap import ImageMap, RequestRejected

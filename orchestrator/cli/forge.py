@@ -7,8 +7,13 @@ import argparse
 import asyncio
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.cli.common import CLIError, Commands, OneLineParser, load_cli_settings
+
+if TYPE_CHECKING:  # imported when a command runs: the forge modules are not every command's
+    from orchestrator.core.config import DaemonSettings
+    from orchestrator.forge.config import LoadedForgeConfig
 
 DEFAULT_FORGE_CONFIG = Path("/etc/orchestrator/forge.yaml")
 
@@ -50,7 +55,7 @@ def register(commands: Commands) -> None:
     rerun.set_defaults(func=cmd_forge_rerun)
 
 
-def _load(args: argparse.Namespace):  # -> tuple[DaemonSettings, LoadedForgeConfig]
+def _load(args: argparse.Namespace) -> tuple[Path, DaemonSettings, LoadedForgeConfig]:
     from orchestrator.forge.config import ForgeConfigError, load_forge_config
 
     path = args.forge_config or Path(os.environ.get("ORCH_FORGE_CONFIG") or DEFAULT_FORGE_CONFIG)
@@ -77,8 +82,8 @@ def cmd_forge_check(args: argparse.Namespace) -> int:
 
 def cmd_forge(args: argparse.Namespace) -> int:
     from orchestrator.core.lifecycle import StartupError
-    from orchestrator.forge.service import run_bridge
     from orchestrator.core.logsetup import configure_logging
+    from orchestrator.forge.service import run_bridge
 
     _, settings, loaded = _load(args)
     configure_logging(fmt=settings.log_format)

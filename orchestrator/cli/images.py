@@ -7,7 +7,14 @@ import asyncio
 import sys
 from pathlib import Path
 
-from orchestrator.cli.common import CLIError, Commands, OneLineParser, add_command, load_cli_image_map, load_cli_settings
+from orchestrator.cli.common import (
+    CLIError,
+    Commands,
+    OneLineParser,
+    add_command,
+    load_cli_image_map,
+    load_cli_settings,
+)
 from orchestrator.cli.progress import ProgressPrinter
 from orchestrator.core.imagemap import RequestRejected
 

@@ -12,7 +12,15 @@ from pydantic import ValidationError
 from orchestrator.cli.broker import ask_hosts
 from orchestrator.cli.common import CLIError, Commands, add_answer_timeout, add_command, load_cli_settings
 from orchestrator.core.config import DaemonSettings
-from orchestrator.core.messages import ControlKind, ControlMessage, JobsQuery, JobsReply, JobStateName, JobSummary, now_utc
+from orchestrator.core.messages import (
+    ControlKind,
+    ControlMessage,
+    JobsQuery,
+    JobsReply,
+    JobStateName,
+    JobSummary,
+    now_utc,
+)
 
 STATES = typing.get_args(JobStateName)
 
@@ -45,11 +53,11 @@ async def _jobs(settings: DaemonSettings, query: JobsQuery, args: argparse.Names
         for job in jobs:
             print(job.model_dump_json())
         return 0
-    rows = [("HOST", "JOB", "LABEL", "STATE", "STATUS", "ATTEMPT", "ACCEPTED", "TOOK", "VM")]
+    rows: list[tuple[str, ...]] = [("HOST", "JOB", "LABEL", "STATE", "STATUS", "ATTEMPT", "ACCEPTED", "TOOK", "VM")]
     rows += [_row(job) for job in jobs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     print(f"{len(jobs)} job(s) from {len(replies)} host(s)")
     return 0
 

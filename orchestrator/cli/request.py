@@ -13,7 +13,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from orchestrator.cli.common import CLIError
-from orchestrator.core.messages import ENV_NAME_PATTERN, MAX_ENV_ENTRIES, MAX_ENV_VALUE_BYTES, MAX_SCRIPT_BYTES, JobRequest
+from orchestrator.core.messages import (
+    ENV_NAME_PATTERN,
+    MAX_ENV_ENTRIES,
+    MAX_ENV_VALUE_BYTES,
+    MAX_SCRIPT_BYTES,
+    JobRequest,
+)
 
 # ENV_NAME_PATTERN in words; a test keeps the two in step.
 ENV_NAME_RULE = "letters, digits and _, not starting with a digit, at most 128 characters"

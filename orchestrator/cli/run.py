@@ -24,8 +24,8 @@ def register(commands: Commands) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.core.lifecycle import StartupError
-    from orchestrator.host.daemon import run_daemon
     from orchestrator.core.logsetup import configure_logging
+    from orchestrator.host.daemon import run_daemon
 
     settings = load_cli_settings(args)
     image_map = load_cli_image_map(settings)

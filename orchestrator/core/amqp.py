@@ -118,7 +118,8 @@ async def connect_with_retry(url: str, *, name: str, timeout_s: float, masked_ur
         retry=tenacity.retry_if_exception_type((OSError, asyncio.TimeoutError)),  # AMQPConnectionError is an OSError
         before_sleep=lambda state: log.warning(
             "broker.connect_failed", url=masked_url, attempt=state.attempt_number,
-            retry_in_s=round(state.upcoming_sleep, 2), error=describe_error(state.outcome.exception()),
+            retry_in_s=round(state.upcoming_sleep, 2),
+            error=describe_error(state.outcome.exception() if state.outcome is not None else None),
         ),
         reraise=True,
     )
@@ -177,7 +178,7 @@ def describe_error(exc: BaseException | None) -> str:
 def json_message(
     model: BaseModel | bytes,
     *,
-    headers: Mapping[str, object] | None = None,
+    headers: Mapping[str, Any] | None = None,
     message_id: str | None = None,
     persistent: bool = True,
 ) -> aio_pika.Message:

@@ -12,16 +12,15 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
-
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hypervisors.base import BackendName
+from hypervisors.statedir import StateDir
 from orchestrator.core.imagemap import DEFAULT_IMAGE_MAP, MAP_MAX_BYTES
 from orchestrator.core.messages import LABEL_PATTERN, MAX_MESSAGE_BYTES
 from orchestrator.core.reference import AMQP_NAME_PATTERN, REFERENCE_ROUTING_KEY, ReferenceError, map_reference_settings
-from hypervisors.statedir import StateDir
 
 
 class SettingsError(Exception):

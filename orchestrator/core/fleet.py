@@ -18,10 +18,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.core.amqp import BROKER_ERRORS, broker_cancellation_as_error, describe_error, json_message, wait_uncancelled
+from orchestrator.core.amqp import (
+    BROKER_ERRORS,
+    broker_cancellation_as_error,
+    describe_error,
+    json_message,
+    wait_uncancelled,
+)
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import (
     ControlKind,
@@ -89,7 +95,7 @@ class Fleet:
         self.unreachable_after_s = HEARTBEATS_MISSED * heartbeat_s
         self._max_hosts = max_hosts
         self._seen: dict[str, _Seen] = {}
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._control: AbstractExchange | None = None
         self._describe: asyncio.Task[None] | None = None
 

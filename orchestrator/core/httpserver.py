@@ -210,4 +210,4 @@ async def serve_within_limits(app: web.Application, listen: str, load: HttpLoad)
 def bound_port(runner: web.AppRunner) -> int:
     """The port a runner's (only) site listens on (for `listen` port 0)."""
     site = next(iter(runner.sites))
-    return site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined,union-attr]
+    return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

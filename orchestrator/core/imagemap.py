@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -237,7 +238,7 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path) or "(top level)"
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     loc = error["loc"]
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])

@@ -30,7 +30,7 @@ def failing_as(what: str, fix: str | None = None) -> Iterator[None]:
         yield
     except StartupError:
         raise
-    except (OSError, sqlite3.Error, BackendError, aio_pika.exceptions.AMQPError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, sqlite3.Error, BackendError, aio_pika.exceptions.AMQPError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else describe_error(exc)
         raise StartupError(f"{what}: {detail}" + (f" ({fix})" if fix else "")) from None
 

@@ -230,11 +230,11 @@ class JobResult(BaseModel):
         elif request_id is not None:
             identity = {"request_id": request_id}
         return cls(
-            **identity,  # type: ignore[arg-type]
+            **identity,
             status=status,
             success=status is JobStatus.SUCCEEDED,
             summary=summary,
-            **fields,  # type: ignore[arg-type]
+            **fields,
         )
 
 

@@ -18,7 +18,6 @@ from pydantic import ValidationError
 
 from orchestrator.core.messages import MAX_MESSAGE_BYTES, JobRequest
 
-
 SHOWN_KEY_CHARS = 64  # of a field name from the message, in a reason or log line
 
 

@@ -52,7 +52,7 @@ class GroupCommitDatabase:
                 if not batch and self._closing:
                     break
             outcomes = self._commit(batch)
-            for (ok, value), (_, future, loop) in zip(outcomes, batch):
+            for (ok, value), (_, future, loop) in zip(outcomes, batch, strict=True):
                 loop.call_soon_threadsafe(functools.partial(_settle, future, value, ok=ok))
         self._conn.close()
 

@@ -16,6 +16,7 @@ declared with: nodes added later join it with `rabbitmq-queues grow`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
@@ -103,14 +104,14 @@ class DeclaredTopology:
     dlq: AbstractQueue
 
 
-def quorum_queue_arguments(quorum_size: int, **extra: object) -> dict[str, object]:
+def quorum_queue_arguments(quorum_size: int, **extra: Any) -> dict[str, Any]:
     """The arguments of one of our quorum queues: replicated on `quorum_size` nodes (at
     most the cluster's), plus `extra` (e.g. `{"x-delivery-limit": 50}`). Anything that
     declares one of our queues declares it with these, or the broker refuses it."""
     return {"x-queue-type": "quorum", "x-quorum-initial-group-size": quorum_size, **extra}
 
 
-def job_queue_arguments(topology: Topology, *, delivery_limit: int, quorum_size: int) -> dict[str, object]:
+def job_queue_arguments(topology: Topology, *, delivery_limit: int, quorum_size: int) -> dict[str, Any]:
     # Quorum queues: replicated, and their delivery limit stops a message that keeps
     # killing consumers from looping forever (it goes to the DLQ instead).
     return quorum_queue_arguments(
@@ -189,7 +190,7 @@ async def declare_topology(
 
 async def delete_topology(channel: AbstractChannel, topology: Topology, labels: list[str]) -> None:
     """Remove everything `declare_topology` made (tests and benchmarks clean up with it)."""
-    for name in [topology.label_queue(l) for l in labels] + [topology.unroutable_queue, topology.dlq, topology.dead_letters_queue,
+    for name in [topology.label_queue(label) for label in labels] + [topology.unroutable_queue, topology.dlq, topology.dead_letters_queue,
                                                              topology.results_queue, topology.forge_status_queue]:
         await channel.queue_delete(name)
     for name in topology.exchanges():

@@ -23,12 +23,12 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from orchestrator.core.logsetup import EventLogger
 from orchestrator.forge.base import BranchHead, EventKind, Forge, ForgeEvent, PullHead, Repo
-from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.config import LoadedForgeConfig, RepositoryEntry
 from orchestrator.forge.dispatcher import Dispatcher
+from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.journal import BridgeJournal
-from orchestrator.core.logsetup import EventLogger
 
 log = EventLogger("orchestrator.forge.catchup")
 

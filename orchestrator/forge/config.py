@@ -33,11 +33,20 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from orchestrator.forge.base import ForgeKind
 from orchestrator.core.messages import ENV_NAME_PATTERN, LABEL_PATTERN
 from orchestrator.core.yamlfile import YamlDocument, YamlError, parse_yaml
+from orchestrator.forge.base import ForgeKind
 
 CONFIG_MAX_BYTES = 1024 * 1024
 NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"

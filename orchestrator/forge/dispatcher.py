@@ -17,15 +17,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 
 from orchestrator.core.amqp import ConfirmedPublisher, describe_error, json_message
-from orchestrator.forge.base import Forge, ForgeEvent
-from orchestrator.forge.http import ForgeApiError
-from orchestrator.forge.config import LoadedForgeConfig
-from orchestrator.forge.journal import BridgeJournal, Delivery, Run
-from orchestrator.forge.planner import event_from_json, event_to_json, plan_event, request_id_for
-from orchestrator.forge.status import queued, superseded
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import ControlKind, ControlMessage, JobRequest, message_id_for
 from orchestrator.core.topology import Topology
+from orchestrator.forge.base import Forge, ForgeEvent
+from orchestrator.forge.config import LoadedForgeConfig
+from orchestrator.forge.http import ForgeApiError
+from orchestrator.forge.journal import BridgeJournal, Delivery, Run
+from orchestrator.forge.planner import event_from_json, event_to_json, plan_event, request_id_for
+from orchestrator.forge.status import queued, superseded
 
 log = EventLogger("orchestrator.forge.dispatcher")
 
@@ -54,7 +54,7 @@ class Dispatcher:
         self._statuses_changed = statuses_changed
         self._slots = asyncio.Semaphore(concurrency)
         self._busy: set[str] = set()  # delivery keys being processed
-        self._tasks: set[asyncio.Task[bool]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._publishing: dict[str, asyncio.Future[bool]] = {}  # request id -> its publish under way
         self.counts: Counter[str] = Counter()  # for /metrics: deliveries by outcome, jobs published
         self.last_webhook: dict[tuple[str, str], float] = {}  # (forge, repo) -> when its last webhook came
@@ -140,7 +140,7 @@ class Dispatcher:
             self._statuses_changed()
         waiting = [run for run in current if not run.published]
         sent = await asyncio.gather(*(self._publish_once(run) for run in waiting))
-        published = [run.request_id for run, ok in zip(waiting, sent) if ok]
+        published = [run.request_id for run, ok in zip(waiting, sent, strict=True) if ok]
         done = all(sent)
         outcome = f"published {len(published)} job(s)" + (f"; {plan.note}" if plan.note else "") if done else None
         head = (delivery.forge, event.repo.full_name, event.ref_key, event.commit_sha)

@@ -72,8 +72,7 @@ from orchestrator.forge.base import (
     WebhookError,
     WebhookOutcome,
 )
-from orchestrator.forge.http import ForgeApiError
-from orchestrator.forge.http import MAX_PAGES, NEXT_LINK, ApiClient
+from orchestrator.forge.http import MAX_PAGES, NEXT_LINK, ApiClient, ForgeApiError
 
 API_PREFIX = "/api/v1"
 # The forge stores any length (TEXT); the commit status popup shows the description on

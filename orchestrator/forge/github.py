@@ -41,8 +41,7 @@ from orchestrator.forge.base import (
     WebhookError,
     WebhookOutcome,
 )
-from orchestrator.forge.http import ForgeApiError
-from orchestrator.forge.http import ApiClient
+from orchestrator.forge.http import ApiClient, ForgeApiError
 
 API_VERSION = "2022-11-28"
 JSON_MEDIA_TYPE = "application/vnd.github+json"

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from orchestrator.core.logsetup import EventLogger
 from orchestrator.forge.base import (
     BranchHead,
     CommitStatus,
@@ -41,9 +42,7 @@ from orchestrator.forge.base import (
     WebhookError,
     WebhookOutcome,
 )
-from orchestrator.forge.http import ForgeApiError
-from orchestrator.forge.http import DEFAULT_RETRY_S, ApiClient
-from orchestrator.core.logsetup import EventLogger
+from orchestrator.forge.http import DEFAULT_RETRY_S, ApiClient, ForgeApiError
 
 log = EventLogger("orchestrator.forge.gitlab")
 

@@ -9,17 +9,15 @@ this module only classifies: 5xx, network errors and rate limits carry `retry_af
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
-from urllib.parse import parse_qsl, urlsplit
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
-
 
 DEFAULT_RETRY_S = 5.0
 MAX_PAGES = 1000  # a listing longer than this is cut (and catch-up says so)
@@ -101,7 +99,7 @@ class ApiClient:
                 if response.status >= 400:
                     raise _error(method, path, response.status, response.headers, body)
                 return body, response.headers
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise ForgeApiError(f"{method} {path}: {exc or type(exc).__name__}", status=None,
                                 retry_after_s=DEFAULT_RETRY_S) from None
 

@@ -20,13 +20,22 @@ key.path: what` (shown on the commit as an `error` status).
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from orchestrator.forge.base import EventKind, ForgeEvent
-from orchestrator.core.messages import ENV_NAME_PATTERN, LABEL_PATTERN, MAX_ENV_ENTRIES, Cpus, DiskGb, MemoryMb, TimeoutS
+from orchestrator.core.messages import (
+    ENV_NAME_PATTERN,
+    LABEL_PATTERN,
+    MAX_ENV_ENTRIES,
+    Cpus,
+    DiskGb,
+    MemoryMb,
+    TimeoutS,
+)
 from orchestrator.core.yamlfile import YamlError, parse_yaml
+from orchestrator.forge.base import EventKind, ForgeEvent
 
 JOBS_FILE_MAX_BYTES = 256 * 1024 + 64 * 1024  # a script of the largest size, and the rest
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -88,7 +97,7 @@ class JobsFile(BaseModel):
         return {name: job for name, job in self.jobs.items() if job.on.matches(event)}
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown key"
     if error["type"] == "missing":

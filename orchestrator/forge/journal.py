@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.forge.base import CommitStatus, Repo, StatusState
 from orchestrator.core.sqlitedb import GroupCommitDatabase
+from orchestrator.forge.base import CommitStatus, Repo, StatusState
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (

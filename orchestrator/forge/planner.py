@@ -16,13 +16,13 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from orchestrator.core.messages import JobRequest
+from orchestrator.core.requestbody import describe_validation_error
 from orchestrator.forge.base import CommitStatus, EventKind, Forge, ForgeEvent
 from orchestrator.forge.config import RepositoryEntry
 from orchestrator.forge.jobsfile import JobsFile, JobsFileError, JobSpec, parse_jobs_file
 from orchestrator.forge.journal import Run
 from orchestrator.forge.status import context_for, jobs_file_error
-from orchestrator.core.requestbody import describe_validation_error
-from orchestrator.core.messages import JobRequest
 
 # Fixed forever: request ids of runs already published depend on it.
 REQUEST_NAMESPACE = uuid.UUID("5f1c0a52-9c36-4d8e-a51b-6e3d5d2b7c11")

@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.core.httpserver import headers_arrived
+from orchestrator.core.logsetup import EventLogger
 from orchestrator.forge.base import Forge, Ignored, Ping, WebhookError
 from orchestrator.forge.config import LoadedForgeConfig
 from orchestrator.forge.dispatcher import Dispatcher
-from orchestrator.core.httpserver import headers_arrived
-from orchestrator.core.logsetup import EventLogger
 
 log = EventLogger("orchestrator.forge.receiver")
 

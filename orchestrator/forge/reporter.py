@@ -21,13 +21,13 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import ValidationError
 
 from orchestrator.core.amqp import describe_error
+from orchestrator.core.logsetup import EventLogger
+from orchestrator.core.messages import EventKind, JobEvent, JobResult
+from orchestrator.core.topology import Topology, quorum_queue_arguments
 from orchestrator.forge.base import CommitStatus, Forge, Repo
 from orchestrator.forge.http import ForgeApiError
 from orchestrator.forge.journal import BridgeJournal, PendingStatus
 from orchestrator.forge.status import finished, running
-from orchestrator.core.logsetup import EventLogger
-from orchestrator.core.messages import EventKind, JobEvent, JobResult
-from orchestrator.core.topology import Topology, quorum_queue_arguments
 
 log = EventLogger("orchestrator.forge.reporter")
 

@@ -15,9 +15,14 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
+
+from hypervisors.statedir import STATE_DIR_MODE, restrict_umask
 from orchestrator.core.amqp import ConfirmedPublisher, FailoverConnection, connect_with_retry, describe_error
 from orchestrator.core.config import DaemonSettings
+from orchestrator.core.httpserver import HttpLimits, HttpLoad, bound_port, serve_within_limits
 from orchestrator.core.lifecycle import BackgroundTasks, StartupError, bounded, failing_as
+from orchestrator.core.logsetup import EventLogger
+from orchestrator.core.topology import Topology, declare_topology
 from orchestrator.forge.base import Forge
 from orchestrator.forge.catchup import CatchUp, RepoReport
 from orchestrator.forge.config import LoadedForgeConfig
@@ -26,10 +31,6 @@ from orchestrator.forge.journal import BridgeJournal
 from orchestrator.forge.receiver import build_receiver, gauges
 from orchestrator.forge.registry import build_forge
 from orchestrator.forge.reporter import StatusReporter
-from orchestrator.core.httpserver import HttpLimits, HttpLoad, bound_port, serve_within_limits
-from orchestrator.core.logsetup import EventLogger
-from hypervisors.statedir import STATE_DIR_MODE, restrict_umask
-from orchestrator.core.topology import Topology, declare_topology
 
 log = EventLogger("orchestrator.forge")
 
@@ -131,7 +132,7 @@ class ForgeBridge:
             self._connection = await connect_with_retry(
                 s.amqp_url, name="orchestrator-forge", timeout_s=s.broker_connect_timeout_s, masked_url=s.masked_amqp_url()
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise StartupError(
                 f"cannot connect to the broker at {s.masked_amqp_url()} within {s.broker_connect_timeout_s:g} s: "
                 f"{describe_error(exc)} (start RabbitMQ or fix AMQP_URL)"

@@ -4,8 +4,8 @@ limit). Context: `orchestrator/<job name>`; `orchestrator` for the jobs file its
 
 from __future__ import annotations
 
-from orchestrator.forge.base import CommitStatus, StatusState
 from orchestrator.core.messages import JobResult, JobStatus
+from orchestrator.forge.base import CommitStatus, StatusState
 
 CONTEXT_PREFIX = "orchestrator"
 

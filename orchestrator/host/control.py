@@ -12,15 +12,14 @@ name hosts; a host not named ignores them (and does not answer).
 
 from __future__ import annotations
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from typing import Protocol
 
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.core.amqp import json_message
 from orchestrator.core.fleet import NOT_HELD
-from orchestrator.host.journal import JobState, Journal
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import (
     CancelOutcome,
@@ -34,8 +33,9 @@ from orchestrator.core.messages import (
     JobsReply,
     JobSummary,
 )
-from orchestrator.host.runner import JobRunner, StopReason
 from orchestrator.core.topology import Topology
+from orchestrator.host.journal import JobState, Journal
+from orchestrator.host.runner import JobRunner, StopReason
 
 log = EventLogger("orchestrator.host.control")
 

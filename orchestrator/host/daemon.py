@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from hypervisors.base import BackendName, Hypervisor
 from hypervisors.router import RouterHypervisor
+from hypervisors.statedir import restrict_umask
 from orchestrator import __version__
 from orchestrator.core.amqp import (
     ConfirmedPublisher,
@@ -34,34 +35,12 @@ from orchestrator.core.amqp import (
     describe_error,
     wait_uncancelled,
 )
-from orchestrator.host.capacity import CapacityLedger
 from orchestrator.core.config import DaemonSettings
-from orchestrator.host.consumer import RequeueReason, Settler
-from orchestrator.host.deadletters import DeadLetterAnswerer
-from orchestrator.host.control import CancelRegistry, ControlListener
 from orchestrator.core.fdlimit import raise_open_files_limit
 from orchestrator.core.fleet import Fleet, FleetUnavailable
 from orchestrator.core.httpserver import HttpLimits
-from orchestrator.web.app import start_http
-from orchestrator.web.hostview import MetricsSnapshot
 from orchestrator.core.imagemap import ImageEntry, ImageMap, ImageMapError, Resources, load_image_map
 from orchestrator.core.images import ImagePreparer
-from orchestrator.host.ingress import ReferenceIngress
-from orchestrator.host.intake import REDELIVERY_CHECK_S, AcceptedJob, JobIntake
-from orchestrator.host.jobview import detail_of, summary_of
-from orchestrator.host.journal import JobState, Journal
-from orchestrator.core.logsetup import EventLogger
-from orchestrator.core.messages import Heartbeat, JobDetail, JobHolding, JobLocation, JobsQuery, JobSummary
-from orchestrator.host.outbox import ResultOutbox
-from orchestrator.host.reconcile import reconcile
-from orchestrator.core.metrics import DaemonMetrics, measure_loop_lag
-from orchestrator.host.retention import directory_bytes, sweep
-from orchestrator.host.runner import JobRunner, StopReason
-from orchestrator.host.scheduler import Scheduler
-from hypervisors.statedir import restrict_umask
-from orchestrator.core.topology import Topology, declare_topology
-from orchestrator.host.warmpool import WarmPools
-from orchestrator.host.window import HostWindow
 from orchestrator.core.lifecycle import (
     CLOSE_STEP_TIMEOUT_S,
     BackgroundTasks,
@@ -69,6 +48,27 @@ from orchestrator.core.lifecycle import (
     bounded,
     failing_as,
 )
+from orchestrator.core.logsetup import EventLogger
+from orchestrator.core.messages import Heartbeat, JobDetail, JobHolding, JobLocation, JobsQuery, JobSummary
+from orchestrator.core.metrics import DaemonMetrics, measure_loop_lag
+from orchestrator.core.topology import Topology, declare_topology
+from orchestrator.host.capacity import CapacityLedger
+from orchestrator.host.consumer import RequeueReason, Settler
+from orchestrator.host.control import CancelRegistry, ControlListener
+from orchestrator.host.deadletters import DeadLetterAnswerer
+from orchestrator.host.ingress import ReferenceIngress
+from orchestrator.host.intake import REDELIVERY_CHECK_S, AcceptedJob, JobIntake
+from orchestrator.host.jobview import detail_of, summary_of
+from orchestrator.host.journal import JobState, Journal
+from orchestrator.host.outbox import ResultOutbox
+from orchestrator.host.reconcile import reconcile
+from orchestrator.host.retention import directory_bytes, sweep
+from orchestrator.host.runner import JobRunner, StopReason
+from orchestrator.host.scheduler import Scheduler
+from orchestrator.host.warmpool import WarmPools
+from orchestrator.host.window import HostWindow
+from orchestrator.web.app import start_http
+from orchestrator.web.hostview import MetricsSnapshot
 
 log = EventLogger("orchestrator.host.daemon")
 
@@ -511,14 +511,15 @@ class Daemon:
         away. Where another host now has the attempt, this host's copy is stopped (no
         second result, no VM spent on it); where it is only checking, it will hear from
         this host and leave the job here."""
-        assert self.runner is not None
+        runner = self.runner
+        assert runner is not None
 
         async def check(job: AcceptedJob) -> None:
             try:
                 holder = await self.fleet.holder_of(job.job_id, job.request.attempt)
             except FleetUnavailable:
                 return  # gone again: the next reconnection asks
-            if holder is not None and holder.state != "checking" and self.runner.supersede(job.job_id, holder.host):
+            if holder is not None and holder.state != "checking" and runner.supersede(job.job_id, holder.host):
                 log.warning("job.ack_lost", job_id=job.job_id, holder=holder.host, holder_state=holder.state)
 
         await asyncio.gather(*(check(job) for job in jobs))
@@ -530,7 +531,7 @@ class Daemon:
                 s.amqp_url, name=f"orchestrator@{s.host_name}", timeout_s=s.broker_connect_timeout_s,
                 masked_url=s.masked_amqp_url(),
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise StartupError(
                 f"cannot connect to the broker at {s.masked_amqp_url()} within {s.broker_connect_timeout_s:g} s: "
                 f"{describe_error(exc)} (start RabbitMQ or fix AMQP_URL; BROKER_CONNECT_TIMEOUT_S sets how long to wait)"

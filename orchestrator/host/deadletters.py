@@ -24,13 +24,13 @@ from collections.abc import Callable, Mapping
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from orchestrator.core.amqp import ConfirmedPublisher, json_message
-from orchestrator.host.consumer import Decision, QueueConsumer, Settler, Verdict
 from orchestrator.core.fleet import FleetUnavailable
-from orchestrator.host.handback import HolderOf
-from orchestrator.core.requestbody import MalformedRequest, parse_request
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import JobResult, JobStatus, message_id_for
+from orchestrator.core.requestbody import MalformedRequest, parse_request
 from orchestrator.core.topology import NO_RESULT_HEADER, REASON_HEADER, Topology
+from orchestrator.host.consumer import Decision, QueueConsumer, Settler, Verdict
+from orchestrator.host.handback import HolderOf
 from orchestrator.host.window import Claimed
 
 log = EventLogger("orchestrator.host.deadletters")

@@ -59,7 +59,7 @@ class HandBack:
         last one), or leave it to the host that has it. Raises the last error when the
         broker stayed away (at once when `stopping()`)."""
         retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_delay(HAND_BACK_RETRY_S) | tenacity.stop_when_event_set(_Flag(stopping)),
+            stop=tenacity.stop_after_delay(HAND_BACK_RETRY_S) | _WhenStopping(stopping),
             wait=tenacity.wait_exponential(multiplier=0.5, max=8),
             retry=tenacity.retry_if_exception_type(Exception),
             before_sleep=lambda state: jlog.warning(
@@ -90,8 +90,11 @@ class HandBack:
         return holder if holder is not None and holder.state != "checking" else None
 
 
-class _Flag:
-    """`stopping()` as the event-like object tenacity's `stop_when_event_set` reads."""
+class _WhenStopping(tenacity.stop.stop_base):
+    """Stop retrying once the daemon shuts down (`stopping()`)."""
 
-    def __init__(self, is_set: Callable[[], bool]) -> None:
-        self.is_set = is_set
+    def __init__(self, stopping: Callable[[], bool]) -> None:
+        self._stopping = stopping
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self._stopping()

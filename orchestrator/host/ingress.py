@@ -30,9 +30,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from orchestrator.core.config import DaemonSettings
-from orchestrator.host.consumer import Handler, QueueConsumer, Settler
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.topology import Topology, job_queue_arguments
+from orchestrator.host.consumer import Handler, QueueConsumer, Settler
 
 log = EventLogger("orchestrator.host.ingress")
 

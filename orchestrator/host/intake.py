@@ -20,13 +20,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from hypervisors.base import BackendError
 from hypervisors.guest import new_nonce
+from hypervisors.statedir import vm_name_for
 from orchestrator.core.amqp import ConfirmedPublisher, json_message
-from orchestrator.host.capacity import CapacityLedger, Reservation
-from orchestrator.host.consumer import Decision, RequeueReason, Verdict, delivery_channel_open, delivery_count
 from orchestrator.core.fleet import FleetUnavailable
-from orchestrator.host.handback import HolderOf
 from orchestrator.core.imagemap import ImageEntry, ImageMap, RequestRejected, Resources
-from orchestrator.host.journal import Journal
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import (
     MAX_MESSAGE_BYTES,
@@ -35,10 +32,13 @@ from orchestrator.core.messages import (
     JobStatus,
     now_utc,
 )
-from orchestrator.host.outbox import ResultOutbox
 from orchestrator.core.requestbody import MalformedRequest, parse_request
-from hypervisors.statedir import vm_name_for
 from orchestrator.core.topology import REROUTED_HEADER, Topology
+from orchestrator.host.capacity import CapacityLedger, Reservation
+from orchestrator.host.consumer import Decision, RequeueReason, Verdict, delivery_channel_open, delivery_count
+from orchestrator.host.handback import HolderOf
+from orchestrator.host.journal import Journal
+from orchestrator.host.outbox import ResultOutbox
 from orchestrator.host.warmpool import PoolVm, WarmPools
 from orchestrator.host.window import Claimed, HostWindow
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from orchestrator.host.journal import JobRecord
-from orchestrator.core.messages import JobDetail, JobSummary, RequestView
 from hypervisors.statedir import is_pool_vm
+from orchestrator.core.messages import JobDetail, JobSummary, RequestView
+from orchestrator.host.journal import JobRecord
 
 
 def _when(timestamp: float | None) -> datetime | None:

@@ -23,7 +23,6 @@ from orchestrator.core.messages import JobRequest, JobResult
 from orchestrator.core.sqlitedb import GroupCommitDatabase
 
 
-
 class JobState(str, enum.Enum):
     ACCEPTED = "accepted"  # acked from the broker; VM not yet running
     RUNNING = "running"  # VM started
@@ -293,7 +292,8 @@ class Journal:
         limit: int = 100,
     ) -> list[JobRecord]:
         """This host's jobs, newest first (by when they were accepted or answered)."""
-        where, values = ["1"], []
+        where: list[str] = ["1"]
+        values: list[object] = []
         if state is not None:
             where.append("state = ?")
             values.append(state.value)

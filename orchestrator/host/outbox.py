@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.core.amqp import ConfirmedPublisher, broker_cancellation_as_error, describe_error, json_message
-from orchestrator.host.journal import JobState, Journal
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import JobResult, message_id_for
 from orchestrator.core.metrics import DaemonMetrics
 from orchestrator.core.topology import Topology
+from orchestrator.host.journal import JobState, Journal
 
 log = EventLogger("orchestrator.host.outbox")
 

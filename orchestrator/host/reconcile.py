@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 
 from hypervisors.base import BackendError, VmInfo, VmSpec, VmState
 from hypervisors.router import RouterHypervisor
-from orchestrator.host.capacity import CapacityLedger
+from hypervisors.statedir import vm_name_for
 from orchestrator.core.config import DaemonSettings
 from orchestrator.core.imagemap import ImageMap, RequestRejected
-from orchestrator.host.intake import AcceptedJob
-from orchestrator.host.journal import LIVE_STATES, JobRecord, JobState, Journal
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import JobResult, JobStatus
+from orchestrator.host.capacity import CapacityLedger
+from orchestrator.host.intake import AcceptedJob
+from orchestrator.host.journal import LIVE_STATES, JobRecord, JobState, Journal
 from orchestrator.host.outbox import ResultOutbox
 from orchestrator.host.runner import JobRunner
-from hypervisors.statedir import vm_name_for
 
 log = EventLogger("orchestrator.host.reconcile")
 

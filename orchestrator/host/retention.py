@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.host.journal import Journal
-from orchestrator.core.logsetup import EventLogger
 from hypervisors.statedir import StateDir
+from orchestrator.core.logsetup import EventLogger
+from orchestrator.host.journal import Journal
 
 log = EventLogger("orchestrator.host.retention")
 

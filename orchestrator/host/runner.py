@@ -11,32 +11,31 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from hypervisors.base import BackendError, Hypervisor, SeedFiles, VmSpec, VmState
-from hypervisors.guest import build_meta_data, build_user_data, find_exit_code, started_line
+from hypervisors.guest import build_meta_data, build_user_data, file_contains, find_exit_code, started_line
 from hypervisors.handoff import HandOffError
 from hypervisors.router import RouterHypervisor
+from hypervisors.statedir import is_pool_vm, vm_name_for
 from orchestrator.core.amqp import ConfirmedPublisher, describe_error
-from orchestrator.host.capacity import CapacityLedger
 from orchestrator.core.config import DaemonSettings
-from hypervisors.guest import file_contains
-from orchestrator.host.console import ConsoleFollower
-from orchestrator.core.images import ImagePreparer, ImagePrepError
-from orchestrator.host.intake import AcceptedJob
-from orchestrator.host.journal import JobState, Journal
-from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.imagemap import ImageEntry
-from orchestrator.host.handback import HandBack, HandBackOutcome, HolderOf
+from orchestrator.core.images import ImagePreparer, ImagePrepError
+from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import EventKind, JobEvent, JobRequest, JobResult, JobStatus
 from orchestrator.core.metrics import DaemonMetrics
-from orchestrator.host.outbox import ResultOutbox
-from hypervisors.statedir import is_pool_vm, vm_name_for
 from orchestrator.core.topology import Topology
+from orchestrator.host.capacity import CapacityLedger
+from orchestrator.host.console import ConsoleFollower
+from orchestrator.host.handback import HandBack, HandBackOutcome, HolderOf
+from orchestrator.host.intake import AcceptedJob
+from orchestrator.host.journal import JobState, Journal
+from orchestrator.host.outbox import ResultOutbox
 
 log = EventLogger("orchestrator.host.runner")
 

@@ -19,12 +19,12 @@ import time
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from orchestrator.core.amqp import broker_cancellation_as_error, describe_error
-from orchestrator.host.capacity import Reservation
-from orchestrator.host.consumer import QueueConsumer, Settler
 from orchestrator.core.imagemap import ImageMap
-from orchestrator.host.intake import JobIntake
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.topology import Topology
+from orchestrator.host.capacity import Reservation
+from orchestrator.host.consumer import QueueConsumer, Settler
+from orchestrator.host.intake import JobIntake
 from orchestrator.host.window import ConsumerClaims, HostWindow
 
 log = EventLogger("orchestrator.host.scheduler")

@@ -39,14 +39,14 @@ from hypervisors.base import BackendError, BackendName, Hypervisor, SeedFiles, V
 from hypervisors.guest import build_meta_data
 from hypervisors.handoff import HandOffError, waiter_user_data
 from hypervisors.router import RouterHypervisor
-from orchestrator.host.capacity import CapacityLedger, Reservation
+from hypervisors.statedir import pool_vm_name
 from orchestrator.core.config import DaemonSettings
 from orchestrator.core.imagemap import ImageEntry, ImageMap, Resources
 from orchestrator.core.images import ImagePreparer, ImagePrepError, resolve_image_path
 from orchestrator.core.logsetup import EventLogger
 from orchestrator.core.messages import UtcDatetime, now_utc
 from orchestrator.core.metrics import BootKind, DaemonMetrics
-from hypervisors.statedir import pool_vm_name
+from orchestrator.host.capacity import CapacityLedger, Reservation
 
 log = EventLogger("orchestrator.host.warmpool")
 

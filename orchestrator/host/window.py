@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from orchestrator.host.capacity import CapacityLedger, Reservation
 from orchestrator.core.imagemap import Resources
 from orchestrator.core.logsetup import EventLogger
+from orchestrator.host.capacity import CapacityLedger, Reservation
 
 log = EventLogger("orchestrator.host.window")
 

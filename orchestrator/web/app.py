@@ -41,13 +41,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.core.httpserver import HttpLimits, HttpLoad, headers_arrived, serve_within_limits
-from orchestrator.web.hostview import HostView
-from orchestrator.web import dashboard
 from orchestrator.core.fleet import Fleet
-from orchestrator.web.joblog import LogText
-from orchestrator.core.messages import Heartbeat
+from orchestrator.core.httpserver import HttpLimits, HttpLoad, headers_arrived, serve_within_limits
 from orchestrator.core.logsetup import EventLogger
+from orchestrator.core.messages import Heartbeat
+from orchestrator.web import dashboard
+from orchestrator.web.hostview import HostView
+from orchestrator.web.joblog import LogText
 from orchestrator.web.logstream import stream_log
 from orchestrator.web.sessions import Access
 
@@ -183,7 +183,7 @@ def build_app(
     async def status(_: web.Request) -> web.Response:
         return web.json_response(view.status())
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics_text(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
     async def openapi(_: web.Request) -> web.Response:
@@ -270,7 +270,7 @@ def build_app(
     app.on_cleanup.append(close_load)
     app.add_routes([
         web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status),
-        web.get("/metrics", metrics), web.get("/jobs", jobs), web.get("/jobs/{job_id}", job),
+        web.get("/metrics", metrics_text), web.get("/jobs", jobs), web.get("/jobs/{job_id}", job),
         web.get("/jobs/{job_id}/log", job_log), web.get("/jobs/{job_id}/log/stream", job_log_stream),
         web.post("/drain", drain), web.post("/resume", resume), web.get("/openapi.json", openapi),
     ])
@@ -279,11 +279,11 @@ def build_app(
 
 
 async def start_http(
-    view: HostView, listen: str, *, token: str | None, limits: HttpLimits = HttpLimits(),
+    view: HostView, listen: str, *, token: str | None, limits: HttpLimits | None = None,
     metrics: CollectorRegistry | None = None, fleet: Fleet | None = None, public_url: str | None = None,
 ) -> web.AppRunner:
     """Serve the daemon's API on `listen` within `limits`, with `metrics` on `/metrics`.
     Raises OSError when the address is taken."""
-    load = HttpLoad(limits)
+    load = HttpLoad(limits or HttpLimits())
     app = build_app(view, token=token, load=load, metrics=metrics, fleet=fleet, public_url=public_url)
     return await serve_within_limits(app, listen, load)

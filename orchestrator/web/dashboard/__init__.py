@@ -36,8 +36,15 @@ from pydantic import ValidationError
 from orchestrator.core.fleet import Fleet, FleetJobs, FleetUnavailable
 from orchestrator.core.httpserver import HttpLoad, RefusalLog
 from orchestrator.core.logsetup import EventLogger
-from orchestrator.web.logstream import SSE_KEEPALIVE_S, SSE_POLL_S, STREAM_RETRY_AFTER_S, has_log, refuse_stream, stream_log
 from orchestrator.core.messages import Heartbeat, JobsQuery
+from orchestrator.web.logstream import (
+    SSE_KEEPALIVE_S,
+    SSE_POLL_S,
+    STREAM_RETRY_AFTER_S,
+    has_log,
+    refuse_stream,
+    stream_log,
+)
 from orchestrator.web.sessions import Access
 
 if TYPE_CHECKING:
