@@ -284,10 +284,10 @@ def test_help_is_available_for_every_command(capsys):
     assert "--wait" in capsys.readouterr().out
 
 
-def test_every_setting_is_in_the_readme_table():
+def test_every_setting_is_in_the_settings_table():
     from pathlib import Path
 
     from orchestrator.core.config import ENV_NAMES
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "settings.md").read_text()
     assert [name for name in ENV_NAMES.values() if f"| `{name}`" not in readme and f"`{name}` |" not in readme] == []

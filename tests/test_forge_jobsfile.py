@@ -26,13 +26,13 @@ from tests.fakeforge import FakeForge
 from tests.fakeforge import github as fake_github
 from tests.forgebridge import JOBS, SECRET, Bridge, start_bridge, write_config
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+FORGE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "forge-bridge.md"
 REPO = "octo-org/widgets"
 CLONE_URL = "https://github.com/octo-org/widgets.git"
 JOBS_FILE = ".orchestrator.yaml"
 
-# The README's example job (`test`), and jobs that use the rest of the format. `on` is
-# quoted here and unquoted in the README's example: both are read as the key `on`.
+# The documented example job (`test`, docs/forge-bridge.md), and jobs that use the rest of the format. `on` is
+# quoted here and unquoted in the documented example: both are read as the key `on`.
 EXAMPLE = """\
 jobs:
   test:                        # the job's name; commit status context "orchestrator/test"
@@ -145,16 +145,16 @@ def test_on_filters_pick_jobs_by_event_branch_glob_and_tag():
     assert chosen == {label: jobs_ for label, (_, _, jobs_) in EVENTS.items()}
 
 
-def readme_example() -> str:
-    """The jobs file the README's "Forge bridge" section shows, as it shows it."""
-    text = README.read_text()
-    start = text.index("# .orchestrator.yaml in the repository\n", text.index("## Forge bridge"))
+def documented_example() -> str:
+    """The jobs file docs/forge-bridge.md shows first, as it shows it."""
+    text = FORGE_PAGE.read_text()
+    start = text.index("# .orchestrator.yaml in the repository\n")
     block = text[start:text.index("```", start)]
     return block.split("\n", 1)[1]
 
 
-def test_the_readme_example_jobs_file_is_valid_and_its_filter_applies():
-    jobs = parse_jobs_file(readme_example().encode(), filename=JOBS_FILE)
+def test_the_documented_example_jobs_file_is_valid_and_its_filter_applies():
+    jobs = parse_jobs_file(documented_example().encode(), filename=JOBS_FILE)
     assert jobs.jobs["test"].on.branches == ["main", "release/*"]
     assert set(jobs.matching(_event(EventKind.PUSH, branch="release/1.2"))) == {"test"}
     assert set(jobs.matching(_event(EventKind.PUSH, branch="feature/login"))) == set()

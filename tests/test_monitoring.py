@@ -1,7 +1,7 @@
 """The shipped monitoring: examples/prometheus-alerts.yaml (and the forge bridge's rules)
 pass `promtool check rules` and the unit tests in tests/fixtures/prometheus/, the
 Grafana dashboard is valid JSON whose queries are valid PromQL, and every metric the
-dashboard and the alerts query, and every one the README lists, is what a live daemon
+dashboard and the alerts query, and every one docs/operating.md lists, is what a live daemon
 exports."""
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ async def test_dashboard_and_alerts_query_what_a_live_daemon_exports(daemon_fact
         assert not sorted(names - declared), f"{where} queries metrics the daemon does not export"
         assert not sorted(names - samples - NOT_RECORDED_IN_THE_TEST), f"{where} queries series the live daemon did not record"
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operating.md").read_text()
     listed = set(METRIC_NAME.findall(readme))
     # (prometheus_client shows a histogram's start time as a gauge family of its own)
     ours = {name for name in families if name.startswith("orchestrator_") and not name.endswith("_created")}
-    assert not sorted(name for name in ours if not {name, name + "_total"} & listed), "exported but not in the README"
+    assert not sorted(name for name in ours if not {name, name + "_total"} & listed), "exported but not in docs/operating.md"
