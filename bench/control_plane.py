@@ -66,11 +66,18 @@ async def raw_floor(url: str, n: int) -> tuple[float, float, float]:
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=64)
-        queue = await channel.declare_queue(f"bench-raw-{uuid.uuid4().hex[:8]}", durable=True, arguments={"x-queue-type": "quorum"})
-        body = JobRequest(request_id=uuid.uuid4(), repo_url="https://x/y", commit_sha="a" * 40).model_dump_json().encode()
-        await asyncio.gather(*[
-            channel.default_exchange.publish(aio_pika.Message(body, delivery_mode=2), routing_key=queue.name) for _ in range(n)
-        ])
+        queue = await channel.declare_queue(
+            f"bench-raw-{uuid.uuid4().hex[:8]}", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        body = (
+            JobRequest(request_id=uuid.uuid4(), repo_url="https://x/y", commit_sha="a" * 40).model_dump_json().encode()
+        )
+        await asyncio.gather(
+            *[
+                channel.default_exchange.publish(aio_pika.Message(body, delivery_mode=2), routing_key=queue.name)
+                for _ in range(n)
+            ]
+        )
         consumed = Counting(n)
         t0 = time.perf_counter()
         tag = await queue.consume(consumed)
@@ -92,7 +99,9 @@ async def raw_floor(url: str, n: int) -> tuple[float, float, float]:
         await queue.consume(on_timed)
         for i in range(paced):
             sent[str(i)] = time.perf_counter()
-            await channel.default_exchange.publish(aio_pika.Message(body, delivery_mode=2, message_id=str(i)), routing_key=queue.name)
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=2, message_id=str(i)), routing_key=queue.name
+            )
             await asyncio.sleep(0.005)
         await arrived.wait()
         await queue.delete(if_unused=False, if_empty=False)
@@ -115,13 +124,24 @@ async def daemon_run(url: str, concurrency: int, burst: int, paced: int) -> tupl
     with tempfile.TemporaryDirectory() as state:
         image_map = parse_image_map(MAP, filename="bench-map", base_dir=Path(state))
         settings = DaemonSettings(
-            amqp_url=url, amqp_prefix=prefix, state_dir=Path(state), backend=BackendName.NOOP,
-            max_concurrency=concurrency, host_cpus=4096, host_memory_mb=1 << 30, heartbeat_s=3600, host_name="bench",
+            amqp_url=url,
+            amqp_prefix=prefix,
+            state_dir=Path(state),
+            backend=BackendName.NOOP,
+            max_concurrency=concurrency,
+            host_cpus=4096,
+            host_memory_mb=1 << 30,
+            heartbeat_s=3600,
+            host_name="bench",
         )
         connection = await aio_pika.connect_robust(url)
         channel = await connection.channel(publisher_confirms=True)
         declared = await declare_topology(
-            connection, topology, image_map, delivery_limit=settings.delivery_limit, dlq_max_length=settings.dlq_max_length,
+            connection,
+            topology,
+            image_map,
+            delivery_limit=settings.delivery_limit,
+            dlq_max_length=settings.dlq_max_length,
             quorum_size=settings.quorum_size,
         )
         results_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -133,9 +153,14 @@ async def daemon_run(url: str, concurrency: int, burst: int, paced: int) -> tupl
             return JobRequest(request_id=uuid.uuid4(), repo_url="https://x/y", commit_sha="a" * 40, runs_on="bench")
 
         jobs = [job() for _ in range(burst)]
-        await asyncio.gather(*[
-            declared.jobs.publish(aio_pika.Message(j.model_dump_json().encode(), delivery_mode=2), routing_key="bench") for j in jobs
-        ])
+        await asyncio.gather(
+            *[
+                declared.jobs.publish(
+                    aio_pika.Message(j.model_dump_json().encode(), delivery_mode=2), routing_key="bench"
+                )
+                for j in jobs
+            ]
+        )
         probe = Probe()
         daemon = Daemon(settings, image_map, backends={BackendName.NOOP: probe})
         t0 = time.perf_counter()
@@ -150,7 +175,9 @@ async def daemon_run(url: str, concurrency: int, burst: int, paced: int) -> tupl
         for _ in range(paced):
             j = job()
             sent[j.job_id] = time.perf_counter()
-            await declared.jobs.publish(aio_pika.Message(j.model_dump_json().encode(), delivery_mode=2), routing_key="bench")
+            await declared.jobs.publish(
+                aio_pika.Message(j.model_dump_json().encode(), delivery_mode=2), routing_key="bench"
+            )
             await asyncio.sleep(interval)
         await results.done.wait()
         latencies = [probe.started_at[k] - t for k, t in sent.items()]
@@ -167,7 +194,9 @@ async def main() -> None:
     parser.add_argument("--paced", type=int, default=300)
     args = parser.parse_args()
     raw_rate, raw_p50, raw_p99 = await raw_floor(args.amqp_url, 5000)
-    print(f"floor  raw aio-pika consume+ack: {raw_rate:8.0f} msg/s   publish->consume p50 {raw_p50:.2f} ms  p99 {raw_p99:.2f} ms")
+    print(
+        f"floor  raw aio-pika consume+ack: {raw_rate:8.0f} msg/s   publish->consume p50 {raw_p50:.2f} ms  p99 {raw_p99:.2f} ms"
+    )
     for concurrency in (1, 8, 64):
         burst = args.burst if concurrency > 1 else args.burst // 4
         rate, p50, p99 = await daemon_run(args.amqp_url, concurrency, burst, args.paced)

@@ -68,12 +68,15 @@ def pushes(count: int, tag: str) -> list[Delivery]:
     return out
 
 
-async def drive(url: str, deliveries: list[Delivery], *, concurrency: int, pace_s: float = 0.0) -> tuple[float, dict[str, float]]:
+async def drive(
+    url: str, deliveries: list[Delivery], *, concurrency: int, pace_s: float = 0.0
+) -> tuple[float, dict[str, float]]:
     """POST every delivery, `concurrency` in flight (or one every `pace_s`); the seconds
     taken and the time each was sent."""
     sent: dict[str, float] = {}
     pending = list(reversed(deliveries))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+
         async def post(sha: str, headers: dict[str, str], body: bytes) -> None:
             sent[sha] = time.perf_counter()
             async with http.post(url, data=body, headers=headers) as response:
@@ -136,7 +139,9 @@ async def floor(deliveries: list[Delivery], concurrency: int) -> float:
     return len(deliveries) / seconds
 
 
-async def ours(burst: list[Delivery], paced: list[Delivery], concurrency: int) -> tuple[float, float, float, list[float]]:
+async def ours(
+    burst: list[Delivery], paced: list[Delivery], concurrency: int
+) -> tuple[float, float, float, list[float]]:
     """Webhooks answered per second in the burst, answered and published per second,
     the paced rate used, and the paced latencies (ms)."""
     prefix = f"bench-forge-{uuid.uuid4().hex[:8]}"
@@ -150,10 +155,23 @@ async def ours(burst: list[Delivery], paced: list[Delivery], concurrency: int) -
         config = write_config(Path(tmp), forge="github", kind="github", api_url=fake.url, repo=REPO)
         port = free_port()
         config.write_text(config.read_text().replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}"))
-        env = {**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "TEST_FORGE_TOKEN": fake.token,
-               "TEST_FORGE_SECRET": SECRET, "LOG_FORMAT": "json"}
+        env = {
+            **os.environ,
+            "AMQP_URL": AMQP_URL,
+            "AMQP_PREFIX": prefix,
+            "TEST_FORGE_TOKEN": fake.token,
+            "TEST_FORGE_SECRET": SECRET,
+            "LOG_FORMAT": "json",
+        }
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", "forge", "--config", str(config), env=env, cwd=ROOT,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "forge",
+            "--config",
+            str(config),
+            env=env,
+            cwd=ROOT,
             stderr=asyncio.subprocess.DEVNULL,
         )
         channel = await connection.channel()
@@ -201,14 +219,23 @@ async def main() -> int:
         serve_floor(args.serve_floor)
         return 0
     floor_rate = await floor(pushes(args.webhooks, "floor"), args.concurrency)
-    answered, capacity, rate, latencies = await ours(pushes(args.webhooks, "burst"), pushes(max(200, args.webhooks // 4), "paced"),
-                                           args.concurrency)
+    answered, capacity, rate, latencies = await ours(
+        pushes(args.webhooks, "burst"), pushes(max(200, args.webhooks // 4), "paced"), args.concurrency
+    )
     p50, p99 = statistics.median(latencies), percentile(latencies, 99)
     print(f"floor  bare HMAC-checking handler:          {floor_rate:8.0f} webhooks/s")
-    print(f"ours   answered 202 (journaled), saturated:  {answered:8.0f} webhooks/s = {answered / floor_rate:.2f}x the floor (target >= 0.5x)")
-    print(f"ours   answered and published, saturated:   {capacity:8.0f} webhooks/s = {capacity / floor_rate:.2f}x the floor")
-    print(f"ours   webhook -> job published at {rate:4.0f}/s:  p50 {p50:5.1f} ms  p99 {p99:5.1f} ms (target p99 < 20 ms)")
-    print(f"       ({args.webhooks} pushes at {args.concurrency} in flight, then {len(latencies)} paced; servers in their own processes)")
+    print(
+        f"ours   answered 202 (journaled), saturated:  {answered:8.0f} webhooks/s = {answered / floor_rate:.2f}x the floor (target >= 0.5x)"
+    )
+    print(
+        f"ours   answered and published, saturated:   {capacity:8.0f} webhooks/s = {capacity / floor_rate:.2f}x the floor"
+    )
+    print(
+        f"ours   webhook -> job published at {rate:4.0f}/s:  p50 {p50:5.1f} ms  p99 {p99:5.1f} ms (target p99 < 20 ms)"
+    )
+    print(
+        f"       ({args.webhooks} pushes at {args.concurrency} in flight, then {len(latencies)} paced; servers in their own processes)"
+    )
     return 0
 
 

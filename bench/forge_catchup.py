@@ -60,7 +60,8 @@ def kind_of(method: str, path: str) -> str:
 
 def write_config(directory: Path, api_url: str, repos: list[str]) -> Path:
     path = directory / "forge.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         listen: 127.0.0.1:0
         state_dir: {directory / "forge-state"}
         forges:
@@ -69,7 +70,9 @@ def write_config(directory: Path, api_url: str, repos: list[str]) -> Path:
             token: {{env: BENCH_FORGE_TOKEN}}
             webhook_secret: {{env: BENCH_FORGE_SECRET}}
         repositories:
-        """) + "".join(f"  - {{repo: {repo}, forge: github}}\n" for repo in repos))
+        """)
+        + "".join(f"  - {{repo: {repo}, forge: github}}\n" for repo in repos)
+    )
     return path
 
 
@@ -97,8 +100,17 @@ async def run_pass(config: Path, env: dict[str, str]) -> tuple[float, list[dict]
     """`orchestrator forge catch-up`: its wall time and its `catchup.pass` log events."""
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "forge", "catch-up", "--config", str(config), env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "forge",
+        "catch-up",
+        "--config",
+        str(config),
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await process.communicate()
     seconds = time.perf_counter() - started
@@ -129,8 +141,16 @@ async def main() -> int:
     await fake.start()
     for repo in repos:
         fake.branches[repo] = {f"branch{b:03d}": sha(f"{repo}/{b}/0") for b in range(args.branches)}
-        fake.pulls[repo] = [Pull(number=n + 1, head_sha=sha(f"{repo}/pull/{n}"), base_branch="branch000",
-                                 head_branch=f"feature{n}", head_repo=repo) for n in range(args.pulls)]
+        fake.pulls[repo] = [
+            Pull(
+                number=n + 1,
+                head_sha=sha(f"{repo}/pull/{n}"),
+                base_branch="branch000",
+                head_branch=f"feature{n}",
+                head_repo=repo,
+            )
+            for n in range(args.pulls)
+        ]
     prefix = f"bench-catchup-{uuid.uuid4().hex[:8]}"
     topology = Topology(prefix)
     connection = await aio_pika.connect_robust(AMQP_URL)
@@ -139,8 +159,14 @@ async def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             config = write_config(Path(tmp), fake.url, repos)
-            env = {**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "BENCH_FORGE_TOKEN": fake.token,
-                   "BENCH_FORGE_SECRET": SECRET, "LOG_FORMAT": "json"}
+            env = {
+                **os.environ,
+                "AMQP_URL": AMQP_URL,
+                "AMQP_PREFIX": prefix,
+                "BENCH_FORGE_TOKEN": fake.token,
+                "BENCH_FORGE_SECRET": SECRET,
+                "LOG_FORMAT": "json",
+            }
             rows = []
             for name in ("first", "steady", "moved"):
                 if name == "moved":
@@ -176,12 +202,17 @@ async def main() -> int:
         await fake.close()
 
     heads = args.repos * (args.branches + args.pulls)
-    print(f"catch-up pass over {args.repos} repositories x {args.branches} branches"
-          + (f" + {args.pulls} open pull requests" if args.pulls else "") + f" ({heads} heads), fake GitHub on loopback")
+    print(
+        f"catch-up pass over {args.repos} repositories x {args.branches} branches"
+        + (f" + {args.pulls} open pull requests" if args.pulls else "")
+        + f" ({heads} heads), fake GitHub on loopback"
+    )
     for name, wall, span, total, calls, ran in rows:
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(calls.items()))
-        print(f"  {name:6}  command {wall:5.2f} s, pass {span:5.2f} s, {total:5d} API calls "
-              f"({total / args.repos:.1f} per repository: {kinds}), ran {ran}")
+        print(
+            f"  {name:6}  command {wall:5.2f} s, pass {span:5.2f} s, {total:5d} API calls "
+            f"({total / args.repos:.1f} per repository: {kinds}), ran {ran}"
+        )
     print(f"  ({published} jobs published by the last pass arrived on the jobs exchange)")
     return 0
 

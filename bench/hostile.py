@@ -76,9 +76,13 @@ class Jobs:
         self._arrived.set()
 
     async def submit(self, **env: str) -> str:
-        request = JobRequest(request_id=uuid.uuid4(), repo_url="https://x/y", commit_sha="a" * 40, runs_on="bench", env=env)
+        request = JobRequest(
+            request_id=uuid.uuid4(), repo_url="https://x/y", commit_sha="a" * 40, runs_on="bench", env=env
+        )
         self.sent[request.job_id] = time.perf_counter()
-        await self._jobs.publish(aio_pika.Message(request.model_dump_json().encode(), delivery_mode=2), routing_key="bench")
+        await self._jobs.publish(
+            aio_pika.Message(request.model_dump_json().encode(), delivery_mode=2), routing_key="bench"
+        )
         return request.job_id
 
     async def wait(self, job_ids: list[str], timeout_s: float) -> list[JobResult]:
@@ -152,8 +156,15 @@ async def run_phase(name: str, pid: int, jobs: Jobs, base: str, load: Load, coun
     take_off()
     await asyncio.sleep(10)
     return Phase(
-        name, before, during, use_of(pid), jobs.latencies_ms(ids),
-        sum(r.status is not JobStatus.SUCCEEDED for r in results), healthz_ms, healthz_failures, note,
+        name,
+        before,
+        during,
+        use_of(pid),
+        jobs.latencies_ms(ids),
+        sum(r.status is not JobStatus.SUCCEEDED for r in results),
+        healthz_ms,
+        healthz_failures,
+        note,
     )
 
 
@@ -182,8 +193,10 @@ def stream_load(port: int, job_id: str, count: int) -> Load:
         opened = await asyncio.gather(*[one() for _ in range(count)])
         connections = [c for _, c in opened if c is not None]
         statuses = [s for s, _ in opened]
-        note = (f"{statuses.count(200)} streams served, {statuses.count(503)} answered 503, "
-                f"{statuses.count(0)} connections closed at the cap")
+        note = (
+            f"{statuses.count(200)} streams served, {statuses.count(503)} answered 503, "
+            f"{statuses.count(0)} connections closed at the cap"
+        )
         return lambda: close_all(connections), note
 
     return put_on
@@ -203,17 +216,29 @@ async def daemon_and_broker(url: str, state: Path, port: int) -> AsyncIterator[t
     channel = await connection.channel(publisher_confirms=True)
     defaults = Settings.model_fields  # the daemon declares with its defaults: so must we
     declared = await declare_topology(
-        connection, topology, parse_image_map(MAP, filename="map", base_dir=state),
-        delivery_limit=defaults["delivery_limit"].default, dlq_max_length=defaults["dlq_max_length"].default,
+        connection,
+        topology,
+        parse_image_map(MAP, filename="map", base_dir=state),
+        delivery_limit=defaults["delivery_limit"].default,
+        dlq_max_length=defaults["dlq_max_length"].default,
         quorum_size=defaults["quorum_size"].default,
     )
     await declared.channel.close()
     jobs = Jobs(channel, await channel.get_exchange(topology.jobs))
     await jobs.listen(await channel.get_exchange(topology.results))
     env = {
-        "AMQP_URL": url, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(config), "STATE_DIR": str(state / "state"),
-        "ORCH_BACKEND": "noop", "HOST_NAME": "bench", "HOST_CPUS": "64", "HOST_MEMORY_MB": "65536",
-        "MAX_CONCURRENCY": "8", "HEARTBEAT_S": "3600", "DRAIN_TIMEOUT_S": "1", "HTTP_LISTEN": f"127.0.0.1:{port}",
+        "AMQP_URL": url,
+        "AMQP_PREFIX": prefix,
+        "ORCH_CONFIG": str(config),
+        "STATE_DIR": str(state / "state"),
+        "ORCH_BACKEND": "noop",
+        "HOST_NAME": "bench",
+        "HOST_CPUS": "64",
+        "HOST_MEMORY_MB": "65536",
+        "MAX_CONCURRENCY": "8",
+        "HEARTBEAT_S": "3600",
+        "DRAIN_TIMEOUT_S": "1",
+        "HTTP_LISTEN": f"127.0.0.1:{port}",
     }
     daemon = await DaemonProcess(env, preexec_fn=with_limits(nofile=(FD_LIMIT, FD_LIMIT))).start()
     try:
@@ -224,7 +249,9 @@ async def daemon_and_broker(url: str, state: Path, port: int) -> AsyncIterator[t
         await connection.close()
 
 
-async def serve_big_log(pid: int, jobs: Jobs, base: str, console_dir: Path, size: int) -> tuple[int, int, int, int, float, bool]:
+async def serve_big_log(
+    pid: int, jobs: Jobs, base: str, console_dir: Path, size: int
+) -> tuple[int, int, int, int, float, bool]:
     """A job whose console grows past `size` bytes while it runs, then downloaded whole:
     (RSS before, peak RSS during, bytes of text expected, bytes received, seconds,
     whether the job succeeded)."""
@@ -288,9 +315,17 @@ async def main() -> int:
             watched = await jobs.submit(NOOP_OUTPUT="watched", NOOP_DURATION_S="600")  # what the streams follow
             phases = [
                 await run_phase("(a) no load", pid, jobs, base, no_load, args.jobs),
-                await run_phase(f"(b) {args.idle} idle connections", pid, jobs, base, idle_load(port, args.idle), args.jobs),
-                await run_phase(f"(c) {args.streams} streams dropped", pid, jobs, base,
-                                stream_load(port, watched, args.streams), args.jobs),
+                await run_phase(
+                    f"(b) {args.idle} idle connections", pid, jobs, base, idle_load(port, args.idle), args.jobs
+                ),
+                await run_phase(
+                    f"(c) {args.streams} streams dropped",
+                    pid,
+                    jobs,
+                    base,
+                    stream_load(port, watched, args.streams),
+                    args.jobs,
+                ),
             ]
             metrics = await scrape(port)
             big = await serve_big_log(pid, jobs, base, state / "state" / "logs", args.log_bytes)
@@ -309,18 +344,24 @@ async def main() -> int:
         setting: int(metric(metrics, "orchestrator_http_refused_total", f'{{setting="{setting}"}}'))
         for setting in ("HTTP_MAX_CONNECTIONS", "HTTP_MAX_STREAMS")
     }
-    print(f"refused (from /metrics): {refused}; refusal log lines: {refusal_lines}; tracebacks in the log: {tracebacks}")
+    print(
+        f"refused (from /metrics): {refused}; refusal log lines: {refusal_lines}; tracebacks in the log: {tracebacks}"
+    )
 
     floor = phases[0]
     checks = [(f"{p.name}: every job succeeded", p.failed_jobs == 0) for p in phases]
     checks += [
-        (f"{p.name}: p99 {pct(p.jobs_ms, 0.99):.1f} ms within 2x of no load ({pct(floor.jobs_ms, 0.99):.1f} ms)",
-         pct(p.jobs_ms, 0.99) <= 2 * pct(floor.jobs_ms, 0.99))
+        (
+            f"{p.name}: p99 {pct(p.jobs_ms, 0.99):.1f} ms within 2x of no load ({pct(floor.jobs_ms, 0.99):.1f} ms)",
+            pct(p.jobs_ms, 0.99) <= 2 * pct(floor.jobs_ms, 0.99),
+        )
         for p in phases[1:]
     ]
     checks += [
-        (f"{p.name}: descriptors 10 s after {p.after.fds} within 20 of the baseline {floor.before.fds}",
-         p.after.fds <= floor.before.fds + 20)
+        (
+            f"{p.name}: descriptors 10 s after {p.after.fds} within 20 of the baseline {floor.before.fds}",
+            p.after.fds <= floor.before.fds + 20,
+        )
         for p in phases
     ]
     checks += [

@@ -107,13 +107,29 @@ class Bench:
         map_path = self.state / "map.yaml"
         map_path.write_text(MAP)
         env = {
-            **os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": self.prefix, "ORCH_CONFIG": str(map_path),
-            "STATE_DIR": str(self.state / "state"), "ORCH_BACKEND": "noop", "MAX_CONCURRENCY": "64", "HOST_CPUS": "64",
-            "HOST_MEMORY_MB": "65536", "HOST_NAME": "bench", "HTTP_LISTEN": f"127.0.0.1:{self.port}", "LOG_LEVEL": "WARNING",
-            "HTTP_MAX_STREAMS": str(self.args.clients + 8), "DRAIN_TIMEOUT_S": "1",
+            **os.environ,
+            "AMQP_URL": AMQP_URL,
+            "AMQP_PREFIX": self.prefix,
+            "ORCH_CONFIG": str(map_path),
+            "STATE_DIR": str(self.state / "state"),
+            "ORCH_BACKEND": "noop",
+            "MAX_CONCURRENCY": "64",
+            "HOST_CPUS": "64",
+            "HOST_MEMORY_MB": "65536",
+            "HOST_NAME": "bench",
+            "HTTP_LISTEN": f"127.0.0.1:{self.port}",
+            "LOG_LEVEL": "WARNING",
+            "HTTP_MAX_STREAMS": str(self.args.clients + 8),
+            "DRAIN_TIMEOUT_S": "1",
         }
         daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", "run", env=env, cwd=ROOT, stderr=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            env=env,
+            cwd=ROOT,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         connection = await aio_pika.connect_robust(AMQP_URL)
         try:
@@ -157,8 +173,13 @@ class Bench:
 
     async def _submit(self, **env: str) -> uuid.UUID:
         request = JobRequest(
-            request_id=uuid.uuid4(), runs_on="bench", repo_url="https://example.invalid/b.git", commit_sha=SHA,
-            script="true", env=env, timeout_s=3600,
+            request_id=uuid.uuid4(),
+            runs_on="bench",
+            repo_url="https://example.invalid/b.git",
+            commit_sha=SHA,
+            script="true",
+            env=env,
+            timeout_s=3600,
         )
         await self.jobs.publish(aio_pika.Message(request.model_dump_json().encode()), routing_key="bench")
         return request.request_id
@@ -177,7 +198,9 @@ class Bench:
 
     async def _phase(self, *, clients: int) -> dict[str, object]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http:
-            streamed = await self._submit(NOOP_OUTPUT="started", NOOP_DURATION_S="3600")  # a running job whose console grows
+            streamed = await self._submit(
+                NOOP_OUTPUT="started", NOOP_DURATION_S="3600"
+            )  # a running job whose console grows
             console = self.state / "state" / "logs" / f"{streamed}.console"
             while not console.exists():
                 await asyncio.sleep(0.05)
@@ -200,8 +223,14 @@ class Bench:
             await asyncio.gather(writer, *tasks, return_exceptions=True)
         dispatch = [self.results[i].timings["queued_s"] for i in ids]
         lag_p99, lag_samples = quantile(before, after, 0.99)
-        return {"dispatch": dispatch, "lag_p99": lag_p99, "lag_samples": lag_samples, "api": api_latency,
-                "sse_lines": sse_lines[0], "jobs": len(ids)}
+        return {
+            "dispatch": dispatch,
+            "lag_p99": lag_p99,
+            "lag_samples": lag_samples,
+            "api": api_latency,
+            "sse_lines": sse_lines[0],
+            "jobs": len(ids),
+        }
 
     async def _grow(self, console: Path, stop: asyncio.Event) -> None:
         n = 0
@@ -211,7 +240,9 @@ class Bench:
             n += 1
             await asyncio.sleep(0.1)
 
-    async def _dashboard(self, http: aiohttp.ClientSession, job: uuid.UUID, stop: asyncio.Event, lines: list[int]) -> None:
+    async def _dashboard(
+        self, http: aiohttp.ClientSession, job: uuid.UUID, stop: asyncio.Event, lines: list[int]
+    ) -> None:
         async def stream() -> None:
             async with http.get(f"{self.base}/fleet/jobs/{job}/log/stream") as response:
                 async for raw in response.content:
@@ -246,19 +277,29 @@ class Bench:
 
     def _report(self, quiet: dict, dashboard: dict) -> None:
         a = self.args
-        print(f"noop daemon in a child process, 1000 jobs in its journal, {a.rate:g} jobs/s for {a.seconds:g} s per phase")
+        print(
+            f"noop daemon in a child process, 1000 jobs in its journal, {a.rate:g} jobs/s for {a.seconds:g} s per phase"
+        )
         for name, phase in (("quiet (no HTTP clients)", quiet), (f"dashboard ({a.clients} SSE + polling)", dashboard)):
             d = phase["dispatch"]
-            print(f"{name:34} dispatch p50 {ms(pct(d, 0.5))}  p99 {ms(pct(d, 0.99))}   "
-                  f"event-loop lag p99 {ms(phase['lag_p99'])} ({phase['lag_samples']} samples)")
+            print(
+                f"{name:34} dispatch p50 {ms(pct(d, 0.5))}  p99 {ms(pct(d, 0.99))}   "
+                f"event-loop lag p99 {ms(phase['lag_p99'])} ({phase['lag_samples']} samples)"
+            )
         for path in ("/jobs", "/metrics"):
-            print(f"  {path:9} " + "   ".join(
-                f"{name} p50 {ms(pct(phase['api'][path], 0.5))}  p99 {ms(pct(phase['api'][path], 0.99))}"
-                for name, phase in (("quiet", quiet), ("dashboard", dashboard))))
+            print(
+                f"  {path:9} "
+                + "   ".join(
+                    f"{name} p50 {ms(pct(phase['api'][path], 0.5))}  p99 {ms(pct(phase['api'][path], 0.99))}"
+                    for name, phase in (("quiet", quiet), ("dashboard", dashboard))
+                )
+            )
         print(f"  SSE lines delivered to the dashboards: {dashboard['sse_lines']}")
         ratio = pct(dashboard["dispatch"], 0.99) / max(pct(quiet["dispatch"], 0.99), 1e-6)
-        print(f"dispatch p99 with the dashboard = {ratio:.2f}x quiet (target <= 1.2x); "
-              f"event-loop lag p99 {dashboard['lag_p99'] * 1000:.1f} ms (target < 20 ms)")
+        print(
+            f"dispatch p99 with the dashboard = {ratio:.2f}x quiet (target <= 1.2x); "
+            f"event-loop lag p99 {dashboard['lag_p99'] * 1000:.1f} ms (target < 20 ms)"
+        )
 
 
 async def main() -> None:

@@ -91,7 +91,8 @@ def main() -> None:
         port = probe.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory", str(WORK)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(100):
@@ -110,8 +111,12 @@ def main() -> None:
     rate = lambda seconds: size / MIB / seconds  # noqa: E731
     print(f"corpus: {size / MIB:.0f} MiB of /usr/lib binaries, {zst.stat().st_size / MIB:.0f} MiB as zstd -3")
     print(f"floor  zstd -d (CLI) to disk:         {rate(cli):7.0f} MiB/s")
-    print(f"ours   prepare from file://:           {rate(from_file):7.0f} MiB/s  = {cli / from_file:.2f}x the CLI's throughput")
-    print(f"ours   prepare from loopback HTTP:     {rate(from_http):7.0f} MiB/s  = {from_http / from_file:.2f}x the time of file:// (download overlapped)")
+    print(
+        f"ours   prepare from file://:           {rate(from_file):7.0f} MiB/s  = {cli / from_file:.2f}x the CLI's throughput"
+    )
+    print(
+        f"ours   prepare from loopback HTTP:     {rate(from_http):7.0f} MiB/s  = {from_http / from_file:.2f}x the time of file:// (download overlapped)"
+    )
 
 
 if __name__ == "__main__":

@@ -49,19 +49,34 @@ def make_spec(state: Path) -> VmSpec:
     job = str(uuid.uuid4())
     nonce = new_nonce()
     user_data = build_user_data(
-        job_id=job, nonce=nonce, env={}, repo_url=None, commit_sha=None, checkout=False, script="echo bench", script_path=None
+        job_id=job,
+        nonce=nonce,
+        env={},
+        repo_url=None,
+        commit_sha=None,
+        checkout=False,
+        script="echo bench",
+        script_path=None,
     )
     return VmSpec(
-        name=f"job-{job}", job_id=job, image_path=IMAGE / "base.qcow2", image_format=ImageFormat.QCOW2,
-        cpus=1, memory_mb=256, disk_gb=None, console_path=state / "logs" / f"{job}.console",
+        name=f"job-{job}",
+        job_id=job,
+        image_path=IMAGE / "base.qcow2",
+        image_format=ImageFormat.QCOW2,
+        cpus=1,
+        memory_mb=256,
+        disk_gb=None,
+        console_path=state / "logs" / f"{job}.console",
         seed=SeedFiles(user_data, build_meta_data(job_id=job, hostname="bench")),
-        direct_boot=DirectBoot(IMAGE / "kernel", IMAGE / "initramfs.cpio.gz", CMDLINE), nonce=nonce,
+        direct_boot=DirectBoot(IMAGE / "kernel", IMAGE / "initramfs.cpio.gz", CMDLINE),
+        nonce=nonce,
     )
 
 
 def qemu_img_overlay(path: Path) -> None:
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(IMAGE / "base.qcow2"), str(path)], check=True
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(IMAGE / "base.qcow2"), str(path)],
+        check=True,
     )
 
 
@@ -85,7 +100,11 @@ async def floor(state: Path, runs: int) -> tuple[list[float], list[float]]:
         qemu_img_overlay(overlay)
         qemu_img.append(time.perf_counter() - t0)
         xml = build_domain_xml(
-            spec, DomainFiles(overlay, None, spec.console_path), domain_type="qemu", orchestrator_id="bench", network=None
+            spec,
+            DomainFiles(overlay, None, spec.console_path),
+            domain_type="qemu",
+            orchestrator_id="bench",
+            network=None,
         )
         t0 = time.perf_counter()
         try:
@@ -124,15 +143,37 @@ def virt_install(state: Path, runs: int) -> list[float]:
         t0 = time.perf_counter()
         subprocess.run(
             [
-                "virt-install", "--connect", URI, "--name", name, "--memory", "256", "--vcpus", "1",
-                "--import", "--disk", f"path={overlay},format=qcow2,bus=virtio",
-                "--cloud-init", f"user-data={user_data}", "--virt-type", "qemu", "--network", "none",
-                "--boot", f"kernel={IMAGE / 'kernel'},initrd={IMAGE / 'initramfs.cpio.gz'},kernel_args={CMDLINE}",
-                "--osinfo", "detect=on,require=off", "--graphics", "none",
-                "--serial", f"file,path={state / 'logs' / (name + '.console')}",
-                "--noautoconsole", "--noreboot",
+                "virt-install",
+                "--connect",
+                URI,
+                "--name",
+                name,
+                "--memory",
+                "256",
+                "--vcpus",
+                "1",
+                "--import",
+                "--disk",
+                f"path={overlay},format=qcow2,bus=virtio",
+                "--cloud-init",
+                f"user-data={user_data}",
+                "--virt-type",
+                "qemu",
+                "--network",
+                "none",
+                "--boot",
+                f"kernel={IMAGE / 'kernel'},initrd={IMAGE / 'initramfs.cpio.gz'},kernel_args={CMDLINE}",
+                "--osinfo",
+                "detect=on,require=off",
+                "--graphics",
+                "none",
+                "--serial",
+                f"file,path={state / 'logs' / (name + '.console')}",
+                "--noautoconsole",
+                "--noreboot",
             ],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
         times.append(time.perf_counter() - t0)
         remove_domain(conn, name)
@@ -172,12 +213,18 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--boots", type=int, default=5)
     args = parser.parse_args()
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "examples/test-image/build.py"), str(IMAGE)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent.parent / "examples/test-image/build.py"), str(IMAGE)],
+        check=True,
+        capture_output=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp)
         for sub in ("overlays", "seeds", "logs"):
             (state / sub).mkdir()
-        backend = await LibvirtHypervisor.connect(uri=URI, network=None, domain_type="qemu", state_dir=state, orchestrator_id="bench")
+        backend = await LibvirtHypervisor.connect(
+            uri=URI, network=None, domain_type="qemu", state_dir=state, orchestrator_id="bench"
+        )
         qemu_img, define_start = await floor(state, args.runs)
         floor_total = [a + b for a, b in zip(qemu_img, define_start, strict=True)]
         mine = await ours(state, args.runs, backend)
@@ -187,10 +234,14 @@ async def main() -> None:
     print(f"(a) floor qemu-img create:               {fmt(qemu_img)}")
     print(f"(a) floor define+start prepared domain:  {fmt(define_start)}")
     print(f"(a) floor total:                         {fmt(floor_total)}")
-    print(f"(b) ours overlay+seed+XML+define+start:  {fmt(mine)}   = {pct(mine, .5) / pct(floor_total, .5):.2f}x floor at p50")
-    print(f"(c) virt-install --import --cloud-init:  {fmt(vi)}   = {pct(vi, .5) / pct(mine, .5):.1f}x ours at p50")
+    print(
+        f"(b) ours overlay+seed+XML+define+start:  {fmt(mine)}   = {pct(mine, 0.5) / pct(floor_total, 0.5):.2f}x floor at p50"
+    )
+    print(f"(c) virt-install --import --cloud-init:  {fmt(vi)}   = {pct(vi, 0.5) / pct(mine, 0.5):.1f}x ours at p50")
     print(f"boot-to-result of the test image:        {fmt(boots)}")
-    print(f"our host-side overhead (provision+teardown): {fmt(overheads)}  = {pct(overheads, .5) / pct(boots, .5) * 100:.1f}% of boot-to-result")
+    print(
+        f"our host-side overhead (provision+teardown): {fmt(overheads)}  = {pct(overheads, 0.5) / pct(boots, 0.5) * 100:.1f}% of boot-to-result"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,17 @@ SUITE = "bookworm"
 # Installed with apt inside the debootstrap tree (debootstrap's own resolver misses
 # dependencies of a set this large).
 PACKAGES = [
-    "systemd-sysv", "udev", "kmod", "linux-image-amd64", "initramfs-tools", "cloud-init", "e2fsprogs",
-    "iproute2", "ifupdown", "isc-dhcp-client", "procps",
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "cloud-init",
+    "e2fsprogs",
+    "iproute2",
+    "ifupdown",
+    "isc-dhcp-client",
+    "procps",
 ]
 DISK_SIZE = "3G"
 DEFAULT_OUT = Path("/var/cache/orchestrator/bench-bookworm")

@@ -60,8 +60,13 @@ class Image:
     memory_mb: int
 
 
-TEST_IMAGE = Image(Path("/var/cache/orchestrator/test-image/image-map.yaml"), "demo",
-                   Path("/var/cache/orchestrator/test-image"), "test image", 256)
+TEST_IMAGE = Image(
+    Path("/var/cache/orchestrator/test-image/image-map.yaml"),
+    "demo",
+    Path("/var/cache/orchestrator/test-image"),
+    "test image",
+    256,
+)
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SHA = "0" * 40
 
@@ -121,10 +126,20 @@ async def run_jobs(mode: str, jobs: int, network: str, ready_times: ReadyTimes, 
     # measures what that saves a hand-off.
     warmpool.HAND_OFF_FIRST_S = 0.0 if mode == "refill-at-once" else 10.0
     settings = DaemonSettings(
-        amqp_url=AMQP_URL, amqp_prefix=prefix, config=map_path, state_dir=state / "state",
-        backend=BackendName.NOOP if mode == "floor" else BackendName.LIBVIRT, max_concurrency=3, host_cpus=4,
-        host_memory_mb=4 * image.memory_mb, host_name="bench", http_listen="off", heartbeat_s=3600,
-        libvirt_domain_type="qemu", libvirt_network=None if network == "none" else network, orchestrator_id=prefix,
+        amqp_url=AMQP_URL,
+        amqp_prefix=prefix,
+        config=map_path,
+        state_dir=state / "state",
+        backend=BackendName.NOOP if mode == "floor" else BackendName.LIBVIRT,
+        max_concurrency=3,
+        host_cpus=4,
+        host_memory_mb=4 * image.memory_mb,
+        host_name="bench",
+        http_listen="off",
+        heartbeat_s=3600,
+        libvirt_domain_type="qemu",
+        libvirt_network=None if network == "none" else network,
+        orchestrator_id=prefix,
         image_dir=image.image_dir,
     )
     daemon = Daemon(settings, load_image_map(map_path))
@@ -145,12 +160,20 @@ async def run_jobs(mode: str, jobs: int, network: str, ready_times: ReadyTimes, 
                     while pool_ready(daemon, image.label) < POOL_READY[mode]:
                         ready_times.ready.clear()
                         await asyncio.wait_for(ready_times.ready.wait(), timeout=900)
-                requests = [JobRequest(
-                    request_id=uuid.uuid4(), runs_on=image.label, repo_url="https://example.invalid/bench.git",
-                    commit_sha=SHA, script="echo first command",
-                ) for _ in range(at_once)]
+                requests = [
+                    JobRequest(
+                        request_id=uuid.uuid4(),
+                        runs_on=image.label,
+                        repo_url="https://example.invalid/bench.git",
+                        commit_sha=SHA,
+                        script="echo first command",
+                    )
+                    for _ in range(at_once)
+                ]
                 for request in requests:
-                    await jobs_exchange.publish(aio_pika.Message(request.model_dump_json().encode()), routing_key=image.label)
+                    await jobs_exchange.publish(
+                        aio_pika.Message(request.model_dump_json().encode()), routing_key=image.label
+                    )
                 waiting = {request.request_id for request in requests}
                 async for message in results:
                     async with message.process():
@@ -191,8 +214,9 @@ async def main() -> None:
         image = Image(map_path, "bookworm", map_path.parent, "Debian bookworm, Debian's cloud-init", 1024)
     else:
         root = Path(__file__).resolve().parent.parent
-        subprocess.run([sys.executable, str(root / "examples" / "test-image" / "build.py"), str(TEST_IMAGE.image_dir)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, str(root / "examples" / "test-image" / "build.py"), str(TEST_IMAGE.image_dir)], check=True
+        )
         image = TEST_IMAGE
     logging.basicConfig(level=logging.WARNING)
     ready_times = ReadyTimes()
@@ -207,8 +231,14 @@ async def main() -> None:
         print(f"{mode:15s} {fmt(figures[mode])}", flush=True)
     print(f"job accepted -> first command, {jobs} jobs each ({image.name}, QEMU software emulation)")
     cold = figures.get("cold")
-    names = {"floor": "floor (noop backend, no VM)", "cold": "cold boot", "warm": "warm pool (booted)",
-             "restore": "snapshot restore", "burst": "restore, 2 at once", "refill-at-once": "same, refill at once"}
+    names = {
+        "floor": "floor (noop backend, no VM)",
+        "cold": "cold boot",
+        "warm": "warm pool (booted)",
+        "restore": "snapshot restore",
+        "burst": "restore, 2 at once",
+        "refill-at-once": "same, refill at once",
+    }
     for mode, values in figures.items():
         line = f"{names[mode] + ':':30s}{fmt(values)}"
         if cold and mode not in ("floor", "cold"):
@@ -218,8 +248,10 @@ async def main() -> None:
     if booted:
         print(f"{'pool VM boot -> ready:':30s}{fmt(booted)}   over {len(booted)} pool VMs (a refill)")
     if restored:
-        print(f"{'pool VM restore -> ready:':30s}{fmt(restored)}   over {len(restored)} pool VMs"
-              + (f" = {pct(booted, 0.5) / pct(restored, 0.5):.1f}x faster than boot at p50" if booted else ""))
+        print(
+            f"{'pool VM restore -> ready:':30s}{fmt(restored)}   over {len(restored)} pool VMs"
+            + (f" = {pct(booted, 0.5) / pct(restored, 0.5):.1f}x faster than boot at p50" if booted else "")
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ for step in build test package; do echo "step $step: ok"; done
 
 def main() -> int:
     started = time.monotonic()
-    subprocess.run([str(BIN / "python"), str(ROOT / "examples" / "test-image" / "build.py"), str(TEST_IMAGE)], check=True)
+    subprocess.run(
+        [str(BIN / "python"), str(ROOT / "examples" / "test-image" / "build.py"), str(TEST_IMAGE)], check=True
+    )
     env = {
         **os.environ,
         "AMQP_PREFIX": "demo",
@@ -60,12 +62,28 @@ def main() -> int:
         print(f"demo: daemon up; enqueueing job {job_id} on label 'demo'", flush=True)
         enqueue = subprocess.run(
             [
-                str(BIN / "orchestrator"), "enqueue", "--request-id", job_id,
-                "--repo", "https://example.invalid/demo.git", "--commit", "0" * 40,
-                "--runs-on", "demo", "--script", SCRIPT, "--env", "JOB_NAME=demo",
-                "--wait", "--wait-timeout", "300",
+                str(BIN / "orchestrator"),
+                "enqueue",
+                "--request-id",
+                job_id,
+                "--repo",
+                "https://example.invalid/demo.git",
+                "--commit",
+                "0" * 40,
+                "--runs-on",
+                "demo",
+                "--script",
+                SCRIPT,
+                "--env",
+                "JOB_NAME=demo",
+                "--wait",
+                "--wait-timeout",
+                "300",
             ],
-            env=env, capture_output=True, text=True, cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         console = STATE_DIR / "logs" / f"{job_id}.console"
         print("----- job log (the VM's serial console) -----")

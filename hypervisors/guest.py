@@ -52,7 +52,6 @@ def find_exit_code(console_text: str, nonce: str) -> int | None:
     return code
 
 
-
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -141,7 +140,7 @@ def file_contains(path: Path, marker: bytes) -> bool:
             while chunk := console.read(SCAN_CHUNK_BYTES):
                 if marker in carry + chunk:
                     return True
-                carry = chunk[-len(marker):]
+                carry = chunk[-len(marker) :]
     except FileNotFoundError:
         pass
     return False

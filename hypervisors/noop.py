@@ -130,7 +130,9 @@ class NoopHypervisor:
         try:
             if vm.spec.job_channel is not None:  # a pool VM: ready, then wait for its job
                 vm.job = asyncio.get_running_loop().create_future()
-                await asyncio.to_thread(_write_console, vm.spec.console_path, f"noop: {vm.spec.name} is waiting for a job\n")
+                await asyncio.to_thread(
+                    _write_console, vm.spec.console_path, f"noop: {vm.spec.name} is waiting for a job\n"
+                )
                 vm.waiting.set()
                 job = await vm.job
                 vm.spec = replace(vm.spec, env=job.env, nonce=job.nonce, console_path=job.console_path)
@@ -183,8 +185,7 @@ class NoopHypervisor:
 
     async def list_ours(self) -> list[VmInfo]:
         return [
-            VmInfo(vm.spec.name, vm.spec.job_id, self.name, vm.state, vm.spec.console_path)
-            for vm in self._vms.values()
+            VmInfo(vm.spec.name, vm.spec.job_id, self.name, vm.state, vm.spec.console_path) for vm in self._vms.values()
         ]
 
     async def leftovers(self, live_vms: AbstractSet[str]) -> list[str]:

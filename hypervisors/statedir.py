@@ -34,6 +34,7 @@ def restrict_umask() -> None:
     """Tighten the process umask to at least `PRIVATE_UMASK` (called at start)."""
     os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
 
+
 # `job-<uuid>` (a job's VM) or `pool-<uuid>` (a warm pool VM): a VM name, and the stem
 # of every per-VM file.
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

@@ -130,7 +130,9 @@ class ZonesHypervisor:
         }
         if spec.seed is not None:
             seed = str(self._seed(spec))
-            lines.append(f"add fs; set dir={_quote(seed)}; set special={_quote(seed)}; set type=lofs; add options ro; end")
+            lines.append(
+                f"add fs; set dir={_quote(seed)}; set special={_quote(seed)}; set type=lofs; add options ro; end"
+            )
             attrs["cdrom"] = seed
         for name, value in attrs.items():
             lines.append(f"add attr; set name={name}; set type=string; set value={_quote(value)}; end")
@@ -238,7 +240,9 @@ class ZonesHypervisor:
                 continue
             job_id = await self._attr(name, "orch-job-id") or ""
             console = await self._attr(name, "orch-console")
-            found.append(VmInfo(name, job_id, BackendName.ZONES, _zone_state(fields[2]), Path(console) if console else None))
+            found.append(
+                VmInfo(name, job_id, BackendName.ZONES, _zone_state(fields[2]), Path(console) if console else None)
+            )
         return found
 
     async def leftovers(self, live_vms: AbstractSet[str]) -> list[str]:

@@ -63,7 +63,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`-m "not libvirt"` must be a suite without libvirt: a test that needs it unmarked
     is a collection error."""
     unmarked = [
-        item.nodeid for item in items
+        item.nodeid
+        for item in items
         if LIBVIRT_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("libvirt") is None
     ]
     if unmarked:
@@ -170,7 +171,9 @@ async def daemon_factory(
 ) -> AsyncIterator[Callable[..., Any]]:
     daemons: list[Daemon] = []
 
-    async def start(image_map: ImageMap | None = None, *, backend: NoopHypervisor | None = None, **overrides: Any) -> Daemon:
+    async def start(
+        image_map: ImageMap | None = None, *, backend: NoopHypervisor | None = None, **overrides: Any
+    ) -> Daemon:
         """A daemon on the noop backend (pass `backend` to keep a handle on it to measure)."""
         host = overrides.pop("host_name", f"host{len(daemons)}")
         config = overrides.pop("config", noop_map_path)

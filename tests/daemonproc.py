@@ -21,7 +21,10 @@ class DaemonProcess:
     started: ClassVar[list[DaemonProcess]] = []
 
     def __init__(
-        self, env: dict[str, str], *, limits: Mapping[int, int] | None = None,
+        self,
+        env: dict[str, str],
+        *,
+        limits: Mapping[int, int] | None = None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         """`limits`: resource (e.g. `resource.RLIMIT_AS`) -> soft and hard limit in the
@@ -39,7 +42,13 @@ class DaemonProcess:
     async def start(self, timeout_s: float = 60) -> DaemonProcess:
         self._started.clear()
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", "run", env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            env=self.env,
+            cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE,
             preexec_fn=self._in_child if self.limits or self.preexec_fn else None,
         )
         self._reader = asyncio.create_task(self._read(self.process))
@@ -52,7 +61,9 @@ class DaemonProcess:
             if self.process.returncode is not None:
                 await self._reader  # its last lines, up to the end of its stderr
             tail = "".join(self.lines[-20:])
-            raise AssertionError(f"the daemon did not log daemon.started within {timeout_s:g} s; its last lines:\n{tail}")
+            raise AssertionError(
+                f"the daemon did not log daemon.started within {timeout_s:g} s; its last lines:\n{tail}"
+            )
         return self
 
     def _in_child(self) -> None:
@@ -100,7 +111,9 @@ class DaemonProcess:
             self.process.send_signal(signal.SIGUSR1)  # its threads' stacks, to stderr
             await asyncio.sleep(1)
             tail = "".join(self.lines[-80:])
-            raise AssertionError(f"the daemon did not stop within {timeout_s:g} s of SIGTERM; its last lines:\n{tail}") from None
+            raise AssertionError(
+                f"the daemon did not stop within {timeout_s:g} s of SIGTERM; its last lines:\n{tail}"
+            ) from None
         if self._reader is not None:
             await self._reader
         return code

@@ -48,7 +48,8 @@ def write_config(
     options = "".join(f"    {key}: {json.dumps(value)}\n" for key, value in repo_options.items())
     top_level = "".join(f"{key}: {json.dumps(value)}\n" for key, value in (top or {}).items())
     path = tmp_path / "forge.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         listen: {listen}
         state_dir: {tmp_path / "forge-state"}
         forges:
@@ -60,7 +61,10 @@ def write_config(
         repositories:
           - repo: {repo}
             forge: {forge}
-        """) + options + top_level)
+        """)
+        + options
+        + top_level
+    )
     return path
 
 
@@ -85,7 +89,9 @@ async def deliver_to(url: str, forge: str, headers: dict[str, str], body: bytes)
             return response.status, await response.text()
 
 
-async def start_bridge(prefix: str, tmp_path: Path, fake: FakeForge, config: Path, *, forge: str, **settings: Any) -> Bridge:
+async def start_bridge(
+    prefix: str, tmp_path: Path, fake: FakeForge, config: Path, *, forge: str, **settings: Any
+) -> Bridge:
     env = {**os.environ, "TEST_FORGE_TOKEN": fake.token, "TEST_FORGE_SECRET": SECRET}
     loaded = load_forge_config(config, environ=env)
     bridge = ForgeBridge(make_settings(prefix, tmp_path / "unused", tmp_path / "unused.yaml", **settings), loaded)
@@ -106,8 +112,15 @@ class BridgeProcess(DaemonProcess):
         self._started.clear()
         self.lines = []
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", "forge", "--config", str(self.config),
-            env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "forge",
+            "--config",
+            str(self.config),
+            env=self.env,
+            cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read(self.process))
         started = asyncio.create_task(self._started.wait())
@@ -119,7 +132,9 @@ class BridgeProcess(DaemonProcess):
             if self.process.returncode is not None:
                 await self._reader
             tail = "".join(self.lines[-20:])
-            raise AssertionError(f"the bridge did not log forge.started within {timeout_s:g} s; its last lines:\n{tail}")
+            raise AssertionError(
+                f"the bridge did not log forge.started within {timeout_s:g} s; its last lines:\n{tail}"
+            )
         return self
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
@@ -134,8 +149,15 @@ class BridgeProcess(DaemonProcess):
 async def run_forge_command(*args: str, env: dict[str, str], timeout_s: float = 60) -> tuple[int, str, str]:
     """`python -m orchestrator forge <args>` to its end: (exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "forge", *args, env={**os.environ, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "forge",
+        *args,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout_s)

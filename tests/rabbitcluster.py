@@ -44,7 +44,7 @@ class RabbitCluster:
     def node_number(node: str) -> int:
         """1-3 from `host:port` (as logs and /readyz name it) or `orch-cN@localhost`."""
         if node.startswith("orch-c"):
-            return int(node[len("orch-c"):].split("@")[0])
+            return int(node[len("orch-c") :].split("@")[0])
         return int(node.rpartition(":")[2]) - AMQP_PORT_BASE
 
     async def stop_node(self, node: int) -> None:
@@ -73,8 +73,16 @@ class RabbitCluster:
 
     async def queues(self, prefix: str) -> dict[str, dict[str, Any]]:
         """The queues named `<prefix>.*`: name -> leader, members, ready and unacked counts."""
-        text = await self.ctl("list_queues", "name", "leader", "members", "messages_ready", "messages_unacknowledged",
-                              "--formatter", "json")
+        text = await self.ctl(
+            "list_queues",
+            "name",
+            "leader",
+            "members",
+            "messages_ready",
+            "messages_unacknowledged",
+            "--formatter",
+            "json",
+        )
         return {q["name"]: q for q in json.loads(text) if q["name"].startswith(f"{prefix}.")}
 
     async def dead_letter_reasons(self, prefix: str) -> list[str]:
@@ -86,8 +94,10 @@ class RabbitCluster:
             found = []
             while (message := await queue.get(no_ack=False, fail=False)) is not None:
                 headers = message.headers or {}
-                found.append(f"{headers.get('x-orchestrator-reason') or headers.get('x-death')} "
-                             f"(key {message.routing_key}): {message.body[:300]!r}")
+                found.append(
+                    f"{headers.get('x-orchestrator-reason') or headers.get('x-death')} "
+                    f"(key {message.routing_key}): {message.body[:300]!r}"
+                )
             return found
         finally:
             await connection.close()
@@ -112,5 +122,7 @@ class RabbitCluster:
                 return
             if time.monotonic() >= deadline:
                 dead = await self.dead_letter_reasons(prefix) if left.get(f"{prefix}.jobs.dlq", (0, 0))[0] else []
-                raise AssertionError(f"left in the broker (ready, unacked) after {timeout_s:g} s: {left}; dead letters: {dead}")
+                raise AssertionError(
+                    f"left in the broker (ready, unacked) after {timeout_s:g} s: {left}; dead letters: {dead}"
+                )
             await asyncio.sleep(1)

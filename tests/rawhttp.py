@@ -16,7 +16,9 @@ async def open_idle(port: int, count: int, *, batch: int = 100) -> list[Connecti
     at a time, each within 5 s)."""
     connections: list[Connection] = []
     for first in range(0, count, batch):
-        opening = [asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5) for _ in range(min(batch, count - first))]
+        opening = [
+            asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5) for _ in range(min(batch, count - first))
+        ]
         connections.extend(await asyncio.gather(*opening))
     return connections
 

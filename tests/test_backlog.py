@@ -34,11 +34,20 @@ def image_map(tmp_path: Path, labels: list[str], *, warm: dict[str, int] | None 
 
 
 def daemon_process(prefix: str, tmp_path: Path, map_path: Path, host: str, **env: str) -> DaemonProcess:
-    return DaemonProcess({
-        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(map_path), "STATE_DIR": str(tmp_path / host),
-        "ORCH_BACKEND": "noop", "HOST_NAME": host, "HTTP_LISTEN": "off", "HEARTBEAT_S": "3600",
-        "HOST_MEMORY_MB": "65536", **env,
-    })
+    return DaemonProcess(
+        {
+            "AMQP_URL": AMQP_URL,
+            "AMQP_PREFIX": prefix,
+            "ORCH_CONFIG": str(map_path),
+            "STATE_DIR": str(tmp_path / host),
+            "ORCH_BACKEND": "noop",
+            "HOST_NAME": host,
+            "HTTP_LISTEN": "off",
+            "HEARTBEAT_S": "3600",
+            "HOST_MEMORY_MB": "65536",
+            **env,
+        }
+    )
 
 
 async def queue_depth(amqp: aio_pika.abc.AbstractRobustConnection, name: str) -> int:
@@ -66,7 +75,8 @@ async def run_backlog(
         raise AssertionError(f"{exc}; the daemon's last lines:\n{tail}") from None
     assert set(results) == {job.job_id for job in submitted}
     assert {r.status for r in results.values()} == {JobStatus.SUCCEEDED}, [
-        r.summary for r in results.values() if r.status is not JobStatus.SUCCEEDED]
+        r.summary for r in results.values() if r.status is not JobStatus.SUCCEEDED
+    ]
     assert broker.redeliveries == 0
     await daemon.stop()
     accepted = daemon.events("job.accepted")
@@ -83,21 +93,25 @@ async def test_cpu_budget_below_max_concurrency_takes_a_deep_backlog_without_a_r
     prefix, tmp_path, cleanup_topology, broker, amqp
 ):
     # Two 1-vCPU jobs fit on this 2-core host, whatever MAX_CONCURRENCY says.
-    daemon = daemon_process(prefix, tmp_path, image_map(tmp_path, ["alpha"]), "h", HOST_CPUS="2",
-                            MAX_CONCURRENCY="8", DELIVERY_LIMIT="2")
+    daemon = daemon_process(
+        prefix, tmp_path, image_map(tmp_path, ["alpha"]), "h", HOST_CPUS="2", MAX_CONCURRENCY="8", DELIVERY_LIMIT="2"
+    )
     jobs = [{"runs_on": "alpha", "env": {"NOOP_DURATION_S": "0.2"}} for _ in range(20)]
     await run_backlog(broker, amqp, daemon, jobs, labels=["alpha"])
 
 
-async def test_labels_sharing_two_slots_take_a_deep_backlog_without_a_requeue(prefix, tmp_path, cleanup_topology, broker, amqp):
+async def test_labels_sharing_two_slots_take_a_deep_backlog_without_a_requeue(
+    prefix, tmp_path, cleanup_topology, broker, amqp
+):
     for count in (2, 3):
         labels = ["alpha", "beta", "gamma"][:count]
         cleanup_topology.append("gamma")
         case = tmp_path / f"{count}-labels"
         case.mkdir()
         topic = f"{prefix}-{count}"
-        daemon = daemon_process(topic, case, image_map(case, labels), "h", MAX_CONCURRENCY="2", DELIVERY_LIMIT="2",
-                                HOST_CPUS="64")
+        daemon = daemon_process(
+            topic, case, image_map(case, labels), "h", MAX_CONCURRENCY="2", DELIVERY_LIMIT="2", HOST_CPUS="64"
+        )
         labelled = Broker(amqp, topic)
         jobs = [{"runs_on": labels[n % count], "env": {"NOOP_DURATION_S": "0.1"}} for n in range(20)]
         try:
@@ -121,8 +135,15 @@ async def test_a_request_larger_than_its_label_default_is_held_and_started_witho
 ):
     # The large job needs the whole 4-CPU host: it is held while 1-CPU jobs run, and
     # started as soon as they leave it room.
-    daemon = daemon_process(prefix, tmp_path, image_map(tmp_path, ["alpha", "beta"]), "h", HOST_CPUS="4",
-                            MAX_CONCURRENCY="8", DELIVERY_LIMIT="2")
+    daemon = daemon_process(
+        prefix,
+        tmp_path,
+        image_map(tmp_path, ["alpha", "beta"]),
+        "h",
+        HOST_CPUS="4",
+        MAX_CONCURRENCY="8",
+        DELIVERY_LIMIT="2",
+    )
     jobs = [{"runs_on": ["alpha", "beta"][n % 2], "env": {"NOOP_DURATION_S": "0.2"}} for n in range(12)]
     jobs.insert(3, {"runs_on": "alpha", "size": "large", "env": {"NOOP_DURATION_S": "0.2"}})
     jobs += [{"runs_on": "beta", "env": {"NOOP_DURATION_S": "0.2"}} for _ in range(12)]
@@ -134,19 +155,26 @@ async def test_a_request_larger_than_its_label_default_is_held_and_started_witho
 async def test_a_warm_pool_holding_part_of_the_budget_takes_a_deep_backlog_without_a_requeue(
     prefix, tmp_path, cleanup_topology, broker, amqp
 ):
-    daemon = daemon_process(prefix, tmp_path, image_map(tmp_path, ["alpha", "beta"], warm={"alpha": 1}), "h",
-                            HOST_CPUS="3", MAX_CONCURRENCY="8", DELIVERY_LIMIT="2")
+    daemon = daemon_process(
+        prefix,
+        tmp_path,
+        image_map(tmp_path, ["alpha", "beta"], warm={"alpha": 1}),
+        "h",
+        HOST_CPUS="3",
+        MAX_CONCURRENCY="8",
+        DELIVERY_LIMIT="2",
+    )
     jobs = [{"runs_on": ["alpha", "beta"][n % 2], "env": {"NOOP_DURATION_S": "0.2"}} for n in range(30)]
     await run_backlog(broker, amqp, daemon, jobs, labels=["alpha", "beta"])
     assert daemon.events("pool.vm_taken"), "no job took the warm pool's VM"
 
 
-async def test_a_saturated_host_holds_no_backlog_and_an_idle_host_starts_it_at_once(
-    daemon_factory, broker, amqp
-):
+async def test_a_saturated_host_holds_no_backlog_and_an_idle_host_starts_it_at_once(daemon_factory, broker, amqp):
     busy = await daemon_factory(host_name="busy", max_concurrency=2)
     await broker.open()
-    blockers = [await broker.submit(runs_on=label, env={"NOOP_FAIL": "hang"}, timeout_s=60) for label in ("alpha", "beta")]
+    blockers = [
+        await broker.submit(runs_on=label, env={"NOOP_FAIL": "hang"}, timeout_s=60) for label in ("alpha", "beta")
+    ]
     await wait_for(lambda: busy.ledger.running == 2, what="the busy host to be full")
     backlog = [await broker.submit(runs_on=["alpha", "beta"][n % 2]) for n in range(6)]
     # Counted at the broker: every job of the backlog is ready there, none held by the full host.
@@ -194,7 +222,9 @@ async def test_a_job_dead_lettered_at_its_delivery_limit_gets_one_error_result_a
     assert deliveries == [0, 1]
     result = await broker.next_result()
     assert result.request_id == job.request_id and result.status is JobStatus.ERROR
-    assert result.summary.startswith("dead-lettered after 2 deliveries: queue ") and "DELIVERY_LIMIT 1" in result.summary
+    assert (
+        result.summary.startswith("dead-lettered after 2 deliveries: queue ") and "DELIVERY_LIMIT 1" in result.summary
+    )
     assert result.repo_url == job.repo_url and result.attempt == 1
     [copy] = await broker.dead_letters(1)
     assert copy.headers["x-death"][0]["reason"] == "delivery_limit"

@@ -111,11 +111,15 @@ async def test_a_daemon_whose_broker_went_away_stops_without_waiting_on_it(daemo
     await wait_for(lambda: amqp_proxy.connections >= reconnected and daemon.broker_connected, what="the reconnection")
     amqp_proxy.down()
     await daemon.stop()
-    timed_out = [r for r in caplog.records if r.name == "orchestrator.host.daemon" and r.msg == "daemon.close_timed_out"]
+    timed_out = [
+        r for r in caplog.records if r.name == "orchestrator.host.daemon" and r.msg == "daemon.close_timed_out"
+    ]
     assert timed_out == [], [r.fields for r in timed_out]
 
 
-async def test_a_fleet_question_whose_clean_up_the_broker_is_slow_to_confirm_costs_nothing(daemon_factory, amqp_proxy, caplog):
+async def test_a_fleet_question_whose_clean_up_the_broker_is_slow_to_confirm_costs_nothing(
+    daemon_factory, amqp_proxy, caplog
+):
     """A fleet question cancels its reply queue's consumer when it is done, waiting a
     second at most. The broker confirming that cancel late (load, a slow link) must not
     cost the host its channel: a cancel cut short closed it (aiormq's answer to an RPC

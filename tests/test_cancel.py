@@ -16,9 +16,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def cancel(prefix: str, job_id: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "cancel", job_id, "--answer-timeout", "1.5",
-        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "cancel",
+        job_id,
+        "--answer-timeout",
+        "1.5",
+        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     return process.returncode, stdout.decode() + stderr.decode()
@@ -68,9 +76,16 @@ async def test_hosts_lists_every_daemon_with_its_capacity(daemon_factory, broker
     await daemon_factory(host_name="hv-a", max_concurrency=3)
     await daemon_factory(host_name="hv-b", max_concurrency=5, capacity_map={"beta": 0})
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "hosts", "--answer-timeout", "1.5",
-        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "hosts",
+        "--answer-timeout",
+        "1.5",
+        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     lines = stdout.decode().splitlines()

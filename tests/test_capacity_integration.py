@@ -29,9 +29,13 @@ async def start_daemon(prefix, tmp_path, noop_map_path, host, backend, **overrid
     return daemon
 
 
-async def test_concurrency_never_exceeds_global_and_label_limits(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_concurrency_never_exceeds_global_and_label_limits(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     backend = CountingNoop()
-    daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", backend, max_concurrency=3, capacity_map={"alpha": 2})
+    daemon = await start_daemon(
+        prefix, tmp_path, noop_map_path, "h", backend, max_concurrency=3, capacity_map={"alpha": 2}
+    )
     await broker.open()
     for i in range(12):
         label = "alpha" if i % 2 else "beta"
@@ -47,7 +51,9 @@ async def test_concurrency_never_exceeds_global_and_label_limits(prefix, tmp_pat
 
 async def test_full_label_does_not_block_other_label(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
     backend = CountingNoop()
-    daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", backend, max_concurrency=4, capacity_map={"alpha": 1})
+    daemon = await start_daemon(
+        prefix, tmp_path, noop_map_path, "h", backend, max_concurrency=4, capacity_map={"alpha": 1}
+    )
     await broker.open()
     blocker = await broker.submit(runs_on="alpha", env={"LABEL": "alpha", "NOOP_FAIL": "hang"}, timeout_s=30)
     await wait_for(lambda: daemon.ledger.running_for("alpha") == 1, what="the blocker to be running")
@@ -65,13 +71,17 @@ async def test_full_label_does_not_block_other_label(prefix, tmp_path, noop_map_
     await daemon.stop()
 
 
-async def test_two_daemons_share_work_and_hold_only_what_they_run(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_two_daemons_share_work_and_hold_only_what_they_run(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     daemons = [
         await start_daemon(prefix, tmp_path, noop_map_path, f"h{i}", CountingNoop(), max_concurrency=1)
         for i in range(2)
     ]
     await broker.open()
-    jobs = [await broker.submit(runs_on="alpha", env={"LABEL": "alpha", "NOOP_FAIL": "hang"}, timeout_s=2) for _ in range(4)]
+    jobs = [
+        await broker.submit(runs_on="alpha", env={"LABEL": "alpha", "NOOP_FAIL": "hang"}, timeout_s=2) for _ in range(4)
+    ]
     await wait_for(lambda: all(d.ledger.running == 1 for d in daemons), what="one job running on each host")
     # Each host runs one; the other two are ready in the queue, held by no one.
     assert await broker.ready_count("alpha") == 2
@@ -97,19 +107,34 @@ async def _events(amqp, prefix: str) -> tuple[aio_pika.abc.AbstractChannel, asyn
     return channel, started
 
 
-async def test_sigterm_drains_running_jobs_and_loses_no_message(prefix, tmp_path, noop_map_path, cleanup_topology, broker, amqp):
+async def test_sigterm_drains_running_jobs_and_loses_no_message(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker, amqp
+):
     # The daemon declares the topology; create it first so events can be bound.
     first = await start_daemon(prefix, tmp_path, noop_map_path, "setup", NoopHypervisor(), max_concurrency=1)
     await first.stop()
     channel, started = await _events(amqp, prefix)
     env = {
         **os.environ,
-        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(noop_map_path),
-        "STATE_DIR": str(tmp_path / "sub"), "ORCH_BACKEND": "noop", "MAX_CONCURRENCY": "2",
-        "HOST_NAME": "sub", "DRAIN_TIMEOUT_S": "20", "HTTP_LISTEN": "off", "HOST_CPUS": "8", "HOST_MEMORY_MB": "8192",
+        "AMQP_URL": AMQP_URL,
+        "AMQP_PREFIX": prefix,
+        "ORCH_CONFIG": str(noop_map_path),
+        "STATE_DIR": str(tmp_path / "sub"),
+        "ORCH_BACKEND": "noop",
+        "MAX_CONCURRENCY": "2",
+        "HOST_NAME": "sub",
+        "DRAIN_TIMEOUT_S": "20",
+        "HTTP_LISTEN": "off",
+        "HOST_CPUS": "8",
+        "HOST_MEMORY_MB": "8192",
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "run", env=env, cwd=Path(__file__).parent.parent,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        env=env,
+        cwd=Path(__file__).parent.parent,
         stderr=asyncio.subprocess.PIPE,
     )
     await broker.open()
@@ -131,7 +156,9 @@ async def test_sigterm_drains_running_jobs_and_loses_no_message(prefix, tmp_path
     await channel.close()
 
 
-async def test_drain_timeout_hands_unfinished_job_back_as_next_attempt(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_drain_timeout_hands_unfinished_job_back_as_next_attempt(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     daemon = await start_daemon(prefix, tmp_path, noop_map_path, "old", NoopHypervisor(), drain_timeout_s=0.2)
     await broker.open()
     job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "2"})
@@ -146,8 +173,12 @@ async def test_drain_timeout_hands_unfinished_job_back_as_next_attempt(prefix, t
     await successor.stop()
 
 
-async def test_job_given_up_after_its_last_attempt_counts_time_from_its_acceptance(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
-    daemon = await start_daemon(prefix, tmp_path, noop_map_path, "old", NoopHypervisor(), drain_timeout_s=0.5, max_attempts=1)
+async def test_job_given_up_after_its_last_attempt_counts_time_from_its_acceptance(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
+    daemon = await start_daemon(
+        prefix, tmp_path, noop_map_path, "old", NoopHypervisor(), drain_timeout_s=0.5, max_attempts=1
+    )
     await broker.open()
     job = await broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "30"})
     await wait_for(lambda: daemon.ledger.running == 1, what="the job to start")
@@ -158,7 +189,9 @@ async def test_job_given_up_after_its_last_attempt_counts_time_from_its_acceptan
     assert result.timings["total_s"] >= 0.5, result.timings
 
 
-async def test_saturated_label_takes_exactly_what_it_can_start_without_requeues(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_saturated_label_takes_exactly_what_it_can_start_without_requeues(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     # Requeues count toward a quorum queue's delivery limit: under a steady backlog a
     # host must not bounce work it was handed.
     await broker.open()
@@ -174,7 +207,9 @@ async def test_saturated_label_takes_exactly_what_it_can_start_without_requeues(
     await daemon.stop()
 
 
-async def test_label_with_room_left_keeps_taking_jobs_after_it_paused_itself(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_label_with_room_left_keeps_taking_jobs_after_it_paused_itself(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     # With prefetch 2 and one job taken, the consumer pauses before the ack (one more
     # delivery might not fit); it must then resume at once, not when a job ends.
     daemon = await start_daemon(prefix, tmp_path, noop_map_path, "h", NoopHypervisor(), max_concurrency=2)
@@ -182,7 +217,9 @@ async def test_label_with_room_left_keeps_taking_jobs_after_it_paused_itself(pre
     first = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"}, timeout_s=30)
     await wait_for(lambda: daemon.ledger.running == 1, what="the first job to be running")
     second = await broker.submit(runs_on="alpha", env={"NOOP_FAIL": "hang"}, timeout_s=30)
-    await wait_for(lambda: daemon.ledger.running == 2, timeout_s=10, what="the second job to start while the label has room")
+    await wait_for(
+        lambda: daemon.ledger.running == 2, timeout_s=10, what="the second job to start while the label has room"
+    )
     for job in (first, second):
         daemon.runner.stop_job(job.job_id, StopReason.CANCEL)
     await broker.collect(2)

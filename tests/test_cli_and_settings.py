@@ -35,17 +35,29 @@ def test_flags_override_environment_and_bad_values_name_flag_and_variable():
     [
         (["enqueue", "--repo", "https://x/y", "--commit", "abc"], "--commit: String should match pattern"),
         (["enqueue", "--repo", "-x", "--commit", "a" * 40], "--repo:"),
-        (["enqueue", "--repo", "https://x/y", "--commit", "a" * 40, "--env", "NOEQUALS"], "--env 'NOEQUALS': expected NAME=VALUE"),
-        (["enqueue", "--repo", "https://x/y", "--commit", "a" * 40, "--runs-on", "nope"], "runs_on: unknown label 'nope'"),
+        (
+            ["enqueue", "--repo", "https://x/y", "--commit", "a" * 40, "--env", "NOEQUALS"],
+            "--env 'NOEQUALS': expected NAME=VALUE",
+        ),
+        (
+            ["enqueue", "--repo", "https://x/y", "--commit", "a" * 40, "--runs-on", "nope"],
+            "runs_on: unknown label 'nope'",
+        ),
         (["run", "--max-concurrency", "0"], "--max-concurrency / MAX_CONCURRENCY"),
         (["run", "--config", "/no/such.yaml"], "/no/such.yaml: cannot read the image map"),
         (["frobnicate"], "invalid choice"),
         (["hosts", "--answer-timeout", "nan"], "argument --answer-timeout: 'nan': give a number of seconds above 0"),
         (["jobs", "--answer-timeout", "-1"], "argument --answer-timeout: '-1': give a number of seconds above 0"),
         (["drain", "--wait", "--wait-timeout", "soon"], "argument --wait-timeout: 'soon' is not a number of seconds"),
-        (["enqueue", "--repo", "https://x/y", "--commit", "a" * 40, "--wait-timeout", "inf"], "argument --wait-timeout: 'inf'"),
+        (
+            ["enqueue", "--repo", "https://x/y", "--commit", "a" * 40, "--wait-timeout", "inf"],
+            "argument --wait-timeout: 'inf'",
+        ),
         (["cancel", "job-1"], "argument job_id: 'job-1' is not a UUID (a job's request_id)"),
-        (["logs", "--answer-timeout", "0", "0" * 32], "argument --answer-timeout: '0': give a number of seconds above 0"),
+        (
+            ["logs", "--answer-timeout", "0", "0" * 32],
+            "argument --answer-timeout: '0': give a number of seconds above 0",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
@@ -131,7 +143,10 @@ def test_script_file_errors_name_the_file(capsys, tmp_path):
     oversize = tmp_path / "oversize.sh"
     oversize.write_bytes(b"#" * (MAX_SCRIPT_BYTES + 1))
     assert main(ENQUEUE + ["--script-file", str(oversize)]) == 2
-    assert one_error_line(capsys) == f"--script-file {str(oversize)!r}: larger than {MAX_SCRIPT_BYTES} bytes, the most a job script may be"
+    assert (
+        one_error_line(capsys)
+        == f"--script-file {str(oversize)!r}: larger than {MAX_SCRIPT_BYTES} bytes, the most a job script may be"
+    )
 
     with_nul = tmp_path / "nul.sh"
     with_nul.write_bytes(b"echo a\x00b\n")
@@ -143,7 +158,10 @@ def test_oversize_script_on_stdin_is_refused_after_reading_one_byte_over_the_lim
     stdin = io.BytesIO(b"#" * (2 * MAX_SCRIPT_BYTES))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stdin))
     assert main(ENQUEUE + ["--script-file", "-"]) == 2
-    assert one_error_line(capsys) == f"--script-file '-': larger than {MAX_SCRIPT_BYTES} bytes, the most a job script may be"
+    assert (
+        one_error_line(capsys)
+        == f"--script-file '-': larger than {MAX_SCRIPT_BYTES} bytes, the most a job script may be"
+    )
     assert stdin.tell() == MAX_SCRIPT_BYTES + 1
 
 
@@ -247,7 +265,9 @@ def test_config_check_shows_what_each_label_resolves_to(capsys, monkeypatch, tmp
     assert ubuntu["state"] == "stale (no record of where it came from)"
     assert ubuntu["resources"] == "1 CPU, 1024 MiB, 20 GiB disk (size small)"
     assert ubuntu["caps"] == "max_cpus 8, max_memory_mb 16384, max_disk_gb 100"
-    assert ubuntu["timeout"] == "1800 s (host DEFAULT_TIMEOUT_S 7200 s, cut to max_timeout_s), max 1800 s (max_timeout_s)"
+    assert (
+        ubuntu["timeout"] == "1800 s (host DEFAULT_TIMEOUT_S 7200 s, cut to max_timeout_s), max 1800 s (max_timeout_s)"
+    )
     assert ubuntu["boot timeout"] == "90 s (host BOOT_TIMEOUT_S)"
     assert ubuntu["warm pool"] == "2 ready, replaced after 900 s, snapshot yes"
     assert ubuntu["routing keys"] == "'ubuntu', 'ubuntu-latest', '' ('' is a request without runs_on)"

@@ -108,10 +108,18 @@ async def cluster_broker(cluster: RabbitCluster, prefix: str) -> AsyncIterator[C
     await connection.close()
 
 
-def host_env(cluster: RabbitCluster, prefix: str, tmp_path: Path, config: Path, host: str, order: tuple[int, ...], **extra: str) -> dict[str, str]:
+def host_env(
+    cluster: RabbitCluster, prefix: str, tmp_path: Path, config: Path, host: str, order: tuple[int, ...], **extra: str
+) -> dict[str, str]:
     return daemon_env(
-        prefix, tmp_path / host, config, ORCH_BACKEND="noop", HOST_NAME=host, AMQP_URL=cluster.urls(*order),
-        MAX_ATTEMPTS="20", **extra,
+        prefix,
+        tmp_path / host,
+        config,
+        ORCH_BACKEND="noop",
+        HOST_NAME=host,
+        AMQP_URL=cluster.urls(*order),
+        MAX_ATTEMPTS="20",
+        **extra,
     )
 
 
@@ -126,7 +134,9 @@ def live_jobs(state_dir: Path) -> list[tuple[str, str]]:
         ).fetchall()
 
 
-async def assert_clean_end(cluster: RabbitCluster, prefix: str, daemons: list[DaemonProcess], state_dirs: list[Path]) -> None:
+async def assert_clean_end(
+    cluster: RabbitCluster, prefix: str, daemons: list[DaemonProcess], state_dirs: list[Path]
+) -> None:
     """Every daemon stops cleanly, no journal holds a live job, the broker holds nothing."""
     codes = await asyncio.gather(*(d.stop() for d in daemons if d.process and d.process.returncode is None))
     assert all(code == 0 for code in codes), codes
@@ -145,9 +155,13 @@ async def get_json(url: str) -> dict[str, Any]:
             return await response.json()
 
 
-async def test_the_daemon_fails_over_when_its_node_stops_and_running_jobs_finish(cluster, cluster_broker, prefix, tmp_path, noop_map_path):
+async def test_the_daemon_fails_over_when_its_node_stops_and_running_jobs_finish(
+    cluster, cluster_broker, prefix, tmp_path, noop_map_path
+):
     port = free_port()
-    env = host_env(cluster, prefix, tmp_path, noop_map_path, "h1", (2, 3, 1), MAX_CONCURRENCY="4", HTTP_LISTEN=f"127.0.0.1:{port}")
+    env = host_env(
+        cluster, prefix, tmp_path, noop_map_path, "h1", (2, 3, 1), MAX_CONCURRENCY="4", HTTP_LISTEN=f"127.0.0.1:{port}"
+    )
     daemon = await DaemonProcess(env).start()
     ready = await get_json(f"http://127.0.0.1:{port}/readyz")
     assert ready["ready"] and ready["broker_node"] == "127.0.0.1:5682"
@@ -172,16 +186,25 @@ async def test_the_daemon_fails_over_when_its_node_stops_and_running_jobs_finish
     assert not cluster_broker.conflicts
 
 
-async def test_losing_a_label_queues_leader_elects_another_and_consumers_resume(cluster, cluster_broker, prefix, tmp_path, noop_map_path):
+async def test_losing_a_label_queues_leader_elects_another_and_consumers_resume(
+    cluster, cluster_broker, prefix, tmp_path, noop_map_path
+):
     # Declared from node 1, so node 1 leads the label queues; the daemon is on node 2.
     connection = await aio_pika.connect(cluster.url(1))
     await declare_topology(
-        connection, Topology(prefix), load_image_map(noop_map_path), delivery_limit=50, dlq_max_length=100_000, quorum_size=3
+        connection,
+        Topology(prefix),
+        load_image_map(noop_map_path),
+        delivery_limit=50,
+        dlq_max_length=100_000,
+        quorum_size=3,
     )
     await connection.close()
     queue = Topology(prefix).label_queue("alpha")
     assert await cluster.leader_of(queue) == 1
-    daemon = await DaemonProcess(host_env(cluster, prefix, tmp_path, noop_map_path, "h1", (2, 3, 1), MAX_CONCURRENCY="4")).start()
+    daemon = await DaemonProcess(
+        host_env(cluster, prefix, tmp_path, noop_map_path, "h1", (2, 3, 1), MAX_CONCURRENCY="4")
+    ).start()
     assert connected_node(daemon) == 2
     jobs = [await cluster_broker.submit(runs_on="alpha", env={"NOOP_DURATION_S": "1"}) for _ in range(8)]
     # Jobs running and queued when the leader goes. (Not "exactly 4 started": once the
@@ -201,7 +224,9 @@ async def test_losing_a_label_queues_leader_elects_another_and_consumers_resume(
     assert not cluster_broker.conflicts
 
 
-async def test_enqueue_and_the_forge_bridge_publish_while_a_node_is_down(cluster, cluster_broker, prefix, tmp_path, noop_map_path):
+async def test_enqueue_and_the_forge_bridge_publish_while_a_node_is_down(
+    cluster, cluster_broker, prefix, tmp_path, noop_map_path
+):
     from tests.fakeforge import FakeForge
     from tests.fakeforge import github as fake_github
     from tests.forgebridge import JOBS, start_bridge, write_config
@@ -209,14 +234,31 @@ async def test_enqueue_and_the_forge_bridge_publish_while_a_node_is_down(cluster
 
     await cluster.stop_node(1)  # the first node of every AMQP_URL below
     urls = cluster.urls(1, 2, 3)
-    daemon = await DaemonProcess(host_env(cluster, prefix, tmp_path, noop_map_path, "h1", (1, 2, 3), MAX_CONCURRENCY="4")).start()
+    daemon = await DaemonProcess(
+        host_env(cluster, prefix, tmp_path, noop_map_path, "h1", (1, 2, 3), MAX_CONCURRENCY="4")
+    ).start()
     assert connected_node(daemon) == 2 and daemon.events("broker.node_unavailable")[0]["node"] == "127.0.0.1:5681"
 
     enqueue = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "enqueue", "--repo", "https://example.invalid/r.git", "--commit", "a" * 40,
-        "--runs-on", "alpha", "--config", str(noop_map_path), "--wait", "--wait-timeout", "60",
-        env={**os.environ, "AMQP_URL": urls, "AMQP_PREFIX": prefix}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "enqueue",
+        "--repo",
+        "https://example.invalid/r.git",
+        "--commit",
+        "a" * 40,
+        "--runs-on",
+        "alpha",
+        "--config",
+        str(noop_map_path),
+        "--wait",
+        "--wait-timeout",
+        "60",
+        env={**os.environ, "AMQP_URL": urls, "AMQP_PREFIX": prefix},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(enqueue.communicate(), 90)
     assert enqueue.returncode == 0, err.decode()
@@ -254,8 +296,15 @@ async def test_a_rolling_restart_of_every_node_during_a_soak_with_daemon_kills_l
 ):
     rng = random.Random(12)
     envs = [
-        host_env(cluster, prefix, tmp_path, noop_map_path, f"s{i}", (i % 3 + 1, (i + 1) % 3 + 1, (i + 2) % 3 + 1),
-                 MAX_CONCURRENCY="6")
+        host_env(
+            cluster,
+            prefix,
+            tmp_path,
+            noop_map_path,
+            f"s{i}",
+            (i % 3 + 1, (i + 1) % 3 + 1, (i + 2) % 3 + 1),
+            MAX_CONCURRENCY="6",
+        )
         for i in range(SOAK_HOSTS)
     ]
     daemons = list(await asyncio.gather(*(DaemonProcess(env).start() for env in envs)))
@@ -273,7 +322,9 @@ async def test_a_rolling_restart_of_every_node_during_a_soak_with_daemon_kills_l
             await publishing.wait()
             async with publish_lock:
                 label = rng.choice(["alpha", "beta"])
-                jobs.append(await cluster_broker.submit(runs_on=label, env={"NOOP_DURATION_S": f"{rng.uniform(0, 0.05):.3f}"}))
+                jobs.append(
+                    await cluster_broker.submit(runs_on=label, env={"NOOP_DURATION_S": f"{rng.uniform(0, 0.05):.3f}"})
+                )
             if n % 25 == 24:
                 await asyncio.sleep(0)  # let results and faults in between bursts
 
@@ -282,8 +333,12 @@ async def test_a_rolling_restart_of_every_node_during_a_soak_with_daemon_kills_l
         # A fault once each sixth of the jobs is in: node restarts and SIGKILLs in turn.
         steps = ["node1", "kill", "node2", "kill", "node3", "kill"]
         for step_index, step in enumerate(steps):
-            await wait_for(lambda step_index=step_index: len(results) >= (step_index + 1) * SOAK_JOBS // (len(steps) + 1),
-                           what=f"results before fault {step}", timeout_s=120, interval_s=0.05)
+            await wait_for(
+                lambda step_index=step_index: len(results) >= (step_index + 1) * SOAK_JOBS // (len(steps) + 1),
+                what=f"results before fault {step}",
+                timeout_s=120,
+                interval_s=0.05,
+            )
             if step == "kill":
                 victim = rng.randrange(SOAK_HOSTS)
                 await daemons[victim].kill()
@@ -310,15 +365,19 @@ async def test_a_rolling_restart_of_every_node_during_a_soak_with_daemon_kills_l
         done, pending = await asyncio.wait(tasks, timeout=240, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             task.result()
-        assert not pending, f"waited 240 s: {len(results)} of {SOAK_JOBS} results, {len(restarted)} node restarts, {kills} kills"
+        assert not pending, (
+            f"waited 240 s: {len(results)} of {SOAK_JOBS} results, {len(restarted)} node restarts, {kills} kills"
+        )
     except AssertionError:
         missing = sorted({j.job_id for j in jobs} - set(results))[:3]
         logs = tmp_path / "daemon-logs"
         logs.mkdir()
         for n, daemon in enumerate(every_daemon):
             (logs / f"{n:02d}-{daemon.env['HOST_NAME']}.log").write_text("".join(daemon.lines))
-        raise AssertionError(f"{len(missing)} jobs without a result (every host's log: {logs}); what the hosts said of them: "
-                             + " | ".join(f"{job_id}: {said_of(every_daemon, job_id)}" for job_id in missing)) from None
+        raise AssertionError(
+            f"{len(missing)} jobs without a result (every host's log: {logs}); what the hosts said of them: "
+            + " | ".join(f"{job_id}: {said_of(every_daemon, job_id)}" for job_id in missing)
+        ) from None
     finally:
         for task in tasks:
             task.cancel()
@@ -332,10 +391,12 @@ async def test_a_rolling_restart_of_every_node_during_a_soak_with_daemon_kills_l
     await assert_clean_end(cluster, prefix, daemons, [tmp_path / f"s{i}" for i in range(SOAK_HOSTS)])
     switched = sum(len(d.events("broker.connection_lost")) for d in every_daemon)
     left_to_another = sum(len(d.events("job.held_elsewhere")) + len(d.events("job.superseded")) for d in every_daemon)
-    print(f"soak on the cluster: {SOAK_JOBS} jobs on {SOAK_HOSTS} hosts, nodes restarted {restarted}, {kills} SIGKILLs, "
-          f"{switched} node switches by daemons, {cluster_broker.redeliveries} result copies dropped, "
-          f"{sum(r.attempt > 1 for r in results.values())} jobs re-run, {len(cluster_broker.reruns)} run twice: {cluster_broker.reruns[:3]}, "
-          f"{left_to_another} deliveries left to the host that had them")
+    print(
+        f"soak on the cluster: {SOAK_JOBS} jobs on {SOAK_HOSTS} hosts, nodes restarted {restarted}, {kills} SIGKILLs, "
+        f"{switched} node switches by daemons, {cluster_broker.redeliveries} result copies dropped, "
+        f"{sum(r.attempt > 1 for r in results.values())} jobs re-run, {len(cluster_broker.reruns)} run twice: {cluster_broker.reruns[:3]}, "
+        f"{left_to_another} deliveries left to the host that had them"
+    )
 
 
 def said_of(daemons: list[DaemonProcess], job_id: str) -> list[str]:
@@ -370,8 +431,16 @@ async def test_twenty_hosts_share_work_by_capacity_and_a_killed_host_loses_nothi
     limits = {f"f{i:02d}": label_limits[i % 4] for i in range(FLEET_HOSTS)}
     capacity = {host: sum(by_label.values()) for host, by_label in limits.items()}
     envs = {
-        host: host_env(cluster, prefix, tmp_path, noop_map_path, host, ((i % 3) + 1,), MAX_CONCURRENCY=str(capacity[host]),
-                       CAPACITY_MAP=",".join(f"{label}={n}" for label, n in limits[host].items()))
+        host: host_env(
+            cluster,
+            prefix,
+            tmp_path,
+            noop_map_path,
+            host,
+            ((i % 3) + 1,),
+            MAX_CONCURRENCY=str(capacity[host]),
+            CAPACITY_MAP=",".join(f"{label}={n}" for label, n in limits[host].items()),
+        )
         for i, host in enumerate(limits)
     }
     daemons = dict(zip(envs, await asyncio.gather(*(DaemonProcess(env).start() for env in envs.values())), strict=True))

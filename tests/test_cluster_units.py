@@ -19,12 +19,15 @@ def test_amqp_url_takes_a_comma_separated_list_of_nodes():
     assert settings.masked_amqp_url() == "amqp://u:****@h1:5681/,amqps://v:****@h2:5682/vh"
 
 
-@pytest.mark.parametrize("bad, says", [
-    ("amqp://u:s3cret@h1/,http://h2/", "URL 2 of 2 (http://h2/) must start with amqp://"),
-    ("amqp://u:s3cret@h1:99999/", "Port out of range"),
-    ("amqp:///", "names no host"),
-    (" , ", "no broker URL given"),
-])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("amqp://u:s3cret@h1/,http://h2/", "URL 2 of 2 (http://h2/) must start with amqp://"),
+        ("amqp://u:s3cret@h1:99999/", "Port out of range"),
+        ("amqp:///", "names no host"),
+        (" , ", "no broker URL given"),
+    ],
+)
 def test_a_bad_node_url_is_named_and_no_password_is_shown(bad, says):
     with pytest.raises(SettingsError) as refused:
         load_settings({"amqp_url": bad}, environ={})

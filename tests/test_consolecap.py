@@ -48,8 +48,13 @@ def test_cutting_while_a_writer_appends_loses_nothing_of_the_newest_part(tmp_pat
     state = read_cut_state(console)
     assert len(data) <= 4 * MIB and not state.cutting
     assert data[:HEAD_BYTES] == b"".join(f"line {n:09d}\n".encode() for n in range(HEAD_BYTES // 15 + 1))[:HEAD_BYTES]
-    assert f"[orchestrator: {state.dropped} bytes of console output cut here".encode() in data[HEAD_BYTES : HEAD_BYTES + 4096]
-    newest = [int(line.split()[1]) for line in data[state.cut_start :].decode().splitlines()[1:] if line.startswith("line ")]
+    assert (
+        f"[orchestrator: {state.dropped} bytes of console output cut here".encode()
+        in data[HEAD_BYTES : HEAD_BYTES + 4096]
+    )
+    newest = [
+        int(line.split()[1]) for line in data[state.cut_start :].decode().splitlines()[1:] if line.startswith("line ")
+    ]
     assert newest == list(range(newest[0], written)), "the newest part is whole"
     assert data.endswith(b"ORCH-RESULT nonce 0\n")
     numbers = [int(line.split()[1]) for line in seen if line.startswith("line ") and len(line) == 14]
@@ -57,9 +62,16 @@ def test_cutting_while_a_writer_appends_loses_nothing_of_the_newest_part(tmp_pat
     assert seen[-1] == "ORCH-RESULT nonce 0"
     # A cut starts at a block boundary, so the line after the marker (or after the jump a
     # reader makes over a cut) may be the end of a line; every other line is whole.
-    torn = [i for i, line in enumerate(seen) if not (line.startswith(("line ", "[orchestrator: ", "ORCH-RESULT")) or line == "")]
-    assert all((i > 0 and (seen[i - 1].startswith("[orchestrator: ") or seen[i - 1] == "")) or
-               int(seen[i - 1].split()[1]) + 1 < int(seen[i + 1].split()[1]) for i in torn), [seen[i - 1 : i + 2] for i in torn]
+    torn = [
+        i
+        for i, line in enumerate(seen)
+        if not (line.startswith(("line ", "[orchestrator: ", "ORCH-RESULT")) or line == "")
+    ]
+    assert all(
+        (i > 0 and (seen[i - 1].startswith("[orchestrator: ") or seen[i - 1] == ""))
+        or int(seen[i - 1].split()[1]) + 1 < int(seen[i + 1].split()[1])
+        for i in torn
+    ), [seen[i - 1 : i + 2] for i in torn]
     assert len(numbers) > written // 50, "the reader kept up with most of it"
 
 

@@ -39,7 +39,9 @@ async def test_a_delivery_journaled_as_its_channel_goes_still_reaches_the_runner
             return Decision(Verdict.START, job_id=body, after_ack=lambda: started.append(body))
 
         settler = Settler(await ConfirmedPublisher.open(connection), Topology(prefix))
-        consumer = await QueueConsumer.open(connection, queue_name, handler, settler, prefetch=1)  # one delivery at a time
+        consumer = await QueueConsumer.open(
+            connection, queue_name, handler, settler, prefetch=1
+        )  # one delivery at a time
         for body in ("journaled", "not journaled"):
             await setup.default_exchange.publish(aio_pika.Message(body.encode()), routing_key=queue_name)
         await consumer.resume()

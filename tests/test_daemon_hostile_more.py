@@ -116,7 +116,9 @@ async def test_a_1_gib_log_is_served_whole_with_lf_line_ends_for_under_50_mb_of_
         await asyncio.to_thread(_append_blocks, console, blocks)  # the finished job's log grew to 1 GiB
         raw_size = console.stat().st_size
         assert raw_size >= LOG_BYTES
-        assert await asyncio.to_thread(_crlf_split_at_a_chunk_boundary, console) > 0, "no CRLF across a read: a weaker test"
+        assert await asyncio.to_thread(_crlf_split_at_a_chunk_boundary, console) > 0, (
+            "no CRLF across a read: a weaker test"
+        )
         expected = ExpectedText(_as_text(first), blocks)
         text_size = raw_size - (first.count(b"\r\n") + blocks * (BODY.count(b"\r\n") + 1))
 
@@ -134,7 +136,9 @@ async def test_a_1_gib_log_is_served_whole_with_lf_line_ends_for_under_50_mb_of_
         peak = max((await sampled.stop()).rss_bytes, peak_rss_bytes(pid))
         assert mismatch_at is None, f"the text differs from the console's from byte {mismatch_at} on"
         assert received == text_size and expected.exhausted(), (received, text_size)
-        assert peak - before < 50 * MB, f"serving the log grew the daemon from {before / MB:.0f} MB to {peak / MB:.0f} MB"
+        assert peak - before < 50 * MB, (
+            f"serving the log grew the daemon from {before / MB:.0f} MB to {peak / MB:.0f} MB"
+        )
     finally:
         console.unlink(missing_ok=True)  # 1 GiB that pytest would otherwise keep in its tmp dirs
     assert not tracebacks(daemon), tracebacks(daemon)[:3]
@@ -256,7 +260,9 @@ def _console_settled_under_the_cap(console: Path) -> bool:
     return state_path(console).exists() and not cut.cutting and console.stat().st_size <= CONSOLE_MAX_BYTES
 
 
-async def test_the_result_is_found_after_a_console_cut_and_a_sigkill(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_the_result_is_found_after_a_console_cut_and_a_sigkill(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     """The second attempt's output starts far into a console that has been cut, and is
     cut itself to below where it started: its result line must still be read."""
     state = tmp_path / "state"
@@ -264,9 +270,14 @@ async def test_the_result_is_found_after_a_console_cut_and_a_sigkill(prefix, tmp
     first = await DaemonProcess(env).start()
     await broker.open()
     # 60 MB of output, then 4 s more of running: each run is cut several times.
-    job = await broker.submit(runs_on="alpha", env={
-        "NOOP_OUTPUT": "y" * 99, "NOOP_OUTPUT_REPEAT": "600000", "NOOP_DURATION_S": "4",
-    })
+    job = await broker.submit(
+        runs_on="alpha",
+        env={
+            "NOOP_OUTPUT": "y" * 99,
+            "NOOP_OUTPUT_REPEAT": "600000",
+            "NOOP_DURATION_S": "4",
+        },
+    )
     console = state / "logs" / f"{job.job_id}.console"
     await wait_for(lambda: _console_settled_under_the_cap(console), timeout_s=30, what="the console cut below the cap")
     await first.kill()
@@ -303,7 +314,9 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-async def test_state_dir_and_console_are_private_under_umask_0(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_state_dir_and_console_are_private_under_umask_0(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     state = tmp_path / "state"  # made by the daemon
     env = daemon_env(prefix, state, noop_map_path, ORCH_BACKEND="noop")
     daemon = await DaemonProcess(env, preexec_fn=_no_umask).start()
@@ -329,9 +342,7 @@ async def test_nothing_under_state_dir_is_group_writable_or_open_to_others_under
     assert (await broker.next_result(timeout_s=30)).status is JobStatus.SUCCEEDED
     assert state_path(state / "logs" / f"{job.job_id}.console").exists(), "the console was cut"
     open_paths = {
-        str(path.relative_to(state)): oct(_mode(path))
-        for path in [state, *state.rglob("*")]
-        if _mode(path) & 0o027
+        str(path.relative_to(state)): oct(_mode(path)) for path in [state, *state.rglob("*")] if _mode(path) & 0o027
     }
     assert await daemon.stop() == 0
     assert not open_paths, f"group-writable or open to others: {open_paths}"
@@ -388,5 +399,7 @@ async def test_a_client_cut_mid_batch_resumes_without_a_line_twice(daemon_factor
         async with http.get(url, headers={"Last-Event-ID": last_id} if last_id else {}) as response:
             rest, _ = _dispatched(await response.read())
     shown = seen + rest
-    assert len(shown) == len(set(shown)), f"{len(shown) - len(set(shown))} lines shown twice, from {shown[len(seen)]!r} on"
+    assert len(shown) == len(set(shown)), (
+        f"{len(shown) - len(set(shown))} lines shown twice, from {shown[len(seen)]!r} on"
+    )
     assert shown == lines

@@ -26,7 +26,9 @@ async def two_hosts(prefix, tmp_path, noop_map_path, cleanup_topology):
     """Hosts `a` and `b`, heartbeating every HEARTBEAT_S, each with a PUBLIC_URL and the token."""
     started: list[Daemon] = []
     for name in ("a", "b"):
-        started.append(await start_host(prefix, tmp_path, noop_map_path, name, heartbeat_s=HEARTBEAT_S, drain_timeout_s=2))
+        started.append(
+            await start_host(prefix, tmp_path, noop_map_path, name, heartbeat_s=HEARTBEAT_S, drain_timeout_s=2)
+        )
     yield started
     for daemon in started:
         await daemon.stop()
@@ -46,6 +48,7 @@ async def fleet_hosts(http: aiohttp.ClientSession, daemon: Daemon) -> dict[str, 
 async def test_fleet_shows_every_host_and_a_stopped_one_becomes_unreachable(two_hosts):
     a, b = two_hosts
     async with aiohttp.ClientSession(headers=AUTH) as http:
+
         async def both_seen() -> bool:
             return set(await fleet_hosts(http, a)) == {"a", "b"}
 
@@ -54,7 +57,9 @@ async def test_fleet_shows_every_host_and_a_stopped_one_becomes_unreachable(two_
         seen_b = hosts["b"]
         assert seen_b["labels"] == ["alpha", "beta"] and seen_b["public_url"] == api(b)
         assert (seen_b["max_concurrency"], seen_b["cpus_total"], seen_b["memory_mb_total"]) == (
-            b.ledger.max_concurrency, 64, 64 * 1024,
+            b.ledger.max_concurrency,
+            64,
+            64 * 1024,
         )
         assert not seen_b["unreachable"] and not seen_b["draining"] and seen_b["silent_s"] < 3 * HEARTBEAT_S
         assert {"last_seen", "warm", "warm_by_label", "running", "cpus_used", "memory_mb_used"} <= set(seen_b)
@@ -77,6 +82,7 @@ async def test_fleet_jobs_shows_a_running_job_on_either_host(two_hosts, broker):
     owner = "a" if a.job_running(running.job_id) else "b"
     async with aiohttp.ClientSession(headers=AUTH) as http:
         for asked in (a, b):
+
             async def both_answered(asked=asked) -> bool:
                 return (await get_json(http, f"{api(asked)}/fleet/jobs"))[1].get("hosts") == ["a", "b"]
 
@@ -96,7 +102,12 @@ async def test_fleet_jobs_shows_a_running_job_on_either_host(two_hosts, broker):
 
         await wait_for(running_from_both, what="both hosts answering the running query", interval_s=0.2)
         assert [job["job_id"] for job in answers[-1]["jobs"]] == [running.job_id]
-        for query, field in (("state=sleeping", "state"), ("limit=0", "limit"), ("since=yesterday", "since"), ("colour=red", "colour")):
+        for query, field in (
+            ("state=sleeping", "state"),
+            ("limit=0", "limit"),
+            ("since=yesterday", "since"),
+            ("colour=red", "colour"),
+        ):
             status, body = await get_json(http, f"{api(a)}/fleet/jobs?{query}")
             assert status == 400 and field in body["error"], query
 
@@ -116,7 +127,11 @@ async def test_drain_and_resume_another_host_from_this_one(two_hosts):
         async with http.post(f"{api(b)}/fleet/hosts/b/drain") as response:  # its own host: no broker round trip
             assert response.status == 200 and a.fleet.knows("b")
         assert b.ledger.draining
-        for path, status in (("/fleet/hosts/nobody/drain", 404), ("/fleet/hosts/-x/drain", 400), ("/fleet/hosts/a%20b/resume", 400)):
+        for path, status in (
+            ("/fleet/hosts/nobody/drain", 404),
+            ("/fleet/hosts/-x/drain", 400),
+            ("/fleet/hosts/a%20b/resume", 400),
+        ):
             async with http.post(f"{api(a)}{path}") as response:
                 assert response.status == status, path
                 assert set(await response.json()) == {"error"}
@@ -170,7 +185,8 @@ def every_route() -> list[tuple[str, str]]:
     app = build_app(object(), token=TOKEN, load=HttpLoad(HttpLimits()))  # type: ignore[arg-type]  # routes only
     routes = {
         (route.method, route.resource.canonical.format(job_id=uuid.uuid4(), host="b"))
-        for route in app.router.routes() if route.resource is not None and route.method != "HEAD"
+        for route in app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
     }
     return sorted(routes)
 
@@ -187,7 +203,12 @@ async def test_without_the_token_every_endpoint_but_healthz_is_401(two_hosts):
     routes = every_route()
     assert ("GET", "/") in routes and ("GET", "/fleet") in routes and ("POST", "/fleet/hosts/b/drain") in routes
     async with aiohttp.ClientSession() as http:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Cookie": "orch_session=forged"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": TOKEN},
+            {"Cookie": "orch_session=forged"},
+        ):
             for method, path in routes:
                 async with http.request(method, f"{api(a)}{path}", headers=headers, allow_redirects=False) as response:
                     expected = 200 if path == "/healthz" else 401
@@ -211,8 +232,9 @@ async def test_a_session_cookie_only_for_the_right_token_and_only_same_origin_po
                 assert "not this fleet's token" in await response.text() or not form.get("token")
         async with http.post(f"{origin}/login", json={"token": "wrong"}, allow_redirects=False) as response:
             assert response.status == 401 and "Set-Cookie" not in response.headers
-        async with http.post(f"{origin}/login", data={"token": TOKEN}, headers={"Origin": "http://evil.example"},
-                             allow_redirects=False) as response:
+        async with http.post(
+            f"{origin}/login", data={"token": TOKEN}, headers={"Origin": "http://evil.example"}, allow_redirects=False
+        ) as response:
             assert response.status == 403 and "Set-Cookie" not in response.headers
         async with http.post(f"{origin}/login", data={"token": TOKEN}, allow_redirects=False) as response:
             assert response.status == 303 and response.headers["Location"] == "/"
@@ -234,7 +256,9 @@ async def test_a_session_cookie_only_for_the_right_token_and_only_same_origin_po
             assert response.status == 200 and a.ledger.draining
         async with http.post(f"{origin}/resume", headers={**cookie, "Referer": f"{origin}/"}) as response:
             assert response.status == 200 and not a.ledger.draining
-        async with http.post(f"{origin}/logout", headers={**cookie, "Origin": origin}, allow_redirects=False) as response:
+        async with http.post(
+            f"{origin}/logout", headers={**cookie, "Origin": origin}, allow_redirects=False
+        ) as response:
             assert response.status == 303 and session_of(response)["orch_session"].value == ""
         assert (await http.get(f"{origin}/fleet", headers=cookie)).status == 401  # the session is gone here too
 

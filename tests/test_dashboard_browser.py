@@ -27,7 +27,6 @@ SHOTS = Path(os.environ.get("DASHBOARD_SCREENSHOTS_DIR", "/tmp/orch-test-artifac
 WAIT_S = 30
 
 
-
 class Browser:
     """A headless Chromium; every call runs in a thread, so the daemons on this test's
     event loop keep serving the page meanwhile."""
@@ -38,8 +37,15 @@ class Browser:
 
         options = webdriver.ChromeOptions()
         options.binary_location = str(CHROMIUM)
-        for argument in ("--headless=new", "--window-size=1440,1000", "--force-device-scale-factor=1",
-                         "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions"):
+        for argument in (
+            "--headless=new",
+            "--window-size=1440,1000",
+            "--force-device-scale-factor=1",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-extensions",
+        ):
             options.add_argument(argument)
         if os.geteuid() == 0:
             options.add_argument("--no-sandbox")  # Chromium's sandbox refuses to run as root
@@ -58,7 +64,10 @@ class Browser:
                 # The page redraws what changed every poll: an element read as it is
                 # replaced is simply read again.
                 return WebDriverWait(
-                    self.driver, WAIT_S, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException],
+                    self.driver,
+                    WAIT_S,
+                    poll_frequency=0.1,
+                    ignored_exceptions=[StaleElementReferenceException],
                 ).until(condition)
             except TimeoutException:
                 raise AssertionError(f"waited {WAIT_S} s in the browser for {what}, in vain") from None
@@ -141,11 +150,15 @@ async def test_the_dashboard_in_chromium(fleet, broker, browser):
 
     # The fleet: three hosts, c unreachable, and the running job with its host.
     def host_states(d: Any) -> dict[str, str]:
-        return {card.get_attribute("data-host"): card.get_attribute("data-state")
-                for card in d.find_elements(*by_css("#hosts article.host"))}
+        return {
+            card.get_attribute("data-host"): card.get_attribute("data-state")
+            for card in d.find_elements(*by_css("#hosts article.host"))
+        }
 
-    await browser.until(lambda d: host_states(d).get("c") == "unreachable" and len(host_states(d)) == 3,
-                        "c marked unreachable beside a and b")
+    await browser.until(
+        lambda d: host_states(d).get("c") == "unreachable" and len(host_states(d)) == 3,
+        "c marked unreachable beside a and b",
+    )
     row = f'#jobs tr[data-job="{running.job_id}"]'
     await browser.until(lambda d: "running" in text_of(row)(d), "the running job in the jobs table")
     await browser.until(lambda d: "b" in text_of(row)(d).split(), "the job's host in its row")
@@ -154,7 +167,9 @@ async def test_the_dashboard_in_chromium(fleet, broker, browser):
     # Where each host is connected (on a cluster: which node), and c's last known node.
     node = f"on broker node 127.0.0.1:{urlsplit(AMQP_URL).port or 5672}"
     assert node in await browser.until(text_of('#hosts article[data-host="a"] .node'), "a's broker node")
-    assert (await browser.until(text_of('#hosts article[data-host="c"] .node'), "c's broker node")).startswith("last on")
+    assert (await browser.until(text_of('#hosts article[data-host="c"] .node'), "c's broker node")).startswith(
+        "last on"
+    )
     summary = (await browser.until(text_of("#summary"), "the summary")).upper()
     assert "UNREACHABLE" in summary and "FAILED RECENTLY" in summary
     await browser.screenshot("dashboard-fleet.png")
@@ -163,9 +178,13 @@ async def test_the_dashboard_in_chromium(fleet, broker, browser):
     await browser.click(row)
     await browser.until(lambda d: "+ ./ci/test.sh" in text_of("#log-lines")(d), "the job's first line in the log pane")
     console = b.console_path(running.job_id)
-    later = ["collecting 214 tests", "tests/test_api.py ........................ [ 11%]",
-             "tests/test_fleet.py ................ [ 19%]", "tests/test_store.py ...... [ 22%]",
-             "still running: written after the log pane opened"]
+    later = [
+        "collecting 214 tests",
+        "tests/test_api.py ........................ [ 11%]",
+        "tests/test_fleet.py ................ [ 19%]",
+        "tests/test_store.py ...... [ 22%]",
+        "still running: written after the log pane opened",
+    ]
     with console.open("a") as out:
         out.write("\n".join(later) + "\n")
     await browser.until(lambda d: later[-1] in text_of("#log-lines")(d), "lines written after the pane opened")
@@ -181,8 +200,12 @@ async def test_the_dashboard_in_chromium(fleet, broker, browser):
     assert b.job_running(running.job_id)  # its running job goes on
     await browser.until(lambda d: d.find_elements(*by_css('button.resume[data-host="b"]')), "b's Resume button")
     # The same page in a dark system theme.
-    await browser.do(driver.execute_cdp_cmd, "Emulation.setEmulatedMedia",
-                     {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
-    await browser.until(lambda d: d.execute_script(
-        "return matchMedia('(prefers-color-scheme: dark)').matches"), "the dark theme")
+    await browser.do(
+        driver.execute_cdp_cmd,
+        "Emulation.setEmulatedMedia",
+        {"features": [{"name": "prefers-color-scheme", "value": "dark"}]},
+    )
+    await browser.until(
+        lambda d: d.execute_script("return matchMedia('(prefers-color-scheme: dark)').matches"), "the dark theme"
+    )
     await browser.screenshot("dashboard-dark.png")

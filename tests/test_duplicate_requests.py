@@ -27,7 +27,9 @@ async def _assert_nothing_requeued_or_left(daemon, broker: Broker) -> None:
     assert daemon.scheduler.requeued() == 0
 
 
-async def test_copies_of_a_running_job_are_acked_a_reused_id_dead_lettered_and_others_not_delayed(daemon_factory, broker):
+async def test_copies_of_a_running_job_are_acked_a_reused_id_dead_lettered_and_others_not_delayed(
+    daemon_factory, broker
+):
     daemon = await daemon_factory()
     await broker.open()
     job_id = str(uuid.uuid4())
@@ -72,10 +74,20 @@ async def test_copy_of_a_journaled_job_is_acked_a_reused_id_dead_lettered_and_a_
 
     # Not a copy: the next attempt of a job this host handed back (as one that shut down mid-job leaves it).
     handed_back = JobRequest.model_validate(
-        {"request_id": str(uuid.uuid4()), "repo_url": "https://example.invalid/repo.git", "commit_sha": SHA, "runs_on": "alpha"}
+        {
+            "request_id": str(uuid.uuid4()),
+            "repo_url": "https://example.invalid/repo.git",
+            "commit_sha": SHA,
+            "runs_on": "alpha",
+        }
     )
     await daemon.journal.accept(
-        handed_back, label="alpha", nonce="n", vm_name=vm_name_for(handed_back.job_id), backend="noop", accepted_at=time.time()
+        handed_back,
+        label="alpha",
+        nonce="n",
+        vm_name=vm_name_for(handed_back.job_id),
+        backend="noop",
+        accepted_at=time.time(),
     )
     await daemon.journal.move(handed_back.job_id, JobState.REQUEUED)
     await broker.submit(**{**handed_back.model_dump(mode="json"), "attempt": 2})

@@ -20,10 +20,22 @@ MAX_ARGUMENT_BYTES = 128 * 1024
 
 async def enqueue(prefix: str, config: Path, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "enqueue", "--config", str(config),
-        "--repo", "https://example.invalid/r.git", "--commit", SHA, *args,
-        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix}, cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "enqueue",
+        "--config",
+        str(config),
+        "--repo",
+        "https://example.invalid/r.git",
+        "--commit",
+        SHA,
+        *args,
+        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix},
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(stdin), timeout=60)
     return process.returncode, stdout.decode(), stderr.decode()
@@ -38,7 +50,7 @@ async def test_enqueue_wait_prints_the_result_and_exits_with_the_job_status(daem
     code, out, _ = await enqueue(prefix, noop_map_path, "--runs-on", "a", "--env", "NOOP_EXIT_CODE=3", "--wait")
     assert code == 1
     assert out.splitlines()[0].endswith("failed (exit code 3) on host0: job script exited with 3")
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out[out.index("{") :])
     assert result["status"] == "failed" and result["label"] == "alpha"
     code, out, _ = await enqueue(prefix, noop_map_path, "--wait")
     assert code == 0 and "succeeded" in out.splitlines()[0]
@@ -59,7 +71,6 @@ async def test_enqueue_before_any_daemon_says_so(prefix, noop_map_path):
     assert err.startswith("error: exchange ") and "no orchestrator daemon" in err
 
 
-
 async def test_script_too_long_for_an_argument_is_enqueued_from_a_file(daemon_factory, prefix, noop_map_path, tmp_path):
     daemon = await daemon_factory()
     script = long_script(200 * 1024)
@@ -71,7 +82,7 @@ async def test_script_too_long_for_an_argument_is_enqueued_from_a_file(daemon_fa
     path.write_text(script)
     code, out, _ = await enqueue(prefix, noop_map_path, "--script-file", str(path), "--wait")
     assert code == 0 and "succeeded" in out.splitlines()[0]
-    job_id = json.loads(out[out.index("{"):])["request_id"]
+    job_id = json.loads(out[out.index("{") :])["request_id"]
     record = await daemon.journal.get(job_id)
     assert record is not None and record.request is not None and record.request.script == script
 
@@ -81,7 +92,7 @@ async def test_script_file_dash_reads_the_script_from_stdin(daemon_factory, pref
     script = "#!/bin/sh\necho 'from stdin: é'\n"
     code, out, _ = await enqueue(prefix, noop_map_path, "--script-file", "-", "--wait", stdin=script.encode())
     assert code == 0 and "succeeded" in out.splitlines()[0]
-    record = await daemon.journal.get(json.loads(out[out.index("{"):])["request_id"])
+    record = await daemon.journal.get(json.loads(out[out.index("{") :])["request_id"])
     assert record is not None and record.request is not None and record.request.script == script
 
 

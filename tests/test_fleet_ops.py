@@ -26,9 +26,16 @@ TOKEN = "fleet-token"
 
 async def cli(prefix: str, config: Path, *args: str, timeout_s: float = 60) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", *args, "--config", str(config),
-        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "HTTP_TOKEN": TOKEN}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        *args,
+        "--config",
+        str(config),
+        env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "HTTP_TOKEN": TOKEN},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
     return process.returncode, stdout.decode(), stderr.decode()
@@ -53,8 +60,14 @@ async def start_host(prefix, tmp_path, noop_map_path, name: str, **overrides) ->
     overrides.setdefault("drain_timeout_s", 1)
     port = free_port()
     settings = make_settings(
-        prefix, tmp_path / name, noop_map_path, host_name=name, http_listen=f"127.0.0.1:{port}", http_token=TOKEN,
-        public_url=f"http://127.0.0.1:{port}", **overrides,
+        prefix,
+        tmp_path / name,
+        noop_map_path,
+        host_name=name,
+        http_listen=f"127.0.0.1:{port}",
+        http_token=TOKEN,
+        public_url=f"http://127.0.0.1:{port}",
+        **overrides,
     )
     daemon = Daemon(settings, load_image_map(noop_map_path), backends={BackendName.NOOP: NoopHypervisor()})
     await daemon.start()
@@ -68,7 +81,9 @@ def api(daemon: Daemon) -> str:
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def test_a_drained_host_takes_nothing_and_stays_drained_across_a_restart(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_a_drained_host_takes_nothing_and_stays_drained_across_a_restart(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     a = await start_host(prefix, tmp_path, noop_map_path, "a")
     b = await start_host(prefix, tmp_path, noop_map_path, "b")
     try:
@@ -78,7 +93,9 @@ async def test_a_drained_host_takes_nothing_and_stays_drained_across_a_restart(p
         assert code == 0, err
         assert out.strip() == "a: draining, 0 job(s) running"
         # The broker shows a's consumers gone; b's stay.
-        await wait_for(lambda: consumers_by_queue(prefix).get(alpha) == 1, interval_s=0.2, what="a's consumers cancelled")
+        await wait_for(
+            lambda: consumers_by_queue(prefix).get(alpha) == 1, interval_s=0.2, what="a's consumers cancelled"
+        )
         async with aiohttp.ClientSession(headers=AUTH) as http:
             async with http.get(f"{api(a)}/readyz") as response:
                 assert response.status == 503 and "host is draining" in (await response.json())["reasons"]
@@ -98,7 +115,11 @@ async def test_a_drained_host_takes_nothing_and_stays_drained_across_a_restart(p
         # Resumed over HTTP, it takes work again.
         async with aiohttp.ClientSession(headers=AUTH) as http:
             async with http.post(f"{api(a)}/resume") as response:
-                assert response.status == 200 and await response.json() == {"host": "a", "draining": False, "running": 0}
+                assert response.status == 200 and await response.json() == {
+                    "host": "a",
+                    "draining": False,
+                    "running": 0,
+                }
         await wait_for(lambda: consumers_by_queue(prefix).get(alpha) == 2, interval_s=0.2, what="a consuming again")
         await b.set_draining(True)
         job = await broker.submit(runs_on="alpha")
@@ -166,8 +187,12 @@ async def test_jobs_over_http_and_across_the_fleet(prefix, tmp_path, noop_map_pa
                 assert detail["result"]["status"] == "succeeded" and "total_s" in detail["timings"]
                 assert detail["request"]["env_names"] == ["SECRET_TOKEN"] and "hunter2" not in await response.text()
             for path, status in (
-                ("/jobs/not-a-uuid", 400), (f"/jobs/{'0' * 8}-0000-0000-0000-{'0' * 12}", 404),
-                ("/jobs?state=sleeping", 400), ("/jobs?limit=0", 400), ("/jobs?since=yesterday", 400), ("/jobs?colour=red", 400),
+                ("/jobs/not-a-uuid", 400),
+                (f"/jobs/{'0' * 8}-0000-0000-0000-{'0' * 12}", 404),
+                ("/jobs?state=sleeping", 400),
+                ("/jobs?limit=0", 400),
+                ("/jobs?since=yesterday", 400),
+                ("/jobs?colour=red", 400),
             ):
                 async with http.get(f"{api(a)}{path}") as response:
                     assert response.status == status, path
@@ -188,7 +213,9 @@ async def test_jobs_over_http_and_across_the_fleet(prefix, tmp_path, noop_map_pa
         await b.stop()
 
 
-async def test_logs_of_a_job_on_another_host_whole_and_followed(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_logs_of_a_job_on_another_host_whole_and_followed(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     a = await start_host(prefix, tmp_path, noop_map_path, "a")
     try:
         await broker.open()
@@ -214,14 +241,25 @@ async def test_logs_of_a_job_on_another_host_whole_and_followed(prefix, tmp_path
 
 
 @pytest.mark.libvirt
-async def test_logs_follow_a_job_running_in_a_real_vm(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
+async def test_logs_follow_a_job_running_in_a_real_vm(
+    prefix, tmp_path, test_image, test_network, cleanup_topology, broker
+):
     cleanup_topology.extend(["demo", "demo-silent"])
     map_path = test_image / "image-map.yaml"
     port = free_port()
     settings = make_settings(
-        prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, libvirt_domain_type="qemu",
-        libvirt_network=test_network, orchestrator_id=f"test-{prefix}", image_dir=test_image, host_name="vmhost",
-        http_listen=f"127.0.0.1:{port}", http_token=TOKEN, public_url=f"http://127.0.0.1:{port}",
+        prefix,
+        tmp_path / "state",
+        map_path,
+        backend=BackendName.LIBVIRT,
+        libvirt_domain_type="qemu",
+        libvirt_network=test_network,
+        orchestrator_id=f"test-{prefix}",
+        image_dir=test_image,
+        host_name="vmhost",
+        http_listen=f"127.0.0.1:{port}",
+        http_token=TOKEN,
+        public_url=f"http://127.0.0.1:{port}",
     )
     daemon = Daemon(settings, load_image_map(map_path))
     await daemon.start()
@@ -229,12 +267,25 @@ async def test_logs_follow_a_job_running_in_a_real_vm(prefix, tmp_path, test_ima
         await broker.open()
         job = await broker.submit(runs_on="demo", script="for n in 1 2 3 4 5 6 7 8; do echo tick $n; sleep 1; done")
         console = daemon.console_path(job.job_id)
-        await wait_for(lambda: console.exists() and b"ORCH-STARTED" in console.read_bytes(), timeout_s=120,
-                       interval_s=0.1, what="the job's script to start")
+        await wait_for(
+            lambda: console.exists() and b"ORCH-STARTED" in console.read_bytes(),
+            timeout_s=120,
+            interval_s=0.1,
+            what="the job's script to start",
+        )
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", "logs", "--follow", job.job_id, "--config", str(map_path),
-            env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "HTTP_TOKEN": TOKEN}, cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "logs",
+            "--follow",
+            job.job_id,
+            "--config",
+            str(map_path),
+            env={**os.environ, "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "HTTP_TOKEN": TOKEN},
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         seen: list[str] = []
         unfinished_when_first_seen: bool | None = None

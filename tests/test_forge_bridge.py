@@ -48,7 +48,9 @@ async def test_a_push_runs_its_jobs_and_the_commit_shows_pending_running_success
     assert shown[-1].target_url.startswith("http://hv01.example:9465/jobs/") and shown[-1].target_url.endswith("/log")
 
 
-def signed(event: str, payload: dict, *, delivery_id: str | None = None, secret: str = SECRET) -> tuple[dict[str, str], bytes]:
+def signed(
+    event: str, payload: dict, *, delivery_id: str | None = None, secret: str = SECRET
+) -> tuple[dict[str, str], bytes]:
     body = json.dumps(payload).encode()
     return fake_github.webhook_headers(event, body, secret, delivery=delivery_id), body
 
@@ -122,13 +124,16 @@ async def test_statuses_the_forge_refuses_for_now_are_retried(github, daemon_fac
     assert (await github.deliver(headers, body))[0] == 202
     states = await github.fake.wait_for_statuses(sha, "orchestrator/test", 1, timeout_s=30)
     assert states[-1] in ("pending", "success")
-    assert (await github.fake.wait_for_statuses(sha, "orchestrator/test", 1, timeout_s=30))
+    assert await github.fake.wait_for_statuses(sha, "orchestrator/test", 1, timeout_s=30)
+
     async def final() -> list[str]:
         while "success" not in github.fake.statuses_for(sha, "orchestrator/test"):
             github.fake.status_changed.clear()
             await github.fake.status_changed.wait()
         return github.fake.statuses_for(sha, "orchestrator/test")
+
     import asyncio
+
     assert (await asyncio.wait_for(final(), 30))[-1] == "success"
 
 
@@ -144,12 +149,17 @@ async def stop(bridge: Bridge) -> None:
 
 
 @pytest.mark.parametrize("forks", [False, True])
-async def test_secrets_go_to_pushes_and_same_repo_prs_never_to_forks(tmp_path, prefix, cleanup_topology, daemon_factory, caplog, monkeypatch, forks):
+async def test_secrets_go_to_pushes_and_same_repo_prs_never_to_forks(
+    tmp_path, prefix, cleanup_topology, daemon_factory, caplog, monkeypatch, forks
+):
     monkeypatch.setenv("WIDGETS_DEPLOY_KEY", "s3cr3t-deploy-key")
     bridge = await bridge_with(tmp_path, prefix, forks=forks, secrets={"DEPLOY_KEY": {"env": "WIDGETS_DEPLOY_KEY"}})
     try:
         daemon = await daemon_factory()
-        deliveries = {name: fake_github.delivery(name, SECRET) for name in ("push.branch", "pull_request.opened", "pull_request.opened.fork")}
+        deliveries = {
+            name: fake_github.delivery(name, SECRET)
+            for name in ("push.branch", "pull_request.opened", "pull_request.opened.fork")
+        }
         shas = {}
         for name, (headers, body) in deliveries.items():
             payload = json.loads(body)
@@ -160,7 +170,10 @@ async def test_secrets_go_to_pushes_and_same_repo_prs_never_to_forks(tmp_path, p
             await bridge.fake.wait_for_statuses(shas[name], "orchestrator/test", 3)
         await bridge.bridge.dispatcher.settled()
         # What the host was asked to run: the env of each job, from the daemon's journal.
-        envs = {record.request.commit_sha: record.request.env for record in await daemon.journal.in_states({JobState.PUBLISHED})}
+        envs = {
+            record.request.commit_sha: record.request.env
+            for record in await daemon.journal.in_states({JobState.PUBLISHED})
+        }
         assert envs[shas["push.branch"]]["DEPLOY_KEY"] == "s3cr3t-deploy-key"
         assert envs[shas["pull_request.opened"]]["DEPLOY_KEY"] == "s3cr3t-deploy-key"
         if forks:
@@ -172,7 +185,9 @@ async def test_secrets_go_to_pushes_and_same_repo_prs_never_to_forks(tmp_path, p
         await stop(bridge)
 
 
-async def test_webhooks_taken_while_the_broker_is_away_are_published_once_it_is_back(tmp_path, prefix, cleanup_topology, amqp_proxy, daemon_factory, broker):
+async def test_webhooks_taken_while_the_broker_is_away_are_published_once_it_is_back(
+    tmp_path, prefix, cleanup_topology, amqp_proxy, daemon_factory, broker
+):
     fake = await fake_github.install(FakeForge()).start()
     config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO)
     bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github", amqp_url=amqp_proxy.url)
@@ -200,7 +215,9 @@ async def test_webhooks_taken_while_the_broker_is_away_are_published_once_it_is_
         await stop(bridge)
 
 
-async def test_a_new_push_supersedes_the_running_jobs_of_the_previous_head(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+async def test_a_new_push_supersedes_the_running_jobs_of_the_previous_head(
+    tmp_path, prefix, cleanup_topology, daemon_factory, broker
+):
     bridge = await bridge_with(tmp_path, prefix, cancel_superseded=True)
     try:
         daemon = await daemon_factory()
@@ -249,8 +266,15 @@ def test_the_example_config_checks_with_its_secrets_set(monkeypatch, capsys):
     from orchestrator.cli import main
 
     example = Path(__file__).parent.parent / "examples" / "forge.yaml"
-    for name in ("GITHUB_TOKEN", "GITHUB_WEBHOOK_SECRET", "FORGEJO_TOKEN", "FORGEJO_WEBHOOK_SECRET", "GITLAB_TOKEN",
-                 "GITLAB_WEBHOOK_TOKEN", "WIDGETS_DEPLOY_KEY"):
+    for name in (
+        "GITHUB_TOKEN",
+        "GITHUB_WEBHOOK_SECRET",
+        "FORGEJO_TOKEN",
+        "FORGEJO_WEBHOOK_SECRET",
+        "GITLAB_TOKEN",
+        "GITLAB_WEBHOOK_TOKEN",
+        "WIDGETS_DEPLOY_KEY",
+    ):
         monkeypatch.setenv(name, f"value-of-{name}")
     assert main(["forge", "check", "--config", str(example)]) == 0
     out = capsys.readouterr().out
@@ -270,7 +294,9 @@ async def test_a_body_above_the_cap_is_refused_before_it_is_read(github):
     assert github.bridge.dispatcher.counts["jobs_published"] == 0
 
 
-async def test_without_a_jobs_file_the_fallback_runs_and_other_jobs_results_are_ignored(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+async def test_without_a_jobs_file_the_fallback_runs_and_other_jobs_results_are_ignored(
+    tmp_path, prefix, cleanup_topology, daemon_factory, broker
+):
     bridge = await bridge_with(tmp_path, prefix, fallback={"runs_on": "alpha", "script_path": "ci/run.sh"})
     try:
         daemon = await daemon_factory()
@@ -290,12 +316,20 @@ async def test_without_a_jobs_file_the_fallback_runs_and_other_jobs_results_are_
         await stop(bridge)
 
 
-async def test_the_receiver_holds_a_bounded_number_of_connections_and_closes_idle_ones(tmp_path, prefix, cleanup_topology):
+async def test_the_receiver_holds_a_bounded_number_of_connections_and_closes_idle_ones(
+    tmp_path, prefix, cleanup_topology
+):
     import asyncio
 
     fake = await fake_github.install(FakeForge()).start()
-    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO,
-                          top={"max_connections": 4, "header_timeout_s": 1})
+    config = write_config(
+        tmp_path,
+        forge="github",
+        kind="github",
+        api_url=fake.url,
+        repo=REPO,
+        top={"max_connections": 4, "header_timeout_s": 1},
+    )
     bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github")
     try:
         idle = [await asyncio.open_connection("127.0.0.1", bridge.bridge.port) for _ in range(6)]

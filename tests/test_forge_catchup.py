@@ -48,7 +48,9 @@ def pull_opened(number: int, sha: str) -> tuple[dict[str, str], bytes]:
     return fake_github.webhook_headers("pull_request", body, SECRET), body
 
 
-async def test_a_push_and_a_pull_request_made_while_the_bridge_was_down_run_once(tmp_path, prefix, cleanup_topology, daemon_factory):
+async def test_a_push_and_a_pull_request_made_while_the_bridge_was_down_run_once(
+    tmp_path, prefix, cleanup_topology, daemon_factory
+):
     fake = await fake_github.install(FakeForge()).start()
     fake.branches[REPO] = {"main": OLD, "stale": OLD}
     first = await github_bridge(tmp_path, prefix, fake)
@@ -91,8 +93,15 @@ async def test_a_gitlab_hook_the_forge_disabled_shows_in_readyz(tmp_path, prefix
     await fake.start()
     project = "group/app"
     fake.branches[project] = {"main": OLD}
-    fake.hooks[project] = [{"id": 7, "url": "https://ci.example.org/hooks/gitlab", "alert_status": "disabled",
-                            "push_events": True, "merge_requests_events": True}]
+    fake.hooks[project] = [
+        {
+            "id": 7,
+            "url": "https://ci.example.org/hooks/gitlab",
+            "alert_status": "disabled",
+            "push_events": True,
+            "merge_requests_events": True,
+        }
+    ]
     config = write_config(tmp_path, forge="gitlab", kind="gitlab", api_url=fake.url, repo=project)
     bridge = await start_bridge(prefix, tmp_path, fake, config, forge="gitlab")
     try:
@@ -107,7 +116,9 @@ async def test_a_gitlab_hook_the_forge_disabled_shows_in_readyz(tmp_path, prefix
         await fake.close()
 
 
-async def test_catch_up_dry_run_changes_nothing_and_a_real_one_runs_the_moved_head(tmp_path, prefix, cleanup_topology, daemon_factory):
+async def test_catch_up_dry_run_changes_nothing_and_a_real_one_runs_the_moved_head(
+    tmp_path, prefix, cleanup_topology, daemon_factory
+):
     from orchestrator.forge.service import catch_up_once
 
     fake = await fake_github.install(FakeForge()).start()
@@ -128,13 +139,16 @@ async def test_catch_up_dry_run_changes_nothing_and_a_real_one_runs_the_moved_he
         since = len(fake.calls)
         [again] = await catch_up_once(settings, loaded, repo=REPO, dry_run=False)
         assert again.ran == [], "a head that has run is not run again"
-        assert [c.path for c in fake.calls[since:] if c.path == f"/repos/{REPO}"] == [], \
+        assert [c.path for c in fake.calls[since:] if c.path == f"/repos/{REPO}"] == [], (
             "a pass keeps the repository it fetched: the next one does not ask for it again"
+        )
     finally:
         await fake.close()
 
 
-async def test_rerun_publishes_a_new_run_with_fresh_statuses(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+async def test_rerun_publishes_a_new_run_with_fresh_statuses(
+    tmp_path, prefix, cleanup_topology, daemon_factory, broker
+):
     from orchestrator.forge.service import rerun_once
 
     fake = await fake_github.install(FakeForge()).start()

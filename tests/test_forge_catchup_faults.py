@@ -90,8 +90,15 @@ def gitlab_merge_request_opened(repo: str, pull: Pull, project_id: int) -> Webho
     push = json.loads((FIXTURES / "gitlab" / "push.json").read_bytes())
     payload["project"] = push["project"]
     attrs = payload["object_attributes"]
-    attrs.update(iid=pull.number, source_branch=pull.head_branch, target_branch=pull.base_branch,
-                 source_project_id=project_id, target_project_id=project_id, action="open", state="opened")
+    attrs.update(
+        iid=pull.number,
+        source_branch=pull.head_branch,
+        target_branch=pull.base_branch,
+        source_project_id=project_id,
+        target_project_id=project_id,
+        action="open",
+        state="opened",
+    )
     attrs["last_commit"]["id"] = pull.head_sha
     attrs["source"]["git_http_url"] = attrs["target"]["git_http_url"] = push["project"]["git_http_url"]
     return gitlab_signed("merge_request_open", payload)
@@ -117,17 +124,34 @@ class ForgeKit:
 
 
 KITS = [
-    ForgeKit("forgejo", fake_forgejo.install, "forgejo/webhooks", "develop", forgejo_push, forgejo_pull_opened,
-             ["pending", "pending", "success"]),
-    ForgeKit("gitlab", install_gitlab, "mike/diaspora", "master", gitlab_push,
-             lambda repo, pull: gitlab_merge_request_opened(repo, pull, GITLAB_PROJECT), ["pending", "running", "success"]),
+    ForgeKit(
+        "forgejo",
+        fake_forgejo.install,
+        "forgejo/webhooks",
+        "develop",
+        forgejo_push,
+        forgejo_pull_opened,
+        ["pending", "pending", "success"],
+    ),
+    ForgeKit(
+        "gitlab",
+        install_gitlab,
+        "mike/diaspora",
+        "master",
+        gitlab_push,
+        lambda repo, pull: gitlab_merge_request_opened(repo, pull, GITLAB_PROJECT),
+        ["pending", "running", "success"],
+    ),
 ]
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-async def heads_recorded(bridge: Bridge, repo: str, *, including: str | None = None, timeout_s: float = 30) -> dict[str, str]:
+async def heads_recorded(
+    bridge: Bridge, repo: str, *, including: str | None = None, timeout_s: float = 30
+) -> dict[str, str]:
     """The heads the journal holds for `repo` once a pass recorded them (and `including`
     among them): a pass runs in the bridge's own task."""
+
     async def recorded() -> bool:
         heads = await bridge.bridge.journal.heads(bridge.forge, repo)
         return bool(heads) and (including is None or including in heads)
@@ -153,7 +177,9 @@ def with_top_level(config: Path, **settings: Any) -> Path:
 
 
 def loaded(config: Path, fake: FakeForge) -> LoadedForgeConfig:
-    return load_forge_config(config, environ={**os.environ, "TEST_FORGE_TOKEN": fake.token, "TEST_FORGE_SECRET": SECRET})
+    return load_forge_config(
+        config, environ={**os.environ, "TEST_FORGE_TOKEN": fake.token, "TEST_FORGE_SECRET": SECRET}
+    )
 
 
 def jobs_at(fake: FakeForge, repo: str, *shas: str) -> None:
@@ -276,8 +302,11 @@ async def test_a_fork_pull_request_found_by_a_pass_follows_the_forks_rule_and_ne
             assert FORK_HEAD not in requests, "a fork's PR does not run with forks: false"
             assert fake.statuses_for(FORK_HEAD) == [], "and shows no status"
             assert not [c for c in fake.calls if c.query.get("ref") == FORK_HEAD], "its jobs file is not even read"
-            assert await bridge.bridge.journal.heads("github", REPO) == {"branch/main": OLD, "pull/5": PR_HEAD,
-                                                                          "pull/12": FORK_HEAD}
+            assert await bridge.bridge.journal.heads("github", REPO) == {
+                "branch/main": OLD,
+                "pull/5": PR_HEAD,
+                "pull/12": FORK_HEAD,
+            }
         assert bridge.bridge.catchup.caught_up[("github", REPO)] == 2, "both were handed on; the rule is the planner's"
         assert "s3cr3t-deploy-key" not in caplog.text, "secrets are never logged"
     finally:
@@ -294,7 +323,9 @@ def branch_listings(fake: FakeForge, since: int = 0) -> list[dict[str, str]]:
     return [call.query for call in fake.calls[since:] if call.path == f"/repos/{REPO}/branches"]
 
 
-async def test_a_head_moved_on_the_last_of_three_pages_of_branches_is_found(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+async def test_a_head_moved_on_the_last_of_three_pages_of_branches_is_found(
+    tmp_path, prefix, cleanup_topology, daemon_factory, broker
+):
     from orchestrator.forge.service import catch_up_once
 
     fake = await fake_github.install(FakeForge()).start()
@@ -312,8 +343,11 @@ async def test_a_head_moved_on_the_last_of_three_pages_of_branches_is_found(tmp_
         [report] = await catch_up_once(settings, config, repo=REPO, dry_run=False)
         assert report.error is None and report.heads == 250
         assert report.ran == [f"branch/{BRANCHES[-1]}@{MOVED}"]
-        assert branch_listings(fake, since) == [{"per_page": "100"}, {"per_page": "100", "page": "2"},
-                                                {"per_page": "100", "page": "3"}]
+        assert branch_listings(fake, since) == [
+            {"per_page": "100"},
+            {"per_page": "100", "page": "2"},
+            {"per_page": "100", "page": "3"},
+        ]
         assert (await broker.next_result()).commit_sha == MOVED
     finally:
         await fake.close()
@@ -325,8 +359,9 @@ async def test_a_pass_over_its_request_budget_stops_says_so_and_webhooks_are_sti
     caplog.set_level(logging.INFO, logger="orchestrator.forge")
     fake = await fake_github.install(FakeForge()).start()
     fake.branches[REPO] = {name: OLD for name in BRANCHES}
-    config = with_top_level(write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO),
-                            catchup_max_requests=2)
+    config = with_top_level(
+        write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO), catchup_max_requests=2
+    )
     bridge = await start_bridge(prefix, tmp_path, fake, config, forge="github")
     try:
         await wait_for(lambda: logged(caplog, "catchup.failed"), what="the pass to stop at its budget")
@@ -363,8 +398,12 @@ async def test_5xx_and_429_during_a_pass_are_retried_nothing_is_lost_and_webhook
     # requests are rate limited once. Each answer says when to try again.
     fake.fail_next(status=503, retry_after="1", path_prefix=branches, query={"page": "2"})
     fake.fail_next(status=500, retry_after="1", path_prefix=branches, query={"page": "3"})
-    fake.fail_next(status=429, retry_after="1", path_prefix=pulls,
-                   headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Limit": "5000"})
+    fake.fail_next(
+        status=429,
+        retry_after="1",
+        path_prefix=pulls,
+        headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Limit": "5000"},
+    )
     await daemon_factory()
     await broker.open()
     since = len(fake.calls)
@@ -400,8 +439,9 @@ async def test_a_pass_runs_at_most_catchup_max_commits_and_the_next_pass_runs_th
     fake = await fake_github.install(FakeForge()).start()
     names = [f"topic-{n}" for n in range(5)]
     fake.branches[REPO] = {"main": OLD, **{name: OLD for name in names}}
-    config = with_top_level(write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO),
-                            catchup_max_commits=2)
+    config = with_top_level(
+        write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO), catchup_max_commits=2
+    )
     await first_pass_with(config, tmp_path, prefix, fake)
     moved = {name: hashlib.sha1(name.encode()).hexdigest() for name in names}
     fake.branches[REPO].update(moved)
@@ -418,8 +458,10 @@ async def test_a_pass_runs_at_most_catchup_max_commits_and_the_next_pass_runs_th
         await bridge.bridge.dispatcher.settled()
         assert bridge.bridge.dispatcher.counts["jobs_published"] == 2
         # The next passes (here `forge catch-up` beside the bridge) run the rest, two at a time.
-        reports = [await catch_up_once(bridge.bridge.settings, bridge.bridge.config, repo=REPO, dry_run=False)
-                   for _ in range(3)]
+        reports = [
+            await catch_up_once(bridge.bridge.settings, bridge.bridge.config, repo=REPO, dry_run=False)
+            for _ in range(3)
+        ]
         assert [(len(r.ran), r.skipped) for [r] in reports] == [(2, 1), (1, 0), (0, 0)], [r.line() for [r] in reports]
         rest = await broker.collect(3)
         ran = sorted(r.commit_sha for r in [*first.values(), *rest.values()])
@@ -464,7 +506,9 @@ async def test_a_catch_up_beside_the_running_bridge_never_leaves_an_older_status
         jobs_at(fake, REPO, MOVED)
         await daemon_factory()
         slow = fake.pause(path_prefix=f"/repos/{REPO}/statuses/{MOVED}", body_contains=b"queued (caught up)")
-        command = asyncio.create_task(catch_up_once(bridge.bridge.settings, bridge.bridge.config, repo=REPO, dry_run=False))
+        command = asyncio.create_task(
+            catch_up_once(bridge.bridge.settings, bridge.bridge.config, repo=REPO, dry_run=False)
+        )
         await asyncio.wait_for(slow.arrived.wait(), 30)
         journal = bridge.bridge.journal
 
@@ -517,8 +561,13 @@ async def test_two_senders_of_one_journal_never_send_a_step_twice_or_out_of_orde
     slow = HeldForge(shown, hold)
 
     def reporter(journal: BridgeJournal, forge: HeldForge) -> StatusReporter:
-        return StatusReporter(journal=journal, forges={"github": forge},  # type: ignore[dict-item]
-                              topology=Topology("unused"), delivery_limit=5, quorum_size=3)
+        return StatusReporter(
+            journal=journal,
+            forges={"github": forge},  # type: ignore[dict-item]
+            topology=Topology("unused"),
+            delivery_limit=5,
+            quorum_size=3,
+        )
 
     service, command = reporter(service_journal, HeldForge(shown)), reporter(command_journal, slow)
     repo = Repo("octo-org", "widgets", f"https://github.com/{REPO}.git")
@@ -556,7 +605,9 @@ async def test_a_claim_left_by_a_sender_that_died_is_taken_at_once(tmp_path):
     journal = BridgeJournal(path)
     repo = Repo("octo-org", "widgets", f"https://github.com/{REPO}.git")
     try:
-        await journal.propose_status("github", repo, MOVED, CommitStatus(StatusState.PENDING, "orchestrator/test", "queued"))
+        await journal.propose_status(
+            "github", repo, MOVED, CommitStatus(StatusState.PENDING, "orchestrator/test", "queued")
+        )
         [listed] = await journal.statuses_to_send(time.time())
         claims_and_dies = (
             "import asyncio, os, sys, time\n"
@@ -569,10 +620,14 @@ async def test_a_claim_left_by_a_sender_that_died_is_taken_at_once(tmp_path):
             "    os._exit(0)\n"
             "asyncio.run(main())\n"
         )
-        child = await asyncio.create_subprocess_exec(sys.executable, "-c", claims_and_dies, cwd=Path(__file__).parent.parent)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", claims_and_dies, cwd=Path(__file__).parent.parent
+        )
         assert await child.wait() == 0
         claimed = await journal.claim_status(listed, now=time.time(), lease_s=SEND_LEASE_S)
         assert claimed is not None and claimed.status.description == "queued"
-        assert await journal.claim_status(listed, now=time.time(), lease_s=SEND_LEASE_S) is None, "held by this process now"
+        assert await journal.claim_status(listed, now=time.time(), lease_s=SEND_LEASE_S) is None, (
+            "held by this process now"
+        )
     finally:
         await journal.close()

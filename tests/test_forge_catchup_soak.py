@@ -68,8 +68,15 @@ class BridgeProcess:
         self._started.clear()
         self.starts += 1
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", "forge", "--config", str(self.config),
-            env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "forge",
+            "--config",
+            str(self.config),
+            env=self.env,
+            cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read(self.process))
         started = asyncio.create_task(self._started.wait())
@@ -79,8 +86,10 @@ class BridgeProcess:
         exited.cancel()
         if not self._started.is_set():
             await self.kill()
-            raise AssertionError(f"the bridge did not log forge.started within {timeout_s:g} s; its last lines:\n"
-                                 + "".join(self.lines[-20:]))
+            raise AssertionError(
+                f"the bridge did not log forge.started within {timeout_s:g} s; its last lines:\n"
+                + "".join(self.lines[-20:])
+            )
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None
@@ -142,7 +151,8 @@ def free_port() -> int:
 def write_config(tmp_path: Path, api_url: str, port: int) -> Path:
     path = tmp_path / "forge.yaml"
     repositories = "".join(f"  - {{repo: {repo}, forge: github}}\n" for repo in REPOS)
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         listen: 127.0.0.1:{port}
         state_dir: {tmp_path / "forge-state"}
         forges:
@@ -152,7 +162,9 @@ def write_config(tmp_path: Path, api_url: str, port: int) -> Path:
             webhook_secret: {{env: TEST_FORGE_SECRET}}
             catchup_interval_s: 10
         repositories:
-        """) + repositories)
+        """)
+        + repositories
+    )
     return path
 
 
@@ -197,8 +209,11 @@ async def test_pushes_with_lost_webhooks_and_a_bridge_killed_five_times_all_run_
     try:
         await bridge.start()
         # The first pass records the heads and runs nothing; the pushes come after it.
-        await wait_for(lambda: {e["repo"] for e in bridge.events("catchup.pass") if e["first_pass"]} == set(REPOS),
-                       what="the first pass over the three repositories", timeout_s=30)
+        await wait_for(
+            lambda: {e["repo"] for e in bridge.events("catchup.pass") if e["first_pass"]} == set(REPOS),
+            what="the first pass over the three repositories",
+            timeout_s=30,
+        )
 
         answered: set[Key] = set()  # webhooks answered 202: each must run
         unsure: set[Key] = set()  # cut off by a kill mid-request: may run
@@ -255,18 +270,30 @@ async def test_pushes_with_lost_webhooks_and_a_bridge_killed_five_times_all_run_
             return must_run <= set(results)
 
         async def settled() -> bool:
-            return (all_ran() and not daemon.runner.running and await broker.ready_count("alpha") == 0
-                    and all(set(fake.statuses_for(sha, CONTEXT)) & FINAL for _, _, sha in results))
+            return (
+                all_ran()
+                and not daemon.runner.running
+                and await broker.ready_count("alpha") == 0
+                and all(set(fake.statuses_for(sha, CONTEXT)) & FINAL for _, _, sha in results)
+            )
 
         try:
-            await wait_for(all_ran, what="a result for every head and every answered webhook", timeout_s=60, interval_s=0.1)
-            await wait_for(settled, what="the daemon idle and a final status on every commit that ran", timeout_s=30,
-                           interval_s=0.1)
+            await wait_for(
+                all_ran, what="a result for every head and every answered webhook", timeout_s=60, interval_s=0.1
+            )
+            await wait_for(
+                settled,
+                what="the daemon idle and a final status on every commit that ran",
+                timeout_s=30,
+                interval_s=0.1,
+            )
         except AssertionError as exc:
             missing = sorted(must_run - set(results))
             unfinished = sorted(sha for _, _, sha in results if not set(fake.statuses_for(sha, CONTEXT)) & FINAL)
-            raise AssertionError(f"{exc}; no result for {len(missing)}: {missing[:5]}; "
-                                 f"no final status on {len(unfinished)}: {unfinished[:5]}") from None
+            raise AssertionError(
+                f"{exc}; no result for {len(missing)}: {missing[:5]}; "
+                f"no final status on {len(unfinished)}: {unfinished[:5]}"
+            ) from None
         assert await bridge.stop() == 0
         all_ran()  # anything that came in meanwhile
 
@@ -280,18 +307,22 @@ async def test_pushes_with_lost_webhooks_and_a_bridge_killed_five_times_all_run_
         # (the same status: counted, allowed).
         wrong, resent = {}, 0
         for _, _, sha in sorted(results):
-            shown = [(s.state, s.description, s.target_url) for s in fake.statuses if s.sha == sha and s.context == CONTEXT]
+            shown = [
+                (s.state, s.description, s.target_url) for s in fake.statuses if s.sha == sha and s.context == CONTEXT
+            ]
             finals = {status for status in shown if status[0] in FINAL}
             resent += sum(1 for status in shown if status[0] in FINAL) - len(finals)
             if len(finals) != 1 or shown[-1][0] != "success":
                 wrong[sha] = [status[:2] for status in shown]
         assert not wrong, f"{len(wrong)} commit(s) do not end on their one final status: {wrong}"
         caught_up = sum(e["ran"] for e in bridge.events("catchup.pass"))
-        print(f"\nsoak: {PUSHES} pushes, {len(answered)} webhooks answered, {len(unsure)} cut off, "
-              f"{len(must_run)} runs required, {len(results)} ran ({len(results) - len(must_run)} more were heads "
-              f"a pass saw), {caught_up} by the bridge's passes, {sum(len(r.ran) for r in final_pass)} by the final one; "
-              f"{bridge.starts} bridge starts; "
-              f"{broker.redeliveries} result redeliveries; {len(fake.statuses)} statuses set, {resent} final ones resent")
+        print(
+            f"\nsoak: {PUSHES} pushes, {len(answered)} webhooks answered, {len(unsure)} cut off, "
+            f"{len(must_run)} runs required, {len(results)} ran ({len(results) - len(must_run)} more were heads "
+            f"a pass saw), {caught_up} by the bridge's passes, {sum(len(r.ran) for r in final_pass)} by the final one; "
+            f"{bridge.starts} bridge starts; "
+            f"{broker.redeliveries} result redeliveries; {len(fake.statuses)} statuses set, {resent} final ones resent"
+        )
     finally:
         await bridge.kill()
         await fake.close()

@@ -68,7 +68,9 @@ KITS = [
 
 
 @pytest.mark.parametrize("kit", KITS, ids=[k.kind for k in KITS])
-async def test_a_push_shows_queued_running_success_on_the_commit(kit, tmp_path, prefix, cleanup_topology, daemon_factory):
+async def test_a_push_shows_queued_running_success_on_the_commit(
+    kit, tmp_path, prefix, cleanup_topology, daemon_factory
+):
     fake = FakeForge()
     kit.install(fake)
     await fake.start()
@@ -91,7 +93,9 @@ async def test_a_push_shows_queued_running_success_on_the_commit(kit, tmp_path, 
 
 
 @pytest.mark.libvirt
-async def test_a_push_runs_in_a_real_vm_and_its_status_links_to_the_log(tmp_path, prefix, cleanup_topology, test_image, test_network):
+async def test_a_push_runs_in_a_real_vm_and_its_status_links_to_the_log(
+    tmp_path, prefix, cleanup_topology, test_image, test_network
+):
     import aiohttp
 
     from hypervisors.base import BackendName
@@ -103,9 +107,18 @@ async def test_a_push_runs_in_a_real_vm_and_its_status_links_to_the_log(tmp_path
     cleanup_topology.extend(["demo", "demo-silent"])
     port = free_port()
     settings = make_settings(
-        prefix, tmp_path / "state", test_image / "image-map.yaml", backend=BackendName.LIBVIRT, image_dir=test_image,
-        libvirt_domain_type="qemu", libvirt_network=test_network, orchestrator_id=f"test-{prefix}",
-        host_cpus=2, host_memory_mb=2048, http_listen=f"127.0.0.1:{port}", public_url=f"http://127.0.0.1:{port}",
+        prefix,
+        tmp_path / "state",
+        test_image / "image-map.yaml",
+        backend=BackendName.LIBVIRT,
+        image_dir=test_image,
+        libvirt_domain_type="qemu",
+        libvirt_network=test_network,
+        orchestrator_id=f"test-{prefix}",
+        host_cpus=2,
+        host_memory_mb=2048,
+        http_listen=f"127.0.0.1:{port}",
+        public_url=f"http://127.0.0.1:{port}",
     )
     daemon = Daemon(settings, load_image_map(test_image / "image-map.yaml"))
     await daemon.start()
@@ -146,8 +159,13 @@ async def test_a_signature_that_is_not_utf8_is_just_a_wrong_one(kit, tmp_path, p
         headers, body = kit.push("a" * 40)
         headers = {k: v for k, v in headers.items() if k not in SIGNATURE_HEADERS.values() and "Signature" not in k}
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
-        request = (f"POST /hooks/{kit.kind} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n".encode()
-                   + head + SIGNATURE_HEADERS[kit.kind].encode() + b": \xff\xfe\x80\r\n\r\n" + body)
+        request = (
+            f"POST /hooks/{kit.kind} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n".encode()
+            + head
+            + SIGNATURE_HEADERS[kit.kind].encode()
+            + b": \xff\xfe\x80\r\n\r\n"
+            + body
+        )
         reader, writer = await asyncio.open_connection("127.0.0.1", bridge.bridge.port)
         writer.write(request)
         await writer.drain()

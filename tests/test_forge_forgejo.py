@@ -88,11 +88,17 @@ def test_every_fixture_has_a_body_and_headers_without_signatures() -> None:
 
 # --- parse: pushes ----------------------------------------------------------------------
 
+
 def test_push_to_a_branch_is_a_push_event() -> None:
     event = parse("push_branch")
     assert event == ForgeEvent(
-        kind=EventKind.PUSH, repo=WEBHOOKS, commit_sha=SHA, branch="develop", tag=None,
-        delivery_id="f6266f16-1bf3-46a5-9ea4-602e06ead473", sender="forgejo",
+        kind=EventKind.PUSH,
+        repo=WEBHOOKS,
+        commit_sha=SHA,
+        branch="develop",
+        tag=None,
+        delivery_id="f6266f16-1bf3-46a5-9ea4-602e06ead473",
+        sender="forgejo",
     )
     assert event.ref_key == "branch/develop"
 
@@ -103,7 +109,11 @@ def test_push_from_gitea_with_only_gitea_headers() -> None:
     event = parse("push_branch_gitea")
     assert isinstance(event, ForgeEvent)
     assert (event.kind, event.repo, event.commit_sha, event.branch) == (
-        EventKind.PUSH, Repo("gitea", "webhooks", "http://localhost:3000/gitea/webhooks.git"), SHA, "develop")
+        EventKind.PUSH,
+        Repo("gitea", "webhooks", "http://localhost:3000/gitea/webhooks.git"),
+        SHA,
+        "develop",
+    )
     assert event.delivery_id == "f6266f16-1bf3-46a5-9ea4-602e06ead473"
 
 
@@ -111,15 +121,23 @@ def test_push_creating_a_branch_runs_its_head() -> None:
     event = parse("push_new_branch")
     assert isinstance(event, ForgeEvent)
     assert (event.branch, event.commit_sha, event.tag) == (
-        "feature/x", "2020558fe2e34debb818a514715839cabd25e778", None)
+        "feature/x",
+        "2020558fe2e34debb818a514715839cabd25e778",
+        None,
+    )
 
 
 def test_push_of_an_annotated_tag_runs_the_tagged_commit_not_the_tag_object() -> None:
     event = parse("push_tag")
     assert payload("push_tag")["after"] != SHA  # `after` is the tag object
     assert event == ForgeEvent(
-        kind=EventKind.PUSH, repo=WEBHOOKS, commit_sha=SHA, branch=None, tag="v1.0.0",
-        delivery_id="9b2f61d4-3cf0-4d39-8d0a-5a6f3e2b7c11", sender="forgejo",
+        kind=EventKind.PUSH,
+        repo=WEBHOOKS,
+        commit_sha=SHA,
+        branch=None,
+        tag="v1.0.0",
+        delivery_id="9b2f61d4-3cf0-4d39-8d0a-5a6f3e2b7c11",
+        sender="forgejo",
     )
     assert event.ref_key == "tag/v1.0.0"
 
@@ -165,12 +183,20 @@ def test_sha256_repositories_and_upper_case_shas_are_accepted() -> None:
 
 # --- parse: pull requests ------------------------------------------------------------------
 
+
 def test_pull_request_opened_from_a_branch_of_the_same_repository() -> None:
     event = parse("pull_request_opened")
     assert event == ForgeEvent(
-        kind=EventKind.PULL_REQUEST, repo=WEBHOOKS, commit_sha="36b5813240a9d2daa29b05046d56a53e18f39a3e",
-        branch="main", pull_number=3, head_branch="docs-fix", head_clone_url=BASE_CLONE, from_fork=False,
-        delivery_id="a1b2c3d4-0001-4e5f-8a9b-0c1d2e3f4a01", sender="forgejo",
+        kind=EventKind.PULL_REQUEST,
+        repo=WEBHOOKS,
+        commit_sha="36b5813240a9d2daa29b05046d56a53e18f39a3e",
+        branch="main",
+        pull_number=3,
+        head_branch="docs-fix",
+        head_clone_url=BASE_CLONE,
+        from_fork=False,
+        delivery_id="a1b2c3d4-0001-4e5f-8a9b-0c1d2e3f4a01",
+        sender="forgejo",
     )
     assert event.ref_key == "pull/3"
 
@@ -180,7 +206,13 @@ def test_new_commits_and_reopening_run_the_new_head(name: str) -> None:
     event = parse(name)
     assert isinstance(event, ForgeEvent)
     assert (event.kind, event.pull_number, event.commit_sha, event.branch, event.head_branch, event.from_fork) == (
-        EventKind.PULL_REQUEST, 3, "7d9f0c2b1e4a5f6d8c3b2a1908f7e6d5c4b3a291", "main", "docs-fix", False)
+        EventKind.PULL_REQUEST,
+        3,
+        "7d9f0c2b1e4a5f6d8c3b2a1908f7e6d5c4b3a291",
+        "main",
+        "docs-fix",
+        False,
+    )
     assert event.delivery_id == fixture(name)[0]["X-Forgejo-Delivery"]
 
 
@@ -193,9 +225,16 @@ def test_synchronized_is_spelled_with_a_d_and_typed_pull_request_sync() -> None:
 def test_pull_request_from_a_fork() -> None:
     event = parse("pull_request_fork_opened")
     assert event == ForgeEvent(
-        kind=EventKind.PULL_REQUEST, repo=WEBHOOKS, commit_sha="c0ffee00c0ffee00c0ffee00c0ffee00c0ffee01",
-        branch="main", pull_number=4, head_branch="fix-typo", head_clone_url=FORK_CLONE, from_fork=True,
-        delivery_id="a1b2c3d4-0006-4e5f-8a9b-0c1d2e3f4a06", sender="alice",
+        kind=EventKind.PULL_REQUEST,
+        repo=WEBHOOKS,
+        commit_sha="c0ffee00c0ffee00c0ffee00c0ffee00c0ffee01",
+        branch="main",
+        pull_number=4,
+        head_branch="fix-typo",
+        head_clone_url=FORK_CLONE,
+        from_fork=True,
+        delivery_id="a1b2c3d4-0006-4e5f-8a9b-0c1d2e3f4a06",
+        sender="alice",
     )
 
 
@@ -211,11 +250,16 @@ def test_agit_pull_request_counts_as_from_a_fork() -> None:
     event = parse("pull_request_agit_opened")
     assert isinstance(event, ForgeEvent)
     assert (event.pull_number, event.from_fork, event.head_clone_url, event.head_branch) == (
-        7, True, BASE_CLONE, "refs/pull/7/head")
+        7,
+        True,
+        BASE_CLONE,
+        "refs/pull/7/head",
+    )
 
 
-@pytest.mark.parametrize("name", ["pull_request_closed", "pull_request_merged", "pull_request_label_updated",
-                                  "issue_comment_created"])
+@pytest.mark.parametrize(
+    "name", ["pull_request_closed", "pull_request_merged", "pull_request_label_updated", "issue_comment_created"]
+)
 def test_closed_merged_labelled_and_commented_pull_requests_are_ignored(name: str) -> None:
     outcome = parse(name)
     assert isinstance(outcome, Ignored), outcome
@@ -240,11 +284,23 @@ def test_other_events_are_ignored(event: str) -> None:
 
 
 EXPECTED = {
-    "push_branch": ForgeEvent, "push_branch_gitea": ForgeEvent, "push_new_branch": ForgeEvent, "push_tag": ForgeEvent,
-    "push_tag_delete": Ignored, "push_branch_delete": Ignored, "delete_branch": Ignored, "push_test_delivery": Ping,
-    "pull_request_opened": ForgeEvent, "pull_request_synchronized": ForgeEvent, "pull_request_reopened": ForgeEvent,
-    "pull_request_closed": Ignored, "pull_request_merged": Ignored, "pull_request_fork_opened": ForgeEvent,
-    "pull_request_agit_opened": ForgeEvent, "pull_request_label_updated": Ignored, "issue_comment_created": Ignored,
+    "push_branch": ForgeEvent,
+    "push_branch_gitea": ForgeEvent,
+    "push_new_branch": ForgeEvent,
+    "push_tag": ForgeEvent,
+    "push_tag_delete": Ignored,
+    "push_branch_delete": Ignored,
+    "delete_branch": Ignored,
+    "push_test_delivery": Ping,
+    "pull_request_opened": ForgeEvent,
+    "pull_request_synchronized": ForgeEvent,
+    "pull_request_reopened": ForgeEvent,
+    "pull_request_closed": Ignored,
+    "pull_request_merged": Ignored,
+    "pull_request_fork_opened": ForgeEvent,
+    "pull_request_agit_opened": ForgeEvent,
+    "pull_request_label_updated": Ignored,
+    "issue_comment_created": Ignored,
 }
 
 
@@ -267,6 +323,7 @@ def test_header_names_are_case_insensitive() -> None:
 
 
 # --- signatures -----------------------------------------------------------------------------
+
 
 def test_signature_with_the_right_secret_is_authentic() -> None:
     headers, body = fixture("push_branch")
@@ -332,23 +389,28 @@ def test_unsigned_delivery_does_not_match_an_empty_secret() -> None:
 
 def test_upper_case_hex_signature_is_accepted() -> None:
     headers, body = fixture("push_branch")
-    signed = {name: value.upper() if name.endswith("-Signature") else value
-              for name, value in sign(headers, body).items()}
+    signed = {
+        name: value.upper() if name.endswith("-Signature") else value for name, value in sign(headers, body).items()
+    }
     assert forge.authentic(signed, body, [SECRET])
 
 
 # --- hostile and odd bodies -------------------------------------------------------------------
 
-@pytest.mark.parametrize(("body", "reason"), [
-    (b"{", "not JSON"),
-    (b"", "not JSON"),
-    (b"\xff\xfe{}", "not JSON"),
-    (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
-    (b'{"n": ' + b"1" * 5000 + b"}", "not JSON"),
-    (b"[1, 2]", "not an object"),
-    (b'"push"', "not an object"),
-    (b"payload=%7B%7D", "application/json"),
-])
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{", "not JSON"),
+        (b"", "not JSON"),
+        (b"\xff\xfe{}", "not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (b'{"n": ' + b"1" * 5000 + b"}", "not JSON"),
+        (b"[1, 2]", "not an object"),
+        (b'"push"', "not an object"),
+        (b"payload=%7B%7D", "application/json"),
+    ],
+)
 def test_malformed_bodies_are_webhook_errors_with_the_reason(body: bytes, reason: str) -> None:
     headers, _ = fixture("push_branch")
     with pytest.raises(WebhookError, match=reason):
@@ -368,27 +430,30 @@ def _edit(name: str, path: str, value: Any) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize(("name", "path", "value", "field"), [
-    ("push_branch", "after", "not-a-sha", "after"),
-    ("push_branch", "after", 12345, "after"),
-    ("push_branch", "ref", KeyError, "ref"),
-    ("push_branch", "repository", None, "repository"),
-    ("push_branch", "repository.clone_url", ["http://x"], "repository.clone_url"),
-    ("push_branch", "repository.clone_url", "file:///etc/passwd", "repository.clone_url"),
-    ("push_branch", "repository.name", "../../etc", "repository.name"),
-    ("push_branch", "repository.owner", {"id": 1}, "repository.owner"),
-    ("push_branch", "repository.owner.login", "a/b", "repository.owner"),
-    ("push_branch", "repository.id", "140", "repository.id"),
-    ("pull_request_opened", "pull_request.head.sha", KeyError, "pull_request.head.sha"),
-    ("pull_request_opened", "pull_request.head.sha", "", "pull_request.head.sha"),
-    ("pull_request_opened", "pull_request.number", "3", "pull_request.number"),
-    ("pull_request_opened", "pull_request.number", True, "pull_request.number"),
-    ("pull_request_opened", "pull_request.number", 0, "pull_request.number"),
-    ("pull_request_opened", "pull_request.base", KeyError, "pull_request.base"),
-    ("pull_request_opened", "pull_request.head.repo.clone_url", 7, "pull_request.head.repo.clone_url"),
-    ("pull_request_opened", "pull_request", None, "pull_request"),
-    ("pull_request_opened", "action", 1, "action"),
-])
+@pytest.mark.parametrize(
+    ("name", "path", "value", "field"),
+    [
+        ("push_branch", "after", "not-a-sha", "after"),
+        ("push_branch", "after", 12345, "after"),
+        ("push_branch", "ref", KeyError, "ref"),
+        ("push_branch", "repository", None, "repository"),
+        ("push_branch", "repository.clone_url", ["http://x"], "repository.clone_url"),
+        ("push_branch", "repository.clone_url", "file:///etc/passwd", "repository.clone_url"),
+        ("push_branch", "repository.name", "../../etc", "repository.name"),
+        ("push_branch", "repository.owner", {"id": 1}, "repository.owner"),
+        ("push_branch", "repository.owner.login", "a/b", "repository.owner"),
+        ("push_branch", "repository.id", "140", "repository.id"),
+        ("pull_request_opened", "pull_request.head.sha", KeyError, "pull_request.head.sha"),
+        ("pull_request_opened", "pull_request.head.sha", "", "pull_request.head.sha"),
+        ("pull_request_opened", "pull_request.number", "3", "pull_request.number"),
+        ("pull_request_opened", "pull_request.number", True, "pull_request.number"),
+        ("pull_request_opened", "pull_request.number", 0, "pull_request.number"),
+        ("pull_request_opened", "pull_request.base", KeyError, "pull_request.base"),
+        ("pull_request_opened", "pull_request.head.repo.clone_url", 7, "pull_request.head.repo.clone_url"),
+        ("pull_request_opened", "pull_request", None, "pull_request"),
+        ("pull_request_opened", "action", 1, "action"),
+    ],
+)
 def test_odd_payloads_are_webhook_errors_naming_the_field(name: str, path: str, value: Any, field: str) -> None:
     with pytest.raises(WebhookError) as raised:
         parse(name, body=_edit(name, path, value))
@@ -437,6 +502,7 @@ def test_repository_of_names_the_repository_before_authentication() -> None:
 
 # --- the API against the fake forge ------------------------------------------------------------
 
+
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeForge]:
     fake = FakeForge()
@@ -474,19 +540,43 @@ async def test_read_file_quotes_the_path(fake: FakeForge, api: ForgejoForge) -> 
     assert fake.calls[-1].query == {"ref": SHA}
 
 
-@pytest.mark.parametrize(("state", "forge_state"), [
-    (StatusState.PENDING, "pending"), (StatusState.RUNNING, "pending"), (StatusState.SUCCESS, "success"),
-    (StatusState.FAILURE, "failure"), (StatusState.ERROR, "error"), (StatusState.CANCELED, "error"),
-])
-async def test_set_status_maps_every_state(fake: FakeForge, api: ForgejoForge, state: StatusState,
-                                           forge_state: str) -> None:
-    status = CommitStatus(state=state, context="orchestrator/test", description="running on host-1",
-                          target_url="https://ci.example.org/jobs/1/log")
+@pytest.mark.parametrize(
+    ("state", "forge_state"),
+    [
+        (StatusState.PENDING, "pending"),
+        (StatusState.RUNNING, "pending"),
+        (StatusState.SUCCESS, "success"),
+        (StatusState.FAILURE, "failure"),
+        (StatusState.ERROR, "error"),
+        (StatusState.CANCELED, "error"),
+    ],
+)
+async def test_set_status_maps_every_state(
+    fake: FakeForge, api: ForgejoForge, state: StatusState, forge_state: str
+) -> None:
+    status = CommitStatus(
+        state=state,
+        context="orchestrator/test",
+        description="running on host-1",
+        target_url="https://ci.example.org/jobs/1/log",
+    )
     await api.set_status(WEBHOOKS, SHA, status)
     recorded = fake.statuses[-1]
-    assert (recorded.repo, recorded.sha, recorded.state, recorded.context, recorded.description,
-            recorded.target_url) == ("forgejo/webhooks", SHA, forge_state, "orchestrator/test",
-                                     "running on host-1", "https://ci.example.org/jobs/1/log")
+    assert (
+        recorded.repo,
+        recorded.sha,
+        recorded.state,
+        recorded.context,
+        recorded.description,
+        recorded.target_url,
+    ) == (
+        "forgejo/webhooks",
+        SHA,
+        forge_state,
+        "orchestrator/test",
+        "running on host-1",
+        "https://ci.example.org/jobs/1/log",
+    )
     call = fake.calls[-1]
     assert (call.method, call.path) == ("POST", f"/api/v1/repos/forgejo/webhooks/statuses/{SHA}")
     assert json.loads(call.body)["state"] == forge_state
@@ -532,18 +622,47 @@ async def test_branches_follow_pagination_to_the_end(fake: FakeForge, api: Forge
 
 async def test_open_pulls_follow_pagination_and_tell_forks(fake: FakeForge, api: ForgejoForge) -> None:
     fake.branches["forgejo/webhooks"] = {"main": OTHER_SHA}
-    pulls = [Pull(number=n, head_sha=f"{n:040x}", base_branch="main", head_branch=f"topic-{n}",
-                  head_repo="alice/webhooks" if n % 2 else "forgejo/webhooks") for n in range(1, 111)]
-    pulls += [Pull(number=200 + n, head_sha=f"{n:040x}", base_branch="main", head_branch="old",
-                   head_repo="forgejo/webhooks", state="closed") for n in range(5)]
+    pulls = [
+        Pull(
+            number=n,
+            head_sha=f"{n:040x}",
+            base_branch="main",
+            head_branch=f"topic-{n}",
+            head_repo="alice/webhooks" if n % 2 else "forgejo/webhooks",
+        )
+        for n in range(1, 111)
+    ]
+    pulls += [
+        Pull(
+            number=200 + n,
+            head_sha=f"{n:040x}",
+            base_branch="main",
+            head_branch="old",
+            head_repo="forgejo/webhooks",
+            state="closed",
+        )
+        for n in range(5)
+    ]
     fake.pulls["forgejo/webhooks"] = pulls
     result = await api.open_pulls(WEBHOOKS)
     assert len(result) == 110
     by_number = {pull.number: pull for pull in result}
-    assert by_number[2] == PullHead(number=2, commit_sha=f"{2:040x}", base_branch="main", head_branch="topic-2",
-                                    head_clone_url=f"{fake.url}/forgejo/webhooks.git", from_fork=False)
-    assert by_number[3] == PullHead(number=3, commit_sha=f"{3:040x}", base_branch="main", head_branch="topic-3",
-                                    head_clone_url=f"{fake.url}/alice/webhooks.git", from_fork=True)
+    assert by_number[2] == PullHead(
+        number=2,
+        commit_sha=f"{2:040x}",
+        base_branch="main",
+        head_branch="topic-2",
+        head_clone_url=f"{fake.url}/forgejo/webhooks.git",
+        from_fork=False,
+    )
+    assert by_number[3] == PullHead(
+        number=3,
+        commit_sha=f"{3:040x}",
+        base_branch="main",
+        head_branch="topic-3",
+        head_clone_url=f"{fake.url}/alice/webhooks.git",
+        from_fork=True,
+    )
     listing = [call for call in fake.calls if call.path.endswith("/pulls")]
     assert [call.query["page"] for call in listing] == ["1", "2", "3"]
     assert {call.query["state"] for call in listing} == {"open"}
@@ -613,7 +732,8 @@ async def test_rate_limit_with_retry_after_is_retryable_after_that_long(fake: Fa
 
 
 async def test_failure_on_a_later_page_is_an_error_not_a_short_list(
-        fake: FakeForge, api: ForgejoForge, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake: FakeForge, api: ForgejoForge, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake.branches["forgejo/webhooks"] = {f"b{i}": f"{i:040x}" for i in range(120)}
     request, sent = api.api.request, 0
 
@@ -665,6 +785,7 @@ async def test_listing_of_an_unknown_repository_is_not_retryable(api: ForgejoFor
 
 # --- looking a repository up by name ----------------------------------------------------------
 
+
 async def test_repository_is_looked_up_by_name(fake: FakeForge, api: ForgejoForge) -> None:
     fake.files[("forgejo/webhooks", SHA, ".ci/jobs.yml")] = b"jobs: {}\n"
     repo = await api.repository("forgejo/webhooks")
@@ -681,10 +802,16 @@ async def test_repository_reads_the_forges_answer(api: ForgejoForge, monkeypatch
     """An answer shaped like Forgejo's `api.Repository` (owner as Gitea sends it to a Gogs
     client: `username` without `login`); canonical names come from the answer."""
     answer: dict[str, Any] = {
-        "id": 7, "owner": {"id": 2, "username": "Forgejo", "full_name": "", "email": "forgejo@noreply.org"},
-        "name": "WebHooks", "full_name": "Forgejo/WebHooks", "private": False, "fork": False,
-        "clone_url": "https://codeberg.example/Forgejo/WebHooks.git", "ssh_url": "git@codeberg.example:Forgejo/WebHooks.git",
-        "html_url": "https://codeberg.example/Forgejo/WebHooks", "default_branch": "main",
+        "id": 7,
+        "owner": {"id": 2, "username": "Forgejo", "full_name": "", "email": "forgejo@noreply.org"},
+        "name": "WebHooks",
+        "full_name": "Forgejo/WebHooks",
+        "private": False,
+        "fork": False,
+        "clone_url": "https://codeberg.example/Forgejo/WebHooks.git",
+        "ssh_url": "git@codeberg.example:Forgejo/WebHooks.git",
+        "html_url": "https://codeberg.example/Forgejo/WebHooks",
+        "default_branch": "main",
     }
 
     async def request(method: str, path: str, **_: Any) -> Any:
@@ -692,7 +819,8 @@ async def test_repository_reads_the_forges_answer(api: ForgejoForge, monkeypatch
 
     monkeypatch.setattr(api.api, "request", request)
     assert await api.repository("forgejo/webhooks") == Repo(
-        owner="Forgejo", name="WebHooks", clone_url="https://codeberg.example/Forgejo/WebHooks.git")
+        owner="Forgejo", name="WebHooks", clone_url="https://codeberg.example/Forgejo/WebHooks.git"
+    )
     answer["clone_url"] = 12
     with pytest.raises(ForgeApiError, match="clone_url") as odd:
         await api.repository("forgejo/webhooks")

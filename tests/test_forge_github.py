@@ -110,8 +110,12 @@ def test_ping_is_answered() -> None:
 
 def test_push_to_a_branch_is_a_push_event() -> None:
     assert parsed("push.branch") == ForgeEvent(
-        kind=EventKind.PUSH, repo=REPO, commit_sha=SHA, branch="main",
-        delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958", sender="octocat",
+        kind=EventKind.PUSH,
+        repo=REPO,
+        commit_sha=SHA,
+        branch="main",
+        delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958",
+        sender="octocat",
     )
     assert parsed("push.branch").ref_key == "branch/main"
 
@@ -139,6 +143,7 @@ def test_deleting_a_branch_or_tag_is_ignored(name: str) -> None:
 def test_a_push_whose_after_is_all_zeros_is_a_deletion_even_without_the_flag() -> None:
     def zero(payload: dict[str, Any]) -> None:
         payload["after"], payload["deleted"] = "0" * 40, False
+
     body = edited("push.branch", zero)
     outcome = forge_for_webhooks.parse(webhook_headers("push", body, SECRET), body)
     assert isinstance(outcome, Ignored)
@@ -153,9 +158,16 @@ def test_a_push_to_another_kind_of_ref_is_ignored() -> None:
 def test_same_repository_pull_request_brings_its_head(name: str) -> None:
     event = parsed(name)
     assert event == ForgeEvent(
-        kind=EventKind.PULL_REQUEST, repo=REPO, commit_sha="e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4",
-        branch="main", pull_number=7, head_branch="index-cache", head_clone_url=BASE_CLONE, from_fork=False,
-        delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958", sender="octocat",
+        kind=EventKind.PULL_REQUEST,
+        repo=REPO,
+        commit_sha="e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4",
+        branch="main",
+        pull_number=7,
+        head_branch="index-cache",
+        head_clone_url=BASE_CLONE,
+        from_fork=False,
+        delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958",
+        sender="octocat",
     )
     assert event.ref_key == "pull/7"
 
@@ -177,8 +189,9 @@ def test_pull_request_whose_fork_was_deleted_is_still_a_fork() -> None:
     assert event.commit_sha == "4f5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3d2"
 
 
-@pytest.mark.parametrize("name", ["pull_request.closed", "pull_request.labeled", "pull_request_review.submitted",
-                                  "issue_comment.created"])
+@pytest.mark.parametrize(
+    "name", ["pull_request.closed", "pull_request.labeled", "pull_request_review.submitted", "issue_comment.created"]
+)
 def test_deliveries_without_a_new_head_are_ignored(name: str) -> None:
     assert isinstance(parsed(name), Ignored)
 
@@ -204,15 +217,18 @@ def _no_repository(payload: dict[str, Any]) -> None:
     del payload["repository"]
 
 
-@pytest.mark.parametrize(("event", "body", "words"), [
-    ("push", b"{not json", "not JSON"),
-    ("push", b"[1, 2]", "not an object"),
-    ("push", b"[" * 100_000, "not JSON"),
-    ("push", edited("push.branch", _drop_after), "after"),
-    ("push", edited("push.branch", _no_repository), "repository"),
-    ("pull_request", edited("pull_request.opened", _bad_head_sha), "pull_request.head.sha"),
-    ("pull_request", edited("pull_request.opened", _head_repo_string), "pull_request.head.repo"),
-])
+@pytest.mark.parametrize(
+    ("event", "body", "words"),
+    [
+        ("push", b"{not json", "not JSON"),
+        ("push", b"[1, 2]", "not an object"),
+        ("push", b"[" * 100_000, "not JSON"),
+        ("push", edited("push.branch", _drop_after), "after"),
+        ("push", edited("push.branch", _no_repository), "repository"),
+        ("pull_request", edited("pull_request.opened", _bad_head_sha), "pull_request.head.sha"),
+        ("pull_request", edited("pull_request.opened", _head_repo_string), "pull_request.head.repo"),
+    ],
+)
 def test_unreadable_deliveries_say_what_is_wrong(event: str, body: bytes, words: str) -> None:
     with pytest.raises(WebhookError, match=words):
         forge_for_webhooks.parse(webhook_headers(event, body, SECRET), body)
@@ -278,16 +294,30 @@ async def test_read_file_of_a_missing_file_or_a_directory_is_none(fake: FakeForg
     assert fake.calls[-1].headers["Accept"] == "application/vnd.github.raw+json"
 
 
-@pytest.mark.parametrize(("state", "github_state"), [
-    (StatusState.PENDING, "pending"), (StatusState.RUNNING, "pending"), (StatusState.SUCCESS, "success"),
-    (StatusState.FAILURE, "failure"), (StatusState.ERROR, "error"), (StatusState.CANCELED, "error"),
-])
-async def test_status_states_map_onto_githubs(fake: FakeForge, github: GitHubForge, state: StatusState, github_state: str) -> None:
-    await github.set_status(REPO, SHA, CommitStatus(state, "orchestrator/test", "a description", "http://host-1:8080/jobs/x/log"))
+@pytest.mark.parametrize(
+    ("state", "github_state"),
+    [
+        (StatusState.PENDING, "pending"),
+        (StatusState.RUNNING, "pending"),
+        (StatusState.SUCCESS, "success"),
+        (StatusState.FAILURE, "failure"),
+        (StatusState.ERROR, "error"),
+        (StatusState.CANCELED, "error"),
+    ],
+)
+async def test_status_states_map_onto_githubs(
+    fake: FakeForge, github: GitHubForge, state: StatusState, github_state: str
+) -> None:
+    await github.set_status(
+        REPO, SHA, CommitStatus(state, "orchestrator/test", "a description", "http://host-1:8080/jobs/x/log")
+    )
     recorded = fake.statuses[-1]
     assert (recorded.repo, recorded.sha, recorded.state) == ("octo-org/widgets", SHA, github_state)
     assert (recorded.context, recorded.description, recorded.target_url) == (
-        "orchestrator/test", "a description", "http://host-1:8080/jobs/x/log")
+        "orchestrator/test",
+        "a description",
+        "http://host-1:8080/jobs/x/log",
+    )
     call = fake.calls[-1]
     assert (call.method, call.path) == ("POST", f"/repos/octo-org/widgets/statuses/{SHA}")
 
@@ -335,7 +365,12 @@ async def test_open_pulls_name_their_heads_and_forks(fake: FakeForge, github: Gi
     ]
     pulls = {pull.number: pull for pull in await github.open_pulls(REPO)}
     assert sorted(pulls) == [7, 12, 13]
-    assert (pulls[7].commit_sha, pulls[7].base_branch, pulls[7].head_branch, pulls[7].from_fork) == ("e" * 40, "main", "index-cache", False)
+    assert (pulls[7].commit_sha, pulls[7].base_branch, pulls[7].head_branch, pulls[7].from_fork) == (
+        "e" * 40,
+        "main",
+        "index-cache",
+        False,
+    )
     assert pulls[7].head_clone_url == BASE_CLONE
     assert pulls[12].from_fork and pulls[12].head_clone_url == "https://github.com/contrib-dev/widgets.git"
     assert pulls[13].from_fork and pulls[13].head_clone_url == BASE_CLONE
@@ -343,7 +378,9 @@ async def test_open_pulls_name_their_heads_and_forks(fake: FakeForge, github: Gi
 
 
 async def test_many_open_pulls_over_several_pages(fake: FakeForge, github: GitHubForge) -> None:
-    fake.pulls["octo-org/widgets"] = [Pull(n, f"{n:040x}", "main", f"topic-{n}", "octo-org/widgets") for n in range(1, 206)]
+    fake.pulls["octo-org/widgets"] = [
+        Pull(n, f"{n:040x}", "main", f"topic-{n}", "octo-org/widgets") for n in range(1, 206)
+    ]
     assert [pull.number for pull in await github.open_pulls(REPO)] == list(range(1, 206))
 
 
@@ -403,18 +440,27 @@ async def test_repository_is_looked_up_by_name(fake: FakeForge, github: GitHubFo
 
 
 async def test_repository_takes_the_canonical_name_from_the_answer(
-        fake: FakeForge, github: GitHubForge, monkeypatch: pytest.MonkeyPatch) -> None:
-    answer = {"id": 1296269, "node_id": "MDEwOlJlcG9zaXRvcnkxMjk2MjY5", "name": "Hello-World",
-              "full_name": "octocat/Hello-World", "owner": {"login": "octocat", "id": 1, "type": "User"},
-              "private": False, "clone_url": "https://github.com/octocat/Hello-World.git",
-              "ssh_url": "git@github.com:octocat/Hello-World.git", "default_branch": "master"}
+    fake: FakeForge, github: GitHubForge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = {
+        "id": 1296269,
+        "node_id": "MDEwOlJlcG9zaXRvcnkxMjk2MjY5",
+        "name": "Hello-World",
+        "full_name": "octocat/Hello-World",
+        "owner": {"login": "octocat", "id": 1, "type": "User"},
+        "private": False,
+        "clone_url": "https://github.com/octocat/Hello-World.git",
+        "ssh_url": "git@github.com:octocat/Hello-World.git",
+        "default_branch": "master",
+    }
 
     async def get_json(path: str, **_: Any) -> Any:
         return answer
 
     monkeypatch.setattr(github.api, "get_json", get_json)
     assert await github.repository("OctoCat/hello-world") == Repo(
-        "octocat", "Hello-World", "https://github.com/octocat/Hello-World.git")
+        "octocat", "Hello-World", "https://github.com/octocat/Hello-World.git"
+    )
     answer["owner"] = {"login": 42}
     with pytest.raises(ForgeApiError, match=r"owner\.login") as odd:
         await github.repository("octocat/Hello-World")

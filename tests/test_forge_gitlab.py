@@ -55,42 +55,67 @@ def payload(name: str) -> dict[str, Any]:
 
 
 def parse(document: dict[str, Any], event: str = "Push Hook") -> Any:
-    return GitLabForge("https://gitlab.example.com", "t").parse({"X-Gitlab-Event": event}, json.dumps(document).encode())
+    return GitLabForge("https://gitlab.example.com", "t").parse(
+        {"X-Gitlab-Event": event}, json.dumps(document).encode()
+    )
 
 
 forge = GitLabForge("https://gitlab.example.com", "token")
 
 DIASPORA = Repo(owner="mike", name="diaspora", clone_url="http://example.com/mike/diaspora.git", project_id=15)
 EXAMPLE = Repo(owner="jsmith", name="example", clone_url="http://example.com/jsmith/example.git", project_id=1)
-GITLAB_TEST = Repo(owner="gitlabhq", name="gitlab-test", clone_url="http://example.com/gitlabhq/gitlab-test.git",
-                   project_id=1)
+GITLAB_TEST = Repo(
+    owner="gitlabhq", name="gitlab-test", clone_url="http://example.com/gitlabhq/gitlab-test.git", project_id=1
+)
 
 
 def merge_request(sha: str = "da1560886d4f094c3e6c9ef40349f7d38b5d27d7", **changes: Any) -> ForgeEvent:
-    event = ForgeEvent(kind=EventKind.PULL_REQUEST, repo=GITLAB_TEST, commit_sha=sha, branch="master", pull_number=1,
-                       head_branch="ms-viewport",
-                       head_clone_url="http://example.com/awesome_space/awesome_project.git", sender="root")
+    event = ForgeEvent(
+        kind=EventKind.PULL_REQUEST,
+        repo=GITLAB_TEST,
+        commit_sha=sha,
+        branch="master",
+        pull_number=1,
+        head_branch="ms-viewport",
+        head_clone_url="http://example.com/awesome_space/awesome_project.git",
+        sender="root",
+    )
     return dataclasses.replace(event, **changes)
 
 
 # Each fixture and what the bridge makes of it (delivery ids are filled in from the headers).
 EXPECTED: dict[str, ForgeEvent | Ping | Ignored] = {
-    "push": ForgeEvent(kind=EventKind.PUSH, repo=DIASPORA, commit_sha="da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
-                       branch="master", sender="jsmith"),
-    "tag_push": ForgeEvent(kind=EventKind.PUSH, repo=EXAMPLE, commit_sha="82b3d5ae55f7080f1e6022629cdb57bfae7cccc7",
-                           branch=None, tag="v1.0.0"),
+    "push": ForgeEvent(
+        kind=EventKind.PUSH,
+        repo=DIASPORA,
+        commit_sha="da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
+        branch="master",
+        sender="jsmith",
+    ),
+    "tag_push": ForgeEvent(
+        kind=EventKind.PUSH,
+        repo=EXAMPLE,
+        commit_sha="82b3d5ae55f7080f1e6022629cdb57bfae7cccc7",
+        branch=None,
+        tag="v1.0.0",
+    ),
     # An annotated tag: `after` is the tag object, `checkout_sha` the commit.
-    "tag_push_annotated": ForgeEvent(kind=EventKind.PUSH, repo=EXAMPLE,
-                                     commit_sha="82b3d5ae55f7080f1e6022629cdb57bfae7cccc7", branch=None,
-                                     tag="v1.0.0-annotated"),
+    "tag_push_annotated": ForgeEvent(
+        kind=EventKind.PUSH,
+        repo=EXAMPLE,
+        commit_sha="82b3d5ae55f7080f1e6022629cdb57bfae7cccc7",
+        branch=None,
+        tag="v1.0.0-annotated",
+    ),
     "push_branch_deleted": Ignored("branch feature/old deleted"),
     "tag_push_deleted": Ignored("tag v1.0.0 deleted"),
     "push_test_sample": Ping(),
     "merge_request_open": merge_request(),
     "merge_request_reopen": merge_request(),
     "merge_request_update_new_commits": merge_request(sha="b6568db1bc1dcd7f8b4d5a946b0b91f9dacd7327"),
-    "merge_request_fork_open": merge_request(head_branch="fix-typo", from_fork=True,
-                                             head_clone_url="http://example.com/contributor/awesome_project.git"),
+    "merge_request_fork_open": merge_request(
+        head_branch="fix-typo", from_fork=True, head_clone_url="http://example.com/contributor/awesome_project.git"
+    ),
     "merge_request_update_title": Ignored("merge request updated without new commits"),
     "merge_request_close": Ignored("merge request closed (close)"),
     "merge_request_merge": Ignored("merge request merged (merge)"),
@@ -133,8 +158,11 @@ def test_a_subgroup_project_keeps_its_namespace_path_as_owner():
     document = payload("push")
     document["project"]["path_with_namespace"] = "acme/platform/tools/diaspora"
     event = parse(document)
-    assert (event.repo.owner, event.repo.name, event.repo.full_name) == ("acme/platform/tools", "diaspora",
-                                                                        "acme/platform/tools/diaspora")
+    assert (event.repo.owner, event.repo.name, event.repo.full_name) == (
+        "acme/platform/tools",
+        "diaspora",
+        "acme/platform/tools/diaspora",
+    )
 
 
 def test_the_delivery_id_survives_a_resend_and_falls_back_before_gitlab_17_4():
@@ -162,12 +190,15 @@ def test_the_token_must_be_one_of_the_secrets():
     assert forge.authentic(headers, body, [SECRET + "\n"])  # GitLab sends the token without line breaks
 
 
-@pytest.mark.parametrize(("body", "reason"), [
-    (b"{not json", "not JSON"),
-    (b"\xff\xfe{}", "not JSON"),
-    (b"[" * 100_000, "not JSON"),
-    (b"[1, 2]", "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe{}", "not JSON"),
+        (b"[" * 100_000, "not JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_bodies_that_are_not_json_objects_are_refused_with_the_reason(body: bytes, reason: str):
     with pytest.raises(WebhookError, match=reason):
         forge.parse({"X-Gitlab-Event": "Push Hook"}, body)
@@ -186,21 +217,45 @@ def test_a_delivery_without_an_event_header_is_refused():
         forge.parse({}, body)
 
 
-@pytest.mark.parametrize(("name", "event", "change", "field"), [
-    ("push", "Push Hook", lambda d: d.pop("project"), "project"),
-    ("push", "Push Hook", lambda d: d["project"].update(id="15"), "project.id"),
-    ("push", "Push Hook", lambda d: d["project"].update(path_with_namespace="diaspora"), "project.path_with_namespace"),
-    ("push", "Push Hook", lambda d: d.update(after="da15608"), "after"),
-    ("push", "Push Hook", lambda d: d.update(ref=None), "ref"),
-    ("merge_request_open", "Merge Request Hook", lambda d: d["object_attributes"].pop("state"),
-     "object_attributes.state"),
-    ("merge_request_open", "Merge Request Hook", lambda d: d["object_attributes"]["last_commit"].update(id=12),
-     "object_attributes.last_commit.id"),
-    ("merge_request_open", "Merge Request Hook", lambda d: d["object_attributes"].update(iid="1"),
-     "object_attributes.iid"),
-    ("merge_request_update_new_commits", "Merge Request Hook", lambda d: d["object_attributes"].update(oldrev=""),
-     "object_attributes.oldrev"),
-])
+@pytest.mark.parametrize(
+    ("name", "event", "change", "field"),
+    [
+        ("push", "Push Hook", lambda d: d.pop("project"), "project"),
+        ("push", "Push Hook", lambda d: d["project"].update(id="15"), "project.id"),
+        (
+            "push",
+            "Push Hook",
+            lambda d: d["project"].update(path_with_namespace="diaspora"),
+            "project.path_with_namespace",
+        ),
+        ("push", "Push Hook", lambda d: d.update(after="da15608"), "after"),
+        ("push", "Push Hook", lambda d: d.update(ref=None), "ref"),
+        (
+            "merge_request_open",
+            "Merge Request Hook",
+            lambda d: d["object_attributes"].pop("state"),
+            "object_attributes.state",
+        ),
+        (
+            "merge_request_open",
+            "Merge Request Hook",
+            lambda d: d["object_attributes"]["last_commit"].update(id=12),
+            "object_attributes.last_commit.id",
+        ),
+        (
+            "merge_request_open",
+            "Merge Request Hook",
+            lambda d: d["object_attributes"].update(iid="1"),
+            "object_attributes.iid",
+        ),
+        (
+            "merge_request_update_new_commits",
+            "Merge Request Hook",
+            lambda d: d["object_attributes"].update(oldrev=""),
+            "object_attributes.oldrev",
+        ),
+    ],
+)
 def test_odd_payloads_name_the_field(name: str, event: str, change: Any, field: str):
     document = payload(name)
     change(document)
@@ -260,12 +315,17 @@ async def gitlab(fake: FakeForge) -> AsyncIterator[GitLabForge]:
 def repo_in(fake: FakeForge, full_name: str = PROJECT, *, by_id: bool = True) -> Repo:
     owner, name = full_name.rsplit("/", 1)
     project_id = fake.project_id(full_name)
-    return Repo(owner=owner, name=name, clone_url=f"{fake.url}/{full_name}.git",
-                project_id=project_id if by_id else None)
+    return Repo(
+        owner=owner, name=name, clone_url=f"{fake.url}/{full_name}.git", project_id=project_id if by_id else None
+    )
 
 
-def status(state: StatusState, description: str = "queued", target_url: str | None = "https://ci.example/log/1",
-           context: str = "orchestrator/test") -> CommitStatus:
+def status(
+    state: StatusState,
+    description: str = "queued",
+    target_url: str | None = "https://ci.example/log/1",
+    context: str = "orchestrator/test",
+) -> CommitStatus:
     return CommitStatus(state=state, context=context, description=description, target_url=target_url)
 
 
@@ -296,21 +356,37 @@ async def test_a_project_the_token_cannot_see_is_an_error_not_a_missing_file(fak
     assert "Project Not Found" in str(raised.value)
 
 
-@pytest.mark.parametrize(("state", "gitlab_state"), [
-    (StatusState.PENDING, "pending"), (StatusState.RUNNING, "running"), (StatusState.SUCCESS, "success"),
-    (StatusState.FAILURE, "failed"), (StatusState.ERROR, "failed"), (StatusState.CANCELED, "canceled"),
-])
-async def test_every_state_reaches_gitlab_in_its_own_name(fake: FakeForge, gitlab: GitLabForge, state: StatusState,
-                                                          gitlab_state: str):
+@pytest.mark.parametrize(
+    ("state", "gitlab_state"),
+    [
+        (StatusState.PENDING, "pending"),
+        (StatusState.RUNNING, "running"),
+        (StatusState.SUCCESS, "success"),
+        (StatusState.FAILURE, "failed"),
+        (StatusState.ERROR, "failed"),
+        (StatusState.CANCELED, "canceled"),
+    ],
+)
+async def test_every_state_reaches_gitlab_in_its_own_name(
+    fake: FakeForge, gitlab: GitLabForge, state: StatusState, gitlab_state: str
+):
     await gitlab.set_status(repo_in(fake), SHA, status(state, description="x" * 400))
     [recorded] = fake.statuses
-    assert (recorded.repo, recorded.sha, recorded.state, recorded.context) == (PROJECT, SHA, gitlab_state,
-                                                                                "orchestrator/test")
+    assert (recorded.repo, recorded.sha, recorded.state, recorded.context) == (
+        PROJECT,
+        SHA,
+        gitlab_state,
+        "orchestrator/test",
+    )
     assert len(recorded.description) == STATUS_TEXT_LIMIT and recorded.description.endswith("…")
     assert recorded.target_url == "https://ci.example/log/1"
     body = json.loads(fake.calls[0].body)
-    assert body == {"state": gitlab_state, "name": "orchestrator/test", "description": recorded.description,
-                    "target_url": "https://ci.example/log/1"}
+    assert body == {
+        "state": gitlab_state,
+        "name": "orchestrator/test",
+        "description": recorded.description,
+        "target_url": "https://ci.example/log/1",
+    }
 
 
 async def test_a_job_goes_queued_running_finished(fake: FakeForge, gitlab: GitLabForge):
@@ -349,7 +425,9 @@ async def test_after_a_final_state_gitlab_accepts_a_late_pending(fake: FakeForge
 
 
 async def test_a_target_url_gitlab_would_refuse_is_left_out(fake: FakeForge, gitlab: GitLabForge):
-    await gitlab.set_status(repo_in(fake), SHA, status(StatusState.PENDING, target_url="https://ci.example/" + "l" * 300))
+    await gitlab.set_status(
+        repo_in(fake), SHA, status(StatusState.PENDING, target_url="https://ci.example/" + "l" * 300)
+    )
     assert fake.statuses[0].target_url is None
 
 
@@ -358,11 +436,14 @@ async def test_statuses_name_a_ref_when_given(fake: FakeForge, gitlab: GitLabFor
     assert json.loads(fake.calls[0].body)["ref"] == "release/1.x"
 
 
-async def test_a_fork_merge_request_head_gets_its_status_through_the_merge_request_ref(fake: FakeForge,
-                                                                                        gitlab: GitLabForge):
+async def test_a_fork_merge_request_head_gets_its_status_through_the_merge_request_ref(
+    fake: FakeForge, gitlab: GitLabForge
+):
     repo = repo_in(fake)
     fake.branches[PROJECT] = {"main": OTHER_SHA}
-    fake.pulls[PROJECT] = [Pull(number=7, head_sha=SHA, base_branch="main", head_branch="fix", head_repo="alice/widgets")]
+    fake.pulls[PROJECT] = [
+        Pull(number=7, head_sha=SHA, base_branch="main", head_branch="fix", head_repo="alice/widgets")
+    ]
     await gitlab.set_status(repo, SHA, status(StatusState.PENDING))
     assert fake.statuses_for(SHA) == ["pending"]
     posts = [json.loads(c.body) for c in fake.calls if c.method == "POST"]
@@ -373,8 +454,9 @@ async def test_a_fork_merge_request_head_gets_its_status_through_the_merge_reque
 
 
 async def test_a_commit_on_no_ref_at_all_stays_an_error(fake: FakeForge, gitlab: GitLabForge):
-    fake.pulls[PROJECT] = [Pull(number=7, head_sha=SHA, base_branch="main", head_branch="fix", head_repo="alice/widgets",
-                                state="closed")]
+    fake.pulls[PROJECT] = [
+        Pull(number=7, head_sha=SHA, base_branch="main", head_branch="fix", head_repo="alice/widgets", state="closed")
+    ]
     with pytest.raises(ForgeApiError) as raised:
         await gitlab.set_status(repo_in(fake), SHA, status(StatusState.PENDING))
     assert raised.value.status == 404 and raised.value.retry_after_s is None
@@ -405,8 +487,9 @@ async def test_branches_are_listed_across_pages(link_header: bool):
         await fake.close()
 
 
-async def test_open_merge_requests_are_listed_across_pages_with_their_fork_clone_urls(fake: FakeForge,
-                                                                                      gitlab: GitLabForge):
+async def test_open_merge_requests_are_listed_across_pages_with_their_fork_clone_urls(
+    fake: FakeForge, gitlab: GitLabForge
+):
     fake.pulls[PROJECT] = [
         Pull(number=n, head_sha=f"{n:040x}", base_branch="main", head_branch=f"topic-{n}", head_repo=PROJECT)
         for n in range(1, 5)
@@ -419,7 +502,12 @@ async def test_open_merge_requests_are_listed_across_pages_with_their_fork_clone
     assert [p.number for p in pulls] == [5, 4, 3, 2, 1]  # GitLab lists the newest first
     fork = pulls[0]
     assert (fork.from_fork, fork.head_clone_url, fork.head_branch, fork.base_branch, fork.commit_sha) == (
-        True, f"{fake.url}/alice/widgets.git", "fix", "main", "5" * 40)
+        True,
+        f"{fake.url}/alice/widgets.git",
+        "fix",
+        "main",
+        "5" * 40,
+    )
     assert all(not p.from_fork and p.head_clone_url == f"{fake.url}/{PROJECT}.git" for p in pulls[1:])
     listing = [c for c in fake.calls if c.path.endswith("/merge_requests")]
     assert len(listing) == 3 and all(c.query["state"] == "opened" for c in listing)
@@ -437,33 +525,51 @@ async def test_a_merge_request_from_a_fork_the_token_cannot_read_is_skipped(fake
 
 async def test_webhooks_are_listed_with_their_alert_status(fake: FakeForge, gitlab: GitLabForge):
     fake.hooks[PROJECT] = [
-        {"id": 1, "url": "https://bridge.example/hooks/gitlab", "push_events": True, "merge_requests_events": True,
-         "tag_push_events": True, "enable_ssl_verification": True, "alert_status": "executable",
-         "disabled_until": None, "created_at": "2012-10-12T17:04:47Z"},
-        {"id": 2, "url": "https://bridge.example/hooks/gitlab", "push_events": True,
-         "alert_status": "temporarily_disabled", "disabled_until": "2026-11-25T10:20:00.000Z"},
+        {
+            "id": 1,
+            "url": "https://bridge.example/hooks/gitlab",
+            "push_events": True,
+            "merge_requests_events": True,
+            "tag_push_events": True,
+            "enable_ssl_verification": True,
+            "alert_status": "executable",
+            "disabled_until": None,
+            "created_at": "2012-10-12T17:04:47Z",
+        },
+        {
+            "id": 2,
+            "url": "https://bridge.example/hooks/gitlab",
+            "push_events": True,
+            "alert_status": "temporarily_disabled",
+            "disabled_until": "2026-11-25T10:20:00.000Z",
+        },
         {"id": 3, "url": "https://old.example/hook", "alert_status": "disabled", "disabled_until": None},
     ]
     hooks = await gitlab.hooks(repo_in(fake))
-    assert [(h.id, h.alert_status) for h in hooks] == [(1, HookAlertStatus.EXECUTABLE),
-                                                       (2, HookAlertStatus.TEMPORARILY_DISABLED),
-                                                       (3, HookAlertStatus.DISABLED)]
+    assert [(h.id, h.alert_status) for h in hooks] == [
+        (1, HookAlertStatus.EXECUTABLE),
+        (2, HookAlertStatus.TEMPORARILY_DISABLED),
+        (3, HookAlertStatus.DISABLED),
+    ]
     assert hooks[0].merge_requests_events and hooks[1].disabled_until is not None
     assert isinstance(hooks[2], GitLabHook) and hooks[2].disabled_until is None
     assert len([c for c in fake.calls if c.path.endswith("/hooks")]) == 2  # 3 hooks, 2 per page
 
 
-@pytest.mark.parametrize(("failure", "status_code", "retry_after_s"), [
-    ({"status": 500}, 500, DEFAULT_RETRY_S),
-    ({"status": 502, "retry_after": "3"}, 502, 3.0),
-    ({"status": 429, "retry_after": "7"}, 429, 7.0),
-    ({"status": 401}, 401, None),
-    ({"status": 403}, 403, None),
-    ({"status": 404}, 404, None),
-])
-async def test_failures_say_whether_trying_again_can_help(fake: FakeForge, gitlab: GitLabForge,
-                                                          failure: dict[str, Any], status_code: int,
-                                                          retry_after_s: float | None):
+@pytest.mark.parametrize(
+    ("failure", "status_code", "retry_after_s"),
+    [
+        ({"status": 500}, 500, DEFAULT_RETRY_S),
+        ({"status": 502, "retry_after": "3"}, 502, 3.0),
+        ({"status": 429, "retry_after": "7"}, 429, 7.0),
+        ({"status": 401}, 401, None),
+        ({"status": 403}, 403, None),
+        ({"status": 404}, 404, None),
+    ],
+)
+async def test_failures_say_whether_trying_again_can_help(
+    fake: FakeForge, gitlab: GitLabForge, failure: dict[str, Any], status_code: int, retry_after_s: float | None
+):
     fake.branches[PROJECT] = {"main": SHA}
     fake.fail_next(**failure)
     with pytest.raises(ForgeApiError) as raised:
@@ -517,11 +623,16 @@ async def test_the_fake_checks_states_and_lengths_like_gitlab(fake: FakeForge):
 
 # --- looking a project up by its path ----------------------------------------------------
 
+
 async def test_a_project_is_looked_up_by_its_path(fake: FakeForge, gitlab: GitLabForge):
     fake.branches[PROJECT] = {"main": SHA}
     repo = await gitlab.repository(PROJECT)
-    assert repo == Repo(owner="acme/platform", name="widgets", clone_url=f"{fake.url}/{PROJECT}.git",
-                        project_id=fake.project_id(PROJECT))
+    assert repo == Repo(
+        owner="acme/platform",
+        name="widgets",
+        clone_url=f"{fake.url}/{PROJECT}.git",
+        project_id=fake.project_id(PROJECT),
+    )
     call = fake.calls[-1]
     # The route only matches with the path's slashes sent as %2F.
     assert (call.method, call.path) == ("GET", f"/api/v4/projects/{PROJECT}")
@@ -537,12 +648,17 @@ async def test_a_project_lookup_reads_gitlabs_answer(gitlab: GitLabForge, monkey
     """An answer shaped like "Get a single project" in GitLab's Projects API documentation;
     owner and name come from its `path_with_namespace`, not from the path asked for."""
     answer: dict[str, Any] = {
-        "id": 3, "description": None, "default_branch": "main", "visibility": "private",
+        "id": 3,
+        "description": None,
+        "default_branch": "main",
+        "visibility": "private",
         "ssh_url_to_repo": "git@example.com:diaspora/diaspora-project-site.git",
         "http_url_to_repo": "https://example.com/diaspora/diaspora-project-site.git",
         "web_url": "https://example.com/diaspora/diaspora-project-site",
-        "name": "Diaspora Project Site", "name_with_namespace": "Diaspora / Diaspora Project Site",
-        "path": "diaspora-project-site", "path_with_namespace": "diaspora/diaspora-project-site",
+        "name": "Diaspora Project Site",
+        "name_with_namespace": "Diaspora / Diaspora Project Site",
+        "path": "diaspora-project-site",
+        "path_with_namespace": "diaspora/diaspora-project-site",
         "namespace": {"id": 3, "name": "Diaspora", "path": "diaspora", "kind": "group", "full_path": "diaspora"},
     }
 
@@ -553,10 +669,18 @@ async def test_a_project_lookup_reads_gitlabs_answer(gitlab: GitLabForge, monkey
 
     monkeypatch.setattr(gitlab.api, "get_json", get_json)
     assert await gitlab.repository("Diaspora/Diaspora-Project-Site") == Repo(
-        owner="diaspora", name="diaspora-project-site",
-        clone_url="https://example.com/diaspora/diaspora-project-site.git", project_id=3)
-    for field, value in (("id", "3"), ("id", True), ("path_with_namespace", "no-namespace"),
-                         ("http_url_to_repo", None), ("http_url_to_repo", ...)):
+        owner="diaspora",
+        name="diaspora-project-site",
+        clone_url="https://example.com/diaspora/diaspora-project-site.git",
+        project_id=3,
+    )
+    for field, value in (
+        ("id", "3"),
+        ("id", True),
+        ("path_with_namespace", "no-namespace"),
+        ("http_url_to_repo", None),
+        ("http_url_to_repo", ...),
+    ):
         sent = {**answer, field: value} if value is not ... else {k: v for k, v in answer.items() if k != field}
         with pytest.raises(ForgeApiError, match=field) as odd:
             await gitlab.repository("diaspora/diaspora-project-site")

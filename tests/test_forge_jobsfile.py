@@ -62,14 +62,46 @@ jobs:
 
 # What each job asks a host for (the request's fields that come from the jobs file).
 JOB_FIELDS = {
-    "test": {"runs_on": "alpha", "size": "small", "cpus": None, "memory_mb": None, "timeout_s": 1800,
-             "script": "make test\n", "script_path": None, "env": {"GREETING": "hello"}},
-    "build": {"runs_on": "alpha", "size": None, "cpus": 2, "memory_mb": 512, "timeout_s": None,
-              "script": None, "script_path": "ci/build.sh", "env": {}},
-    "release": {"runs_on": "alpha", "size": None, "cpus": None, "memory_mb": None, "timeout_s": 600,
-                "script": "./release.sh", "script_path": None, "env": {"CHANNEL": "stable"}},
-    "lint": {"runs_on": None, "size": None, "cpus": None, "memory_mb": None, "timeout_s": None,
-             "script": "ruff check .", "script_path": None, "env": {}},
+    "test": {
+        "runs_on": "alpha",
+        "size": "small",
+        "cpus": None,
+        "memory_mb": None,
+        "timeout_s": 1800,
+        "script": "make test\n",
+        "script_path": None,
+        "env": {"GREETING": "hello"},
+    },
+    "build": {
+        "runs_on": "alpha",
+        "size": None,
+        "cpus": 2,
+        "memory_mb": 512,
+        "timeout_s": None,
+        "script": None,
+        "script_path": "ci/build.sh",
+        "env": {},
+    },
+    "release": {
+        "runs_on": "alpha",
+        "size": None,
+        "cpus": None,
+        "memory_mb": None,
+        "timeout_s": 600,
+        "script": "./release.sh",
+        "script_path": None,
+        "env": {"CHANNEL": "stable"},
+    },
+    "lint": {
+        "runs_on": None,
+        "size": None,
+        "cpus": None,
+        "memory_mb": None,
+        "timeout_s": None,
+        "script": "ruff check .",
+        "script_path": None,
+        "env": {},
+    },
 }
 
 # event -> (commit, ref key, the jobs it runs)
@@ -82,25 +114,31 @@ EVENTS = {
 }
 
 # Hostile jobs files: name -> (text, the line the error names, what it says).
-_LAUGHS = "".join(
-    f"  lol{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10)
-)
+_LAUGHS = "".join(f"  lol{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10))
 HOSTILE = {
     "billion laughs": (
         ("x:\n  lol0: &l0 lol\n" + _LAUGHS + "jobs:\n  test:\n    script: echo\n").encode(),
-        7, "aliases expand to more than 100000 nodes",  # lol5: the first anchor over the budget
+        7,
+        "aliases expand to more than 100000 nodes",  # lol5: the first anchor over the budget
     ),
     "an anchor containing itself": (
-        b"jobs:\n  test: &t\n    script: echo\n    env: *t\n", 2, "an anchor contains an alias to itself",
+        b"jobs:\n  test: &t\n    script: echo\n    env: *t\n",
+        2,
+        "an anchor contains an alias to itself",
     ),
     "a duplicate key": (
-        b"jobs:\n  test:\n    script: echo one\n    script: echo two\n", 4, "duplicate key 'script' (first on line 3)",
+        b"jobs:\n  test:\n    script: echo one\n    script: echo two\n",
+        4,
+        "duplicate key 'script' (first on line 3)",
     ),
     "a 5,000-digit number": (
-        b"jobs:\n  test:\n    script: echo\n    timeout_s: " + b"9" * 5000 + b"\n", 4, "number too long (5000 digits)",
+        b"jobs:\n  test:\n    script: echo\n    timeout_s: " + b"9" * 5000 + b"\n",
+        4,
+        "number too long (5000 digits)",
     ),
     "a file over the size cap": (
-        b"jobs:\n  test:\n    script: echo\n#" + b"x" * JOBS_FILE_MAX_BYTES + b"\n", 1,
+        b"jobs:\n  test:\n    script: echo\n#" + b"x" * JOBS_FILE_MAX_BYTES + b"\n",
+        1,
         f"above the limit of {JOBS_FILE_MAX_BYTES}",
     ),
 }
@@ -117,24 +155,31 @@ def test_a_hostile_jobs_file_is_an_error_naming_its_line(name):
     assert says in message, message
 
 
-@pytest.mark.parametrize("body, line, job", [
-    ("  ok:\n    script: echo\n  both:\n    script: echo\n    script_path: ci/run.sh\n", 4, "both"),
-    ("  ok:\n    script: echo\n  neither:\n    runs_on: alpha\n", 4, "neither"),
-], ids=["script and script_path", "neither"])
+@pytest.mark.parametrize(
+    "body, line, job",
+    [
+        ("  ok:\n    script: echo\n  both:\n    script: echo\n    script_path: ci/run.sh\n", 4, "both"),
+        ("  ok:\n    script: echo\n  neither:\n    runs_on: alpha\n", 4, "neither"),
+    ],
+    ids=["script and script_path", "neither"],
+)
 def test_a_job_needs_exactly_one_of_script_and_script_path(body, line, job):
     with pytest.raises(JobsFileError) as caught:
         parse_jobs_file(("jobs:\n" + body).encode(), filename=JOBS_FILE)
     assert str(caught.value) == f"{JOBS_FILE}:{line}: jobs.{job}: give exactly one of script and script_path"
 
 
-def _event(kind: EventKind, *, branch: str | None = None, tag: str | None = None, pull: int | None = None) -> ForgeEvent:
+def _event(
+    kind: EventKind, *, branch: str | None = None, tag: str | None = None, pull: int | None = None
+) -> ForgeEvent:
     return ForgeEvent(kind, Repo("octo-org", "widgets", CLONE_URL), "a" * 40, branch, tag=tag, pull_number=pull)
 
 
 def test_on_filters_pick_jobs_by_event_branch_glob_and_tag():
     jobs = parse_jobs_file(EXAMPLE.encode(), filename=JOBS_FILE)
     chosen = {
-        label: set(jobs.matching(event)) for label, event in {
+        label: set(jobs.matching(event))
+        for label, event in {
             "push to main": _event(EventKind.PUSH, branch="main"),
             "push to release/1.2": _event(EventKind.PUSH, branch="release/1.2"),
             "push to feature/login": _event(EventKind.PUSH, branch="feature/login"),
@@ -149,7 +194,7 @@ def documented_example() -> str:
     """The jobs file docs/forge-bridge.md shows first, as it shows it."""
     text = FORGE_PAGE.read_text()
     start = text.index("# .orchestrator.yaml in the repository\n")
-    block = text[start:text.index("```", start)]
+    block = text[start : text.index("```", start)]
     return block.split("\n", 1)[1]
 
 
@@ -210,6 +255,7 @@ async def settle(bridge: Bridge) -> None:
     """Until every delivery is processed and the bridge's own sender has no status left
     to send."""
     await bridge.bridge.dispatcher.settled()
+
     async def nothing_to_send() -> bool:
         return await bridge.bridge.journal.next_status_try() is None
 
@@ -238,20 +284,41 @@ async def test_each_event_publishes_the_jobs_its_filters_pick_with_every_field(g
             request_id = str(request_id_for("github", REPO, ref_key, sha, job))
             assert request_id in taken, f"{label}: job {job} did not reach the host"
             request = taken[request_id]
-            fields = request.model_dump(mode="json", include={*JOB_FIELDS[job], "workflow_path", "workflow_job_id", "source",
-                                                              "repo_owner", "repo_name", "repo_url", "commit_sha"})
+            fields = request.model_dump(
+                mode="json",
+                include={
+                    *JOB_FIELDS[job],
+                    "workflow_path",
+                    "workflow_job_id",
+                    "source",
+                    "repo_owner",
+                    "repo_name",
+                    "repo_url",
+                    "commit_sha",
+                },
+            )
             assert fields == {
-                **JOB_FIELDS[job], "workflow_path": JOBS_FILE, "workflow_job_id": job, "source": "github",
-                "repo_owner": "octo-org", "repo_name": "widgets", "repo_url": CLONE_URL, "commit_sha": sha,
+                **JOB_FIELDS[job],
+                "workflow_path": JOBS_FILE,
+                "workflow_job_id": job,
+                "source": "github",
+                "repo_owner": "octo-org",
+                "repo_name": "widgets",
+                "repo_url": CLONE_URL,
+                "commit_sha": sha,
             }, f"{label}: job {job}"
     assert len(taken) == sum(len(jobs) for _, _, jobs in EVENTS.values())
     assert github.bridge.dispatcher.counts["jobs_published"] == len(taken)
 
 
-@pytest.mark.parametrize("job", [
-    "  both:\n    script: make\n    script_path: ci/run.sh\n",
-    "  neither:\n    runs_on: alpha\n",
-], ids=["script and script_path", "neither"])
+@pytest.mark.parametrize(
+    "job",
+    [
+        "  both:\n    script: make\n    script_path: ci/run.sh\n",
+        "  neither:\n    runs_on: alpha\n",
+    ],
+    ids=["script and script_path", "neither"],
+)
 async def test_a_job_without_exactly_one_script_is_one_error_status_and_runs_nothing(github, job):
     sha = "6" * 40
     name = job.split(":", 1)[0].strip()

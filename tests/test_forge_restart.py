@@ -51,7 +51,9 @@ async def exactly_one_run(fake: FakeForge, daemon, broker) -> None:
     assert broker.results.empty() and broker.redeliveries == 0 and not broker.conflicts
 
 
-async def test_a_delivery_open_when_the_bridge_stops_runs_once_after_it_restarts(tmp_path, prefix, cleanup_topology, daemon_factory, broker):
+async def test_a_delivery_open_when_the_bridge_stops_runs_once_after_it_restarts(
+    tmp_path, prefix, cleanup_topology, daemon_factory, broker
+):
     fake = await fake_github.install(FakeForge()).start()
     config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO)
     try:
@@ -85,7 +87,9 @@ async def test_a_bridge_killed_right_after_its_202_runs_the_push_once_after_it_r
 ):
     fake = await fake_github.install(FakeForge()).start()
     port = free_port()
-    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO, listen=f"127.0.0.1:{port}")
+    config = write_config(
+        tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO, listen=f"127.0.0.1:{port}"
+    )
     env = {"AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "TEST_FORGE_TOKEN": fake.token, "TEST_FORGE_SECRET": SECRET}
     try:
         daemon = await daemon_factory()

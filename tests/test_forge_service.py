@@ -28,8 +28,14 @@ REPO = "octo-org/widgets"
 
 
 def bridge_env(prefix: str, fake: FakeForge, **extra: str) -> dict[str, str]:
-    return {"AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "TEST_FORGE_TOKEN": fake.token, "TEST_FORGE_SECRET": SECRET,
-            "LOG_FORMAT": "json", **extra}
+    return {
+        "AMQP_URL": AMQP_URL,
+        "AMQP_PREFIX": prefix,
+        "TEST_FORGE_TOKEN": fake.token,
+        "TEST_FORGE_SECRET": SECRET,
+        "LOG_FORMAT": "json",
+        **extra,
+    }
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -39,7 +45,9 @@ def error_lines(stderr: str) -> list[str]:
 async def test_the_service_serves_healthz_and_stops_on_sigterm_with_exit_0(tmp_path, prefix, cleanup_topology):
     fake = await fake_github.install(FakeForge()).start()
     port = free_port()
-    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO, listen=f"127.0.0.1:{port}")
+    config = write_config(
+        tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO, listen=f"127.0.0.1:{port}"
+    )
     try:
         bridge = await BridgeProcess(config, bridge_env(prefix, fake)).start()
         async with aiohttp.ClientSession() as http:
@@ -60,7 +68,9 @@ async def test_the_service_serves_healthz_and_stops_on_sigterm_with_exit_0(tmp_p
 async def test_a_bad_config_is_one_error_line_and_exit_2(tmp_path):
     config = write_config(tmp_path, forge="github", kind="github", api_url="http://127.0.0.1:9", repo=REPO)
     config.write_text(config.read_text().replace("listen:", "listn:"))
-    code, out, err = await run_forge_command("--config", str(config), env={"TEST_FORGE_TOKEN": "t", "TEST_FORGE_SECRET": "s"})
+    code, out, err = await run_forge_command(
+        "--config", str(config), env={"TEST_FORGE_TOKEN": "t", "TEST_FORGE_SECRET": "s"}
+    )
     assert code == 2
     assert err.splitlines() == [f"error: {config}:1: listn: unknown key"]
     assert out == ""
@@ -68,8 +78,13 @@ async def test_a_bad_config_is_one_error_line_and_exit_2(tmp_path):
 
 async def test_an_unreachable_broker_is_one_error_line_and_exit_1(tmp_path, prefix):
     config = write_config(tmp_path, forge="github", kind="github", api_url="http://127.0.0.1:9", repo=REPO)
-    env = {"TEST_FORGE_TOKEN": "t", "TEST_FORGE_SECRET": "s", "AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
-           "AMQP_PREFIX": prefix, "BROKER_CONNECT_TIMEOUT_S": "2"}
+    env = {
+        "TEST_FORGE_TOKEN": "t",
+        "TEST_FORGE_SECRET": "s",
+        "AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+        "AMQP_PREFIX": prefix,
+        "BROKER_CONNECT_TIMEOUT_S": "2",
+    }
     began = time.monotonic()
     code, _, err = await run_forge_command("--config", str(config), env=env)
     took = time.monotonic() - began
@@ -106,12 +121,22 @@ def sha_of(body: bytes) -> str:
     return payload["after"] if "after" in payload else payload["pull_request"]["head"]["sha"]
 
 
-async def test_no_token_or_secret_reaches_the_log_and_the_push_gets_its_job_secret(tmp_path, prefix, cleanup_topology, daemon_factory):
+async def test_no_token_or_secret_reaches_the_log_and_the_push_gets_its_job_secret(
+    tmp_path, prefix, cleanup_topology, daemon_factory
+):
     token, secret, deploy_key = (f"{kind}-{uuid.uuid4().hex}" for kind in ("ghp", "whsec", "deploy"))
     fake = await fake_github.install(FakeForge(token=token)).start()
     port = free_port()
-    config = write_config(tmp_path, forge="github", kind="github", api_url=fake.url, repo=REPO, listen=f"127.0.0.1:{port}",
-                          forks=True, secrets={"DEPLOY_KEY": {"env": "WIDGETS_DEPLOY_KEY"}})
+    config = write_config(
+        tmp_path,
+        forge="github",
+        kind="github",
+        api_url=fake.url,
+        repo=REPO,
+        listen=f"127.0.0.1:{port}",
+        forks=True,
+        secrets={"DEPLOY_KEY": {"env": "WIDGETS_DEPLOY_KEY"}},
+    )
     env = bridge_env(prefix, fake, TEST_FORGE_SECRET=secret, WIDGETS_DEPLOY_KEY=deploy_key)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -139,13 +164,22 @@ async def test_no_token_or_secret_reaches_the_log_and_the_push_gets_its_job_secr
             await fake.wait_for_state(sha, "orchestrator/deploy", "success")
         assert await bridge.stop(timeout_s=10) == 0
         log = "".join(bridge.lines)
-        for event in ("forge.started", "webhook.accepted", "webhook.bad_signature", "job.published", "status.set",
-                      "status.dropped", "delivery.jobs_file_unreadable"):
+        for event in (
+            "forge.started",
+            "webhook.accepted",
+            "webhook.bad_signature",
+            "job.published",
+            "status.set",
+            "status.dropped",
+            "delivery.jobs_file_unreadable",
+        ):
             assert bridge.events(event), f"the log at INFO has {event}"
         assert token not in log, "the API token was logged"
         assert secret not in log, "the webhook secret was logged"
         assert deploy_key not in log, "the job secret was logged"
-        envs = {record.request.commit_sha: record.request.env for record in await daemon.journal.in_states(set(JobState))}
+        envs = {
+            record.request.commit_sha: record.request.env for record in await daemon.journal.in_states(set(JobState))
+        }
         assert envs[runs["push.branch"]] == {"STAGE": "test", "DEPLOY_KEY": deploy_key}
         assert envs[runs["pull_request.opened"]] == {"STAGE": "test", "DEPLOY_KEY": deploy_key}
         assert envs[runs["pull_request.opened.fork"]] == {"STAGE": "test"}, "a fork's job never gets secrets"

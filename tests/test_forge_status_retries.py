@@ -87,7 +87,9 @@ async def test_a_status_refused_with_422_is_dropped_not_retried_and_counted(gith
     await daemon_factory()
     await running(github)
     github.fake.fail_next(1, status=422, path_prefix=STATUSES)
-    await wait_for(lambda: github.bridge.reporter.dropped[("github", "422")] == 1, what="the status dropped", timeout_s=30)
+    await wait_for(
+        lambda: github.bridge.reporter.dropped[("github", "422")] == 1, what="the status dropped", timeout_s=30
+    )
 
     async def nothing_to_send() -> bool:
         return await github.bridge.journal.next_status_try() is None
@@ -100,7 +102,8 @@ async def test_a_status_refused_with_422_is_dropped_not_retried_and_counted(gith
         metrics = await response.text()
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(metrics) for sample in family.samples
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
     }
     assert samples[("orchestrator_forge_status_failures_total", (("code", "422"), ("forge", "github")))] == 1.0
 
@@ -121,7 +124,9 @@ async def test_a_step_waiting_behind_a_retried_one_does_not_make_the_sender_poll
         [queued] = await journal.statuses_to_send(time.time())
         retry_at = time.time() + 60
         await journal.status_retry(queued, at=retry_at, error="HTTP 503")
-        await journal.propose_status("github", repo, SHA, CommitStatus(StatusState.RUNNING, CONTEXT, "running on host0"))
+        await journal.propose_status(
+            "github", repo, SHA, CommitStatus(StatusState.RUNNING, CONTEXT, "running on host0")
+        )
         assert await journal.statuses_to_send(time.time()) == []
         assert await journal.next_status_try() == retry_at
     finally:

@@ -27,7 +27,10 @@ HOSTILE = [
 def run_sandboxed(script: bytes, sandbox: Path) -> subprocess.CompletedProcess[str]:
     """Run the user-data with its console, workdir and poweroff pointed into `sandbox`."""
     text = sandbox_user_data(
-        script, console=sandbox / "console", workdir=sandbox / "work", poweroff=f"touch {shlex.quote(str(sandbox))}/powered-off"
+        script,
+        console=sandbox / "console",
+        workdir=sandbox / "work",
+        poweroff=f"touch {shlex.quote(str(sandbox))}/powered-off",
     )
     (sandbox / "console").touch()
     path = sandbox / "user-data"
@@ -39,8 +42,14 @@ def run_sandboxed(script: bytes, sandbox: Path) -> subprocess.CompletedProcess[s
 def test_hostile_env_values_and_script_run_exactly_as_written(tmp_path, hostile):
     script = 'printf "%s|" "$VALUE"\nprintf "%s" \'' + hostile.replace("'", "'\\''") + "'\nexit 7\n"
     user_data = build_user_data(
-        job_id="j", nonce="abc123", env={"VALUE": hostile}, repo_url=None, commit_sha=None,
-        checkout=False, script=script, script_path=None,
+        job_id="j",
+        nonce="abc123",
+        env={"VALUE": hostile},
+        repo_url=None,
+        commit_sha=None,
+        checkout=False,
+        script=script,
+        script_path=None,
     )
     assert subprocess.run(["sh", "-n"], input=user_data, capture_output=True).returncode == 0
     run_sandboxed(user_data, tmp_path)
@@ -54,8 +63,9 @@ def test_hostile_env_values_and_script_run_exactly_as_written(tmp_path, hostile)
 
 def test_script_containing_heredoc_delimiter_like_lines_is_kept_intact(tmp_path):
     script = "cat <<'EOF'\nORCH_EOF_0000000000000000\nEOF\necho done\n"
-    user_data = build_user_data(job_id="j", nonce="ff", env={}, repo_url=None, commit_sha=None,
-                                checkout=False, script=script, script_path=None)
+    user_data = build_user_data(
+        job_id="j", nonce="ff", env={}, repo_url=None, commit_sha=None, checkout=False, script=script, script_path=None
+    )
     run_sandboxed(user_data, tmp_path)
     console = (tmp_path / "console").read_text()
     assert "ORCH_EOF_0000000000000000\ndone" in console and find_exit_code(console, "ff") == 0
@@ -65,15 +75,31 @@ def test_checkout_uses_quoted_repo_and_commit(tmp_path):
     repo = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     (repo / "hello.sh").write_text("echo from-repo\n")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
     subprocess.run(["git", "-C", str(repo), "commit", "-qm", "x"], check=True, env=env)
     subprocess.run(["git", "-C", str(repo), "config", "uploadpack.allowReachableSHA1InWant", "true"], check=True)
-    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     sandbox = tmp_path / "vm"
     sandbox.mkdir()
-    user_data = build_user_data(job_id="j", nonce="aa", env={}, repo_url=f"file://{repo}", commit_sha=sha,
-                                checkout=True, script=None, script_path="hello.sh")
+    user_data = build_user_data(
+        job_id="j",
+        nonce="aa",
+        env={},
+        repo_url=f"file://{repo}",
+        commit_sha=sha,
+        checkout=True,
+        script=None,
+        script_path="hello.sh",
+    )
     run_sandboxed(user_data, sandbox)
     console = (sandbox / "console").read_text()
     assert "from-repo" in console and find_exit_code(console, "aa") == 0
@@ -86,8 +112,9 @@ def test_result_line_needs_the_nonce():
 
 
 def test_a_sandbox_whose_hook_is_missing_or_repeated_is_refused():
-    user_data = build_user_data(job_id="j", nonce="ff", env={}, repo_url=None, commit_sha=None,
-                                checkout=False, script="true", script_path=None)
+    user_data = build_user_data(
+        job_id="j", nonce="ff", env={}, repo_url=None, commit_sha=None, checkout=False, script="true", script_path=None
+    )
     where = {"console": Path("/nonexistent/console"), "workdir": Path("/nonexistent/work"), "poweroff": "true"}
     assert "orch_poweroff=true" in sandbox_user_data(user_data, **where)
     without = user_data.replace(b"\norch_poweroff=", b"\n: orch_poweroff=")

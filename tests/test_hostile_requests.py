@@ -32,8 +32,14 @@ def _hostile_bodies() -> dict[str, tuple[bytes, str]]:
             "invalid job request: deadline: out of range: 9999-12-31T23:59:59-14:00 is outside",
         ),
         "nesting": (b"[" * 100_000, "JSON nested too deeply"),
-        "number": (_request(timeout_s=0).replace(b'"timeout_s": 0', b'"timeout_s": ' + b"7" * 5000), "number too long: timeout_s has 5000 digits"),
-        "size": (too_large, f"message is {len(too_large)} bytes, over the limit of {MESSAGE_LIMIT} bytes (MAX_MESSAGE_BYTES)"),
+        "number": (
+            _request(timeout_s=0).replace(b'"timeout_s": 0', b'"timeout_s": ' + b"7" * 5000),
+            "number too long: timeout_s has 5000 digits",
+        ),
+        "size": (
+            too_large,
+            f"message is {len(too_large)} bytes, over the limit of {MESSAGE_LIMIT} bytes (MAX_MESSAGE_BYTES)",
+        ),
         "script": (
             _request(script="\u20ac" * MAX_SCRIPT_BYTES),
             f"invalid job request: script: is {3 * MAX_SCRIPT_BYTES} bytes as UTF-8, over the limit of {MAX_SCRIPT_BYTES} bytes",
@@ -65,7 +71,9 @@ async def _reasons_in_dlq(broker: Broker, count: int, timeout_s: float) -> dict[
 async def test_hostile_bodies_go_to_the_dlq_with_their_reasons_and_the_daemon_keeps_serving(
     prefix, tmp_path, noop_map_path, cleanup_topology, broker
 ):
-    env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", MAX_MESSAGE_BYTES=str(MESSAGE_LIMIT))
+    env = daemon_env(
+        prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", MAX_MESSAGE_BYTES=str(MESSAGE_LIMIT)
+    )
     daemon = await DaemonProcess(env, limits=LIMITS).start()
     await broker.open()
     hostile = _hostile_bodies()

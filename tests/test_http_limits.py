@@ -31,13 +31,20 @@ MAX_CONNECTIONS = 256
 HEADER_TIMEOUT_S = 5.0
 
 
-async def test_idle_connections_never_take_the_descriptors_jobs_need(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_idle_connections_never_take_the_descriptors_jobs_need(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     if not ensure_own_descriptors(IDLE + 200):
         pytest.skip(f"this test process cannot hold {IDLE} connections (hard RLIMIT_NOFILE)")
     port = free_port()
     env = daemon_env(
-        prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", HTTP_LISTEN=f"127.0.0.1:{port}",
-        HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS), HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+        prefix,
+        tmp_path / "state",
+        noop_map_path,
+        ORCH_BACKEND="noop",
+        HTTP_LISTEN=f"127.0.0.1:{port}",
+        HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+        HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
     )
     daemon = await DaemonProcess(env, preexec_fn=with_limits(nofile=(FD_LIMIT, FD_LIMIT))).start()
     assert daemon.process is not None
@@ -52,14 +59,19 @@ async def test_idle_connections_never_take_the_descriptors_jobs_need(prefix, tmp
     refused = [c for c in idle if closed_by_peer(c)]
     counted_at = loop.time()
     assert counted_at - opened_at < HEADER_TIMEOUT_S - 0.5, "too slow to tell the cap from the header timeout"
-    assert IDLE - MAX_CONNECTIONS <= len(refused) < IDLE, f"{IDLE - len(refused)} held open, the cap is {MAX_CONNECTIONS}"
+    assert IDLE - MAX_CONNECTIONS <= len(refused) < IDLE, (
+        f"{IDLE - len(refused)} held open, the cap is {MAX_CONNECTIONS}"
+    )
     jobs = [await broker.submit(runs_on="alpha", env={"NOOP_OUTPUT": "ok"}) for _ in range(6)]
 
     results = await broker.collect(len(jobs), timeout_s=30)
     failed = {job_id: r.summary for job_id, r in results.items() if r.status is not JobStatus.SUCCEEDED}
     assert not failed, failed
-    await wait_for(lambda: all(closed_by_peer(c) for c in idle), timeout_s=HEADER_TIMEOUT_S + 3,
-                   what="the daemon to close the connections that never sent headers")
+    await wait_for(
+        lambda: all(closed_by_peer(c) for c in idle),
+        timeout_s=HEADER_TIMEOUT_S + 3,
+        what="the daemon to close the connections that never sent headers",
+    )
     peak = (await use.stop()).fds
     assert peak < FD_LIMIT - 100, f"the daemon held {peak} descriptors of {FD_LIMIT}"
     # Beyond the cap, a connection lives for one turn of the daemon's loop, which
@@ -80,8 +92,14 @@ async def test_slow_headers_and_idle_keep_alive_connections_are_closed_at_the_he
     prefix, tmp_path, noop_map_path, cleanup_topology
 ):
     port = free_port()
-    env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop",
-                     HTTP_LISTEN=f"127.0.0.1:{port}", HTTP_HEADER_TIMEOUT_S="1")
+    env = daemon_env(
+        prefix,
+        tmp_path / "state",
+        noop_map_path,
+        ORCH_BACKEND="noop",
+        HTTP_LISTEN=f"127.0.0.1:{port}",
+        HTTP_HEADER_TIMEOUT_S="1",
+    )
     daemon = await DaemonProcess(env, preexec_fn=with_limits(nofile=(FD_LIMIT, FD_LIMIT))).start()
     loop = asyncio.get_running_loop()
 
@@ -109,11 +127,19 @@ async def test_slow_headers_and_idle_keep_alive_connections_are_closed_at_the_he
 MAX_STREAMS = 8
 
 
-async def test_log_streams_are_capped_and_a_dropped_stream_ends_at_once(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_log_streams_are_capped_and_a_dropped_stream_ends_at_once(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     port = free_port()
     state = tmp_path / "state"
-    env = daemon_env(prefix, state, noop_map_path, ORCH_BACKEND="noop", HTTP_LISTEN=f"127.0.0.1:{port}",
-                     HTTP_MAX_STREAMS=str(MAX_STREAMS))
+    env = daemon_env(
+        prefix,
+        state,
+        noop_map_path,
+        ORCH_BACKEND="noop",
+        HTTP_LISTEN=f"127.0.0.1:{port}",
+        HTTP_MAX_STREAMS=str(MAX_STREAMS),
+    )
     daemon = await DaemonProcess(env, preexec_fn=with_limits(nofile=(FD_LIMIT, FD_LIMIT))).start()
     assert daemon.process is not None
     await broker.open()
@@ -134,7 +160,9 @@ async def test_log_streams_are_capped_and_a_dropped_stream_ends_at_once(prefix, 
     assert metric(await scrape(port), "orchestrator_http_streams") == MAX_STREAMS
 
     close_all([connection for _, _, connection in streams])  # gone without a goodbye
-    await wait_for(lambda: _streams_served(port, 0), timeout_s=3, interval_s=0.1, what="the dropped streams' handlers to end")
+    await wait_for(
+        lambda: _streams_served(port, 0), timeout_s=3, interval_s=0.1, what="the dropped streams' handlers to end"
+    )
     before = cpu_seconds(daemon.process.pid)
     await asyncio.sleep(2)
     assert cpu_seconds(daemon.process.pid) - before < 0.2, "the daemon is busy with streams nobody reads"
@@ -149,7 +177,9 @@ async def _streams_served(port: int, count: int) -> bool:
     return metric(await scrape(port), "orchestrator_http_streams") == count
 
 
-async def test_a_client_that_drops_a_download_or_a_stream_costs_no_traceback(prefix, tmp_path, noop_map_path, cleanup_topology):
+async def test_a_client_that_drops_a_download_or_a_stream_costs_no_traceback(
+    prefix, tmp_path, noop_map_path, cleanup_topology
+):
     port = free_port()
     state = tmp_path / "state"
     env = daemon_env(prefix, state, noop_map_path, ORCH_BACKEND="noop", HTTP_LISTEN=f"127.0.0.1:{port}")
@@ -170,7 +200,9 @@ async def test_a_client_that_drops_a_download_or_a_stream_costs_no_traceback(pre
     assert await daemon.stop() == 0
 
 
-async def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(prefix, tmp_path, noop_map_path, cleanup_topology):
+async def test_the_daemon_raises_its_open_files_limit_to_the_hard_limit(
+    prefix, tmp_path, noop_map_path, cleanup_topology
+):
     env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop")
     daemon = await DaemonProcess(env, preexec_fn=with_limits(nofile=(1024, 4096))).start()
     assert daemon.process is not None

@@ -139,7 +139,9 @@ async def test_a_last_event_id_that_is_not_an_offset_starts_from_the_beginning(d
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             f"GET /jobs/{job.job_id}/log/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
-            + b"Last-Event-ID: " + resume + b"\r\n\r\n"
+            + b"Last-Event-ID: "
+            + resume
+            + b"\r\n\r\n"
         )
         await writer.drain()
         answer = await reader.read()

@@ -28,7 +28,9 @@ def test_example_map_loads_with_the_documented_defaults():
     assert image_map.resolve(None) == "openindiana-hipster"
     assert image_map.resolve("illumos-latest") == "openindiana-hipster"
     assert {n: (p.cpus, p.memory_mb) for n, p in image_map.sizes.items()} == {
-        "small": (1, 1024), "medium": (2, 2048), "large": (4, 4096)
+        "small": (1, 1024),
+        "medium": (2, 2048),
+        "large": (4, 4096),
     }
     assert {"openindiana-hipster", "ubuntu-22.04"} <= set(image_map.images)
 
@@ -48,19 +50,35 @@ images:
         (BASE + "    cpu: 2\n", "map.yaml:6: images.a.cpu: unknown key (did you mean 'cpus'?)"),
         (BASE + "    memory_mb: 12\n", "map.yaml:6: images.a.memory_mb: Input should be greater than or equal to 64"),
         (BASE + "    format: vmdk\n", "map.yaml:6: images.a.format: Input should be 'qcow2' or 'raw'"),
-        ("default_label: a\nimages:\n  a:\n    local_path: /x\n    backend: xen\n",
-         "map.yaml:5: images.a.backend: Input should be 'libvirt', 'zones' or 'noop'"),
+        (
+            "default_label: a\nimages:\n  a:\n    local_path: /x\n    backend: xen\n",
+            "map.yaml:5: images.a.backend: Input should be 'libvirt', 'zones' or 'noop'",
+        ),
         (BASE + "    backend: libvirt\n", "map.yaml:6: duplicate key 'backend' (first on line 4)"),
-        ("default_label: a\ndefault_label: b\nimages: {}\n", "map.yaml:2: duplicate key 'default_label' (first on line 1)"),
-        (BASE + "sizes:\n  s: {cpus: 0, memory_mb: 512}\n", "map.yaml:7: sizes.s.cpus: Input should be greater than or equal to 1"),
+        (
+            "default_label: a\ndefault_label: b\nimages: {}\n",
+            "map.yaml:2: duplicate key 'default_label' (first on line 1)",
+        ),
+        (
+            BASE + "sizes:\n  s: {cpus: 0, memory_mb: 512}\n",
+            "map.yaml:7: sizes.s.cpus: Input should be greater than or equal to 1",
+        ),
         (BASE + "    size: huge\n", "map.yaml:6: images.a.size: unknown size preset 'huge'; define it under sizes"),
         (BASE + "    kernel: /no/such/vmlinuz\n", "map.yaml:6: images.a.kernel: file /no/such/vmlinuz does not exist"),
-        (BASE + "    sha256: 1234\n", "map.yaml:6: images.a.sha256: Input should be a valid string: YAML read 1234 as a number; quote the value"),
+        (
+            BASE + "    sha256: 1234\n",
+            "map.yaml:6: images.a.sha256: Input should be a valid string: YAML read 1234 as a number; quote the value",
+        ),
         (BASE + "    source: ftp://x/y\n", "map.yaml:6: images.a.source: String should match pattern"),
-        ("default_label: zz\nimages:\n  a: {backend: noop, local_path: /x}\n", "map.yaml:1: default_label: 'zz' is neither an image label nor an alias"),
+        (
+            "default_label: zz\nimages:\n  a: {backend: noop, local_path: /x}\n",
+            "map.yaml:1: default_label: 'zz' is neither an image label nor an alias",
+        ),
         ("images:\n  a: {backend: noop, local_path: /x}\n", "map.yaml:1: default_label: required key is missing"),
-        ("default_label: a\nimages:\n  a: {backend: libvirt, local_path: /no/such/img}\n",
-         "map.yaml:3: images.a.local_path: file /no/such/img does not exist and no source is given to fetch it"),
+        (
+            "default_label: a\nimages:\n  a: {backend: libvirt, local_path: /no/such/img}\n",
+            "map.yaml:3: images.a.local_path: file /no/such/img does not exist and no source is given to fetch it",
+        ),
         (BASE + "aliases:\n  b: c\n  c: b\n", "map.yaml:7: aliases.b: alias cycle: b -> c -> b"),
         (BASE + "aliases:\n  b: nowhere\n", "map.yaml:7: aliases.b: 'nowhere' is neither an image label nor an alias"),
         (BASE + "aliases:\n  a: a\n", "map.yaml:7: aliases.a: an alias must not have the name of an image label"),
@@ -158,7 +176,11 @@ def config_check_limited(path: Path, *, address_space: int = 1024**3) -> tuple[i
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "orchestrator", "config", "check", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, preexec_fn=limit, cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit,
+        cwd=Path(__file__).parent.parent,
     )
     return done.returncode, done.stderr, time.monotonic() - started
 

@@ -211,21 +211,43 @@ def with_old_image(tmp_path: Path) -> None:
         ("reset/a.raw", "", {"a.raw": RAW}, {}, "broke off"),
         ("truncate/a.raw", "", {"a.raw": RAW}, {}, "Not enough data to satisfy content length"),
         ("files/t.zst", "    decompress: zstd\n", {"t.zst": RAW_ZST[: len(RAW_ZST) // 2]}, {}, "truncated zstd data"),
-        ("files/c.zst", "    decompress: zstd\n", {"c.zst": b"\x28\xb5\x2f\xfd" + os.urandom(4096)}, {}, "corrupt zstd data"),
+        (
+            "files/c.zst",
+            "    decompress: zstd\n",
+            {"c.zst": b"\x28\xb5\x2f\xfd" + os.urandom(4096)},
+            {},
+            "corrupt zstd data",
+        ),
         ("files/a.raw", "    sha256: " + "ab" * 32 + "\n", {"a.raw": RAW}, {}, "sha256 mismatch"),
-        ("files/a.raw.zst", "    decompress: zstd\n", {"a.raw.zst": RAW_ZST}, {"max_image_bytes": 1024 * 1024}, "decompression bomb"),
+        (
+            "files/a.raw.zst",
+            "    decompress: zstd\n",
+            {"a.raw.zst": RAW_ZST},
+            {"max_image_bytes": 1024 * 1024},
+            "decompression bomb",
+        ),
         ("files/a.raw", "", {"a.raw": RAW}, {"min_free_bytes": 1 << 62}, "not enough free disk"),
-        ("files/a.raw", "    format: qcow2\n", {"a.raw": RAW}, {}, "format mismatch: the image map says qcow2, the file is raw"),
+        (
+            "files/a.raw",
+            "    format: qcow2\n",
+            {"a.raw": RAW},
+            {},
+            "format mismatch: the image map says qcow2, the file is raw",
+        ),
     ],
 )
-async def test_fault_gives_clear_error_and_keeps_the_old_image(server, tmp_path, path, entry_extra, files, kwargs, message):
+async def test_fault_gives_clear_error_and_keeps_the_old_image(
+    server, tmp_path, path, entry_extra, files, kwargs, message
+):
     server.files.update(files)
     with_old_image(tmp_path)
     preparer = preparer_for(tmp_path, f"    source: {server.url}/{path}\n{entry_extra}", **kwargs)
     with pytest.raises(ImagePrepError) as error:
         await preparer.prepare("img", refresh=True)
     # The old file has no record of where it came from, so it was stale to begin with.
-    assert str(error.value).startswith("image 'img' is stale (no record of where it came from) and could not be prepared: ")
+    assert str(error.value).startswith(
+        "image 'img' is stale (no record of where it came from) and could not be prepared: "
+    )
     assert message in str(error.value)
     assert target(tmp_path).read_bytes() == b"old image"
     assert str(preparer.state("img")) == "stale (no record of where it came from)"
@@ -332,12 +354,24 @@ async def test_concurrent_prepares_across_tasks_and_processes_download_once(serv
         f"default_label: img\nimages:\n  img:\n    backend: noop\n    local_path: {tmp_path}/images/img.raw\n{entry}"
     )
     # Three tasks here and the CLI in another process, all while the download is under way.
-    tasks = [asyncio.create_task(preparer.prepare("img")) for _ in range(2)] + [asyncio.create_task(preparer.ensure("img"))]
+    tasks = [asyncio.create_task(preparer.prepare("img")) for _ in range(2)] + [
+        asyncio.create_task(preparer.ensure("img"))
+    ]
     await asyncio.wait_for(server.mid_download.wait(), 10)
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "images", "prepare", "img", "--config", str(tmp_path / "map.yaml"),
-        "--image-dir", str(tmp_path / "images"), cwd=Path(__file__).resolve().parent.parent,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "images",
+        "prepare",
+        "img",
+        "--config",
+        str(tmp_path / "map.yaml"),
+        "--image-dir",
+        str(tmp_path / "images"),
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     waiting = await asyncio.wait_for(cli.stderr.readline(), 30)
     assert b"another process is preparing this image" in waiting
@@ -390,7 +424,9 @@ async def test_a_new_sha256_in_the_map_makes_the_image_stale_and_refresh_fetches
     )
     assert server.conditional == [False, False]
     assert target(tmp_path).read_bytes() == RAW and str(preparer.state("img")) == mismatch
-    with pytest.raises(ImagePrepError, match=r"is stale \(sha256 changed: .*\) and could not be prepared: sha256 mismatch"):
+    with pytest.raises(
+        ImagePrepError, match=r"is stale \(sha256 changed: .*\) and could not be prepared: sha256 mismatch"
+    ):
         await preparer.ensure("img")
     server.files["a.raw"] = NEW  # the new release is published
     assert await preparer.prepare("img", refresh=True) is Outcome.DOWNLOADED
@@ -506,7 +542,9 @@ def test_qcow2_format_is_detected(tmp_path):
     assert asyncio.run(detect_format(image)).value == "qcow2"
 
 
-async def test_job_whose_image_cannot_be_prepared_gets_error_and_other_labels_work(server, daemon_factory, broker, tmp_path):
+async def test_job_whose_image_cannot_be_prepared_gets_error_and_other_labels_work(
+    server, daemon_factory, broker, tmp_path
+):
     from orchestrator.core.imagemap import parse_image_map as parse
     from tests.conftest import NOOP_MAP
 
@@ -588,7 +626,9 @@ def test_list_line_shows_the_state_beside_path_size_format_hash_source_and_fetch
     preparer = ImagePreparer(image_map, image_dir=tmp_path / "images")
     asyncio.run(preparer.prepare("img"))
     line = describe_image("img", image, image_dir=tmp_path / "images")
-    assert line.startswith(f"img: ready {target(tmp_path)} 3 MiB format=raw sha256={sha} source=file://{source} fetched=20")
+    assert line.startswith(
+        f"img: ready {target(tmp_path)} 3 MiB format=raw sha256={sha} source=file://{source} fetched=20"
+    )
     repinned = map_for(tmp_path, f"    source: file://{source}\n    decompress: zstd\n    sha256: {'ab' * 32}\n")
     preparer.update_map(repinned)
     line = describe_image("img", repinned.images["img"], image_dir=tmp_path / "images", state=preparer.state("img"))

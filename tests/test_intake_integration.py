@@ -50,7 +50,10 @@ async def test_malformed_message_goes_to_dlq_with_reason_and_daemon_keeps_servin
     reasons = sorted(m.headers[REASON_HEADER] for m in dead)
     assert reasons[0].startswith("invalid job request:") and "request_id" in reasons[0] and "commit_sha" in reasons[0]
     assert reasons[1].startswith("not JSON")
-    assert {m.body for m in dead} == {b"{not json", b'{"request_id": "nope", "repo_url": "https://x/y", "commit_sha": "zz"}'}
+    assert {m.body for m in dead} == {
+        b"{not json",
+        b'{"request_id": "nope", "repo_url": "https://x/y", "commit_sha": "zz"}',
+    }
     request = await broker.submit(runs_on="alpha")
     result = await broker.next_result()
     assert result.request_id == request.request_id and result.status is JobStatus.SUCCEEDED
@@ -136,6 +139,7 @@ async def test_redelivered_request_is_not_run_twice(daemon_factory, broker):
     second = await broker.next_result()
     assert str(second.request_id) == marker.job_id
     assert not broker.conflicts and broker.redeliveries == 0
+
     async def both_confirmed() -> bool:  # the confirm may land just after the result
         return await daemon.journal.counts() == {"published": 2}
 

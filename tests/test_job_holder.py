@@ -76,8 +76,14 @@ def journaled_before_a_kill(state_db, label: str, *requests: JobRequest) -> None
     async def write() -> None:
         journal = Journal(state_db)
         for request in requests:
-            await journal.accept(request, label=label, nonce=uuid.uuid4().hex, vm_name=vm_name_for(request.job_id),
-                                 backend="noop", accepted_at=time.time())
+            await journal.accept(
+                request,
+                label=label,
+                nonce=uuid.uuid4().hex,
+                vm_name=vm_name_for(request.job_id),
+                backend="noop",
+                accepted_at=time.time(),
+            )
         await journal.close()
 
     return write()
@@ -92,8 +98,13 @@ async def test_a_restarted_host_leaves_a_job_to_the_host_that_ran_its_redelivery
     result = await broker.next_result()
     assert result.request_id == ran_elsewhere.request_id and result.host == "b" and result.attempt == 1
     nowhere = JobRequest.model_validate(
-        {"request_id": str(uuid.uuid4()), "repo_url": "https://example.invalid/repo.git", "commit_sha": SHA,
-         "runs_on": "alpha", "script": "make"}
+        {
+            "request_id": str(uuid.uuid4()),
+            "repo_url": "https://example.invalid/repo.git",
+            "commit_sha": SHA,
+            "runs_on": "alpha",
+            "script": "make",
+        }
     )
     settings = make_settings(prefix, tmp_path / "a", noop_map_path, host_name="a")
     settings.state.create()
@@ -108,10 +119,14 @@ async def test_a_restarted_host_leaves_a_job_to_the_host_that_ran_its_redelivery
             what="the job host b ran to be superseded on host a",
         )
     except AssertionError as exc:
-        raise AssertionError(f"{exc}: host a has it {await _state(restarted, ran_elsewhere.job_id)}, "
-                             f"hosts a knows: {[h.host for h in restarted.fleet.hosts()]}, results: {broker.conflicts}") from None
+        raise AssertionError(
+            f"{exc}: host a has it {await _state(restarted, ran_elsewhere.job_id)}, "
+            f"hosts a knows: {[h.host for h in restarted.fleet.hosts()]}, results: {broker.conflicts}"
+        ) from None
     await wait_for(lambda: _is(broker.ready_count("alpha"), 0), what="the alpha queue to be empty")
-    assert sum(other.runner.finished.values()) + sum(restarted.runner.finished.values()) == 2  # each job ran once more at most
+    assert (
+        sum(other.runner.finished.values()) + sum(restarted.runner.finished.values()) == 2
+    )  # each job ran once more at most
     assert handed_back.status is JobStatus.SUCCEEDED
     assert not broker.conflicts and broker.redeliveries == 0
 
@@ -142,7 +157,8 @@ async def test_a_host_whose_ack_was_lost_stops_its_copy_once_back_when_another_h
     await wait_for(lambda: second_vms.alive == 1, what="host b to run the redelivery", timeout_s=30)
     amqp_proxy.up()
     await wait_for(
-        lambda: _is(_state(first, job.job_id), JobState.SUPERSEDED), what="host a to leave the job to host b",
+        lambda: _is(_state(first, job.job_id), JobState.SUPERSEDED),
+        what="host a to leave the job to host b",
         timeout_s=30,
     )
     assert first_vms.alive == 0 and second_vms.alive == 1  # host a's copy stopped, host b's runs on

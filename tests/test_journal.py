@@ -27,7 +27,9 @@ async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
 
 
 async def accept(journal: Journal, req: JobRequest) -> bool:
-    return await journal.accept(req, label="alpha", nonce="n", vm_name=f"job-{req.job_id}", backend="noop", accepted_at=1.0)
+    return await journal.accept(
+        req, label="alpha", nonce="n", vm_name=f"job-{req.job_id}", backend="noop", accepted_at=1.0
+    )
 
 
 async def test_accept_records_a_job_once_and_a_redelivery_is_refused(journal: Journal):
@@ -89,7 +91,9 @@ async def test_a_database_locked_too_long_fails_that_write_and_the_journal_keeps
     from orchestrator.core.sqlitedb import GroupCommitDatabase
 
     path = tmp_path / "shared.db"
-    db = GroupCommitDatabase(path, schema="CREATE TABLE IF NOT EXISTS t (v INTEGER);", thread_name="t", busy_timeout_s=0.2)
+    db = GroupCommitDatabase(
+        path, schema="CREATE TABLE IF NOT EXISTS t (v INTEGER);", thread_name="t", busy_timeout_s=0.2
+    )
     other = sqlite3.connect(path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock

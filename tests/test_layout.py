@@ -19,7 +19,9 @@ LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
     # The tree's packages come first on the path, before the editable install's.
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def copy_of_the_tree(tmp_path: Path) -> Path:
@@ -37,12 +39,20 @@ def test_the_tree_keeps_every_contract():
     assert "0 broken" in run.stdout
 
 
-@pytest.mark.parametrize(("module", "upward", "contract"), [
-    ("orchestrator/core/messages.py", "import orchestrator.host.daemon", "Parts are layered"),
-    ("orchestrator/web/sessions.py", "import orchestrator.host.journal", "Parts are layered"),
-    ("orchestrator/host/outbox.py", "import orchestrator.forge.journal", "The bridge and the host daemon are independent"),
-    ("hypervisors/noop.py", "import orchestrator.core.messages", "hypervisors/ imports nothing from orchestrator/"),
-], ids=["core-imports-host", "web-imports-host", "host-imports-bridge", "backend-imports-orchestrator"])
+@pytest.mark.parametrize(
+    ("module", "upward", "contract"),
+    [
+        ("orchestrator/core/messages.py", "import orchestrator.host.daemon", "Parts are layered"),
+        ("orchestrator/web/sessions.py", "import orchestrator.host.journal", "Parts are layered"),
+        (
+            "orchestrator/host/outbox.py",
+            "import orchestrator.forge.journal",
+            "The bridge and the host daemon are independent",
+        ),
+        ("hypervisors/noop.py", "import orchestrator.core.messages", "hypervisors/ imports nothing from orchestrator/"),
+    ],
+    ids=["core-imports-host", "web-imports-host", "host-imports-bridge", "backend-imports-orchestrator"],
+)
 def test_an_upward_import_breaks_the_contract(tmp_path, module, upward, contract):
     tree = copy_of_the_tree(tmp_path)
     path = tree / module

@@ -16,14 +16,24 @@ from hypervisors.seed import read_seed_iso, volume_label, write_seed_iso
 
 def spec(**overrides) -> VmSpec:
     values = dict(
-        name="job-1234", job_id="1234", image_path=Path("/img/base.qcow2"), image_format=ImageFormat.QCOW2,
-        cpus=2, memory_mb=512, disk_gb=10, console_path=Path("/state/logs/1234.console"),
+        name="job-1234",
+        job_id="1234",
+        image_path=Path("/img/base.qcow2"),
+        image_format=ImageFormat.QCOW2,
+        cpus=2,
+        memory_mb=512,
+        disk_gb=10,
+        console_path=Path("/state/logs/1234.console"),
     )
     values.update(overrides)
     return VmSpec(**values)
 
 
-FILES = DomainFiles(overlay=Path("/state/overlays/job-1234.qcow2"), seed=Path("/state/seeds/job-1234.iso"), console=Path("/state/logs/1234.console"))
+FILES = DomainFiles(
+    overlay=Path("/state/overlays/job-1234.qcow2"),
+    seed=Path("/state/seeds/job-1234.iso"),
+    console=Path("/state/logs/1234.console"),
+)
 
 
 def build(vm: VmSpec = None, files: DomainFiles = FILES, **kwargs) -> ET.Element:
@@ -44,8 +54,15 @@ def test_domain_has_resources_virtio_disk_ide_seed_network_and_serial_file():
     assert root.find("memory").get("unit") == "MiB" and root.findtext("memory") == "512"
     disk, cdrom = root.findall("devices/disk")
     assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}
-    assert disk.find("driver").get("type") == "qcow2" and disk.find("source").get("file") == "/state/overlays/job-1234.qcow2"
-    assert cdrom.get("device") == "cdrom" and cdrom.find("target").get("bus") == "ide" and cdrom.find("readonly") is not None
+    assert (
+        disk.find("driver").get("type") == "qcow2"
+        and disk.find("source").get("file") == "/state/overlays/job-1234.qcow2"
+    )
+    assert (
+        cdrom.get("device") == "cdrom"
+        and cdrom.find("target").get("bus") == "ide"
+        and cdrom.find("readonly") is not None
+    )
     assert cdrom.find("source").get("file") == "/state/seeds/job-1234.iso"
     interface = root.find("devices/interface")
     assert interface.get("type") == "network" and interface.find("source").get("network") == "default"
@@ -88,10 +105,15 @@ def test_hostile_text_is_escaped_not_interpreted(hostile):
 
 def test_seed_iso_has_cidata_label_and_lowercase_files(tmp_path):
     path = tmp_path / "seed.iso"
-    write_seed_iso(SeedFiles(user_data=b"#!/bin/sh\necho hi\n", meta_data=b"instance-id: j1\n", network_config=b"version: 2\n"), path)
+    write_seed_iso(
+        SeedFiles(user_data=b"#!/bin/sh\necho hi\n", meta_data=b"instance-id: j1\n", network_config=b"version: 2\n"),
+        path,
+    )
     assert volume_label(path) == "cidata"
     assert read_seed_iso(path) == {
-        "user-data": b"#!/bin/sh\necho hi\n", "meta-data": b"instance-id: j1\n", "network-config": b"version: 2\n"
+        "user-data": b"#!/bin/sh\necho hi\n",
+        "meta-data": b"instance-id: j1\n",
+        "network-config": b"version: 2\n",
     }
     assert not (tmp_path / "seed.iso.partial").exists()
 

@@ -23,14 +23,25 @@ from orchestrator.host.daemon import Daemon
 from tests.conftest import LIBVIRT_URI, make_settings, wait_for
 
 pytestmark = pytest.mark.libvirt
+
+
 @pytest.fixture
 async def vm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topology) -> AsyncIterator[Daemon]:
     cleanup_topology.extend(["demo", "demo-silent"])
     map_path = test_image / "image-map.yaml"
     settings = make_settings(
-        prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, max_concurrency=2,
-        libvirt_domain_type="qemu", libvirt_network=test_network, orchestrator_id=f"test-{prefix}",
-        host_cpus=4, host_memory_mb=2048, console_max_bytes=4 * 1024 * 1024, image_dir=test_image,
+        prefix,
+        tmp_path / "state",
+        map_path,
+        backend=BackendName.LIBVIRT,
+        max_concurrency=2,
+        libvirt_domain_type="qemu",
+        libvirt_network=test_network,
+        orchestrator_id=f"test-{prefix}",
+        host_cpus=4,
+        host_memory_mb=2048,
+        console_max_bytes=4 * 1024 * 1024,
+        image_dir=test_image,
     )
     daemon = Daemon(settings, load_image_map(map_path))
     await daemon.start()
@@ -87,7 +98,10 @@ class ActiveDomains:
 
 async def test_a_guest_printing_without_end_keeps_a_bounded_console_and_its_result(vm_daemon, broker):
     await broker.open()
-    job = await broker.submit(runs_on="demo", script="echo first line; yes 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy' | head -c 7000000; echo; echo last line")  # 1.7x the cap: cut once, ~20 s of emulated serial port
+    job = await broker.submit(
+        runs_on="demo",
+        script="echo first line; yes 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy' | head -c 7000000; echo; echo last line",
+    )  # 1.7x the cap: cut once, ~20 s of emulated serial port
     result = await broker.next_result(timeout_s=300)
     assert result.status is JobStatus.SUCCEEDED and result.exit_code == 0, (result.summary, result.console_tail)
     console = vm_daemon.console_path(job.job_id)
@@ -102,8 +116,12 @@ async def test_jobs_exiting_0_and_3_run_at_once_in_real_vms(vm_daemon, broker):
     await broker.open()
     ok_id, bad_id = str(uuid.uuid4()), str(uuid.uuid4())
     async with ActiveDomains({f"job-{ok_id}", f"job-{bad_id}"}) as domains:
-        ok = await broker.submit(request_id=ok_id, runs_on="demo", script="echo hello from $GREETING; uname -s",
-                                 env={"GREETING": "the VM's shell"})
+        ok = await broker.submit(
+            request_id=ok_id,
+            runs_on="demo",
+            script="echo hello from $GREETING; uname -s",
+            env={"GREETING": "the VM's shell"},
+        )
         bad = await broker.submit(request_id=bad_id, runs_on="demo", script="echo about to fail; exit 3")
         results = await broker.collect(2, timeout_s=240)
     assert domains.samples > 10 and domains.peak == 2  # seen by libvirt: both VMs ran at once
@@ -148,8 +166,12 @@ async def test_network_is_made_active_and_autostarted(tmp_path, test_network):
 
 
 async def test_missing_network_is_a_clear_error(tmp_path):
-    with pytest.raises(BackendError, match=r"libvirt network 'no-such-net' does not exist \(define it .* LIBVIRT_NETWORK=none"):
-        await LibvirtHypervisor.connect(uri=LIBVIRT_URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t")
+    with pytest.raises(
+        BackendError, match=r"libvirt network 'no-such-net' does not exist \(define it .* LIBVIRT_NETWORK=none"
+    ):
+        await LibvirtHypervisor.connect(
+            uri=LIBVIRT_URI, network="no-such-net", domain_type="qemu", state_dir=tmp_path, orchestrator_id="t"
+        )
 
 
 LIBVIRTD_PID_FILE = Path("/run/libvirtd.pid")
@@ -177,7 +199,9 @@ async def _restart_libvirtd() -> None:
     and none is started while that one still runs (it would delete the live socket)."""
     pid = int(LIBVIRTD_PID_FILE.read_text())
     os.kill(pid, signal.SIGTERM)
-    await wait_for(lambda: not _running(pid), timeout_s=30, interval_s=0.1, what=f"libvirtd (pid {pid}) to exit on SIGTERM")
+    await wait_for(
+        lambda: not _running(pid), timeout_s=30, interval_s=0.1, what=f"libvirtd (pid {pid}) to exit on SIGTERM"
+    )
     started = await asyncio.create_subprocess_exec("libvirtd", "-d")
     assert await started.wait() == 0
     await wait_for(_virsh_answers, timeout_s=30, interval_s=0.1, what="the new libvirtd to answer `virsh version`")
@@ -187,8 +211,12 @@ async def test_libvirtd_restart_mid_job_is_survived(vm_daemon, broker):
     await broker.open()
     job = await broker.submit(runs_on="demo", script="echo before; sleep 12; echo after")
     console = vm_daemon.console_path(job.job_id)
-    await wait_for(lambda: console.exists() and "before" in console.read_text(errors="replace"), timeout_s=60,
-                   interval_s=0.1, what="the guest to print 'before'")
+    await wait_for(
+        lambda: console.exists() and "before" in console.read_text(errors="replace"),
+        timeout_s=60,
+        interval_s=0.1,
+        what="the guest to print 'before'",
+    )
     await _restart_libvirtd()
     result = await broker.next_result(timeout_s=180)
     assert result.request_id == job.request_id

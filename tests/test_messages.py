@@ -94,7 +94,9 @@ def test_junk_bytes_are_refused_with_a_reason_never_an_exception(body):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(VALID) + ["env", "script", "timeout_s", "deadline", "attempt"]), json_values))
+@given(
+    st.dictionaries(st.sampled_from(sorted(VALID) + ["env", "script", "timeout_s", "deadline", "attempt"]), json_values)
+)
 def test_junk_fields_are_refused_with_a_reason_or_parse_strictly(fields):
     body = json.dumps({**VALID, **fields}).encode()
     try:
@@ -123,7 +125,10 @@ def test_env_values_are_counted_in_bytes_by_the_same_rule_naming_the_variable():
         JobRequest.model_validate({**VALID, "env": {"OK": "v", "BIG": "\u20ac" * (MAX_ENV_VALUE_BYTES // 3 + 1)}})
     (problem,) = error.value.errors()
     assert problem["loc"] == ("env", "BIG")
-    assert problem["msg"] == f"is {3 * (MAX_ENV_VALUE_BYTES // 3 + 1)} bytes as UTF-8, over the limit of {MAX_ENV_VALUE_BYTES} bytes"
+    assert (
+        problem["msg"]
+        == f"is {3 * (MAX_ENV_VALUE_BYTES // 3 + 1)} bytes as UTF-8, over the limit of {MAX_ENV_VALUE_BYTES} bytes"
+    )
     assert JobRequest.model_validate({**VALID, "env": {"FULL": "v" * MAX_ENV_VALUE_BYTES}}).env["FULL"]
 
 
@@ -159,10 +164,16 @@ def _json(**fields: object) -> bytes:
         (_json(submitted_at="0001-01-01T00:00:00+01:00"), "invalid job request: submitted_at: out of range: "),
         (b"[" * 100_000, "JSON nested too deeply"),
         (b'{"a": {"b": [' + b"1" * 5000 + b"]}}", "number too long: a.b.0 has 5000 digits, at most 4300 are read"),
-        (_json(timeout_s=0).replace(b'"timeout_s": 0', b'"timeout_s": -' + b"9" * 4301), "number too long: timeout_s has 4301 digits"),
+        (
+            _json(timeout_s=0).replace(b'"timeout_s": 0', b'"timeout_s": -' + b"9" * 4301),
+            "number too long: timeout_s has 4301 digits",
+        ),
         (b"[1, 2]", "not a JSON object but a JSON array"),
         (b'{"request_id": "\xff"}', "not UTF-8 text: byte 0xff at offset 16 is invalid (invalid start byte)"),
-        (_json(env={"A" * 10_000: "x"}), "invalid job request: env." + "A" * 64 + "....[key]: String should match pattern"),
+        (
+            _json(env={"A" * 10_000: "x"}),
+            "invalid job request: env." + "A" * 64 + "....[key]: String should match pattern",
+        ),
     ],
     ids=["deadline", "submitted_at", "nesting", "long-number", "long-number-field", "array", "utf8", "long-key"],
 )
@@ -186,7 +197,9 @@ def test_default_size_limit_admits_the_largest_valid_request_written_with_escape
 
 def test_a_copy_differs_only_in_what_it_asks_the_host_to_run():
     first = JobRequest.model_validate({**VALID, "script": "make", "env": {"A": "1"}})
-    retry = JobRequest.model_validate({**VALID, "script": "make", "env": {"A": "1"}, "attempt": 2, "submitted_at": "2027-01-01T00:00:00Z"})
+    retry = JobRequest.model_validate(
+        {**VALID, "script": "make", "env": {"A": "1"}, "attempt": 2, "submitted_at": "2027-01-01T00:00:00Z"}
+    )
     assert first.fields_differing_from(retry) == []
     other = JobRequest.model_validate({**VALID, "script": "make test", "env": {"A": "2"}})
     assert first.fields_differing_from(other) == ["script", "env"]

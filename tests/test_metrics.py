@@ -75,7 +75,10 @@ async def test_a_cold_job_is_timed_from_queue_to_finish_by_label(daemon_factory,
 
     first = dict(label="alpha", start="cold")
     assert value(after, "orchestrator_job_to_first_command_seconds_count", **first) == 1
-    assert abs(value(after, "orchestrator_job_to_first_command_seconds_sum", **first) - timings["to_first_command_s"]) < 0.01
+    assert (
+        abs(value(after, "orchestrator_job_to_first_command_seconds_sum", **first) - timings["to_first_command_s"])
+        < 0.01
+    )
     assert value(after, "orchestrator_job_to_first_command_seconds_count", label="alpha", start="warm") == 0
 
     boot = dict(label="alpha", kind="job")
@@ -104,7 +107,9 @@ async def test_a_failed_job_is_timed_under_its_status(daemon_factory, broker):
 async def test_a_warm_job_and_its_pool_vm_are_timed_apart_from_cold_ones(daemon_factory, broker, tmp_path):
     port = free_port()
     path = warm_map_path(tmp_path)
-    daemon = await daemon_factory(load_image_map(path), backend=CountingNoop(), config=path, http_listen=f"127.0.0.1:{port}")
+    daemon = await daemon_factory(
+        load_image_map(path), backend=CountingNoop(), config=path, http_listen=f"127.0.0.1:{port}"
+    )
     await wait_for(lambda: daemon.pools.status()["alpha"]["ready"] == 1, what="the pool VM to be ready")
     ready = await scraped(port)
     assert value(ready, "orchestrator_vm_boot_seconds_count", label="alpha", kind="pool") == 1
@@ -116,8 +121,15 @@ async def test_a_warm_job_and_its_pool_vm_are_timed_apart_from_cold_ones(daemon_
     after = await scraped(port)
     warm = dict(label="alpha", start="warm")
     assert value(after, "orchestrator_job_to_first_command_seconds_count", **warm) == 1
-    assert abs(value(after, "orchestrator_job_to_first_command_seconds_sum", **warm) - result.timings["to_first_command_s"]) < 0.01
-    assert value(after, "orchestrator_vm_boot_seconds_count", label="alpha", kind="job") == 0  # it booted no VM of its own
+    assert (
+        abs(
+            value(after, "orchestrator_job_to_first_command_seconds_sum", **warm) - result.timings["to_first_command_s"]
+        )
+        < 0.01
+    )
+    assert (
+        value(after, "orchestrator_vm_boot_seconds_count", label="alpha", kind="job") == 0
+    )  # it booted no VM of its own
 
 
 def image_map_with_sources(source: Path, image_dir: Path) -> str:
@@ -126,7 +138,7 @@ def image_map_with_sources(source: Path, image_dir: Path) -> str:
         "default_label: alpha\nimages:\n"
         "  alpha:\n    backend: noop\n    local_path: /nonexistent/alpha.img\n"
         f"  beta:\n    backend: noop\n    source: file://{source}\n    local_path: {image_dir}/beta.img\n"
-        f"    sha256: \"{sha}\"\n"
+        f'    sha256: "{sha}"\n'
         f"  gamma:\n    backend: noop\n    source: file://{source}.missing\n    local_path: {image_dir}/gamma.img\n"
     )
 
@@ -151,9 +163,14 @@ async def test_image_preparations_are_timed_and_measured_by_label_and_outcome(
     assert value(after, "orchestrator_image_prepare_seconds_count", label="gamma", outcome="failed") >= 1
     # Series exist from zero before anything happens to them, so a first failure is an
     # increase an alert sees; an image without a source has none.
-    assert ("orchestrator_image_prepare_seconds_count", frozenset({"label": "beta", "outcome": "failed"}.items())) in after
+    assert (
+        "orchestrator_image_prepare_seconds_count",
+        frozenset({"label": "beta", "outcome": "failed"}.items()),
+    ) in after
     assert value(after, "orchestrator_image_prepare_seconds_count", label="beta", outcome="failed") == 0
-    assert not [key for key in after if dict(key[1]).get("label") == "alpha" and key[0].startswith("orchestrator_image_")]
+    assert not [
+        key for key in after if dict(key[1]).get("label") == "alpha" and key[0].startswith("orchestrator_image_")
+    ]
 
 
 async def test_the_outbox_backlog_counts_unconfirmed_results_and_returns_to_zero(daemon_factory, broker, amqp_proxy):
@@ -196,7 +213,9 @@ async def test_a_blocked_event_loop_shows_as_lag(daemon_factory):
     await wait_for(lambda: _moved(port, before), what="the lag to be measured")
     after = await scraped(port)
     assert late(after) - late(before) >= 1
-    lag = value(after, "orchestrator_event_loop_lag_seconds_sum") - value(before, "orchestrator_event_loop_lag_seconds_sum")
+    lag = value(after, "orchestrator_event_loop_lag_seconds_sum") - value(
+        before, "orchestrator_event_loop_lag_seconds_sum"
+    )
     assert lag >= 0.3
 
 

@@ -79,9 +79,17 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     queries = dashboard_queries()
     assert len(queries) >= 20
     # promtool parses expressions only in rule files: each query as a recording rule.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{number}", "expr": filled_in(query)} for number, query in enumerate(queries)
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{number}", "expr": filled_in(query)}
+                    for number, query in enumerate(queries)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump(rules))
     promtool("check", "rules", path)
@@ -115,7 +123,9 @@ def exported_names(text: str) -> tuple[set[str], set[str], set[str]]:
     return samples, declared, families
 
 
-async def test_dashboard_and_alerts_query_what_a_live_daemon_exports(daemon_factory, broker, cleanup_topology, tmp_path):
+async def test_dashboard_and_alerts_query_what_a_live_daemon_exports(
+    daemon_factory, broker, cleanup_topology, tmp_path
+):
     # alpha keeps a warm pool VM; beta is downloaded from a file:// source, so every kind
     # of series has been recorded once both have run a job.
     source, image_dir = tmp_path / "release.img", tmp_path / "images"
@@ -124,15 +134,23 @@ async def test_dashboard_and_alerts_query_what_a_live_daemon_exports(daemon_fact
         "default_label": "alpha",
         "images": {
             "alpha": {"backend": "noop", "local_path": "/nonexistent/alpha.img", "warm": {"ready": 1}},
-            "beta": {"backend": "noop", "source": f"file://{source}", "local_path": str(image_dir / "beta.img"),
-                     "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+            "beta": {
+                "backend": "noop",
+                "source": f"file://{source}",
+                "local_path": str(image_dir / "beta.img"),
+                "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+            },
         },
     }
     path = tmp_path / "map.yaml"
     path.write_text(yaml.safe_dump(document))
     port = free_port()
     daemon = await daemon_factory(
-        load_image_map(path), backend=CountingNoop(), config=path, image_dir=image_dir, http_listen=f"127.0.0.1:{port}",
+        load_image_map(path),
+        backend=CountingNoop(),
+        config=path,
+        image_dir=image_dir,
+        http_listen=f"127.0.0.1:{port}",
         max_concurrency=4,  # room for both jobs beside the pool VM: the pool never has to give it up
     )
     await wait_for(lambda: daemon.images.state("beta").state is PrepState.READY, what="beta's image")
@@ -142,7 +160,9 @@ async def test_dashboard_and_alerts_query_what_a_live_daemon_exports(daemon_fact
     await broker.submit(runs_on="beta")
     await broker.collect(2)
     await wait_for(lambda: daemon.pools.status()["alpha"]["ready"] == 1, what="alpha's pool to refill")
-    await wait_for(lambda: daemon._dlq_messages is not None and daemon._state_dir_bytes is not None, what="housekeeping")
+    await wait_for(
+        lambda: daemon._dlq_messages is not None and daemon._state_dir_bytes is not None, what="housekeeping"
+    )
     text = await scrape(port)
     samples, declared, families = exported_names(text)
 
@@ -153,10 +173,14 @@ async def test_dashboard_and_alerts_query_what_a_live_daemon_exports(daemon_fact
     for where, names in queried.items():
         assert names, where
         assert not sorted(names - declared), f"{where} queries metrics the daemon does not export"
-        assert not sorted(names - samples - NOT_RECORDED_IN_THE_TEST), f"{where} queries series the live daemon did not record"
+        assert not sorted(names - samples - NOT_RECORDED_IN_THE_TEST), (
+            f"{where} queries series the live daemon did not record"
+        )
 
     readme = (ROOT / "docs" / "operating.md").read_text()
     listed = set(METRIC_NAME.findall(readme))
     # (prometheus_client shows a histogram's start time as a gauge family of its own)
     ours = {name for name in families if name.startswith("orchestrator_") and not name.endswith("_created")}
-    assert not sorted(name for name in ours if not {name, name + "_total"} & listed), "exported but not in docs/operating.md"
+    assert not sorted(name for name in ours if not {name, name + "_total"} & listed), (
+        "exported but not in docs/operating.md"
+    )

@@ -43,14 +43,17 @@ def served_operations() -> set[tuple[str, str]]:
     """What the daemon's app routes, as (method, path template); HEAD comes with every GET."""
     app = build_app(object(), token=None, load=HttpLoad(HttpLimits()))  # type: ignore[arg-type]  # routes only
     return {
-        (route.method, route.resource.canonical) for route in app.router.routes()
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
         if route.method != "HEAD" and route.resource is not None
     }
 
 
 def test_document_is_valid_openapi_3_1():
     assert DOCUMENT["openapi"].startswith("3.1.")
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in OpenAPIV31SpecValidator(DOCUMENT).iter_errors()]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in OpenAPIV31SpecValidator(DOCUMENT).iter_errors()
+    ]
     assert errors == []
 
 
@@ -121,19 +124,30 @@ def fuzz(base_url: str, *, job_id: str) -> list[str]:
     )
 
     checks = [
-        not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-        response_schema_conformance, negative_data_rejection,
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+        negative_data_rejection,
     ]
     # An explicit config: no schemathesis.toml a developer keeps around changes the run.
-    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", config=schemathesis.Config(), headers=AUTH, timeout=10)
+    schema = schemathesis.openapi.from_url(
+        f"{base_url}/openapi.json", config=schemathesis.Config(), headers=AUTH, timeout=10
+    )
     served = served_operations()
     failures: list[str] = []
     started = time.monotonic()
 
     def run(operation: Any, mode: Any, *, headers: dict[str, str], examples: int, **fixed: Any) -> None:
         @hypothesis.settings(
-            max_examples=examples, deadline=None, database=None, derandomize=True, report_multiple_bugs=False,
-            suppress_health_check=list(hypothesis.HealthCheck), phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            report_multiple_bugs=False,
+            suppress_health_check=list(hypothesis.HealthCheck),
+            phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
         )
         @hypothesis.given(case=operation.as_strategy(generation_mode=mode, **fixed))
         def one(case: Any) -> None:
@@ -169,10 +183,15 @@ def live_map(tmp_path: Path, image_dir: Path) -> Path:
     document = yaml.safe_load(NOOP_MAP)
     document["images"]["alpha"]["warm"] = {"ready": 1}
     document["images"]["gamma"] = {
-        "backend": "noop", "source": f"file://{tmp_path}/gamma.raw", "format": "raw", "local_path": f"{image_dir}/gamma.img",
+        "backend": "noop",
+        "source": f"file://{tmp_path}/gamma.raw",
+        "format": "raw",
+        "local_path": f"{image_dir}/gamma.img",
     }
     document["images"]["delta"] = {
-        "backend": "noop", "source": f"file://{tmp_path}/missing.raw", "local_path": f"{image_dir}/delta.img",
+        "backend": "noop",
+        "source": f"file://{tmp_path}/missing.raw",
+        "local_path": f"{image_dir}/delta.img",
     }
     path = tmp_path / "live-map.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -185,7 +204,11 @@ async def test_the_daemon_keeps_to_its_document(daemon_factory, broker, cleanup_
     config = live_map(tmp_path, image_dir)
     port = free_port()
     daemon = await daemon_factory(
-        load_image_map(config), config=config, image_dir=image_dir, http_listen=f"127.0.0.1:{port}", http_token=TOKEN,
+        load_image_map(config),
+        config=config,
+        image_dir=image_dir,
+        http_listen=f"127.0.0.1:{port}",
+        http_token=TOKEN,
     )
 
     def status_shows_everything() -> bool:
@@ -193,7 +216,8 @@ async def test_the_daemon_keeps_to_its_document(daemon_factory, broker, cleanup_
         images, warm = status["images"], status["warm"]
         assert isinstance(images, dict) and isinstance(warm, dict)
         return (
-            images.get("gamma", {}).get("state") == "ready" and images.get("delta", {}).get("state", "").startswith("failed")
+            images.get("gamma", {}).get("state") == "ready"
+            and images.get("delta", {}).get("state", "").startswith("failed")
             and warm.get("alpha", {}).get("ready") == 1
         )
 
@@ -205,4 +229,3 @@ async def test_the_daemon_keeps_to_its_document(daemon_factory, broker, cleanup_
     # Schemathesis calls with a blocking client: in a thread, so this loop serves it.
     failures = await asyncio.to_thread(fuzz, f"http://127.0.0.1:{port}", job_id=job.job_id)
     assert not failures, "\n\n".join(failures)
-

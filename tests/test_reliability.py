@@ -25,12 +25,22 @@ from tests.fakes.counting_noop import CountingNoop
 
 def daemon_env(prefix: str, state: Path, config: Path, **extra: str) -> dict[str, str]:
     return {
-        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(config), "STATE_DIR": str(state),
-        "HOST_NAME": "h", "HOST_CPUS": "8", "HOST_MEMORY_MB": "8192", "DRAIN_TIMEOUT_S": "5", "HTTP_LISTEN": "off", **extra,
+        "AMQP_URL": AMQP_URL,
+        "AMQP_PREFIX": prefix,
+        "ORCH_CONFIG": str(config),
+        "STATE_DIR": str(state),
+        "HOST_NAME": "h",
+        "HOST_CPUS": "8",
+        "HOST_MEMORY_MB": "8192",
+        "DRAIN_TIMEOUT_S": "5",
+        "HTTP_LISTEN": "off",
+        **extra,
     }
 
 
-async def test_sigkill_with_jobs_running_and_queued_runs_each_exactly_once(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_sigkill_with_jobs_running_and_queued_runs_each_exactly_once(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", MAX_CONCURRENCY="2")
     first = await DaemonProcess(env).start()
     await broker.open()
@@ -61,8 +71,14 @@ def _domains() -> list[str]:
 def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):
     cleanup_topology.extend(["demo", "demo-silent"])
     return daemon_env(
-        prefix, tmp_path / "state", test_image / "image-map.yaml", ORCH_BACKEND="libvirt",
-        LIBVIRT_DOMAIN_TYPE="qemu", LIBVIRT_NETWORK=test_network, ORCH_ID=f"test-{prefix}", MAX_CONCURRENCY="2",
+        prefix,
+        tmp_path / "state",
+        test_image / "image-map.yaml",
+        ORCH_BACKEND="libvirt",
+        LIBVIRT_DOMAIN_TYPE="qemu",
+        LIBVIRT_NETWORK=test_network,
+        ORCH_ID=f"test-{prefix}",
+        MAX_CONCURRENCY="2",
         IMAGE_DIR=str(test_image),
     )
 
@@ -70,8 +86,12 @@ def vm_env(prefix, tmp_path, test_image, test_network, cleanup_topology):
 async def _wait_for_guest_output(tmp_path: Path, job_id: str, text: str) -> Path:
     """The job's console file once the guest has printed `text` (polled, 90 s deadline)."""
     console = tmp_path / "state" / "logs" / f"{job_id}.console"
-    await wait_for(lambda: console.exists() and text in console.read_text(errors="replace"), timeout_s=90,
-                   interval_s=0.1, what=f"the guest of job {job_id} to print {text!r}")
+    await wait_for(
+        lambda: console.exists() and text in console.read_text(errors="replace"),
+        timeout_s=90,
+        interval_s=0.1,
+        what=f"the guest of job {job_id} to print {text!r}",
+    )
     return console
 
 
@@ -108,7 +128,9 @@ async def test_sigkill_mid_job_then_restart_adopts_and_finishes_the_vm(vm_env, b
 @pytest.mark.libvirt
 async def test_host_reboot_while_daemon_is_down_reruns_the_job(vm_env, broker, tmp_path):
     _, job_id, _ = await _kill_mid_job(vm_env, broker, tmp_path)
-    subprocess.run(["virsh", "-c", LIBVIRT_URI, "destroy", f"job-{job_id}"], check=True, capture_output=True)  # "reboot"
+    subprocess.run(
+        ["virsh", "-c", LIBVIRT_URI, "destroy", f"job-{job_id}"], check=True, capture_output=True
+    )  # "reboot"
     second = await DaemonProcess(vm_env).start()
     result = await broker.next_result(timeout_s=180)
     assert str(result.request_id) == job_id
@@ -139,7 +161,9 @@ async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefi
     )
     conn = libvirt.open(LIBVIRT_URI)
     foreign = conn.defineXML(_domain_xml(f"foreign-{prefix}"))
-    other = conn.defineXML(_domain_xml(f"job-{uuid.uuid4()}", tag.format(ns=METADATA_NS, who="another-orchestrator", job="x")))
+    other = conn.defineXML(
+        _domain_xml(f"job-{uuid.uuid4()}", tag.format(ns=METADATA_NS, who="another-orchestrator", job="x"))
+    )
     orphan = conn.defineXML(_domain_xml(f"job-{orphan_job}", tag.format(ns=METADATA_NS, who=ours_id, job=orphan_job)))
     overlays = tmp_path / "state" / "overlays"
     overlays.mkdir(parents=True)
@@ -162,7 +186,9 @@ async def test_reconciliation_destroys_only_what_is_ours(vm_env, tmp_path, prefi
         conn.close()
 
 
-async def test_a_lost_ack_still_runs_the_journaled_job_once_and_its_redelivery_is_dropped(daemon_factory, broker, amqp_proxy):
+async def test_a_lost_ack_still_runs_the_journaled_job_once_and_its_redelivery_is_dropped(
+    daemon_factory, broker, amqp_proxy
+):
     # The connection is cut as the daemon acks: after its journal commit, before the broker has the ack.
     ack_lost = amqp_proxy.cut_at(BASIC_ACK)
     backend = CountingNoop()
@@ -181,7 +207,9 @@ async def test_a_lost_ack_still_runs_the_journaled_job_once_and_its_redelivery_i
     assert broker.results.empty() and not broker.conflicts and broker.redeliveries == 0
 
 
-async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_start(daemon_factory, broker, amqp_proxy):
+async def test_job_interrupted_while_the_broker_is_away_is_handed_back_at_next_start(
+    daemon_factory, broker, amqp_proxy
+):
     backend = NoopHypervisor()
     first = await daemon_factory(host_name="same", drain_timeout_s=0.2, amqp_url=amqp_proxy.url, backend=backend)
     await broker.open()
@@ -207,8 +235,12 @@ async def test_vm_that_finished_while_the_daemon_was_down_is_collected(vm_env, b
     await _wait_for_guest_output(tmp_path, job.job_id, "before")
     await first.kill()
     domstate = ["virsh", "-c", LIBVIRT_URI, "domstate", f"job-{job.job_id}"]
-    await wait_for(lambda: "shut off" in subprocess.run(domstate, capture_output=True, text=True).stdout,
-                   timeout_s=60, interval_s=0.2, what="the guest to finish and power off on its own")
+    await wait_for(
+        lambda: "shut off" in subprocess.run(domstate, capture_output=True, text=True).stdout,
+        timeout_s=60,
+        interval_s=0.2,
+        what="the guest to finish and power off on its own",
+    )
     second = await DaemonProcess(vm_env).start()
     result = await broker.next_result(timeout_s=60)
     assert str(result.request_id) == job.job_id
@@ -227,7 +259,9 @@ class SlowTeardownNoop(NoopHypervisor):
         await super().destroy(spec)
 
 
-async def test_a_job_handed_back_to_its_own_host_runs_as_its_next_attempt(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_a_job_handed_back_to_its_own_host_runs_as_its_next_attempt(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     """At restart a job whose VM is gone is handed back (published as attempt 2) before
     this host lets go of attempt 1: the new attempt must wait for that, not bounce
     between the queue and this host until the delivery limit dead-letters it."""

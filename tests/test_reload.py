@@ -27,7 +27,9 @@ async def consumers_on(amqp: aio_pika.abc.AbstractRobustConnection, queue_name: 
         await channel.close()
 
 
-async def test_reload_adds_and_removes_labels_and_keeps_running_jobs(daemon_factory, broker, noop_map_path, amqp, cleanup_topology):
+async def test_reload_adds_and_removes_labels_and_keeps_running_jobs(
+    daemon_factory, broker, noop_map_path, amqp, cleanup_topology
+):
     cleanup_topology.append("gamma")
     daemon = await daemon_factory()
     await broker.open()
@@ -61,7 +63,9 @@ async def test_sighup_reloads_a_running_daemon(prefix, tmp_path, noop_map_path, 
     daemon = await DaemonProcess(daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop")).start()
     noop_map_path.write_text(NOOP_MAP + GAMMA)
     daemon.process.send_signal(signal.SIGHUP)
-    await wait_for(lambda: any('"config.reloaded"' in line for line in daemon.lines), what="the daemon to log config.reloaded")
+    await wait_for(
+        lambda: any('"config.reloaded"' in line for line in daemon.lines), what="the daemon to log config.reloaded"
+    )
     await broker.open()
     job = await broker.submit(runs_on="gamma")
     result = await broker.next_result()
@@ -74,11 +78,13 @@ def file_image_map(source: Path, image_dir: Path, sha256: str) -> str:
         "default_label: alpha\nimages:\n"
         "  alpha:\n    backend: noop\n    local_path: /nonexistent/alpha.img\n"
         f"  beta:\n    backend: noop\n    source: file://{source}\n    local_path: {image_dir}/beta.img\n"
-        f"    sha256: \"{sha256}\"\n"
+        f'    sha256: "{sha256}"\n'
     )
 
 
-async def test_a_changed_image_is_stale_after_reload_and_prepared_again(daemon_factory, broker, noop_map_path, tmp_path):
+async def test_a_changed_image_is_stale_after_reload_and_prepared_again(
+    daemon_factory, broker, noop_map_path, tmp_path
+):
     import hashlib
 
     from orchestrator.core.imagemap import load_image_map
@@ -103,5 +109,7 @@ async def test_a_changed_image_is_stale_after_reload_and_prepared_again(daemon_f
     job = await broker.submit(runs_on="beta")
     result = await broker.next_result()
     assert result.request_id == job.request_id and result.status is JobStatus.ERROR
-    assert result.summary.startswith(f"image 'beta' is stale (sha256 changed: the map pins {'0' * 64}, the installed image is {second_sha})")
+    assert result.summary.startswith(
+        f"image 'beta' is stale (sha256 changed: the map pins {'0' * 64}, the installed image is {second_sha})"
+    )
     assert daemon.status()["images"]["beta"]["state"] == "stale (sha256 changed)"

@@ -37,8 +37,13 @@ async def test_old_jobs_are_forgotten_but_running_and_unconfirmed_ones_are_kept(
     stranger.write_text("a log no journal row knows\n")
     os.utime(stranger, (time.time() - 20 * DAY_S,) * 2)
 
-    swept = await sweep(daemon.journal, daemon.settings.state, retention_days=14,
-                        running=set(daemon.runner.running), now=time.time() + 15 * DAY_S)
+    swept = await sweep(
+        daemon.journal,
+        daemon.settings.state,
+        retention_days=14,
+        running=set(daemon.runner.running),
+        now=time.time() + 15 * DAY_S,
+    )
     assert swept.jobs == 3 and swept.logs >= 4
     for job in done:
         assert await daemon.journal.get(job.job_id) is None
@@ -60,6 +65,7 @@ async def test_old_logs_are_swept_at_start_and_metrics_show_sizes(daemon_factory
     await daemon_factory(http_listen=f"127.0.0.1:{port}")
     await wait_for(lambda: not old.exists(), what="the start-up sweep to delete a 30-day-old log")
     async with aiohttp.ClientSession() as http:
+
         async def metrics() -> str:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
                 return await response.text()
@@ -85,7 +91,9 @@ async def test_the_dead_letter_queue_keeps_only_the_newest(daemon_factory, broke
     assert [m.body for m in letters] == [b"dead letter 2", b"dead letter 3", b"dead letter 4"]
 
 
-async def test_an_unbounded_dlq_from_before_is_used_and_the_log_says_how_to_bound_it(daemon_factory, broker, amqp, caplog):
+async def test_an_unbounded_dlq_from_before_is_used_and_the_log_says_how_to_bound_it(
+    daemon_factory, broker, amqp, caplog
+):
     channel = await amqp.channel()
     await channel.declare_queue(broker.topology.dlq, durable=True, arguments={"x-queue-type": "quorum"})
     await channel.close()

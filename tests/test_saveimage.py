@@ -18,11 +18,17 @@ STREAM = bytes(range(256)) * 4096  # stands in for QEMU's migration stream (1 Mi
 COOKIE = b"<cookie>\n  <cpu mode='custom'/>\n</cookie>\n"
 
 
-def save_image(path: Path, xml: str, *, data_len: int = 65536, version: int = 2, compressed: int = 0, unused: int = 7) -> Path:
+def save_image(
+    path: Path, xml: str, *, data_len: int = 65536, version: int = 2, compressed: int = 0, unused: int = 7
+) -> Path:
     xml_bytes = xml.encode() + b"\0"
     data = xml_bytes + COOKIE + b"\0"
     data += b"\0" * (data_len - len(data))
-    fixed = MAGIC + struct.pack("<5I", version, data_len, 1, compressed, len(xml_bytes)) + struct.pack("<14I", *([unused] * 14))
+    fixed = (
+        MAGIC
+        + struct.pack("<5I", version, data_len, 1, compressed, len(xml_bytes))
+        + struct.pack("<14I", *([unused] * 14))
+    )
     path.write_bytes(fixed + data + STREAM)
     return path
 
@@ -65,18 +71,30 @@ def test_an_xml_that_does_not_fit_the_header_is_refused(tmp_path):
 
 def pool_spec(name: str, state: Path) -> VmSpec:
     return VmSpec(
-        name=name, job_id="", image_path=Path("/img/base.qcow2"), image_format=ImageFormat.QCOW2, cpus=1,
-        memory_mb=256, disk_gb=None, console_path=state / "logs" / f"{name}.console",
-        seed=SeedFiles(b"#!/bin/sh\n", b""), direct_boot=DirectBoot(Path("/img/vmlinuz")), job_channel=state / "channels" / "x.sock",
+        name=name,
+        job_id="",
+        image_path=Path("/img/base.qcow2"),
+        image_format=ImageFormat.QCOW2,
+        cpus=1,
+        memory_mb=256,
+        disk_gb=None,
+        console_path=state / "logs" / f"{name}.console",
+        seed=SeedFiles(b"#!/bin/sh\n", b""),
+        direct_boot=DirectBoot(Path("/img/vmlinuz")),
+        job_channel=state / "channels" / "x.sock",
     )
 
 
 def test_a_restored_domain_has_its_own_identity_and_files(tmp_path):
     template_files = DomainFiles(
-        overlay=tmp_path / "overlays/pool-t.qcow2", seed=tmp_path / "seeds/pool-t.iso",
-        console=tmp_path / "logs/pool-t.console", channel=tmp_path / "channels/t.sock",
+        overlay=tmp_path / "overlays/pool-t.qcow2",
+        seed=tmp_path / "seeds/pool-t.iso",
+        console=tmp_path / "logs/pool-t.console",
+        channel=tmp_path / "channels/t.sock",
     )
-    saved = build_domain_xml(pool_spec("pool-t", tmp_path), template_files, domain_type="qemu", orchestrator_id="o", network="net")
+    saved = build_domain_xml(
+        pool_spec("pool-t", tmp_path), template_files, domain_type="qemu", orchestrator_id="o", network="net"
+    )
     root = ET.fromstring(saved)
     ET.SubElement(root, "uuid").text = "11111111-1111-1111-1111-111111111111"
     ET.SubElement(root.find("devices/interface"), "mac", address="52:54:00:00:00:01")
@@ -84,10 +102,17 @@ def test_a_restored_domain_has_its_own_identity_and_files(tmp_path):
     root.find("genid").text = "22222222-2222-2222-2222-222222222222"
     saved = ET.tostring(root, encoding="unicode")
     mine = DomainFiles(
-        overlay=tmp_path / "overlays/pool-r.qcow2", seed=None, console=tmp_path / "logs/pool-r.console",
+        overlay=tmp_path / "overlays/pool-r.qcow2",
+        seed=None,
+        console=tmp_path / "logs/pool-r.console",
         channel=tmp_path / "channels/r.sock",
     )
-    restored = [rewrite_for_restore(saved, name="pool-r", files=mine, template_seed=tmp_path / "t/seed.iso", orchestrator_id="o") for _ in range(2)]
+    restored = [
+        rewrite_for_restore(
+            saved, name="pool-r", files=mine, template_seed=tmp_path / "t/seed.iso", orchestrator_id="o"
+        )
+        for _ in range(2)
+    ]
     a, b = (ET.fromstring(r.xml) for r in restored)
     assert a.findtext("name") == "pool-r"
     assert len({a.findtext("uuid"), b.findtext("uuid"), "11111111-1111-1111-1111-111111111111"}) == 3
@@ -97,7 +122,9 @@ def test_a_restored_domain_has_its_own_identity_and_files(tmp_path):
     assert a.find("devices/interface/target") is None  # libvirt names the new tap device
     sources = {d.get("device"): d.find("source").get("file") for d in a.findall("devices/disk")}
     assert sources == {"disk": str(mine.overlay), "cdrom": str(tmp_path / "t/seed.iso")}
-    assert {s.find("source").get("path") for s in a.findall("devices/serial") + a.findall("devices/console")} == {str(mine.console)}
+    assert {s.find("source").get("path") for s in a.findall("devices/serial") + a.findall("devices/console")} == {
+        str(mine.console)
+    }
     assert a.find("devices/channel/source").get("path") == str(mine.channel)
     tag = read_job_tag(restored[0].xml)
     assert tag.pool and tag.orchestrator_id == "o" and tag.console == mine.console and tag.overlay == mine.overlay

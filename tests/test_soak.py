@@ -23,21 +23,29 @@ def missing_story(missing: set[str], journal: Path, daemons: list[DaemonProcess]
     lines = []
     with sqlite3.connect(journal) as db:
         for job_id in sorted(missing):
-            row = db.execute("SELECT state, attempt, accepted_at, started_at, finished_at FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = db.execute(
+                "SELECT state, attempt, accepted_at, started_at, finished_at FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
             lines.append(f"{job_id}: journal {row}")
             for n, daemon in enumerate(daemons):
                 lines += [f"  daemon {n}: {line.strip()}" for line in daemon.lines if job_id in line]
     return "\n".join(lines)
 
 
-async def test_soak_kills_and_a_broker_restart_lose_and_duplicate_nothing(prefix, tmp_path, noop_map_path, cleanup_topology, broker):
+async def test_soak_kills_and_a_broker_restart_lose_and_duplicate_nothing(
+    prefix, tmp_path, noop_map_path, cleanup_topology, broker
+):
     rng = random.Random(7)
-    env = daemon_env(prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", MAX_CONCURRENCY="8", MAX_ATTEMPTS="20")
+    env = daemon_env(
+        prefix, tmp_path / "state", noop_map_path, ORCH_BACKEND="noop", MAX_CONCURRENCY="8", MAX_ATTEMPTS="20"
+    )
     daemon = await DaemonProcess(env).start()
     daemons = [daemon]
     await broker.open()
     jobs = [
-        await broker.submit(runs_on=rng.choice(["alpha", "beta"]), env={"NOOP_DURATION_S": f"{rng.uniform(0.1, 0.5):.2f}"})
+        await broker.submit(
+            runs_on=rng.choice(["alpha", "beta"]), env={"NOOP_DURATION_S": f"{rng.uniform(0.1, 0.5):.2f}"}
+        )
         for _ in range(JOBS)
     ]
     results: dict[str, object] = {}
@@ -82,5 +90,7 @@ async def test_soak_kills_and_a_broker_restart_lose_and_duplicate_nothing(prefix
     assert not broker.conflicts
     assert kills >= 3 and broker_restarted
     assert await broker.ready_count("alpha") == 0 and await broker.ready_count("beta") == 0
-    print(f"soak: {JOBS} jobs, {kills} kills, 1 broker restart, {broker.redeliveries} result redeliveries, "
-          f"{sum(r.attempt > 1 for r in results.values())} jobs re-run")
+    print(
+        f"soak: {JOBS} jobs, {kills} kills, 1 broker restart, {broker.redeliveries} result redeliveries, "
+        f"{sum(r.attempt > 1 for r in results.values())} jobs re-run"
+    )

@@ -26,17 +26,29 @@ UNREACHABLE_LIBVIRT = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
 
 def env_for(prefix: str, tmp_path: Path, config: Path, **extra: str) -> dict[str, str]:
     return {
-        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(config), "STATE_DIR": str(tmp_path / "state"),
+        "AMQP_URL": AMQP_URL,
+        "AMQP_PREFIX": prefix,
+        "ORCH_CONFIG": str(config),
+        "STATE_DIR": str(tmp_path / "state"),
         "IMAGE_DIR": str(tmp_path),
-        "HOST_NAME": "h", "HTTP_LISTEN": "off", "BROKER_CONNECT_TIMEOUT_S": "2", **extra,
+        "HOST_NAME": "h",
+        "HTTP_LISTEN": "off",
+        "BROKER_CONNECT_TIMEOUT_S": "2",
+        **extra,
     }
 
 
 async def run_until_exit(env: dict[str, str], timeout_s: float = 60) -> tuple[int, list[str]]:
     """Run `orchestrator run` to its exit; its return code and stderr lines."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "run", env={**os.environ, "LOG_FORMAT": "json", **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        env={**os.environ, "LOG_FORMAT": "json", **env},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
@@ -77,7 +89,9 @@ def libvirt_map(tmp_path: Path) -> Path:
 
 async def test_noop_only_map_starts_without_libvirt(prefix, tmp_path, cleanup_topology):
     cleanup_topology.append("a")
-    env = env_for(prefix, tmp_path, write_map(tmp_path, "noop"), ORCH_BACKEND="libvirt", LIBVIRT_URI=UNREACHABLE_LIBVIRT)
+    env = env_for(
+        prefix, tmp_path, write_map(tmp_path, "noop"), ORCH_BACKEND="libvirt", LIBVIRT_URI=UNREACHABLE_LIBVIRT
+    )
     daemon = await DaemonProcess(env).start()
     assert await daemon.stop() == 0
     started = next(line for line in daemon.lines if '"daemon.started"' in line)
@@ -91,8 +105,13 @@ async def test_zones_only_map_starts_with_libvirt_not_importable(prefix, tmp_pat
     (shadow / "libvirt.py").write_text("raise ImportError('libvirt-python is not installed (test shadow)')\n")
     bin_dir, fake_env = install_fake_illumos_tools(tmp_path)
     env = env_for(
-        prefix, tmp_path, write_map(tmp_path, "zones", format="raw"), ORCH_BACKEND="libvirt",
-        PYTHONPATH=str(shadow), PATH=f"{bin_dir}:{os.environ['PATH']}", **fake_env,
+        prefix,
+        tmp_path,
+        write_map(tmp_path, "zones", format="raw"),
+        ORCH_BACKEND="libvirt",
+        PYTHONPATH=str(shadow),
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        **fake_env,
     )
     daemon = await DaemonProcess(env).start()
     assert await daemon.stop() == 0
@@ -110,22 +129,30 @@ async def test_libvirt_image_without_libvirt_python_names_the_extra(prefix, tmp_
 async def test_unreachable_broker_is_retried_then_one_line(prefix, tmp_path):
     env = env_for(prefix, tmp_path, write_map(tmp_path, "noop"), AMQP_URL="amqp://guest:secret@127.0.0.1:1/")
     code, lines = await run_until_exit(env)
-    error = assert_one_line_error(code, lines, "cannot connect to the broker at amqp://guest:****@127.0.0.1:1/ within 2 s",
-                                  "BROKER_CONNECT_TIMEOUT_S")
+    error = assert_one_line_error(
+        code,
+        lines,
+        "cannot connect to the broker at amqp://guest:****@127.0.0.1:1/ within 2 s",
+        "BROKER_CONNECT_TIMEOUT_S",
+    )
     assert "secret" not in "".join(lines)
     attempts = [line for line in lines if '"broker.connect_failed"' in line]
     assert len(attempts) >= 2, "each failed attempt is logged"
     assert error
 
 
-async def test_a_broker_that_comes_up_after_the_daemon_is_waited_for(prefix, tmp_path, amqp_proxy, broker, cleanup_topology):
+async def test_a_broker_that_comes_up_after_the_daemon_is_waited_for(
+    prefix, tmp_path, amqp_proxy, broker, cleanup_topology
+):
     cleanup_topology.append("a")
     amqp_proxy.down()  # under systemd the broker may start after us
     env = env_for(prefix, tmp_path, write_map(tmp_path, "noop"), AMQP_URL=amqp_proxy.url, BROKER_CONNECT_TIMEOUT_S="60")
     daemon = DaemonProcess(env)
     starting = asyncio.create_task(daemon.start())
-    await wait_for(lambda: sum('"broker.connect_failed"' in line for line in daemon.lines) >= 2,
-                   what="two logged connection attempts")
+    await wait_for(
+        lambda: sum('"broker.connect_failed"' in line for line in daemon.lines) >= 2,
+        what="two logged connection attempts",
+    )
     amqp_proxy.up()
     await starting
     await broker.open()
@@ -148,7 +175,9 @@ async def test_http_port_in_use_is_one_line(prefix, tmp_path, cleanup_topology):
         taken.listen()
         listen = f"127.0.0.1:{taken.getsockname()[1]}"
         env = env_for(prefix, tmp_path, write_map(tmp_path, "noop"), HTTP_LISTEN=listen)
-        assert_one_line_error(*await run_until_exit(env), f"cannot listen on HTTP_LISTEN {listen}", "address already in use")
+        assert_one_line_error(
+            *await run_until_exit(env), f"cannot listen on HTTP_LISTEN {listen}", "address already in use"
+        )
 
 
 async def test_an_image_file_outside_image_dir_is_one_line(prefix, tmp_path):
@@ -165,7 +194,9 @@ async def test_libvirtd_unreachable_is_one_line(prefix, tmp_path):
 @pytest.mark.libvirt
 async def test_missing_libvirt_network_is_one_line(prefix, tmp_path):
     env = env_for(prefix, tmp_path, libvirt_map(tmp_path), LIBVIRT_NETWORK="no-such-network")
-    assert_one_line_error(*await run_until_exit(env), "libvirt network 'no-such-network' does not exist", "LIBVIRT_NETWORK=none")
+    assert_one_line_error(
+        *await run_until_exit(env), "libvirt network 'no-such-network' does not exist", "LIBVIRT_NETWORK=none"
+    )
 
 
 def _broker_connections() -> list[str]:
@@ -181,8 +212,13 @@ async def test_failed_start_closes_what_it_opened(prefix, tmp_path, noop_map_pat
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        settings = make_settings(prefix, tmp_path / "state", noop_map_path, host_name=f"closes-{prefix}",
-                                 http_listen=f"127.0.0.1:{taken.getsockname()[1]}")
+        settings = make_settings(
+            prefix,
+            tmp_path / "state",
+            noop_map_path,
+            host_name=f"closes-{prefix}",
+            http_listen=f"127.0.0.1:{taken.getsockname()[1]}",
+        )
         daemon = Daemon(settings, load_image_map(noop_map_path))
         with pytest.raises(StartupError, match="address already in use"):
             await daemon.start()

@@ -33,9 +33,17 @@ def image_dir(tmp_path: Path) -> Path:
 
 def broken_map(tmp_path: Path, **image: str) -> str:
     images = image_dir(tmp_path)
-    entries = {"backend": "libvirt", "local_path": str(images / "base.qcow2"), "format": "qcow2",
-               "checkout": "false", "memory_mb": "256", "kernel": str(images / "kernel"),
-               "initrd": str(images / "initramfs.cpio.gz"), "cmdline": "console=ttyS0 panic=-1 quiet", **image}
+    entries = {
+        "backend": "libvirt",
+        "local_path": str(images / "base.qcow2"),
+        "format": "qcow2",
+        "checkout": "false",
+        "memory_mb": "256",
+        "kernel": str(images / "kernel"),
+        "initrd": str(images / "initramfs.cpio.gz"),
+        "cmdline": "console=ttyS0 panic=-1 quiet",
+        **image,
+    }
     body = "".join(f"    {k}: {v}\n" for k, v in entries.items())
     return f"default_label: alpha\nimages:\n  alpha:\n{body}"
 
@@ -52,8 +60,16 @@ def tiny_disk(tmp_path) -> Iterator[Path]:
 
 async def run_one(tmp_path, prefix, network, text: str, state: Path, broker, **job) -> tuple[Daemon, object]:
     image_map = parse_image_map(text, filename="map.yaml", base_dir=tmp_path)
-    settings = make_settings(prefix, state, tmp_path / "map.yaml", backend=BackendName.LIBVIRT, image_dir=image_dir(tmp_path),
-                             libvirt_domain_type="qemu", libvirt_network=network, orchestrator_id=f"t-{prefix}")
+    settings = make_settings(
+        prefix,
+        state,
+        tmp_path / "map.yaml",
+        backend=BackendName.LIBVIRT,
+        image_dir=image_dir(tmp_path),
+        libvirt_domain_type="qemu",
+        libvirt_network=network,
+        orchestrator_id=f"t-{prefix}",
+    )
     daemon = Daemon(settings, image_map)
     await daemon.start()
     try:
@@ -70,7 +86,9 @@ async def run_one(tmp_path, prefix, network, text: str, state: Path, broker, **j
 
 
 @pytest.mark.libvirt
-async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, prefix, test_network, cleanup_topology, broker):
+async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(
+    tmp_path, prefix, test_network, cleanup_topology, broker
+):
     not_a_kernel = image_dir(tmp_path) / "not-a-kernel"
     not_a_kernel.write_text("this is not a kernel\n")
     text = broken_map(tmp_path, kernel=str(not_a_kernel))
@@ -79,7 +97,9 @@ async def test_vm_that_fails_to_start_is_an_error_and_leaks_nothing(tmp_path, pr
 
 
 @pytest.mark.libvirt
-async def test_full_disk_while_creating_the_overlay_is_an_error(tmp_path, prefix, test_network, tiny_disk, cleanup_topology, broker):
+async def test_full_disk_while_creating_the_overlay_is_an_error(
+    tmp_path, prefix, test_network, tiny_disk, cleanup_topology, broker
+):
     _, result = await run_one(tmp_path, prefix, test_network, broken_map(tmp_path, disk_gb="2"), tiny_disk, broker)
     assert result.status is JobStatus.ERROR
     assert "No space left on device" in result.summary
@@ -105,8 +125,10 @@ async def test_guest_that_prints_is_not_a_boot_timeout(daemon_factory, broker):
 
 
 def test_timeout_is_request_else_image_else_host_capped_by_image(tmp_path):
-    text = ("default_label: a\nimages:\n  a: {backend: noop, local_path: /x, timeout_s: 600, max_timeout_s: 900}\n"
-            "  b: {backend: noop, local_path: /y}\n")
+    text = (
+        "default_label: a\nimages:\n  a: {backend: noop, local_path: /x, timeout_s: 600, max_timeout_s: 900}\n"
+        "  b: {backend: noop, local_path: /y}\n"
+    )
     image_map = parse_image_map(text, filename="m", base_dir=tmp_path)
 
     def timeout(label: str, **request) -> int:

@@ -33,21 +33,50 @@ async def test_a_pool_vm_waits_then_runs_the_job_handed_to_it(test_image, test_n
 
     state = Path(tempfile.mkdtemp(prefix="w", dir="/tmp"))  # short: a unix socket's path has 108 bytes
     backend = await LibvirtHypervisor.connect(
-        uri=LIBVIRT_URI, network=test_network, domain_type="qemu", state_dir=state, orchestrator_id=f"test-{uuid.uuid4().hex[:8]}"
+        uri=LIBVIRT_URI,
+        network=test_network,
+        domain_type="qemu",
+        state_dir=state,
+        orchestrator_id=f"test-{uuid.uuid4().hex[:8]}",
     )
     pool = f"pool-{uuid.uuid4()}"
     boot = DirectBoot(test_image / "kernel", test_image / "initramfs.cpio.gz", "console=ttyS0 panic=-1 quiet")
     spec = VmSpec(
-        name=pool, job_id="", image_path=test_image / "base.qcow2", image_format=ImageFormat.QCOW2, cpus=1,
-        memory_mb=256, disk_gb=None, console_path=state / "logs" / f"{pool}.console",
+        name=pool,
+        job_id="",
+        image_path=test_image / "base.qcow2",
+        image_format=ImageFormat.QCOW2,
+        cpus=1,
+        memory_mb=256,
+        disk_gb=None,
+        console_path=state / "logs" / f"{pool}.console",
         seed=SeedFiles(waiter_user_data(vm_name=pool), build_meta_data(job_id=pool, hostname="pool")),
-        direct_boot=boot, job_channel=StateDir(state).channel(pool),
+        direct_boot=boot,
+        job_channel=StateDir(state).channel(pool),
     )
     job_id, nonce = str(uuid.uuid4()), new_nonce()
-    user_data = build_user_data(job_id=job_id, nonce=nonce, env={"WHO": "a warm VM"}, repo_url=None, commit_sha=None,
-                                checkout=False, script="echo hello from $WHO; exit 4", script_path=None)
-    job = VmSpec(name=pool, job_id=job_id, image_path=None, image_format=None, cpus=1, memory_mb=256, disk_gb=None,
-                 console_path=spec.console_path, seed=SeedFiles(user_data, b""), nonce=nonce)
+    user_data = build_user_data(
+        job_id=job_id,
+        nonce=nonce,
+        env={"WHO": "a warm VM"},
+        repo_url=None,
+        commit_sha=None,
+        checkout=False,
+        script="echo hello from $WHO; exit 4",
+        script_path=None,
+    )
+    job = VmSpec(
+        name=pool,
+        job_id=job_id,
+        image_path=None,
+        image_format=None,
+        cpus=1,
+        memory_mb=256,
+        disk_gb=None,
+        console_path=spec.console_path,
+        seed=SeedFiles(user_data, b""),
+        nonce=nonce,
+    )
     try:
         await backend.prepare(spec)
         await backend.start(spec)

@@ -69,7 +69,8 @@ def active_pool_domains(orchestrator_id: str) -> list[str]:
     conn = libvirt.open(LIBVIRT_URI)
     try:
         return [
-            d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            d.name()
+            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
             if d.name().startswith("pool-") and tagged(d, orchestrator_id)
         ]
     finally:
@@ -98,7 +99,10 @@ class PeakOfOurs:
         await asyncio.gather(self._task, return_exceptions=True)
 
     def _count(self, conn: libvirt.virConnect) -> int:
-        return sum(tagged(domain, self.orchestrator_id) for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+        return sum(
+            tagged(domain, self.orchestrator_id)
+            for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        )
 
     async def _sample(self) -> None:
         conn = await asyncio.to_thread(libvirt.open, LIBVIRT_URI)
@@ -126,9 +130,17 @@ async def warm_daemon(prefix, tmp_path, test_image, test_network, cleanup_topolo
     cleanup_topology.append("demo")
     map_path = warm_map(test_image, tmp_path)
     settings = make_settings(
-        prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, max_concurrency=2,
-        libvirt_domain_type="qemu", libvirt_network=test_network, orchestrator_id=f"test-{prefix}",
-        host_cpus=4, host_memory_mb=2048, image_dir=test_image,
+        prefix,
+        tmp_path / "state",
+        map_path,
+        backend=BackendName.LIBVIRT,
+        max_concurrency=2,
+        libvirt_domain_type="qemu",
+        libvirt_network=test_network,
+        orchestrator_id=f"test-{prefix}",
+        host_cpus=4,
+        host_memory_mb=2048,
+        image_dir=test_image,
     )
     daemon = Daemon(settings, load_image_map(map_path))
     await daemon.start()
@@ -156,7 +168,9 @@ async def test_a_job_takes_a_warm_vm_within_a_second_and_the_next_boots_cold(war
         assert (await warm_daemon.journal.get(cold.job_id)).vm_name == f"job-{cold.job_id}"
         assert result.timings["to_first_command_s"] > 1.0, result.timings
         assert pool_vm not in ours(orchestrator_id)  # used once
-        await wait_for(lambda: ready_in_pool(warm_daemon) == 1, timeout_s=BOOT_S, interval_s=0.1, what="the pool to refill")
+        await wait_for(
+            lambda: ready_in_pool(warm_daemon) == 1, timeout_s=BOOT_S, interval_s=0.1, what="the pool to refill"
+        )
     # Never more domains than MAX_CONCURRENCY (2), pool VMs included, as libvirt saw them.
     assert domains.peak == 2
     await wait_for(lambda: ready_in_pool(warm_daemon) == 1, timeout_s=BOOT_S, interval_s=0.1, what="the pool to refill")
@@ -172,7 +186,9 @@ async def test_a_pool_vm_destroyed_from_outside_is_replaced(warm_daemon):
         conn.lookupByName(victim).destroy()  # as `virsh destroy` does
     finally:
         conn.close()
-    await wait_for(lambda: victim not in ours(orchestrator_id), timeout_s=30, interval_s=0.1, what="the dead VM undefined")
+    await wait_for(
+        lambda: victim not in ours(orchestrator_id), timeout_s=30, interval_s=0.1, what="the dead VM undefined"
+    )
     await wait_for(lambda: ready_in_pool(warm_daemon) == 1, timeout_s=BOOT_S, interval_s=0.1, what="a replacement")
     assert warm_daemon.pools.status()["demo"]["failed_total"] == 1
     assert victim not in active_pool_domains(orchestrator_id)
@@ -205,8 +221,14 @@ async def test_a_new_image_file_rebuilds_the_pool(prefix, tmp_path, test_image, 
         shutil.copy(test_image / name, images / name)
     map_path = warm_map(test_image, tmp_path, image_dir=images)
     settings = make_settings(
-        prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, libvirt_domain_type="qemu",
-        libvirt_network=test_network, orchestrator_id=f"test-{prefix}", image_dir=images,
+        prefix,
+        tmp_path / "state",
+        map_path,
+        backend=BackendName.LIBVIRT,
+        libvirt_domain_type="qemu",
+        libvirt_network=test_network,
+        orchestrator_id=f"test-{prefix}",
+        image_dir=images,
     )
     daemon = Daemon(settings, load_image_map(map_path))
     await daemon.start()
@@ -216,27 +238,48 @@ async def test_a_new_image_file_rebuilds_the_pool(prefix, tmp_path, test_image, 
         # A new image installed the way preparation installs one: a new file renamed in.
         shutil.copy(images / "base.qcow2", images / "base.qcow2.new")
         (images / "base.qcow2.new").replace(images / "base.qcow2")
-        await wait_for(lambda: before not in ours(settings.orchestrator_id), timeout_s=30, interval_s=0.1,
-                       what="the pool VM of the old image retired")
-        await wait_for(lambda: ready_in_pool(daemon) == 1, timeout_s=BOOT_S, interval_s=0.1, what="a pool VM of the new image")
+        await wait_for(
+            lambda: before not in ours(settings.orchestrator_id),
+            timeout_s=30,
+            interval_s=0.1,
+            what="the pool VM of the old image retired",
+        )
+        await wait_for(
+            lambda: ready_in_pool(daemon) == 1, timeout_s=BOOT_S, interval_s=0.1, what="a pool VM of the new image"
+        )
         assert daemon.pools.status()["demo"]["failed_total"] == 0
     finally:
         await daemon.stop()
     assert_nothing_left(settings.state_dir, settings.orchestrator_id)
 
 
-def warm_daemon_env(prefix: str, tmp_path: Path, test_image: Path, test_network: str, state: Path, orchestrator_id: str) -> dict[str, str]:
+def warm_daemon_env(
+    prefix: str, tmp_path: Path, test_image: Path, test_network: str, state: Path, orchestrator_id: str
+) -> dict[str, str]:
     """A daemon process's environment: the warm test map, on libvirt, two jobs at once."""
     return {
-        "AMQP_URL": AMQP_URL, "AMQP_PREFIX": prefix, "ORCH_CONFIG": str(warm_map(test_image, tmp_path)), "STATE_DIR": str(state),
-        "HOST_NAME": "h", "HOST_CPUS": "4", "HOST_MEMORY_MB": "2048", "DRAIN_TIMEOUT_S": "5", "HTTP_LISTEN": "off",
-        "ORCH_BACKEND": "libvirt", "LIBVIRT_DOMAIN_TYPE": "qemu", "LIBVIRT_NETWORK": test_network,
-        "ORCH_ID": orchestrator_id, "IMAGE_DIR": str(test_image), "MAX_CONCURRENCY": "2",
+        "AMQP_URL": AMQP_URL,
+        "AMQP_PREFIX": prefix,
+        "ORCH_CONFIG": str(warm_map(test_image, tmp_path)),
+        "STATE_DIR": str(state),
+        "HOST_NAME": "h",
+        "HOST_CPUS": "4",
+        "HOST_MEMORY_MB": "2048",
+        "DRAIN_TIMEOUT_S": "5",
+        "HTTP_LISTEN": "off",
+        "ORCH_BACKEND": "libvirt",
+        "LIBVIRT_DOMAIN_TYPE": "qemu",
+        "LIBVIRT_NETWORK": test_network,
+        "ORCH_ID": orchestrator_id,
+        "IMAGE_DIR": str(test_image),
+        "MAX_CONCURRENCY": "2",
     }
 
 
 @contextlib.asynccontextmanager
-async def daemon_processes(env: dict[str, str], orchestrator_id: str) -> AsyncIterator[Callable[[], Awaitable[DaemonProcess]]]:
+async def daemon_processes(
+    env: dict[str, str], orchestrator_id: str
+) -> AsyncIterator[Callable[[], Awaitable[DaemonProcess]]]:
     """Starts daemon processes with `env` (as many as the test asks for); at the end
     every one still running is killed, what a killed one left of ours is destroyed, and
     (when the test passed) nothing of ours may be left."""
@@ -257,7 +300,9 @@ async def daemon_processes(env: dict[str, str], orchestrator_id: str) -> AsyncIt
     assert leftovers == []
 
 
-async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
+async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(
+    prefix, tmp_path, test_image, test_network, cleanup_topology, broker
+):
     """The job's pool VM is adopted and its result collected; the idle pool VM of the
     killed daemon is destroyed and a fresh one boots."""
     cleanup_topology.append("demo")
@@ -272,7 +317,9 @@ async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, te
         await wait_for(lambda: first.events("job.handed_over"), timeout_s=30, interval_s=0.05, what="the hand-off")
         [assigned] = [e["vm"] for e in first.events("job.handed_over")]
         # The pool refills at once: an idle pool VM (booting or ready) besides the job's.
-        await wait_for(lambda: len(first.events("pool.vm_booting")) == 2, timeout_s=30, interval_s=0.05, what="a refill")
+        await wait_for(
+            lambda: len(first.events("pool.vm_booting")) == 2, timeout_s=30, interval_s=0.05, what="a refill"
+        )
         idle = first.events("pool.vm_booting")[1]["vm"]
         await first.kill()
         assert {assigned, idle} <= set(ours(orchestrator_id))  # both outlive the daemon
@@ -291,7 +338,9 @@ async def test_sigkill_with_an_assigned_and_an_idle_pool_vm(prefix, tmp_path, te
     assert sorted(p.name for p in (state / "channels").iterdir()) == []
 
 
-async def test_a_job_journaled_to_a_pool_vm_but_not_handed_over_is_handed_back(prefix, tmp_path, test_image, test_network, cleanup_topology, broker):
+async def test_a_job_journaled_to_a_pool_vm_but_not_handed_over_is_handed_back(
+    prefix, tmp_path, test_image, test_network, cleanup_topology, broker
+):
     """SIGKILL between the intake's journal commit ("job J -> pool VM V") and the hand-off:
     the next start finds V waiting, its console without J's start line, so V is destroyed
     and J handed back as its next attempt, which runs once."""
@@ -305,11 +354,17 @@ async def test_a_job_journaled_to_a_pool_vm_but_not_handed_over_is_handed_back(p
         pool_vm = first.events("pool.vm_ready")[0]["vm"]
         await first.kill()
         # What the intake had committed when the kill came: the job, and its pool VM.
-        request = JobRequest(request_id=uuid.uuid4(), runs_on="demo", repo_url="https://example.invalid/r.git",
-                             commit_sha="0" * 40, script="echo ran")
+        request = JobRequest(
+            request_id=uuid.uuid4(),
+            runs_on="demo",
+            repo_url="https://example.invalid/r.git",
+            commit_sha="0" * 40,
+            script="echo ran",
+        )
         journal = Journal(state / "state.db")
-        assert await journal.accept(request, label="demo", nonce=new_nonce(), vm_name=pool_vm, backend="libvirt",
-                                    accepted_at=time.time())
+        assert await journal.accept(
+            request, label="demo", nonce=new_nonce(), vm_name=pool_vm, backend="libvirt", accepted_at=time.time()
+        )
         await journal.close()
         await broker.open()
         second = await start()
@@ -346,7 +401,9 @@ def domain_xml(name: str) -> str:
 
 
 RESEEDED_BY_KERNEL = "orchestrator: RNG reseeded by the kernel (vmgenid)"
-MIXED_ONLY = "orchestrator: host entropy mixed in; the kernel reseeds at its next interval (no vmgenid, perl or python3)"
+MIXED_ONLY = (
+    "orchestrator: host entropy mixed in; the kernel reseeds at its next interval (no vmgenid, perl or python3)"
+)
 
 
 @pytest.mark.parametrize("vmgenid", [True, False], ids=["vmgenid", "no-vmgenid"])
@@ -366,20 +423,34 @@ async def test_snapshot_restored_vms_run_jobs_each_with_its_own_identity(
         document["images"]["demo"]["cmdline"] += " initcall_blacklist=vmgenid_driver_init"
     map_path.write_text(yaml.safe_dump(document))
     settings = make_settings(
-        prefix, tmp_path / "state", map_path, backend=BackendName.LIBVIRT, max_concurrency=3, host_cpus=4,
-        host_memory_mb=2048, libvirt_domain_type="qemu", libvirt_network=test_network,
-        orchestrator_id=f"test-{prefix}", image_dir=test_image,
+        prefix,
+        tmp_path / "state",
+        map_path,
+        backend=BackendName.LIBVIRT,
+        max_concurrency=3,
+        host_cpus=4,
+        host_memory_mb=2048,
+        libvirt_domain_type="qemu",
+        libvirt_network=test_network,
+        orchestrator_id=f"test-{prefix}",
+        image_dir=test_image,
     )
     daemon = Daemon(settings, load_image_map(map_path))
     await daemon.start()
     try:
-        await wait_for(lambda: ready_in_pool(daemon) == 2, timeout_s=2 * BOOT_S, interval_s=0.1, what="2 restored pool VMs")
+        await wait_for(
+            lambda: ready_in_pool(daemon) == 2, timeout_s=2 * BOOT_S, interval_s=0.1, what="2 restored pool VMs"
+        )
         [template] = list(settings.state.templates.iterdir())
         assert {p.name for p in template.iterdir()} == {"memory.save", "disk.qcow2", "seed.iso"}
         names = active_pool_domains(settings.orchestrator_id)
         xmls = [domain_xml(name) for name in names]
-        identities = [(re.search(r"<uuid>(.*?)</uuid>", x).group(1), re.search(r"<mac address='(.*?)'", x).group(1)) for x in xmls]
-        assert len(set(identities)) == 2 and len({u for u, _ in identities}) == 2 and len({m for _, m in identities}) == 2
+        identities = [
+            (re.search(r"<uuid>(.*?)</uuid>", x).group(1), re.search(r"<mac address='(.*?)'", x).group(1)) for x in xmls
+        ]
+        assert (
+            len(set(identities)) == 2 and len({u for u, _ in identities}) == 2 and len({m for _, m in identities}) == 2
+        )
         await broker.open()
         # Without vmgenid: past the guest's own reseed interval.
         wait = "" if vmgenid else "sleep 5; "
@@ -396,7 +467,9 @@ async def test_snapshot_restored_vms_run_jobs_each_with_its_own_identity(
             mac, random_hex = lines[at + 1].strip(), lines[at + 2].strip()
             said = [line.strip() for line in lines[:at] if line.startswith("orchestrator: ")]
             assert said[-1:] == [RESEEDED_BY_KERNEL if vmgenid else MIXED_ONLY], said
-            assert mac == dict(zip(names, (m for _, m in identities), strict=True))[record.vm_name]  # the guest took its own MAC
+            assert (
+                mac == dict(zip(names, (m for _, m in identities), strict=True))[record.vm_name]
+            )  # the guest took its own MAC
             seen[job.job_id] = random_hex
             assert results[job.job_id].timings["to_first_command_s"] < 1.0, results[job.job_id].timings
         assert len(set(seen.values())) == 2, seen

@@ -151,8 +151,11 @@ async def test_a_pool_vm_destroyed_from_outside_is_replaced(daemon_factory, brok
     await wait_for(lambda: ready_in_pool(daemon) == 1, what="the pool to fill")
     [victim] = pool_vms(backend)
     await backend.destroy(backend._vms[victim].spec)  # as `virsh destroy` would
-    await wait_for(lambda: pool_vms(backend) and victim not in pool_vms(backend) and ready_in_pool(daemon) == 1,
-                   timeout_s=20, what="a replacement pool VM")
+    await wait_for(
+        lambda: pool_vms(backend) and victim not in pool_vms(backend) and ready_in_pool(daemon) == 1,
+        timeout_s=20,
+        what="a replacement pool VM",
+    )
     assert daemon.pools.status()["alpha"]["failed_total"] == 1
 
 
@@ -166,8 +169,11 @@ async def test_an_image_change_rebuilds_the_pool(daemon_factory, broker, tmp_pat
     document["images"]["alpha"]["checkout"] = False  # what a VM is changes
     path.write_text(yaml.safe_dump(document))
     assert await daemon.reload()
-    await wait_for(lambda: ready_in_pool(daemon) == 2 and not before & set(pool_vms(backend)), timeout_s=20,
-                   what="a pool of new VMs")
+    await wait_for(
+        lambda: ready_in_pool(daemon) == 2 and not before & set(pool_vms(backend)),
+        timeout_s=20,
+        what="a pool of new VMs",
+    )
     # Only the pool's own settings change: its VMs stay.
     kept = set(pool_vms(backend))
     document["images"]["alpha"]["warm"]["max_age_s"] = 7200
@@ -247,7 +253,9 @@ async def test_snapshot_pools_restore_from_one_template_per_image_version(daemon
     document["images"]["alpha"]["checkout"] = False
     path.write_text(yaml.safe_dump(document))
     assert await daemon.reload()
-    await wait_for(lambda: backend.templates_saved == 2 and ready_in_pool(daemon) == 2, what="the pool of the new template")
+    await wait_for(
+        lambda: backend.templates_saved == 2 and ready_in_pool(daemon) == 2, what="the pool of the new template"
+    )
     assert [p.name for p in templates.iterdir()] != [first.name] and not first.exists()
     await daemon.stop()
     assert list(templates.iterdir()) == []

@@ -35,8 +35,12 @@ def zones(tmp_path, monkeypatch) -> Iterator[ZonesHypervisor]:
     # /zones/job-<uuid>/root/tmp/vm.com1 does on a real host.
     zonepath_root = Path(tempfile.mkdtemp(prefix="z", dir="/tmp"))
     yield ZonesHypervisor(
-        state_dir=tmp_path / "state", orchestrator_id="orch-z", dataset="tank/orch",
-        zonepath_root=zonepath_root, tools=ZoneTools(bin_dir), zvol_devices=tmp_path / "dev",
+        state_dir=tmp_path / "state",
+        orchestrator_id="orch-z",
+        dataset="tank/orch",
+        zonepath_root=zonepath_root,
+        tools=ZoneTools(bin_dir),
+        zvol_devices=tmp_path / "dev",
     )
     shutil.rmtree(zonepath_root)
 
@@ -50,12 +54,27 @@ def job_spec(tmp_path: Path, script: str, image_format=ImageFormat.RAW) -> VmSpe
     image.write_bytes(b"raw disk image" * 100)
     job = str(uuid.uuid4())
     nonce = new_nonce()
-    user_data = build_user_data(job_id=job, nonce=nonce, env={"WHO": "zone"}, repo_url=None, commit_sha=None,
-                                checkout=False, script=script, script_path=None)
+    user_data = build_user_data(
+        job_id=job,
+        nonce=nonce,
+        env={"WHO": "zone"},
+        repo_url=None,
+        commit_sha=None,
+        checkout=False,
+        script=script,
+        script_path=None,
+    )
     return VmSpec(
-        name=f"job-{job}", job_id=job, image_path=image, image_format=image_format, cpus=2, memory_mb=2048,
-        disk_gb=20, console_path=tmp_path / "logs" / f"{job}.console",
-        seed=SeedFiles(user_data, build_meta_data(job_id=job, hostname="z")), nonce=nonce,
+        name=f"job-{job}",
+        job_id=job,
+        image_path=image,
+        image_format=image_format,
+        cpus=2,
+        memory_mb=2048,
+        disk_gb=20,
+        console_path=tmp_path / "logs" / f"{job}.console",
+        seed=SeedFiles(user_data, build_meta_data(job_id=job, hostname="z")),
+        nonce=nonce,
     )
 
 
@@ -91,8 +110,14 @@ async def test_hung_guest_is_halted_and_removed(zones, tmp_path):
 async def test_zones_without_our_tag_are_not_ours(zones, tmp_path):
     spec = job_spec(tmp_path, "true")
     await zones.prepare(spec)
-    other = ZonesHypervisor(state_dir=tmp_path / "state", orchestrator_id="someone-else", dataset="tank/orch",
-                            zonepath_root=zones._zonepath_root, tools=zones._tools, zvol_devices=tmp_path / "dev")
+    other = ZonesHypervisor(
+        state_dir=tmp_path / "state",
+        orchestrator_id="someone-else",
+        dataset="tank/orch",
+        zonepath_root=zones._zonepath_root,
+        tools=zones._tools,
+        zvol_devices=tmp_path / "dev",
+    )
     assert await other.list_ours() == []
     assert [vm.name for vm in await zones.list_ours()] == [spec.name]
     await zones.destroy(spec)
@@ -102,7 +127,9 @@ async def test_leftovers_are_clones_without_a_zone_and_files_of_jobs_not_live(zo
     live, crashed = job_spec(tmp_path, "true"), job_spec(tmp_path, "true")
     await zones.prepare(live)
     await zones.prepare(crashed)
-    await asyncio.to_thread(subprocess.run, [str(zones._tools._bin_dir / "zonecfg"), "-z", crashed.name, "delete", "-F"], check=True)
+    await asyncio.to_thread(
+        subprocess.run, [str(zones._tools._bin_dir / "zonecfg"), "-z", crashed.name, "delete", "-F"], check=True
+    )
     operator_file = tmp_path / "state" / "seeds" / "operator-notes.iso"
     operator_file.write_text("keep")
     removed = await zones.leftovers({live.name})

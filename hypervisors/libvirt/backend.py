@@ -156,7 +156,11 @@ class LibvirtHypervisor:
                 spec.job_channel.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(_create_private, spec.console_path)  # before QEMU makes it 0644
             xml = build_domain_xml(
-                spec, files if spec.seed is not None else replace(files, seed=None), domain_type=self.domain_type, orchestrator_id=self._orchestrator_id, network=self._network
+                spec,
+                files if spec.seed is not None else replace(files, seed=None),
+                domain_type=self.domain_type,
+                orchestrator_id=self._orchestrator_id,
+                network=self._network,
             )
             await self.connection.call(lambda c: c.defineXML(xml))
         except libvirt.libvirtError as exc:
@@ -229,7 +233,10 @@ class LibvirtHypervisor:
             await asyncio.to_thread(_create_private, spec.console_path)
             header = await asyncio.to_thread(read_header, template / TEMPLATE_MEMORY)
             restored = rewrite_for_restore(
-                header.xml, name=spec.name, files=replace(files, seed=None), template_seed=template / TEMPLATE_SEED,
+                header.xml,
+                name=spec.name,
+                files=replace(files, seed=None),
+                template_seed=template / TEMPLATE_SEED,
                 orchestrator_id=self._orchestrator_id,
             )
             await asyncio.to_thread(write_with_xml, template / TEMPLATE_MEMORY, copy, restored.xml)
@@ -350,7 +357,9 @@ class LibvirtHypervisor:
                     code = domain.state()[0]
                 except libvirt.libvirtError:
                     continue  # vanished while we looked
-                found.append(VmInfo(domain.name(), tag.job_id, BackendName.LIBVIRT, _vm_state(code), tag.console, tag.pool))
+                found.append(
+                    VmInfo(domain.name(), tag.job_id, BackendName.LIBVIRT, _vm_state(code), tag.console, tag.pool)
+                )
             return found
 
         return await self.connection.call(scan)

@@ -54,7 +54,9 @@ class LibvirtConnection:
         try:
             conn = await asyncio.to_thread(libvirt.open, self.uri)
         except libvirt.libvirtError as exc:
-            raise BackendError(f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()} (is libvirtd running?)") from None
+            raise BackendError(
+                f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()} (is libvirtd running?)"
+            ) from None
         # Keepalive makes a dead libvirtd show up as a closed connection within seconds.
         conn.setKeepAlive(5, 3)
         conn.registerCloseCallback(self._on_close, None)
@@ -63,7 +65,9 @@ class LibvirtConnection:
         )
         self._conn = conn
 
-    def _on_event(self, _conn: libvirt.virConnect, domain: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
+    def _on_event(
+        self, _conn: libvirt.virConnect, domain: libvirt.virDomain, event: int, detail: int, _opaque: object
+    ) -> None:
         self._on_lifecycle(domain.name(), event, detail)
 
     def _on_close(self, _conn: libvirt.virConnect, _reason: int, _opaque: object) -> None:
@@ -98,7 +102,12 @@ class LibvirtConnection:
         try:
             return await asyncio.to_thread(operation, conn)
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() not in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN):
+            if exc.get_error_code() not in (
+                libvirt.VIR_ERR_SYSTEM_ERROR,
+                libvirt.VIR_ERR_RPC,
+                libvirt.VIR_ERR_NO_CONNECT,
+                libvirt.VIR_ERR_INVALID_CONN,
+            ):
                 raise
             conn = await self._reconnect(conn)
             return await asyncio.to_thread(operation, conn)

@@ -214,5 +214,10 @@ def read_job_tag(domain_xml: str) -> JobTag | None:
         return Path(value) if value else None
 
     return JobTag(
-        text("orchestrator"), text("job-id"), path("console"), path("overlay"), path("seed"), pool=text("role") == "pool"
+        text("orchestrator"),
+        text("job-id"),
+        path("console"),
+        path("overlay"),
+        path("seed"),
+        pool=text("role") == "pool",
     )

@@ -74,7 +74,9 @@ def write_with_xml(template: Path, target: Path, xml: str) -> None:
     cookie_offset = len(xml_bytes) if header.cookie else 0
     data = xml_bytes + (header.cookie + b"\0" if header.cookie else b"")
     if len(data) > header.data_len:
-        raise SaveImageError(f"{template}: the new XML needs {len(data)} bytes, the header has room for {header.data_len}")
+        raise SaveImageError(
+            f"{template}: the new XML needs {len(data)} bytes, the header has room for {header.data_len}"
+        )
     data += b"\0" * (header.data_len - len(data))
     fields = _FIELDS.pack(VERSION, header.data_len, header.was_running, header.compressed, cookie_offset)
     fixed = MAGIC + fields + header.raw[len(MAGIC) + len(fields) :]

@@ -26,7 +26,9 @@ COMMANDS = (run, enqueue, cancel, hosts, jobs, logs, drain, images, config, forg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="orchestrator", description="CI VM orchestrator: runs CI jobs from RabbitMQ in throwaway VMs.")
+    parser = OneLineParser(
+        prog="orchestrator", description="CI VM orchestrator: runs CI jobs from RabbitMQ in throwaway VMs."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for command in COMMANDS:
         command.register(commands)

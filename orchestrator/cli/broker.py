@@ -42,7 +42,9 @@ async def _connect_first(urls: list[str], start: int) -> tuple[Any, int]:
         try:
             return await aio_pika.connect(urls[index], timeout=CONNECT_TIMEOUT_S), index
         except Exception as exc:
-            failures.append(f"{mask_password(urls[index]) if len(urls) == 1 else node_of(urls[index])}: {describe_error(exc)}")
+            failures.append(
+                f"{mask_password(urls[index]) if len(urls) == 1 else node_of(urls[index])}: {describe_error(exc)}"
+            )
     if len(urls) == 1:
         raise CLIError(f"cannot connect to the broker at {failures[0]}")
     raise CLIError(f"cannot connect to any broker node ({'; '.join(failures)})")
@@ -97,6 +99,7 @@ async def ask_hosts(settings: DaemonSettings, question: ControlMessage, answer_t
         await control.publish(message, routing_key="")
         bodies: list[bytes] = []
         lost = asyncio.get_running_loop().create_future()
+
         def on_close(_channel: object, exc: BaseException | None = None) -> None:
             if not lost.done():
                 lost.set_result(exc)

@@ -14,7 +14,11 @@ from orchestrator.core.messages import CancelOutcome, CancelReply, ControlKind, 
 
 def register(commands: Commands) -> None:
     cancel = add_command(
-        commands, "cancel", cmd_cancel, help="cancel a job", description="Cancel a job: the host running it destroys its VM and publishes a cancelled result; a job still queued is dropped when a host takes it (cancels are remembered for a day)."
+        commands,
+        "cancel",
+        cmd_cancel,
+        help="cancel a job",
+        description="Cancel a job: the host running it destroys its VM and publishes a cancelled result; a job still queued is dropped when a host takes it (cancels are remembered for a day).",
     )
     cancel.add_argument("job_id", type=parse_job_id, help="the job's request_id")
     add_answer_timeout(cancel, 3.0)
@@ -30,11 +34,15 @@ async def _cancel(settings: DaemonSettings, job_id: uuid.UUID, answer_timeout: f
     replies = [CancelReply.model_validate_json(body) for body in bodies]
     for reply in replies:
         if reply.outcome is CancelOutcome.CANCELLING:
-            print(f"job {job_id}: cancelling on {reply.host}; its VM is being destroyed and a cancelled result published")
+            print(
+                f"job {job_id}: cancelling on {reply.host}; its VM is being destroyed and a cancelled result published"
+            )
             return 0
     for reply in replies:
         if reply.outcome is CancelOutcome.FINISHED:
-            print(f"job {job_id}: already finished on {reply.host} ({reply.status.value if reply.status else 'done'}); nothing to cancel")
+            print(
+                f"job {job_id}: already finished on {reply.host} ({reply.status.value if reply.status else 'done'}); nothing to cancel"
+            )
             return 1
     print(
         f"job {job_id}: not running on any of the {len(replies)} host(s) that answered; "

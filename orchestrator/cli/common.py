@@ -80,7 +80,10 @@ def parse_job_id(text: str) -> uuid.UUID:
 def add_answer_timeout(parser: argparse.ArgumentParser, default_s: float) -> None:
     """`--answer-timeout`, for the commands that ask the hosts over the control exchange."""
     parser.add_argument(
-        "--answer-timeout", type=parse_seconds, default=default_s, help=f"seconds to wait for hosts to answer (default {default_s:g})"
+        "--answer-timeout",
+        type=parse_seconds,
+        default=default_s,
+        help=f"seconds to wait for hosts to answer (default {default_s:g})",
     )
 
 

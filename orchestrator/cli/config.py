@@ -24,7 +24,12 @@ from orchestrator.core.imagemap import ImageEntry, ImageMap
 def register(commands: Commands) -> None:
     config = commands.add_parser("config", help="inspect configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, parser_class=OneLineParser)
-    add_command(config_commands, "check", cmd_config_check, help="validate the image map and settings and print what they resolve to")
+    add_command(
+        config_commands,
+        "check",
+        cmd_config_check,
+        help="validate the image map and settings and print what they resolve to",
+    )
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -40,15 +45,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     for alias in sorted(image_map.aliases):
         print(f"alias {alias} -> {image_map.resolve(alias)}")
     for name, preset in sorted(image_map.sizes.items()):
-        print(f"size {name}: {preset.cpus} CPU, {preset.memory_mb} MiB" + (f", {preset.disk_gb} GiB" if preset.disk_gb else ""))
+        print(
+            f"size {name}: {preset.cpus} CPU, {preset.memory_mb} MiB"
+            + (f", {preset.disk_gb} GiB" if preset.disk_gb else "")
+        )
     for label in sorted(image_map.images):
         print(f"label {label}")
         for name, value in describe_label(image_map, label, settings):
             print(f"  {name + ':':<14} {value}")
     environ = {**os.environ, "AMQP_URL": settings.masked_amqp_url()} if os.environ.get("AMQP_URL") else os.environ
     for item in reference.describe(
-        environ, prefix=settings.amqp_prefix, exchange=settings.amqp_exchange, queue=settings.amqp_queue,
-        routing_key=settings.amqp_routing_key, prefetch=settings.amqp_prefetch,
+        environ,
+        prefix=settings.amqp_prefix,
+        exchange=settings.amqp_exchange,
+        queue=settings.amqp_queue,
+        routing_key=settings.amqp_routing_key,
+        prefetch=settings.amqp_prefetch,
     ):
         print(f"reference setting {item.variable}={item.value}: {item.became}")
     shown = settings.model_dump(mode="json")
@@ -88,23 +100,39 @@ def describe_label(image_map: ImageMap, label: str, settings: DaemonSettings) ->
     if image.cmdline is not None:
         yield "cmdline", image.cmdline
     res = image_map.default_resources(label)
-    yield "resources", (
-        f"{res.cpus} CPU, {res.memory_mb} MiB" + (f", {res.disk_gb} GiB disk" if res.disk_gb else "")
-        + (f" (size {image.size})" if image.size else "")
+    yield (
+        "resources",
+        (
+            f"{res.cpus} CPU, {res.memory_mb} MiB"
+            + (f", {res.disk_gb} GiB disk" if res.disk_gb else "")
+            + (f" (size {image.size})" if image.size else "")
+        ),
     )
     caps = [f"{key} {value}" for key in ("max_cpus", "max_memory_mb", "max_disk_gb") if (value := getattr(image, key))]
     yield "caps", ", ".join(caps) or "none"
     yield "timeout", _job_timeout(image, settings)
-    yield "boot timeout", (
-        f"{image.boot_timeout_s} s (boot_timeout_s)" if image.boot_timeout_s
-        else f"{settings.boot_timeout_s:g} s (host BOOT_TIMEOUT_S)"
+    yield (
+        "boot timeout",
+        (
+            f"{image.boot_timeout_s} s (boot_timeout_s)"
+            if image.boot_timeout_s
+            else f"{settings.boot_timeout_s:g} s (host BOOT_TIMEOUT_S)"
+        ),
     )
     warm = image.warm
-    yield "warm pool", (
-        f"{warm.ready} ready, replaced after {warm.max_age_s} s, snapshot {'yes' if warm.snapshot else 'no'}" if warm else "none"
+    yield (
+        "warm pool",
+        (
+            f"{warm.ready} ready, replaced after {warm.max_age_s} s, snapshot {'yes' if warm.snapshot else 'no'}"
+            if warm
+            else "none"
+        ),
     )
     keys = image_map.routing_keys(label)
-    yield "routing keys", ", ".join(repr(k) for k in keys) + (" ('' is a request without runs_on)" if "" in keys else "")
+    yield (
+        "routing keys",
+        ", ".join(repr(k) for k in keys) + (" ('' is a request without runs_on)" if "" in keys else ""),
+    )
 
 
 def _job_timeout(image: ImageEntry, settings: DaemonSettings) -> str:

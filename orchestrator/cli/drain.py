@@ -39,7 +39,9 @@ def register(commands: Commands) -> None:
         add_answer_timeout(command, 3.0)
         if kind is ControlKind.DRAIN:
             command.add_argument("--wait", action="store_true", help="return once the hosts run nothing")
-            command.add_argument("--wait-timeout", type=parse_seconds, default=None, help="give up waiting after this many seconds")
+            command.add_argument(
+                "--wait-timeout", type=parse_seconds, default=None, help="give up waiting after this many seconds"
+            )
         command.set_defaults(kind=kind)
 
 
@@ -56,7 +58,10 @@ async def _drain_or_resume(settings: DaemonSettings, args: argparse.Namespace) -
     for beat in sorted(beats.values(), key=lambda b: b.host):
         print(f"{beat.host}: {'draining' if beat.draining else 'serving'}, {beat.running} job(s) running")
     if missing:
-        raise CLIError(f"no answer from {', '.join(missing)} within {args.answer_timeout:g} s (check HOST_NAME, or the host is down)", exit_code=1)
+        raise CLIError(
+            f"no answer from {', '.join(missing)} within {args.answer_timeout:g} s (check HOST_NAME, or the host is down)",
+            exit_code=1,
+        )
     if not beats:
         raise CLIError("no host answered", exit_code=1)
     if getattr(args, "wait", False):
@@ -64,11 +69,17 @@ async def _drain_or_resume(settings: DaemonSettings, args: argparse.Namespace) -
     return 0
 
 
-async def _wait_until_idle(settings: DaemonSettings, hosts: list[str], answer_timeout: float, wait_timeout: float | None) -> None:
+async def _wait_until_idle(
+    settings: DaemonSettings, hosts: list[str], answer_timeout: float, wait_timeout: float | None
+) -> None:
     deadline = time.monotonic() + wait_timeout if wait_timeout is not None else None
     while True:
         bodies = await ask_hosts(settings, ControlMessage(kind=ControlKind.DESCRIBE), answer_timeout)
-        busy = {b.host: b.running for b in (Heartbeat.model_validate_json(body) for body in bodies) if b.host in hosts and b.running}
+        busy = {
+            b.host: b.running
+            for b in (Heartbeat.model_validate_json(body) for body in bodies)
+            if b.host in hosts and b.running
+        }
         if not busy:
             print(f"{', '.join(hosts)}: drained, nothing running")
             return

@@ -25,7 +25,13 @@ from orchestrator.core.messages import MAX_SCRIPT_BYTES, JobRequest, JobResult, 
 
 
 def register(commands: Commands) -> None:
-    enqueue = add_command(commands, "enqueue", cmd_enqueue, help="publish a job request", description="Publish one job request (with publisher confirms).")
+    enqueue = add_command(
+        commands,
+        "enqueue",
+        cmd_enqueue,
+        help="publish a job request",
+        description="Publish one job request (with publisher confirms).",
+    )
     enqueue.add_argument("--repo", required=True, help="repository URL to check out")
     enqueue.add_argument("--commit", required=True, help="full commit SHA (40 or 64 hex digits)")
     enqueue.add_argument("--runs-on", help="label (default: the image map's default_label)")
@@ -33,16 +39,26 @@ def register(commands: Commands) -> None:
     script.add_argument("--script", help="inline shell script to run in the VM")
     script.add_argument("--script-path", help="script inside the repository to run")
     script.add_argument(
-        "--script-file", metavar="PATH",
+        "--script-file",
+        metavar="PATH",
         help=f"shell script to run in the VM, read from a UTF-8 file ('-': stdin; at most {MAX_SCRIPT_BYTES} bytes); "
         "for scripts too long for one command-line argument",
     )
-    enqueue.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the job (repeatable)")
+    enqueue.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="environment for the job (repeatable)"
+    )
     enqueue.add_argument("--size", help="size preset from the image map")
     enqueue.add_argument("--timeout", type=int, help="job timeout in seconds")
     enqueue.add_argument("--request-id", help="job id (default: a new UUID)")
-    enqueue.add_argument("--wait", action="store_true", help="wait for the result, print it, exit with the job's status")
-    enqueue.add_argument("--wait-timeout", type=parse_seconds, default=3600, help="give up waiting after this many seconds (default 3600)")
+    enqueue.add_argument(
+        "--wait", action="store_true", help="wait for the result, print it, exit with the job's status"
+    )
+    enqueue.add_argument(
+        "--wait-timeout",
+        type=parse_seconds,
+        default=3600,
+        help="give up waiting after this many seconds (default 3600)",
+    )
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -79,7 +95,8 @@ async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: 
         if enqueued:
             raise CLIError(
                 f"job {request.job_id} is enqueued, but the broker node was lost while waiting for its result "
-                "(see `orchestrator jobs` for it)", exit_code=3,
+                "(see `orchestrator jobs` for it)",
+                exit_code=3,
             )
         results_queue = None
         if args.wait:
@@ -101,14 +118,18 @@ async def _enqueue(args: argparse.Namespace, settings: DaemonSettings, request: 
                         _print_result(result)
                         return STATUS_EXIT_CODES[result.status]
         except TimeoutError:
-            raise CLIError(f"no result for job {request.job_id} within {args.wait_timeout} s (it may still run)") from None
+            raise CLIError(
+                f"no result for job {request.job_id} within {args.wait_timeout} s (it may still run)"
+            ) from None
         return 3
 
     return await on_any_node(settings, topology.jobs, publish_and_wait)
 
 
 def _print_result(result: JobResult) -> None:
-    print(f"job {result.request_id}: {result.status.value} (exit code {result.exit_code}) on {result.host}: {result.summary}")
+    print(
+        f"job {result.request_id}: {result.status.value} (exit code {result.exit_code}) on {result.host}: {result.summary}"
+    )
     if result.console_tail:
         print("--- console tail ---")
         print(result.console_tail)

@@ -19,8 +19,12 @@ DEFAULT_FORGE_CONFIG = Path("/etc/orchestrator/forge.yaml")
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", dest="forge_config", type=Path,
-                        help=f"the bridge's YAML (env ORCH_FORGE_CONFIG; default {DEFAULT_FORGE_CONFIG})")
+    parser.add_argument(
+        "--config",
+        dest="forge_config",
+        type=Path,
+        help=f"the bridge's YAML (env ORCH_FORGE_CONFIG; default {DEFAULT_FORGE_CONFIG})",
+    )
     parser.add_argument("--amqp-url", help="broker URL (env AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/)")
     parser.add_argument("--amqp-prefix", help="name prefix of exchanges and queues (env AMQP_PREFIX; default ci)")
     parser.add_argument("--log-format", choices=["json", "text"], help="log line format (env LOG_FORMAT; default json)")
@@ -28,9 +32,10 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: Commands) -> None:
     forge = commands.add_parser(
-        "forge", help="the forge bridge: webhooks in, jobs out, commit statuses back",
+        "forge",
+        help="the forge bridge: webhooks in, jobs out, commit statuses back",
         description="Receive GitHub, Forgejo/Gitea and GitLab webhooks, publish the jobs each commit's jobs file "
-                    "asks for, and set commit statuses from their results (until SIGINT/SIGTERM).",
+        "asks for, and set commit statuses from their results (until SIGINT/SIGTERM).",
     )
     _flags(forge)
     forge.set_defaults(func=cmd_forge)
@@ -39,9 +44,10 @@ def register(commands: Commands) -> None:
     _flags(check)
     check.set_defaults(func=cmd_forge_check)
     catch_up = sub.add_parser(
-        "catch-up", help="run a catch-up pass now and print what it found and ran",
+        "catch-up",
+        help="run a catch-up pass now and print what it found and ran",
         description="List every repository's branches and open pull/merge requests and run the heads that moved "
-                    "without a webhook (beside a running bridge: they share the journal, nothing runs twice).",
+        "without a webhook (beside a running bridge: they share the journal, nothing runs twice).",
     )
     _flags(catch_up)
     catch_up.add_argument("--repo", metavar="OWNER/NAME", help="only this repository")
@@ -75,8 +81,11 @@ def cmd_forge_check(args: argparse.Namespace) -> int:
         print(f"forge {name}: {config.kind_of(name).value} at {forge.api_url}, webhook URL /hooks/{name}")
     for repo in config.repositories:
         flags = [f for f, on in (("forks", repo.forks), ("cancel_superseded", repo.cancel_superseded)) if on]
-        print(f"repository {repo.repo} on {repo.forge}: jobs file {repo.jobs_file}, secrets {sorted(repo.secrets) or '-'}"
-              + (f", {', '.join(flags)}" if flags else "") + (f", fallback {repo.fallback.script_path}" if repo.fallback else ""))
+        print(
+            f"repository {repo.repo} on {repo.forge}: jobs file {repo.jobs_file}, secrets {sorted(repo.secrets) or '-'}"
+            + (f", {', '.join(flags)}" if flags else "")
+            + (f", fallback {repo.fallback.script_path}" if repo.fallback else "")
+        )
     return 0
 
 
@@ -126,8 +135,11 @@ def cmd_forge_rerun(args: argparse.Namespace) -> int:
         raise CLIError(f"SHA: {args.sha!r} is not a full commit SHA (40 or 64 hex digits)")
     runs = _run_tool(lambda s, c: rerun_once(s, c, repo=args.repo, commit_sha=args.sha.lower(), job=args.job), args)
     if not runs:
-        raise CLIError(f"no run of {args.repo} at {args.sha}" + (f" with job {args.job}" if args.job else "")
-                       + " in the bridge's journal: push it, or wait for catch-up")
+        raise CLIError(
+            f"no run of {args.repo} at {args.sha}"
+            + (f" with job {args.job}" if args.job else "")
+            + " in the bridge's journal: push it, or wait for catch-up"
+        )
     for line in runs:
         print(f"rerun {line}")
     return 0

@@ -12,7 +12,13 @@ from orchestrator.core.messages import ControlKind, ControlMessage, Heartbeat
 
 
 def register(commands: Commands) -> None:
-    hosts = add_command(commands, "hosts", cmd_hosts, help="the fleet: every host's labels, capacity and usage", description="Ask every host on the broker to describe itself and print the answers.")
+    hosts = add_command(
+        commands,
+        "hosts",
+        cmd_hosts,
+        help="the fleet: every host's labels, capacity and usage",
+        description="Ask every host on the broker to describe itself and print the answers.",
+    )
     add_answer_timeout(hosts, 2.0)
     hosts.add_argument("--json", action="store_true", help="one JSON heartbeat per line")
 

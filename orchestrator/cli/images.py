@@ -23,14 +23,26 @@ def register(commands: Commands) -> None:
     images = commands.add_parser("images", help="prepare and list base images")
     image_commands = images.add_subparsers(dest="images_command", required=True, parser_class=OneLineParser)
     prepare = add_command(
-        image_commands, "prepare", cmd_images_prepare, help="download (and decompress, verify) images",
+        image_commands,
+        "prepare",
+        cmd_images_prepare,
+        help="download (and decompress, verify) images",
         description="Download missing images (all, or the labels given); --refresh re-checks the source and replaces an image only when it changed.",
     )
-    prepare.add_argument("labels", nargs="*", metavar="LABEL", help="labels or aliases (default: every image with a source)")
-    prepare.add_argument("--refresh", action="store_true", help="check the source for a newer image (ETag / Last-Modified)")
+    prepare.add_argument(
+        "labels", nargs="*", metavar="LABEL", help="labels or aliases (default: every image with a source)"
+    )
+    prepare.add_argument(
+        "--refresh", action="store_true", help="check the source for a newer image (ETag / Last-Modified)"
+    )
     prepare.add_argument("--state-dir", type=Path, help="env STATE_DIR (image_dir defaults to STATE_DIR/images)")
     prepare.add_argument("--image-dir", type=Path, help="where images may be written (env IMAGE_DIR)")
-    add_command(image_commands, "list", cmd_images_list, help="each label's image file, size, format, sha256, source, fetch time")
+    add_command(
+        image_commands,
+        "list",
+        cmd_images_list,
+        help="each label's image file, size, format, sha256, source, fetch time",
+    )
 
 
 def cmd_images_prepare(args: argparse.Namespace) -> int:
@@ -48,12 +60,20 @@ def cmd_images_prepare(args: argparse.Namespace) -> int:
     async def prepare_all() -> int:
         failures = 0
         progress = ProgressPrinter()
+
         def waiting(label: str, lock: Path) -> None:
-            print(f"{label}: another process is preparing this image ({lock}); waiting for it", file=sys.stderr, flush=True)
+            print(
+                f"{label}: another process is preparing this image ({lock}); waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
 
         preparer = ImagePreparer(
-            image_map, image_dir=settings.images_dir, max_image_bytes=settings.max_image_bytes,
-            on_progress=progress, on_wait=waiting,
+            image_map,
+            image_dir=settings.images_dir,
+            max_image_bytes=settings.max_image_bytes,
+            on_progress=progress,
+            on_wait=waiting,
         )
         try:
             for label in labels:

@@ -26,7 +26,13 @@ STATES = typing.get_args(JobStateName)
 
 
 def register(commands: Commands) -> None:
-    jobs = add_command(commands, "jobs", cmd_jobs, help="running and recent jobs across the fleet", description="Ask every host (or those named) for its jobs and print them newest first.")
+    jobs = add_command(
+        commands,
+        "jobs",
+        cmd_jobs,
+        help="running and recent jobs across the fleet",
+        description="Ask every host (or those named) for its jobs and print them newest first.",
+    )
     jobs.add_argument("--host", action="append", metavar="HOST", help="only this host; repeat for more")
     jobs.add_argument("--state", choices=STATES, help="only jobs in this state (running: a VM runs the job now)")
     jobs.add_argument("--label", help="only jobs of this label")
@@ -70,8 +76,15 @@ def _row(job: JobSummary) -> tuple[str, ...]:
     end = job.finished_at or (now_utc() if job.state in ("accepted", "running") else None)
     took = _duration((end - job.accepted_at).total_seconds()) if end and job.accepted_at else "-"
     return (
-        job.host, str(job.job_id), job.label or "-", job.state, job.status.value if job.status else "-",
-        str(job.attempt), _clock(job.accepted_at), took, ("warm " if job.warm else "") + (job.vm or "-"),
+        job.host,
+        str(job.job_id),
+        job.label or "-",
+        job.state,
+        job.status.value if job.status else "-",
+        str(job.attempt),
+        _clock(job.accepted_at),
+        took,
+        ("warm " if job.warm else "") + (job.vm or "-"),
     )
 
 
@@ -81,4 +94,6 @@ def _clock(when: datetime | None) -> str:
 
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

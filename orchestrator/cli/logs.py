@@ -23,29 +23,44 @@ RECONNECT_WAIT_S = 1.0
 
 
 def register(commands: Commands) -> None:
-    logs = add_command(commands, "logs", cmd_logs, help="print a job's log (from the host that ran it)", description=__doc__.split("\n\n")[1])
+    logs = add_command(
+        commands,
+        "logs",
+        cmd_logs,
+        help="print a job's log (from the host that ran it)",
+        description=__doc__.split("\n\n")[1],
+    )
     logs.add_argument("job_id", type=parse_job_id, help="the job's request_id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing while the job runs")
     add_answer_timeout(logs, 3.0)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    return asyncio.run(_logs(load_cli_settings(args), args.job_id, follow=args.follow, answer_timeout=args.answer_timeout))
+    return asyncio.run(
+        _logs(load_cli_settings(args), args.job_id, follow=args.follow, answer_timeout=args.answer_timeout)
+    )
 
 
 async def _logs(settings: DaemonSettings, job_id: uuid.UUID, *, follow: bool, answer_timeout: float) -> int:
     answers = await ask_hosts(settings, ControlMessage(kind=ControlKind.LOCATE, request_id=job_id), answer_timeout)
     located = [JobLocation.model_validate_json(body) for body in answers if body.strip() != b"null"]
     if not located:
-        raise CLIError(f"job {job_id}: no host that answered within {answer_timeout:g} s has run it (queued, or its host is down)", exit_code=1)
+        raise CLIError(
+            f"job {job_id}: no host that answered within {answer_timeout:g} s has run it (queued, or its host is down)",
+            exit_code=1,
+        )
     # The host running it now, else any that has its log (a handed-back job ran on several).
     location = sorted(located, key=lambda found: not found.running)[0]
     if location.log_url is None:
-        raise CLIError(f"job {job_id} is on host {location.host}, which has no PUBLIC_URL: set PUBLIC_URL there to read logs from elsewhere")
+        raise CLIError(
+            f"job {job_id} is on host {location.host}, which has no PUBLIC_URL: set PUBLIC_URL there to read logs from elsewhere"
+        )
     import aiohttp
 
     headers = {"Authorization": f"Bearer {settings.http_token}"} if settings.http_token else {}
-    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as http:
+    async with aiohttp.ClientSession(
+        headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+    ) as http:
         try:
             if follow:
                 await _follow(http, location.log_url + "/stream")

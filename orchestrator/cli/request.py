@@ -122,4 +122,6 @@ def _read_script_file(path: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CLIError(f"--script-file {path!r}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})") from None
+        raise CLIError(
+            f"--script-file {path!r}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})"
+        ) from None

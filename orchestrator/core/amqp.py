@@ -87,7 +87,9 @@ class FailoverConnection(aio_pika.RobustConnection):
 
 
 if not hasattr(aio_pika.RobustConnection, "_RobustConnection__connect_transport"):
-    raise ImportError("aio-pika no longer has RobustConnection.__connect_transport: FailoverConnection needs another hook")
+    raise ImportError(
+        "aio-pika no longer has RobustConnection.__connect_transport: FailoverConnection needs another hook"
+    )
 
 
 async def connect(url: str, *, name: str) -> FailoverConnection:
@@ -96,7 +98,10 @@ async def connect(url: str, *, name: str) -> FailoverConnection:
     consumers, on the next node that answers when one is lost. Losing and regaining it
     is logged here, with the node (aiormq's own lines are muted)."""
     connection = FailoverConnection(
-        split_amqp_urls(url), client_properties={"connection_name": name}, heartbeat=30, reconnect_interval=RECONNECT_INITIAL_S,
+        split_amqp_urls(url),
+        client_properties={"connection_name": name},
+        heartbeat=30,
+        reconnect_interval=RECONNECT_INITIAL_S,
     )
     await connection.connect(timeout=10)
 
@@ -117,7 +122,9 @@ async def connect_with_retry(url: str, *, name: str, timeout_s: float, masked_ur
         wait=tenacity.wait_exponential(multiplier=0.25, max=5),
         retry=tenacity.retry_if_exception_type((OSError, asyncio.TimeoutError)),  # AMQPConnectionError is an OSError
         before_sleep=lambda state: log.warning(
-            "broker.connect_failed", url=masked_url, attempt=state.attempt_number,
+            "broker.connect_failed",
+            url=masked_url,
+            attempt=state.attempt_number,
             retry_in_s=round(state.upcoming_sleep, 2),
             error=describe_error(state.outcome.exception() if state.outcome is not None else None),
         ),
@@ -152,7 +159,9 @@ def broker_cancellation_as_error() -> Iterator[None]:
         if task is None or task.cancelling():
             raise
         reason = exc.args[0] if exc.args else None
-        raise BrokerOperationCancelled(f"the broker connection closed mid-operation ({describe_error(reason) if isinstance(reason, BaseException) else reason or 'cancelled'})") from None
+        raise BrokerOperationCancelled(
+            f"the broker connection closed mid-operation ({describe_error(reason) if isinstance(reason, BaseException) else reason or 'cancelled'})"
+        ) from None
 
 
 async def wait_uncancelled(operation: Awaitable[object], timeout_s: float) -> None:
@@ -211,7 +220,9 @@ class ConfirmedPublisher:
             self._exchanges[name] = exchange
         return exchange
 
-    async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout_s: float = 30) -> None:
+    async def publish(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout_s: float = 30
+    ) -> None:
         with broker_cancellation_as_error():
             target = await self._exchange(exchange)
             await target.publish(message, routing_key=routing_key, timeout=timeout_s)
@@ -234,6 +245,8 @@ class EventPublisher:
             with broker_cancellation_as_error():
                 if self._exchange is None:
                     self._exchange = await self._channel.get_exchange(self._exchange_name, ensure=False)
-                await self._exchange.publish(json_message(event, persistent=False), routing_key=routing_key, mandatory=False)
+                await self._exchange.publish(
+                    json_message(event, persistent=False), routing_key=routing_key, mandatory=False
+                )
         except Exception as exc:  # events are advisory: never let one fail a job
             log.warning("event.publish_failed", routing_key=routing_key, error=str(exc))

@@ -86,7 +86,12 @@ class _Seen:
 
 class Fleet:
     def __init__(
-        self, *, topology: Topology, host: str, heartbeat_s: float, own: Callable[[], Heartbeat],
+        self,
+        *,
+        topology: Topology,
+        host: str,
+        heartbeat_s: float,
+        own: Callable[[], Heartbeat],
         max_hosts: int = MAX_HOSTS,
     ) -> None:
         self._topology = topology
@@ -153,7 +158,9 @@ class Fleet:
         shown[self._host] = _Seen(self._own(), now, now_utc())
         return [
             FleetHost(
-                **seen.beat.model_dump(), last_seen=seen.wall, silent_s=round(now - seen.monotonic, 1),
+                **seen.beat.model_dump(),
+                last_seen=seen.wall,
+                silent_s=round(now - seen.monotonic, 1),
                 unreachable=now - seen.monotonic > self.unreachable_after_s,
             )
             for _, seen in sorted(shown.items())
@@ -212,7 +219,9 @@ class Fleet:
     async def _describe_all(self) -> None:
         try:
             question = ControlMessage(kind=ControlKind.DESCRIBE)
-            for beat in _parsed(Heartbeat, await self._ask(question, timeout_s=ANSWER_TIMEOUT_S, enough=lambda _: False)):
+            for beat in _parsed(
+                Heartbeat, await self._ask(question, timeout_s=ANSWER_TIMEOUT_S, enough=lambda _: False)
+            ):
                 self.note(beat)
         except FleetUnavailable as exc:
             log.warning("fleet.describe_failed", error=str(exc))
@@ -222,7 +231,8 @@ class Fleet:
         or after `ANSWER_TIMEOUT_S`."""
         expected = set(self.reachable())
         bodies = await self._ask(
-            ControlMessage(kind=ControlKind.JOBS, jobs=query), timeout_s=ANSWER_TIMEOUT_S,
+            ControlMessage(kind=ControlKind.JOBS, jobs=query),
+            timeout_s=ANSWER_TIMEOUT_S,
             enough=lambda answers: len(answers) >= len(expected),
         )
         replies = _parsed(JobsReply, bodies)
@@ -250,11 +260,12 @@ class Fleet:
             return len(answers) >= expected or any(_says_running(body) for body in answers)
 
         bodies = await self._ask(
-            ControlMessage(kind=ControlKind.LOCATE, request_id=job_id), timeout_s=LOCATE_TIMEOUT_S, enough=enough,
+            ControlMessage(kind=ControlKind.LOCATE, request_id=job_id),
+            timeout_s=LOCATE_TIMEOUT_S,
+            enough=enough,
         )
         found = _parsed(JobLocation, [body for body in bodies if body.strip() != b"null"])
         return sorted(found, key=lambda location: not location.running)
-
 
     async def holder_of(self, job_id: str, attempt: int, *, timeout_s: float = LOCATE_TIMEOUT_S) -> JobHolding | None:
         """Another host whose journal has `attempt` (or a later one) of the job, or that
@@ -277,7 +288,9 @@ class Fleet:
         def enough(answers: list[bytes]) -> bool:
             return len(answers) >= expected or holding(answers[-1]) is not None
 
-        bodies = await self._ask(ControlMessage(kind=ControlKind.HOLDER, request_id=job_id), timeout_s=timeout_s, enough=enough)
+        bodies = await self._ask(
+            ControlMessage(kind=ControlKind.HOLDER, request_id=job_id), timeout_s=timeout_s, enough=enough
+        )
         held = [found for found in map(holding, bodies) if found is not None]
         # A host that ran or journaled it outranks one still checking.
         return min(held, key=lambda found: found.state == "checking", default=None)

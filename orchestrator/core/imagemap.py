@@ -156,7 +156,9 @@ class ImageMap(BaseModel):
         """The canonical label (an `images` key) for `runs_on`; None means the default."""
         canonical, _ = self.follow_aliases(label or self.default_label)
         if canonical is None:
-            raise RequestRejected(f"runs_on: unknown label {label!r}; this fleet knows: {', '.join(self.known_labels())}")
+            raise RequestRejected(
+                f"runs_on: unknown label {label!r}; this fleet knows: {', '.join(self.known_labels())}"
+            )
         return canonical
 
     def follow_aliases(self, name: str) -> tuple[str | None, str | None]:
@@ -308,7 +310,12 @@ def _reference_problems(image_map: ImageMap) -> list[tuple[tuple[Any, ...], str]
         if image.decompress is Decompress.ZSTD and image.source is None:
             problems.append((where + ("decompress",), "decompress needs a source"))
         if image.warm is not None and not image.nocloud:
-            problems.append((where + ("warm",), "warm pools need nocloud: true (a pool VM gets its job through a waiter in its user-data)"))
+            problems.append(
+                (
+                    where + ("warm",),
+                    "warm pools need nocloud: true (a pool VM gets its job through a waiter in its user-data)",
+                )
+            )
 
         if image.size is not None and image.size not in image_map.sizes:
             continue  # reported above; the defaults cannot be worked out
@@ -328,9 +335,11 @@ def parse_image_map(text: str | bytes, *, filename: str, base_dir: Path, max_byt
     try:
         image_map = _with_absolute_paths(ImageMap.model_validate(document.data), base_dir)
     except ValidationError as exc:
-        raise ImageMapError("\n".join(
-            f"{document.where(tuple(e['loc']))}: {_dotted(tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()
-        )) from None
+        raise ImageMapError(
+            "\n".join(
+                f"{document.where(tuple(e['loc']))}: {_dotted(tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()
+            )
+        ) from None
     problems = _reference_problems(image_map)
     if problems:
         raise ImageMapError("\n".join(f"{document.where(path)}: {_dotted(path)}: {msg}" for path, msg in problems))

@@ -245,12 +245,16 @@ def _identity_changes(image: ImageEntry, meta: ImageMeta, size: int) -> list[tup
     if image.sha256 is not None and image.sha256.lower() != meta.sha256:
         changes.append(("sha256 changed", f"the map pins {image.sha256.lower()}, the installed image is {meta.sha256}"))
     if image.format is not None and image.format is not meta.format:
-        changes.append(("format changed", f"the map says {image.format.value}, the installed image is {meta.format.value}"))
+        changes.append(
+            ("format changed", f"the map says {image.format.value}, the installed image is {meta.format.value}")
+        )
     if image.decompress is not meta.decompress:
-        changes.append((
-            "decompress changed",
-            f"the map says {image.decompress.value}, the installed image was fetched with {meta.decompress.value}",
-        ))
+        changes.append(
+            (
+                "decompress changed",
+                f"the map says {image.decompress.value}, the installed image was fetched with {meta.decompress.value}",
+            )
+        )
     if size != meta.size:  # replaced by hand since it was recorded
         changes.append(("file changed", f"it is {size} bytes, its record says {meta.size}"))
     return changes
@@ -406,13 +410,17 @@ async def _open_http(session: aiohttp.ClientSession, url: str, installed: ImageM
         if installed.last_modified:
             headers["If-Modified-Since"] = installed.last_modified
     try:
-        response = await session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120))
+        response = await session.get(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+        )
     except aiohttp.ClientError as exc:
         raise ImagePrepError(f"cannot fetch {url}: {exc}") from None
     if response.status == 304:
         response.release()
         if installed is None:
-            raise ImagePrepError(f"fetching {url} failed: HTTP 304 Not Modified to a request that asked for the whole file")
+            raise ImagePrepError(
+                f"fetching {url} failed: HTTP 304 Not Modified to a request that asked for the whole file"
+            )
         return _Response(304, None, installed.etag, installed.last_modified)
     if response.status >= 400:
         response.release()
@@ -430,8 +438,12 @@ async def _open_http(session: aiohttp.ClientSession, url: str, installed: ImageM
             )
 
     return _Response(
-        response.status, response.content_length, response.headers.get("ETag"), response.headers.get("Last-Modified"),
-        chunks(), response.release,
+        response.status,
+        response.content_length,
+        response.headers.get("ETag"),
+        response.headers.get("Last-Modified"),
+        chunks(),
+        response.release,
     )
 
 
@@ -541,7 +553,9 @@ class ImagePreparer:
         """True for an image with a source that is missing, stale or failed: what a daemon
         prepares in the background at start-up and after a map reload."""
         return self._image_map.images[label].source is not None and self.state(label).state in (
-            PrepState.MISSING, PrepState.STALE, PrepState.FAILED,
+            PrepState.MISSING,
+            PrepState.STALE,
+            PrepState.FAILED,
         )
 
     async def ensure(self, label: str) -> Path:
@@ -587,10 +601,16 @@ class ImagePreparer:
             started, progress = time.monotonic(), ImageStatus(label, PrepState.PREPARING)
             try:
                 if image.source is None:
-                    raise ImagePrepError(found.reason or f"{image.local_path} does not exist and the image map gives no source")
+                    raise ImagePrepError(
+                        found.reason or f"{image.local_path} does not exist and the image map gives no source"
+                    )
                 outcome = await self._prepare_locked(label, image, refresh=refresh, status=progress)
             except (ImagePrepError, OSError) as exc:
-                cause = str(exc) if isinstance(exc, ImagePrepError) else f"{exc.filename or 'image file'}: {exc.strerror or exc}"
+                cause = (
+                    str(exc)
+                    if isinstance(exc, ImagePrepError)
+                    else f"{exc.filename or 'image file'}: {exc.strerror or exc}"
+                )
                 self._status[label] = ImageStatus(label, PrepState.FAILED, error=cause)
                 log.error("image.failed", label=label, error=cause)
                 self._observe(label, PrepOutcome.FAILED, started, progress)
@@ -605,7 +625,10 @@ class ImagePreparer:
         (a wait for another process's file lock included), and the bytes it wrote."""
         if self._metrics is not None:
             self._metrics.image_prepared(
-                label=label, outcome=outcome, seconds=time.monotonic() - started, bytes_written=progress.bytes_out,
+                label=label,
+                outcome=outcome,
+                seconds=time.monotonic() - started,
+                bytes_written=progress.bytes_out,
             )
 
     async def _prepare_locked(self, label: str, image: ImageEntry, *, refresh: bool, status: ImageStatus) -> Outcome:
@@ -669,30 +692,51 @@ class ImagePreparer:
         status.bytes_total = response.length
         check_free_space(target.parent, self.min_free_bytes, response.length or 0)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        sink = _Sink(partial, zstd=image.decompress is Decompress.ZSTD, max_bytes=self.max_image_bytes,
-                     min_free=self.min_free_bytes, status=status)
-        log.info("image.fetching", label=label, source=image.source, bytes=response.length,
-                 conditional=installed is not None)
+        sink = _Sink(
+            partial,
+            zstd=image.decompress is Decompress.ZSTD,
+            max_bytes=self.max_image_bytes,
+            min_free=self.min_free_bytes,
+            status=status,
+        )
+        log.info(
+            "image.fetching", label=label, source=image.source, bytes=response.length, conditional=installed is not None
+        )
         writer = asyncio.create_task(asyncio.to_thread(sink.run))
         try:
             await self._pump(response, sink, writer, status)
             result = await writer
             if image.sha256 and result.sha256 != image.sha256.lower():
-                raise ImagePrepError(f"sha256 mismatch: the image map says {image.sha256.lower()}, the download is {result.sha256}")
+                raise ImagePrepError(
+                    f"sha256 mismatch: the image map says {image.sha256.lower()}, the download is {result.sha256}"
+                )
             if installed is not None and installed.sha256 == result.sha256:
                 log.info("image.unchanged", label=label, source=image.source, reason="same sha256")
                 return Outcome.UNCHANGED
             detected = await detect_format(partial)
             if image.format is not None and detected is not image.format:
-                raise ImagePrepError(f"format mismatch: the image map says {image.format.value}, the file is {detected.value}")
+                raise ImagePrepError(
+                    f"format mismatch: the image map says {image.format.value}, the file is {detected.value}"
+                )
             meta = ImageMeta(
-                source=image.source, sha256=result.sha256, format=detected, decompress=image.decompress,
-                size=result.bytes_out, fetched_at=datetime.now(UTC).replace(microsecond=0),
-                etag=response.etag, last_modified=response.last_modified,
+                source=image.source,
+                sha256=result.sha256,
+                format=detected,
+                decompress=image.decompress,
+                size=result.bytes_out,
+                fetched_at=datetime.now(UTC).replace(microsecond=0),
+                etag=response.etag,
+                last_modified=response.last_modified,
             )
             await asyncio.to_thread(_install, partial, target, meta)
-            log.info("image.ready", label=label, path=str(target), bytes=result.bytes_out, format=detected.value,
-                     seconds=round(time.monotonic() - (status.started_at or 0), 2))
+            log.info(
+                "image.ready",
+                label=label,
+                path=str(target),
+                bytes=result.bytes_out,
+                format=detected.value,
+                seconds=round(time.monotonic() - (status.started_at or 0), 2),
+            )
             return Outcome.DOWNLOADED
         finally:
             response.close()

@@ -83,7 +83,9 @@ def utf8_bytes_at_most(limit: int) -> AfterValidator:
             ) from None
         if size > limit:
             raise PydanticCustomError(
-                "too_many_bytes", "is {size} bytes as UTF-8, over the limit of {limit} bytes", {"size": size, "limit": limit}
+                "too_many_bytes",
+                "is {size} bytes as UTF-8, over the limit of {limit} bytes",
+                {"size": size, "limit": limit},
             )
         return value
 
@@ -154,9 +156,7 @@ class JobRequest(BaseModel):
         if " " in value or value.startswith("-"):
             raise ValueError("must not contain spaces or start with '-'")
         if not (value.startswith(_REPO_SCHEMES) or _SCP_LIKE.match(value)):
-            raise ValueError(
-                "must be an https://, http://, ssh://, git:// or file:// URL, or user@host:path"
-            )
+            raise ValueError("must be an https://, http://, ssh://, git:// or file:// URL, or user@host:path")
         return value
 
     @field_validator("commit_sha")
@@ -173,7 +173,8 @@ class JobRequest(BaseModel):
         `attempt` (a hand-back raises it) nor `submitted_at` (a publisher may leave it
         out, and then it is the time of parsing)."""
         return [
-            name for name in type(self).model_fields
+            name
+            for name in type(self).model_fields
             if name not in _NOT_THE_JOB and getattr(self, name) != getattr(other, name)
         ]
 

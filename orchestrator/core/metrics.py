@@ -60,58 +60,87 @@ class DaemonMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.queue_wait = Histogram(
-            "orchestrator_job_queue_wait_seconds", "Request submitted_at to accepted by this host (timings.queued_s)",
-            ["label"], buckets=QUEUE_WAIT_BUCKETS, registry=registry,
+            "orchestrator_job_queue_wait_seconds",
+            "Request submitted_at to accepted by this host (timings.queued_s)",
+            ["label"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
         )
         self.boot = Histogram(
             "orchestrator_vm_boot_seconds",
             "VM asked for to its guest's first command (kind=job) or ready line (kind=pool|restored)",
-            ["label", "kind"], buckets=BOOT_BUCKETS, registry=registry,
+            ["label", "kind"],
+            buckets=BOOT_BUCKETS,
+            registry=registry,
         )
         self.to_first_command = Histogram(
-            "orchestrator_job_to_first_command_seconds", "Job accepted to its script's first command (timings.to_first_command_s)",
-            ["label", "start"], buckets=BOOT_BUCKETS, registry=registry,
+            "orchestrator_job_to_first_command_seconds",
+            "Job accepted to its script's first command (timings.to_first_command_s)",
+            ["label", "start"],
+            buckets=BOOT_BUCKETS,
+            registry=registry,
         )
         self.run = Histogram(
-            "orchestrator_job_run_seconds", "Job started to finished (timings.run_s)",
-            ["label", "status"], buckets=RUN_BUCKETS, registry=registry,
+            "orchestrator_job_run_seconds",
+            "Job started to finished (timings.run_s)",
+            ["label", "status"],
+            buckets=RUN_BUCKETS,
+            registry=registry,
         )
         self.image_prepare = Histogram(
-            "orchestrator_image_prepare_seconds", "Image preparations (download, verify, install)",
-            ["label", "outcome"], buckets=PREPARE_BUCKETS, registry=registry,
+            "orchestrator_image_prepare_seconds",
+            "Image preparations (download, verify, install)",
+            ["label", "outcome"],
+            buckets=PREPARE_BUCKETS,
+            registry=registry,
         )
         self.image_prepare_bytes = Histogram(
-            "orchestrator_image_prepare_bytes", "Bytes an image preparation wrote (decompressed)",
-            ["label", "outcome"], buckets=PREPARE_BYTE_BUCKETS, registry=registry,
+            "orchestrator_image_prepare_bytes",
+            "Bytes an image preparation wrote (decompressed)",
+            ["label", "outcome"],
+            buckets=PREPARE_BYTE_BUCKETS,
+            registry=registry,
         )
         self.outbox_backlog = Gauge(
-            "orchestrator_outbox_backlog", "Results stored in the journal that the broker has not confirmed",
+            "orchestrator_outbox_backlog",
+            "Results stored in the journal that the broker has not confirmed",
             registry=registry,
         )
         self.loop_lag = Histogram(
-            "orchestrator_event_loop_lag_seconds", f"How late a {LOOP_LAG_INTERVAL_S:g} s sleep on the event loop wakes",
-            buckets=LOOP_LAG_BUCKETS, registry=registry,
+            "orchestrator_event_loop_lag_seconds",
+            f"How late a {LOOP_LAG_INTERVAL_S:g} s sleep on the event loop wakes",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
         )
         self.loop_lag_last = Gauge(
-            "orchestrator_event_loop_lag_last_seconds", "The latest event loop lag measured", registry=registry,
+            "orchestrator_event_loop_lag_last_seconds",
+            "The latest event loop lag measured",
+            registry=registry,
         )
         self.draining = Gauge(
-            "orchestrator_draining", "1 while the host takes no new jobs (draining)", registry=registry,
+            "orchestrator_draining",
+            "1 while the host takes no new jobs (draining)",
+            registry=registry,
         )
         self.requeues = Counter(
             "orchestrator_requeues_total",
             "Job deliveries handed back to the broker, by reason; each counts toward DELIVERY_LIMIT",
-            ["reason"], registry=registry,
+            ["reason"],
+            registry=registry,
         )
         self.held = Gauge(
-            "orchestrator_deliveries_held", "Deliveries held un-acked, waiting for room for their size", registry=registry,
+            "orchestrator_deliveries_held",
+            "Deliveries held un-acked, waiting for room for their size",
+            registry=registry,
         )
         self.claimed = Gauge(
-            "orchestrator_window_claims", "Room promised to deliveries the broker may send this host (its window)",
+            "orchestrator_window_claims",
+            "Room promised to deliveries the broker may send this host (its window)",
             registry=registry,
         )
         self.dead_letter_results = Counter(
-            "orchestrator_dead_letter_results_total", "Error results published for dead-lettered job requests",
+            "orchestrator_dead_letter_results_total",
+            "Error results published for dead-lettered job requests",
             registry=registry,
         )
 
@@ -127,7 +156,13 @@ class DaemonMetrics:
         self.queue_wait.labels(label).observe(queued_s)
 
     def job_finished(
-        self, *, label: str, status: str, warm: bool, run_s: float | None, to_first_command_s: float | None,
+        self,
+        *,
+        label: str,
+        status: str,
+        warm: bool,
+        run_s: float | None,
+        to_first_command_s: float | None,
         boot_s: float | None,
     ) -> None:
         """One finished job's timings; None for what it never reached (a VM that did not

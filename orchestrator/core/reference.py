@@ -70,14 +70,23 @@ def map_reference_settings(raw: dict[str, Any], *, default_prefix: str) -> None:
         )
 
 
-def describe(environ: Mapping[str, str], *, prefix: str, exchange: str | None, queue: str | None,
-             routing_key: str, prefetch: int | None) -> Iterator[ReferenceSetting]:
+def describe(
+    environ: Mapping[str, str],
+    *,
+    prefix: str,
+    exchange: str | None,
+    queue: str | None,
+    routing_key: str,
+    prefetch: int | None,
+) -> Iterator[ReferenceSetting]:
     """What each reference setting in `environ` became, given the settings loaded (the
     caller masks the password in `AMQP_URL`)."""
     jobs = f"{prefix}.jobs"
     for variable, meaning in SAME_HERE.items():
         if environ.get(variable):
-            yield ReferenceSetting(variable=variable, value=environ[variable], became=f"the same setting here: {meaning}")
+            yield ReferenceSetting(
+                variable=variable, value=environ[variable], became=f"the same setting here: {meaning}"
+            )
     if environ.get("AMQP_EXCHANGE"):
         value = environ["AMQP_EXCHANGE"]
         if exchange is None:
@@ -88,19 +97,27 @@ def describe(environ: Mapping[str, str], *, prefix: str, exchange: str | None, q
             became = f"bound into {jobs} with key {routing_key}: requests published there reach the label queues"
         yield ReferenceSetting(variable="AMQP_EXCHANGE", value=value, became=became)
     if environ.get("AMQP_QUEUE"):
-        yield ReferenceSetting(variable="AMQP_QUEUE", value=environ["AMQP_QUEUE"],
-                               became=f"consumed as an ingress: each request re-published to {jobs} with its runs_on (or the default label)")
+        yield ReferenceSetting(
+            variable="AMQP_QUEUE",
+            value=environ["AMQP_QUEUE"],
+            became=f"consumed as an ingress: each request re-published to {jobs} with its runs_on (or the default label)",
+        )
     if environ.get("AMQP_ROUTING_KEY"):
         if exchange is None and queue is None:
-            became = (f"{jobs} has no label queue bound with it: requests published with it are re-published "
-                      "with their runs_on (or the default label), as any unroutable request")
+            became = (
+                f"{jobs} has no label queue bound with it: requests published with it are re-published "
+                "with their runs_on (or the default label), as any unroutable request"
+            )
         else:
             became = "the key of the ingress binding"
         yield ReferenceSetting(variable="AMQP_ROUTING_KEY", value=environ["AMQP_ROUTING_KEY"], became=became)
     if environ.get("AMQP_PREFETCH"):
         yield ReferenceSetting(
-            variable="AMQP_PREFETCH", value=environ["AMQP_PREFETCH"],
-            became=("not applied: each host's window sets its consumers' prefetch from what it can start now "
-                    "(MAX_CONCURRENCY, CAPACITY_MAP, CPU and memory); a fixed prefetch would let the broker send "
-                    "more than fits" + (f" (read as {prefetch})" if prefetch is not None else "")),
+            variable="AMQP_PREFETCH",
+            value=environ["AMQP_PREFETCH"],
+            became=(
+                "not applied: each host's window sets its consumers' prefetch from what it can start now "
+                "(MAX_CONCURRENCY, CAPACITY_MAP, CPU and memory); a fixed prefetch would let the broker send "
+                "more than fits" + (f" (read as {prefetch})" if prefetch is not None else "")
+            ),
         )

@@ -24,7 +24,9 @@ SHOWN_KEY_CHARS = 64  # of a field name from the message, in a reason or log lin
 def _where(loc: tuple[int | str, ...]) -> str:
     """A dotted field path for a reason; names taken from the message are cut short, so
     a hostile one cannot make the reason (and the log line) as large as the message."""
-    parts = [str(part) if len(str(part)) <= SHOWN_KEY_CHARS else f"{str(part)[:SHOWN_KEY_CHARS]}..." for part in loc[:8]]
+    parts = [
+        str(part) if len(str(part)) <= SHOWN_KEY_CHARS else f"{str(part)[:SHOWN_KEY_CHARS]}..." for part in loc[:8]
+    ]
     return ".".join(parts) + (".(...)" if len(loc) > 8 else "") or "(message)"
 
 

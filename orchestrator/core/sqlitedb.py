@@ -27,7 +27,9 @@ class GroupCommitDatabase:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(schema)
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
+        self._pending: list[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+        ] = []
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
@@ -56,7 +58,9 @@ class GroupCommitDatabase:
                 loop.call_soon_threadsafe(functools.partial(_settle, future, value, ok=ok))
         self._conn.close()
 
-    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]]) -> list[tuple[bool, Any]]:
+    def _commit(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]]
+    ) -> list[tuple[bool, Any]]:
         """Run a batch in one transaction. Whatever fails — the database locked longer
         than the busy timeout, a full disk — fails this batch's operations and leaves the
         thread serving the next one: a stuck journal would hang everything that waits

@@ -131,9 +131,12 @@ async def _declare_dlq(
         await probe.declare_queue(topology.dlq, durable=True, arguments=arguments)
     except aio_pika.exceptions.ChannelPreconditionFailed as exc:
         log.warning(
-            "dlq.bound_not_applied", queue=topology.dlq, max_length=max_length, error=str(exc),
+            "dlq.bound_not_applied",
+            queue=topology.dlq,
+            max_length=max_length,
+            error=str(exc),
             fix=f"rabbitmqctl set_policy --apply-to queues orchestrator-dlq '^{topology.dlq}$' "
-                f"'{{\"max-length\":{max_length}}}' (or delete the queue so it is declared bounded)",
+            f"'{{\"max-length\":{max_length}}}' (or delete the queue so it is declared bounded)",
         )
     finally:
         if not probe.is_closed:
@@ -142,8 +145,13 @@ async def _declare_dlq(
 
 
 async def declare_topology(
-    connection: AbstractConnection, topology: Topology, image_map: ImageMap | None, *, delivery_limit: int,
-    dlq_max_length: int, quorum_size: int,
+    connection: AbstractConnection,
+    topology: Topology,
+    image_map: ImageMap | None,
+    *,
+    delivery_limit: int,
+    dlq_max_length: int,
+    quorum_size: int,
 ) -> DeclaredTopology:
     """Declare everything on a channel of `connection`; the caller closes
     `DeclaredTopology.channel` when it no longer needs the objects. Without an image map
@@ -153,7 +161,8 @@ async def declare_topology(
     dlq = await _declare_dlq(connection, channel, topology, dlq_max_length, quorum_size)
     await dlq.bind(dlx, routing_key="")
     dead_letters = await channel.declare_queue(
-        topology.dead_letters_queue, durable=True,
+        topology.dead_letters_queue,
+        durable=True,
         arguments=quorum_queue_arguments(quorum_size, **{"x-max-length": dlq_max_length, "x-overflow": "drop-head"}),
     )
     await dead_letters.bind(dlx, routing_key="")
@@ -190,8 +199,13 @@ async def declare_topology(
 
 async def delete_topology(channel: AbstractChannel, topology: Topology, labels: list[str]) -> None:
     """Remove everything `declare_topology` made (tests and benchmarks clean up with it)."""
-    for name in [topology.label_queue(label) for label in labels] + [topology.unroutable_queue, topology.dlq, topology.dead_letters_queue,
-                                                             topology.results_queue, topology.forge_status_queue]:
+    for name in [topology.label_queue(label) for label in labels] + [
+        topology.unroutable_queue,
+        topology.dlq,
+        topology.dead_letters_queue,
+        topology.results_queue,
+        topology.forge_status_queue,
+    ]:
         await channel.queue_delete(name)
     for name in topology.exchanges():
         await channel.exchange_delete(name)

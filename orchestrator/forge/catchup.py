@@ -135,8 +135,9 @@ class CatchUp:
         for event in todo[:limit]:
             report.ran.append(f"{event.ref_key}@{event.commit_sha}")
             if self._dispatcher is not None:
-                await self._dispatcher.submit(forge_name, f"catch-up/{event.ref_key}/{event.commit_sha}", event,
-                                              source="catch-up")
+                await self._dispatcher.submit(
+                    forge_name, f"catch-up/{event.ref_key}/{event.commit_sha}", event, source="catch-up"
+                )
                 self.caught_up[(forge_name, full_name)] += 1
         if self._dispatcher is not None:
             # Heads skipped over the commit limit stay unrecorded: the next pass runs them.
@@ -147,8 +148,13 @@ class CatchUp:
         await self._check_hooks(forge_name, forge, repo, rlog)
         if report.skipped:
             rlog.warning("catchup.skipped", commits=report.skipped, limit=limit)
-        rlog.info("catchup.pass", heads=report.heads, ran=len(report.ran), first_pass=report.first_pass,
-                  api_calls=api.calls - calls_before)
+        rlog.info(
+            "catchup.pass",
+            heads=report.heads,
+            ran=len(report.ran),
+            first_pass=report.first_pass,
+            api_calls=api.calls - calls_before,
+        )
         return report
 
     async def _check_hooks(self, forge_name: str, forge: Forge, repo: Repo, rlog: EventLogger) -> None:
@@ -164,12 +170,17 @@ class CatchUp:
             rlog.warning("catchup.hooks_unreadable", error=str(exc))
             return
         ours = [h for h in listed if h.url.rstrip("/").endswith(f"/hooks/{forge_name}")]
-        problems = [f"webhook {h.id} ({h.url}) is {h.alert_status.value}" for h in ours if h.alert_status.value != "executable"]
+        problems = [
+            f"webhook {h.id} ({h.url}) is {h.alert_status.value}" for h in ours if h.alert_status.value != "executable"
+        ]
         key = (forge_name, repo.full_name)
         if problems:
             self.hook_problems[key] = problems
-            rlog.warning("catchup.hook_disabled", problems=problems,
-                         fix="re-enable it in the project's Settings > Webhooks (Edit, then Save or Test)")
+            rlog.warning(
+                "catchup.hook_disabled",
+                problems=problems,
+                fix="re-enable it in the project's Settings > Webhooks (Edit, then Save or Test)",
+            )
         else:
             self.hook_problems.pop(key, None)
 
@@ -196,13 +207,24 @@ async def _retrying(call, rlog: EventLogger):  # type: ignore[no-untyped-def]
 
 
 def _push(repo: Repo, head: BranchHead) -> ForgeEvent:
-    return ForgeEvent(kind=EventKind.PUSH, repo=repo, commit_sha=head.commit_sha, branch=head.name,
-                      delivery_id=f"catch-up/branch/{head.name}/{head.commit_sha}")
+    return ForgeEvent(
+        kind=EventKind.PUSH,
+        repo=repo,
+        commit_sha=head.commit_sha,
+        branch=head.name,
+        delivery_id=f"catch-up/branch/{head.name}/{head.commit_sha}",
+    )
 
 
 def _pull(repo: Repo, pull: PullHead) -> ForgeEvent:
     return ForgeEvent(
-        kind=EventKind.PULL_REQUEST, repo=repo, commit_sha=pull.commit_sha, branch=pull.base_branch,
-        pull_number=pull.number, head_branch=pull.head_branch, head_clone_url=pull.head_clone_url,
-        from_fork=pull.from_fork, delivery_id=f"catch-up/pull/{pull.number}/{pull.commit_sha}",
+        kind=EventKind.PULL_REQUEST,
+        repo=repo,
+        commit_sha=pull.commit_sha,
+        branch=pull.base_branch,
+        pull_number=pull.number,
+        head_branch=pull.head_branch,
+        head_clone_url=pull.head_clone_url,
+        from_fork=pull.from_fork,
+        delivery_id=f"catch-up/pull/{pull.number}/{pull.commit_sha}",
     )

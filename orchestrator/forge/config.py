@@ -115,7 +115,9 @@ class RepositoryEntry(BaseModel):
     forge: Annotated[str, StringConstraints(pattern=NAME)]
     jobs_file: Annotated[str, StringConstraints(min_length=1, max_length=512)] = ".orchestrator.yaml"
     webhook_secret: SecretSource | None = None
-    secrets: dict[Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)], SecretSource] = Field(default_factory=dict)
+    secrets: dict[Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)], SecretSource] = Field(
+        default_factory=dict
+    )
     forks: bool = False
     cancel_superseded: bool = False
     fallback: Fallback | None = None
@@ -179,7 +181,9 @@ class LoadedForgeConfig(BaseModel):
         return [chosen.get_secret_value()] if chosen is not None else []
 
     def secrets_for(self, repo: RepositoryEntry) -> dict[str, str]:
-        return {k: v.get_secret_value() for k, v in self.job_secrets.get(self.config.repositories.index(repo), {}).items()}
+        return {
+            k: v.get_secret_value() for k, v in self.job_secrets.get(self.config.repositories.index(repo), {}).items()
+        }
 
 
 def _where(document: YamlDocument, path: tuple[Any, ...]) -> str:
@@ -194,9 +198,13 @@ def _check(config: ForgeConfig, document: YamlDocument) -> list[str]:
     for index, repo in enumerate(config.repositories):
         if repo.forge not in config.forges:
             known = ", ".join(sorted(config.forges))
-            problems.append(f"{_where(document, ('repositories', index, 'forge'))}: unknown forge {repo.forge!r} (forges: {known})")
+            problems.append(
+                f"{_where(document, ('repositories', index, 'forge'))}: unknown forge {repo.forge!r} (forges: {known})"
+            )
         elif repo.webhook_secret is None and config.forges[repo.forge].webhook_secret is None:
-            problems.append(f"{_where(document, ('repositories', index))}: no webhook_secret here or on forge {repo.forge!r}")
+            problems.append(
+                f"{_where(document, ('repositories', index))}: no webhook_secret here or on forge {repo.forge!r}"
+            )
     return problems
 
 
@@ -217,10 +225,12 @@ def load_forge_config(path: Path, environ: dict[str, str] | None = None) -> Load
     try:
         config = ForgeConfig.model_validate(document.data)
     except ValidationError as exc:
-        raise ForgeConfigError("\n".join(
-            f"{_where(document, tuple(e['loc']))}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
-            for e in exc.errors()
-        )) from None
+        raise ForgeConfigError(
+            "\n".join(
+                f"{_where(document, tuple(e['loc']))}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in exc.errors()
+            )
+        ) from None
     problems = _check(config, document)
     secrets: dict[str, Any] = {"tokens": {}, "forge_secrets": {}, "repo_secrets": {}, "job_secrets": {}}
 
@@ -244,4 +254,3 @@ def load_forge_config(path: Path, environ: dict[str, str] | None = None) -> Load
     if problems:
         raise ForgeConfigError("\n".join(problems))
     return LoadedForgeConfig(config=config, **secrets)
-

@@ -32,6 +32,7 @@ log = EventLogger("orchestrator.forge.dispatcher")
 RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 60.0
 
+
 class Dispatcher:
     def __init__(
         self,
@@ -65,7 +66,9 @@ class Dispatcher:
         if source == "webhook":
             self.last_webhook[(forge, event.repo.full_name)] = time.time()
         key, data = f"{forge}/{delivery_id}", event_to_json(event)
-        fresh = await self._journal.record_delivery(key, forge=forge, repo=event.repo.full_name, source=source, event=data)
+        fresh = await self._journal.record_delivery(
+            key, forge=forge, repo=event.repo.full_name, source=source, event=data
+        )
         if fresh:  # straight to work; the journal is scanned only at start and after a failure
             self._start(Delivery(key, forge, event.repo.full_name, source, data))
         return fresh
@@ -120,8 +123,9 @@ class Dispatcher:
             await self._journal.finish_delivery(delivery.key, "the repository is no longer configured")
             return True
         try:
-            plan = await plan_event(event, forge_name=delivery.forge, forge=forge, repo=repo,
-                                    secrets=self._config.secrets_for(repo))
+            plan = await plan_event(
+                event, forge_name=delivery.forge, forge=forge, repo=repo, secrets=self._config.secrets_for(repo)
+            )
         except ForgeApiError as exc:
             dlog.warning("delivery.jobs_file_unreadable", error=str(exc), retry=exc.retry_after_s is not None)
             if exc.retry_after_s is not None:
@@ -134,7 +138,9 @@ class Dispatcher:
         # "queued" is proposed before the job is published, so it is never proposed
         # after "running" (statuses only move forward: a late one would be dropped).
         statuses = [(delivery.forge, event.repo, event.commit_sha, status) for status in plan.statuses]
-        statuses += [(run.forge, run.repo, run.commit_sha, queued(run.context, caught_up=caught_up)) for run in plan.runs]
+        statuses += [
+            (run.forge, run.repo, run.commit_sha, queued(run.context, caught_up=caught_up)) for run in plan.runs
+        ]
         current, changed = await self._journal.add_plan(plan.runs, statuses)
         if changed:
             self._statuses_changed()
@@ -173,14 +179,17 @@ class Dispatcher:
         request = JobRequest.model_validate_json(run.request)
         try:
             await self._publisher.publish(
-                self._topology.jobs, request.runs_on or "",
+                self._topology.jobs,
+                request.runs_on or "",
                 json_message(request, message_id=message_id_for(run.request_id, request.attempt)),
             )
         except Exception as exc:  # the broker is away: the run stays unpublished, tried again
             log.warning("job.publish_failed", job_id=run.request_id, error=describe_error(exc))
             return False
         self.counts["jobs_published"] += 1
-        log.info("job.published", job_id=run.request_id, repo=run.repo.full_name, commit=run.commit_sha, job=run.job_name)
+        log.info(
+            "job.published", job_id=run.request_id, repo=run.repo.full_name, commit=run.commit_sha, job=run.job_name
+        )
         return True
 
     async def rerun(self, repo: str, commit_sha: str, *, job: str | None = None) -> list[Run]:
@@ -192,11 +201,29 @@ class Dispatcher:
         newest: dict[tuple[str, str, str], Run] = {(r.forge, r.ref_key, r.job_name): r for r in earlier}
         fresh: list[Run] = []
         for (forge, ref_key, name), run in sorted(newest.items()):
-            number = 1 + sum(1 for r in earlier if (r.forge, r.ref_key, r.job_name) == (forge, ref_key, name) and r.request_id != _first_id(r))
+            number = 1 + sum(
+                1
+                for r in earlier
+                if (r.forge, r.ref_key, r.job_name) == (forge, ref_key, name) and r.request_id != _first_id(r)
+            )
             request_uuid = request_id_for(forge, repo, ref_key, commit_sha, name, rerun=number)
-            request = JobRequest.model_validate_json(run.request).model_copy(update={"request_id": request_uuid, "attempt": 1})
+            request = JobRequest.model_validate_json(run.request).model_copy(
+                update={"request_id": request_uuid, "attempt": 1}
+            )
             request_id = str(request_uuid)
-            fresh.append(Run(request_id, forge, run.repo, commit_sha, ref_key, name, run.context, request.model_dump_json(), False))
+            fresh.append(
+                Run(
+                    request_id,
+                    forge,
+                    run.repo,
+                    commit_sha,
+                    ref_key,
+                    name,
+                    run.context,
+                    request.model_dump_json(),
+                    False,
+                )
+            )
         await self._journal.add_plan(fresh, [])
         for run in fresh:
             await self._propose_status(run.forge, run.repo, run.commit_sha, queued(run.context), restart=True)
@@ -214,7 +241,8 @@ class Dispatcher:
                 continue
             try:
                 await self._publisher.publish(
-                    self._topology.control, "",
+                    self._topology.control,
+                    "",
                     json_message(ControlMessage(kind=ControlKind.CANCEL, request_id=old.request_id), persistent=False),
                 )
             except Exception as exc:  # the job's own result still arrives; only the cancel is lost

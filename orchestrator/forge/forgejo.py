@@ -98,6 +98,7 @@ TAG_PREFIX = "refs/tags/"
 
 # --- headers ------------------------------------------------------------------------
 
+
 def _headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Lower-cased names: the receiver may hand over a plain dict."""
     return {name.lower(): value for name, value in headers.items()}
@@ -128,6 +129,7 @@ def _signature_ok(signature: str, body: bytes, secrets: list[str]) -> bool:
 
 
 # --- payload models -----------------------------------------------------------------
+
 
 def _lower(value: str) -> str:
     return value.lower()
@@ -265,6 +267,7 @@ def _load(body: bytes) -> dict[str, Any]:
 
 # --- parse: payload -> event --------------------------------------------------------
 
+
 def _is_zero(sha: str) -> bool:
     return set(sha) == {"0"}
 
@@ -285,13 +288,26 @@ def parse_push(payload: dict[str, Any], delivery_id: str) -> WebhookOutcome:
         return Ignored(f"deletion of {push.ref[:200]}")
     repo, sender = _repo(push.repository), _sender(push.sender, push.pusher)
     if push.ref.startswith(BRANCH_PREFIX) and len(push.ref) > len(BRANCH_PREFIX):
-        return ForgeEvent(kind=EventKind.PUSH, repo=repo, commit_sha=push.after, branch=push.ref[len(BRANCH_PREFIX):],
-                          delivery_id=delivery_id, sender=sender)
+        return ForgeEvent(
+            kind=EventKind.PUSH,
+            repo=repo,
+            commit_sha=push.after,
+            branch=push.ref[len(BRANCH_PREFIX) :],
+            delivery_id=delivery_id,
+            sender=sender,
+        )
     if push.ref.startswith(TAG_PREFIX) and len(push.ref) > len(TAG_PREFIX):
         # `after` of an annotated tag is the tag object; `head_commit` is its commit.
         commit = push.head_commit.id if push.head_commit is not None else push.after
-        return ForgeEvent(kind=EventKind.PUSH, repo=repo, commit_sha=commit, branch=None,
-                          tag=push.ref[len(TAG_PREFIX):], delivery_id=delivery_id, sender=sender)
+        return ForgeEvent(
+            kind=EventKind.PUSH,
+            repo=repo,
+            commit_sha=commit,
+            branch=None,
+            tag=push.ref[len(TAG_PREFIX) :],
+            delivery_id=delivery_id,
+            sender=sender,
+        )
     return Ignored(f"push to {push.ref[:200]}, neither a branch nor a tag")
 
 
@@ -305,13 +321,21 @@ def parse_pull_request(payload: dict[str, Any], delivery_id: str, event_type: st
         return Ignored(f"pull request #{pr.number} {action} but {pr.state}")
     head = _convert_pull(pr, base_id=pull.repository.id, base_clone_url=pull.repository.clone_url)
     return ForgeEvent(
-        kind=EventKind.PULL_REQUEST, repo=_repo(pull.repository), commit_sha=head.commit_sha, branch=head.base_branch,
-        pull_number=head.number, head_branch=head.head_branch, head_clone_url=head.head_clone_url,
-        from_fork=head.from_fork, delivery_id=delivery_id, sender=_sender(pull.sender),
+        kind=EventKind.PULL_REQUEST,
+        repo=_repo(pull.repository),
+        commit_sha=head.commit_sha,
+        branch=head.base_branch,
+        pull_number=head.number,
+        head_branch=head.head_branch,
+        head_clone_url=head.head_clone_url,
+        from_fork=head.from_fork,
+        delivery_id=delivery_id,
+        sender=_sender(pull.sender),
     )
 
 
 # --- convert: pull request -> our model (shared by webhooks and catch-up) ------------
+
 
 def _convert_pull(pr: _PullRequest, *, base_id: int | None, base_clone_url: str) -> PullHead:
     head_id = pr.head.repository_id
@@ -322,8 +346,12 @@ def _convert_pull(pr: _PullRequest, *, base_id: int | None, base_clone_url: str)
     else:  # a deleted fork or an AGit head: the commits are at refs/pull/<n>/head here
         clone_url = base_clone_url
     return PullHead(
-        number=pr.number, commit_sha=pr.head.sha, base_branch=pr.base.ref,
-        head_branch=pr.head.label or pr.head.ref, head_clone_url=clone_url, from_fork=from_fork,
+        number=pr.number,
+        commit_sha=pr.head.sha,
+        base_branch=pr.base.ref,
+        head_branch=pr.head.label or pr.head.ref,
+        head_clone_url=clone_url,
+        from_fork=from_fork,
     )
 
 
@@ -333,6 +361,7 @@ def _description(text: str) -> str:
 
 
 # --- the forge ----------------------------------------------------------------------
+
 
 class ForgejoForge:
     """A Forgejo or Gitea instance: `api_url` is its base URL (`https://codeberg.org`,
@@ -402,8 +431,11 @@ class ForgejoForge:
         path = self._repo_path(Repo(owner=owner, name=name, clone_url=""))
         body, _ = await self.api.request("GET", path, missing_ok=True)
         if body is None:
-            raise ForgeApiError(f"GET {path}: repository {full_name} does not exist or the token cannot see it",
-                                status=404, retry_after_s=None)
+            raise ForgeApiError(
+                f"GET {path}: repository {full_name} does not exist or the token cannot see it",
+                status=404,
+                retry_after_s=None,
+            )
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
@@ -435,9 +467,13 @@ class ForgejoForge:
         path = f"{self._repo_path(repo)}/pulls"
         pulls = [self._api_item(_PullRequest, item, path) for item in await self._all_pages(path, {"state": "open"})]
         return [
-            _convert_pull(pr, base_id=pr.base.repository_id,
-                          base_clone_url=pr.base.repo.clone_url if pr.base.repo is not None else repo.clone_url)
-            for pr in pulls if pr.state == "open"
+            _convert_pull(
+                pr,
+                base_id=pr.base.repository_id,
+                base_clone_url=pr.base.repo.clone_url if pr.base.repo is not None else repo.clone_url,
+            )
+            for pr in pulls
+            if pr.state == "open"
         ]
 
     async def close(self) -> None:
@@ -449,14 +485,16 @@ class ForgejoForge:
         items: list[Any] = []
         for page in range(1, MAX_PAGES + 1):
             body, headers = await self.api.request(
-                "GET", path, params={**params, "page": str(page), "limit": str(PAGE_LIMIT)})
+                "GET", path, params={**params, "page": str(page), "limit": str(PAGE_LIMIT)}
+            )
             try:
                 batch = json.loads(body or b"null")
             except (ValueError, RecursionError):
                 raise ForgeApiError(f"GET {path}: the answer is not JSON", status=200, retry_after_s=None) from None
             if not isinstance(batch, list):
-                raise ForgeApiError(f"GET {path}: expected a list, got {type(batch).__name__}", status=200,
-                                    retry_after_s=None)
+                raise ForgeApiError(
+                    f"GET {path}: expected a list, got {type(batch).__name__}", status=200, retry_after_s=None
+                )
             items.extend(batch)
             if not batch or not NEXT_LINK.search(headers.get("Link", "")):
                 return items

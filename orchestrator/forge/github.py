@@ -72,12 +72,16 @@ class GitHubForge:
     kind = ForgeKind.GITHUB
 
     def __init__(self, api_url: str, token: str, *, timeout_s: float = 30.0) -> None:
-        self.api = ApiClient(api_url, {
-            "Authorization": f"Bearer {token}",
-            "Accept": JSON_MEDIA_TYPE,
-            "X-GitHub-Api-Version": API_VERSION,
-            "User-Agent": USER_AGENT,  # GitHub refuses requests without one
-        }, timeout_s=timeout_s)
+        self.api = ApiClient(
+            api_url,
+            {
+                "Authorization": f"Bearer {token}",
+                "Accept": JSON_MEDIA_TYPE,
+                "X-GitHub-Api-Version": API_VERSION,
+                "User-Agent": USER_AGENT,  # GitHub refuses requests without one
+            },
+            timeout_s=timeout_s,
+        )
 
     def __repr__(self) -> str:  # never the token
         return f"GitHubForge({self.api.base_url!r})"
@@ -98,7 +102,7 @@ class GitHubForge:
         signature = _header(headers, SIGNATURE_HEADER)
         if not signature.lower().startswith(SIGNATURE_PREFIX):
             return False
-        given = signature[len(SIGNATURE_PREFIX):].strip().lower().encode("ascii", errors="replace")
+        given = signature[len(SIGNATURE_PREFIX) :].strip().lower().encode("ascii", errors="replace")
         matched = False
         for secret in secrets:
             if not secret:  # an empty key is a signature anybody can make
@@ -131,8 +135,11 @@ class GitHubForge:
             document = await self.api.get_json(path)
         except ForgeApiError as exc:
             if exc.status == 404:
-                raise ForgeApiError(f"GET {path}: repository {full_name} does not exist or the token cannot see it",
-                                    status=404, retry_after_s=None) from None
+                raise ForgeApiError(
+                    f"GET {path}: repository {full_name} does not exist or the token cannot see it",
+                    status=404,
+                    retry_after_s=None,
+                ) from None
             raise
         try:
             answer = _ApiRepository.model_validate(document)
@@ -141,14 +148,21 @@ class GitHubForge:
             where = ".".join(str(part) for part in first["loc"]) or "body"
             raise _malformed(path, WebhookError(f"{where}: {first['msg']}")) from None
         if answer.full_name != f"{answer.owner.login}/{answer.name}":
-            raise _malformed(path, WebhookError(
-                f"full_name {answer.full_name!r} is not owner.login/name ({answer.owner.login}/{answer.name})"))
+            raise _malformed(
+                path,
+                WebhookError(
+                    f"full_name {answer.full_name!r} is not owner.login/name ({answer.owner.login}/{answer.name})"
+                ),
+            )
         return Repo(owner=answer.owner.login, name=answer.name, clone_url=answer.clone_url)
 
     async def read_file(self, repo: Repo, path: str, commit_sha: str) -> bytes | None:
         body, headers = await self.api.request(
-            "GET", f"{_repo_path(repo)}/contents/{quote(path.lstrip('/'), safe='/')}",
-            params={"ref": commit_sha}, headers={"Accept": RAW_MEDIA_TYPE}, missing_ok=True,
+            "GET",
+            f"{_repo_path(repo)}/contents/{quote(path.lstrip('/'), safe='/')}",
+            params={"ref": commit_sha},
+            headers={"Accept": RAW_MEDIA_TYPE},
+            missing_ok=True,
         )
         if body is None:
             return None
@@ -229,7 +243,7 @@ def _owner_and_name(full_name: str) -> tuple[str, str]:
 def shorten(description: str, limit: int = DESCRIPTION_LIMIT) -> str:
     """One line of at most `limit` characters, cut with an ellipsis when longer."""
     line = " ".join(description.split())
-    return line if len(line) <= limit else line[:limit - 1].rstrip() + "…"
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
 # --- payload → event --------------------------------------------------------------------

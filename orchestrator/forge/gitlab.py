@@ -190,8 +190,15 @@ def parse_push(body: Any, delivery_id: str) -> WebhookOutcome:
     sha = push.checkout_sha or (push.after if tag is None else None)
     if sha is None:
         return Ignored(f"{what} does not point to a commit")
-    return ForgeEvent(kind=EventKind.PUSH, repo=_repo(push.project), commit_sha=sha, branch=branch, tag=tag,
-                      delivery_id=delivery_id, sender=push.user_username)
+    return ForgeEvent(
+        kind=EventKind.PUSH,
+        repo=_repo(push.project),
+        commit_sha=sha,
+        branch=branch,
+        tag=tag,
+        delivery_id=delivery_id,
+        sender=push.user_username,
+    )
 
 
 def parse_merge_request(body: Any, delivery_id: str) -> WebhookOutcome:
@@ -210,10 +217,16 @@ def parse_merge_request(body: Any, delivery_id: str) -> WebhookOutcome:
     if attrs.source_project_id is None or attrs.source is None:
         return Ignored(f"merge request !{attrs.iid}: its source project is gone")
     return ForgeEvent(
-        kind=EventKind.PULL_REQUEST, repo=_repo(mr.project), commit_sha=attrs.last_commit.id,
-        branch=attrs.target_branch, pull_number=attrs.iid, head_branch=attrs.source_branch,
-        head_clone_url=attrs.source.git_http_url, from_fork=attrs.source_project_id != attrs.target_project_id,
-        delivery_id=delivery_id, sender=mr.user.username if mr.user else None,
+        kind=EventKind.PULL_REQUEST,
+        repo=_repo(mr.project),
+        commit_sha=attrs.last_commit.id,
+        branch=attrs.target_branch,
+        pull_number=attrs.iid,
+        head_branch=attrs.source_branch,
+        head_clone_url=attrs.source.git_http_url,
+        from_fork=attrs.source_project_id != attrs.target_project_id,
+        delivery_id=delivery_id,
+        sender=mr.user.username if mr.user else None,
     )
 
 
@@ -279,7 +292,7 @@ class _ApiProject(BaseModel):
 
 
 class _ApiRepository(_Payload):
-    """"Get a single project" (`GET /projects/:id`): the fields the bridge reads, strictly."""
+    """ "Get a single project" (`GET /projects/:id`): the fields the bridge reads, strictly."""
 
     id: int
     path_with_namespace: Annotated[str, StringConstraints(pattern=f"^{PROJECT_PATH.pattern}$")]
@@ -292,8 +305,9 @@ def _answer(model: type[BaseModel], document: Any, what: str) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise ForgeApiError(f"{what}: unexpected answer: {where}: {first['msg']}", status=200,
-                            retry_after_s=None) from None
+        raise ForgeApiError(
+            f"{what}: unexpected answer: {where}: {first['msg']}", status=200, retry_after_s=None
+        ) from None
 
 
 def _shorten(text: str, limit: int = STATUS_TEXT_LIMIT) -> str:
@@ -375,8 +389,11 @@ class GitLabForge:
             document = await self.api.get_json(path)
         except ForgeApiError as exc:
             if exc.status == 404:  # "404 Project Not Found", also for a project the token cannot see
-                raise ForgeApiError(f"GET {path}: repository {full_name} does not exist or the token cannot see it",
-                                    status=404, retry_after_s=None) from None
+                raise ForgeApiError(
+                    f"GET {path}: repository {full_name} does not exist or the token cannot see it",
+                    status=404,
+                    retry_after_s=None,
+                ) from None
             raise
         project = _answer(_ApiRepository, document, f"GET {path}")
         return _named(project.path_with_namespace, project.http_url_to_repo, project.id)
@@ -403,14 +420,17 @@ class GitLabForge:
         that is not retryable. After a final state GitLab starts a new status, so a late
         `pending` would replace a final state: the caller must not send one."""
         state = GITLAB_STATES[status.state]
-        fields: dict[str, str] = {"state": state, "name": status.context,
-                                  "description": _shorten(status.description)}
+        fields: dict[str, str] = {"state": state, "name": status.context, "description": _shorten(status.description)}
         if status.target_url:
             if len(status.target_url) <= STATUS_TEXT_LIMIT:
                 fields["target_url"] = status.target_url
             else:  # GitLab refuses the whole status for a longer one
-                log.warning("forge.status.target_url_dropped", repo=repo.full_name, sha=commit_sha,
-                            length=len(status.target_url))
+                log.warning(
+                    "forge.status.target_url_dropped",
+                    repo=repo.full_name,
+                    sha=commit_sha,
+                    length=len(status.target_url),
+                )
         try:
             await self._post_status(repo, commit_sha, fields, ref)
         except ForgeApiError as exc:
@@ -432,16 +452,20 @@ class GitLabForge:
             if transition is not None and transition.group(2) == fields["state"]:
                 return  # already in that state (e.g. our earlier request did arrive)
             if transition is not None:
-                raise ForgeApiError(f"GitLab refuses {transition.group(2)} -> {fields['state']} for "
-                                    f"{fields['name']!r} on {sha}: {exc}", status=400, retry_after_s=None) from None
+                raise ForgeApiError(
+                    f"GitLab refuses {transition.group(2)} -> {fields['state']} for {fields['name']!r} on {sha}: {exc}",
+                    status=400,
+                    retry_after_s=None,
+                ) from None
             if exc.status == 409 or (exc.status == 400 and _says(exc, "Failed to obtain a lock")):
                 # Another update of this commit's statuses held GitLab's lock: try again.
                 raise ForgeApiError(str(exc), status=exc.status, retry_after_s=DEFAULT_RETRY_S) from None
             raise
 
     async def _merge_request_ref(self, repo: Repo, sha: str) -> str | None:
-        found = await self.api.get_json(f"/projects/{self._project(repo)}/repository/commits/{sha}/merge_requests",
-                                        params={"state": "opened"})
+        found = await self.api.get_json(
+            f"/projects/{self._project(repo)}/repository/commits/{sha}/merge_requests", params={"state": "opened"}
+        )
         for item in found if isinstance(found, list) else []:
             if isinstance(item, dict) and item.get("sha") == sha and isinstance(item.get("iid"), int):
                 return f"refs/merge-requests/{item['iid']}/head"
@@ -450,8 +474,10 @@ class GitLabForge:
     async def branches(self, repo: Repo) -> list[BranchHead]:
         path = f"/projects/{self._project(repo)}/repository/branches"
         items = await self.api.get_all(path, params={"per_page": str(self.per_page)})
-        return [BranchHead(name=b.name, commit_sha=b.commit.id)
-                for b in (_answer(_ApiBranch, item, f"GET {path}") for item in items)]
+        return [
+            BranchHead(name=b.name, commit_sha=b.commit.id)
+            for b in (_answer(_ApiBranch, item, f"GET {path}") for item in items)
+        ]
 
     async def open_pulls(self, repo: Repo) -> list[PullHead]:
         path = f"/projects/{self._project(repo)}/merge_requests"
@@ -461,8 +487,12 @@ class GitLabForge:
         for item in items:
             mr = _answer(_ApiMergeRequest, item, f"GET {path}")
             if mr.sha is None or mr.source_project_id is None:
-                log.info("forge.catchup.mr_skipped", repo=repo.full_name, iid=mr.iid,
-                         reason="no commits" if mr.sha is None else "source project gone")
+                log.info(
+                    "forge.catchup.mr_skipped",
+                    repo=repo.full_name,
+                    iid=mr.iid,
+                    reason="no commits" if mr.sha is None else "source project gone",
+                )
                 continue
             from_fork = mr.source_project_id != mr.target_project_id
             clone_url: str | None = repo.clone_url
@@ -471,11 +501,24 @@ class GitLabForge:
                     fork_urls[mr.source_project_id] = await self._clone_url(mr.source_project_id)
                 clone_url = fork_urls[mr.source_project_id]
             if clone_url is None:
-                log.warning("forge.catchup.mr_skipped", repo=repo.full_name, iid=mr.iid,
-                            reason="the fork cannot be read", source_project_id=mr.source_project_id)
+                log.warning(
+                    "forge.catchup.mr_skipped",
+                    repo=repo.full_name,
+                    iid=mr.iid,
+                    reason="the fork cannot be read",
+                    source_project_id=mr.source_project_id,
+                )
                 continue
-            pulls.append(PullHead(number=mr.iid, commit_sha=mr.sha, base_branch=mr.target_branch,
-                                  head_branch=mr.source_branch, head_clone_url=clone_url, from_fork=from_fork))
+            pulls.append(
+                PullHead(
+                    number=mr.iid,
+                    commit_sha=mr.sha,
+                    base_branch=mr.target_branch,
+                    head_branch=mr.source_branch,
+                    head_clone_url=clone_url,
+                    from_fork=from_fork,
+                )
+            )
         return pulls
 
     async def _clone_url(self, project_id: int) -> str | None:

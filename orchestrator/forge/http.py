@@ -36,7 +36,6 @@ class ForgeApiError(Exception):
         self.retry_after_s = retry_after_s
 
 
-
 def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds to wait from `Retry-After` (seconds or an HTTP date) or a reset header."""
     value = headers.get("Retry-After")
@@ -78,30 +77,43 @@ class ApiClient:
             await self._session.close()
 
     async def request(
-        self, method: str, path: str, *, params: Mapping[str, str] | None = None, json_body: Any = None,
-        headers: Mapping[str, str] | None = None, missing_ok: bool = False,
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        missing_ok: bool = False,
     ) -> tuple[bytes | None, Mapping[str, str]]:
         """The body and headers of a 2xx answer; (None, headers) for 404 with
         `missing_ok`. Raises `ForgeApiError` otherwise."""
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         if self.budget is not None:
             if self.budget <= 0:
-                raise ForgeApiError(f"{method} {path}: this pass's API call budget is spent", status=None, retry_after_s=None)
+                raise ForgeApiError(
+                    f"{method} {path}: this pass's API call budget is spent", status=None, retry_after_s=None
+                )
             self.budget -= 1
         self.calls += 1
         try:
             async with self._http().request(method, url, params=params, json=json_body, headers=headers) as response:
                 body = await _read_capped(response)
                 if len(body) > RESPONSE_CAP:
-                    raise ForgeApiError(f"{method} {path}: answer larger than {RESPONSE_CAP} bytes", status=response.status, retry_after_s=None)
+                    raise ForgeApiError(
+                        f"{method} {path}: answer larger than {RESPONSE_CAP} bytes",
+                        status=response.status,
+                        retry_after_s=None,
+                    )
                 if response.status == 404 and missing_ok:
                     return None, response.headers
                 if response.status >= 400:
                     raise _error(method, path, response.status, response.headers, body)
                 return body, response.headers
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ForgeApiError(f"{method} {path}: {exc or type(exc).__name__}", status=None,
-                                retry_after_s=DEFAULT_RETRY_S) from None
+            raise ForgeApiError(
+                f"{method} {path}: {exc or type(exc).__name__}", status=None, retry_after_s=DEFAULT_RETRY_S
+            ) from None
 
     async def get_json(self, path: str, *, params: Mapping[str, str] | None = None) -> Any:
         body, _ = await self.request("GET", path, params=params)
@@ -116,7 +128,9 @@ class ApiClient:
             body, headers = await self.request("GET", url, params=query)
             page = _json(body, path)
             if not isinstance(page, list):
-                raise ForgeApiError(f"GET {path}: expected a list, got {type(page).__name__}", status=200, retry_after_s=None)
+                raise ForgeApiError(
+                    f"GET {path}: expected a list, got {type(page).__name__}", status=200, retry_after_s=None
+                )
             items.extend(page)
             link = NEXT_LINK.search(headers.get("Link", ""))
             if link:

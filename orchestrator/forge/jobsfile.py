@@ -91,7 +91,9 @@ class JobSpec(BaseModel):
 class JobsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    jobs: dict[Annotated[str, StringConstraints(pattern=JOB_NAME_PATTERN)], JobSpec] = Field(min_length=1, max_length=MAX_JOBS)
+    jobs: dict[Annotated[str, StringConstraints(pattern=JOB_NAME_PATTERN)], JobSpec] = Field(
+        min_length=1, max_length=MAX_JOBS
+    )
 
     def matching(self, event: ForgeEvent) -> dict[str, JobSpec]:
         return {name: job for name, job in self.jobs.items() if job.on.matches(event)}
@@ -123,5 +125,7 @@ def parse_jobs_file(text: bytes, *, filename: str) -> JobsFile:
         raise JobsFileError(f"{document.where(path)}: {dotted}: {_describe(first)}") from None
     for name, job in jobs_file.jobs.items():
         if (job.script is None) == (job.script_path is None):
-            raise JobsFileError(f"{document.where(('jobs', name))}: jobs.{name}: give exactly one of script and script_path")
+            raise JobsFileError(
+                f"{document.where(('jobs', name))}: jobs.{name}: give exactly one of script and script_path"
+            )
     return jobs_file

@@ -121,7 +121,9 @@ def _rank(state: StatusState) -> int:
 
 
 def repo_json(repo: Repo) -> str:
-    return json.dumps({"owner": repo.owner, "name": repo.name, "clone_url": repo.clone_url, "project_id": repo.project_id})
+    return json.dumps(
+        {"owner": repo.owner, "name": repo.name, "clone_url": repo.clone_url, "project_id": repo.project_id}
+    )
 
 
 def repo_from_json(text: str) -> Repo:
@@ -171,13 +173,25 @@ def _insert_run(conn: sqlite3.Connection, run: Run) -> bool:
     cursor = conn.execute(
         "INSERT OR IGNORE INTO runs (request_id, forge, repo, repo_json, commit_sha, ref_key, job_name, context,"
         " request, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (run.request_id, run.forge, run.repo.full_name, repo_json(run.repo), run.commit_sha, run.ref_key,
-         run.job_name, run.context, run.request, time.time()),
+        (
+            run.request_id,
+            run.forge,
+            run.repo.full_name,
+            repo_json(run.repo),
+            run.commit_sha,
+            run.ref_key,
+            run.job_name,
+            run.context,
+            run.request,
+            time.time(),
+        ),
     )
     return cursor.rowcount == 1
 
 
-def _propose(conn: sqlite3.Connection, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool) -> bool:
+def _propose(
+    conn: sqlite3.Connection, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool
+) -> bool:
     row = conn.execute(
         "SELECT state FROM statuses WHERE forge = ? AND repo = ? AND commit_sha = ? AND context = ?",
         (forge, repo.full_name, commit_sha, status.context),
@@ -189,8 +203,17 @@ def _propose(conn: sqlite3.Connection, forge: str, repo: Repo, commit_sha: str, 
     conn.execute(
         "INSERT OR REPLACE INTO statuses (forge, repo, commit_sha, context, repo_json, state, description,"
         " target_url, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (forge, repo.full_name, commit_sha, status.context, repo_json(repo), status.state.value,
-         status.description, status.target_url, time.time()),
+        (
+            forge,
+            repo.full_name,
+            commit_sha,
+            status.context,
+            repo_json(repo),
+            status.state.value,
+            status.description,
+            status.target_url,
+            time.time(),
+        ),
     )
     conn.execute(
         "INSERT INTO status_outbox (forge, repo_json, commit_sha, context, state, description, target_url)"
@@ -218,8 +241,10 @@ def _alive(pid: int) -> bool:
 
 
 def _release(conn: sqlite3.Connection, pending: PendingStatus) -> None:
-    conn.execute("DELETE FROM status_claims WHERE forge = ? AND repo_json = ? AND commit_sha = ? AND context = ?",
-                 _claim_key(pending))
+    conn.execute(
+        "DELETE FROM status_claims WHERE forge = ? AND repo_json = ? AND commit_sha = ? AND context = ?",
+        _claim_key(pending),
+    )
 
 
 class BridgeJournal:
@@ -277,7 +302,8 @@ class BridgeJournal:
     async def runs_for_commit(self, repo: str, commit_sha: str) -> list[Run]:
         def op(conn: sqlite3.Connection) -> list[Run]:
             rows = conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE repo = ? AND commit_sha = ? ORDER BY created_at", (repo, commit_sha)
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE repo = ? AND commit_sha = ? ORDER BY created_at",
+                (repo, commit_sha),
             ).fetchall()
             return [_run(r) for r in rows]
 
@@ -293,14 +319,18 @@ class BridgeJournal:
 
         return await self._db.submit(op)
 
-    async def propose_status(self, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool = False) -> bool:
+    async def propose_status(
+        self, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool = False
+    ) -> bool:
         """Make `status` the one to show for its context, unless the context already has
         a status of a higher rank (a late `pending` never overwrites a result; the first
         final state stays). `restart` (an explicit re-run) starts the context over.
         True when the forge must be told."""
         return await self._db.submit(lambda conn: _propose(conn, forge, repo, commit_sha, status, restart=restart))
 
-    async def add_plan(self, runs: list[Run], statuses: list[tuple[str, Repo, str, CommitStatus]]) -> tuple[list[Run], bool]:
+    async def add_plan(
+        self, runs: list[Run], statuses: list[tuple[str, Repo, str, CommitStatus]]
+    ) -> tuple[list[Run], bool]:
         """In one transaction: keep the runs (existing ones stay as they are) and propose
         the statuses. Returns the runs as journaled now, and whether a status changed."""
 
@@ -309,8 +339,13 @@ class BridgeJournal:
                 _insert_run(conn, run)
             changed = [_propose(conn, *status, restart=False) for status in statuses]
             current = [
-                _run(row) for run in runs
-                if (row := conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE request_id = ?", (run.request_id,)).fetchone())
+                _run(row)
+                for run in runs
+                if (
+                    row := conn.execute(
+                        f"SELECT {_RUN_COLUMNS} FROM runs WHERE request_id = ?", (run.request_id,)
+                    ).fetchone()
+                )
             ]
             return current, any(changed)
 
@@ -326,11 +361,13 @@ class BridgeJournal:
         def op(conn: sqlite3.Connection) -> None:
             now = time.time()
             conn.executemany(
-                "UPDATE runs SET published_at = ? WHERE request_id = ? AND published_at IS NULL", [(now, i) for i in published]
+                "UPDATE runs SET published_at = ? WHERE request_id = ? AND published_at IS NULL",
+                [(now, i) for i in published],
             )
             if head is not None:
                 conn.execute(
-                    "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)", (*head, now)
+                    "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)",
+                    (*head, now),
                 )
             if outcome is not None and key is not None:
                 conn.execute("UPDATE deliveries SET done_at = ?, outcome = ? WHERE key = ?", (now, outcome, key))
@@ -349,7 +386,9 @@ class BridgeJournal:
                 (now,),
             ).fetchall()
             return [
-                PendingStatus(r[0], r[1], repo_from_json(r[2]), r[3], CommitStatus(StatusState(r[5]), r[4], r[6], r[7]), r[8])
+                PendingStatus(
+                    r[0], r[1], repo_from_json(r[2]), r[3], CommitStatus(StatusState(r[5]), r[4], r[6], r[7]), r[8]
+                )
                 for r in rows
             ]
 
@@ -367,18 +406,23 @@ class BridgeJournal:
         def op(conn: sqlite3.Connection) -> PendingStatus | None:
             held = conn.execute(
                 "SELECT owner_pid FROM status_claims WHERE forge = ? AND repo_json = ? AND commit_sha = ? AND context = ?"
-                " AND sending_until > ?", (*key, now),
+                " AND sending_until > ?",
+                (*key, now),
             ).fetchone()
             if held is not None and _alive(held[0]):  # this process's own claims count too
                 return None
             row = conn.execute(
                 "SELECT id, state, description, target_url, attempts, next_try_at FROM status_outbox"
-                " WHERE forge = ? AND repo_json = ? AND commit_sha = ? AND context = ? ORDER BY id LIMIT 1", key,
+                " WHERE forge = ? AND repo_json = ? AND commit_sha = ? AND context = ? ORDER BY id LIMIT 1",
+                key,
             ).fetchone()
             if row is None or row[5] > now:
                 return None
-            conn.execute("INSERT OR REPLACE INTO status_claims (forge, repo_json, commit_sha, context, sending_until,"
-                         " owner_pid) VALUES (?, ?, ?, ?, ?, ?)", (*key, now + lease_s, os.getpid()))
+            conn.execute(
+                "INSERT OR REPLACE INTO status_claims (forge, repo_json, commit_sha, context, sending_until,"
+                " owner_pid) VALUES (?, ?, ?, ?, ?, ?)",
+                (*key, now + lease_s, os.getpid()),
+            )
             status = CommitStatus(StatusState(row[1]), pending.status.context, row[2], row[3])
             return PendingStatus(row[0], pending.forge, pending.repo, pending.commit_sha, status, row[4])
 
@@ -437,14 +481,18 @@ class BridgeJournal:
         """Repositories a webhook has come from."""
 
         def op(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute("SELECT repo FROM repositories WHERE forge = ? AND last_webhook_at IS NOT NULL", (forge,))
+            rows = conn.execute(
+                "SELECT repo FROM repositories WHERE forge = ? AND last_webhook_at IS NOT NULL", (forge,)
+            )
             return [row[0] for row in rows]
 
         return await self._db.submit(op)
 
     async def repository(self, forge: str, repo: str) -> Repo | None:
         def op(conn: sqlite3.Connection) -> Repo | None:
-            row = conn.execute("SELECT repo_json FROM repositories WHERE forge = ? AND repo = ?", (forge, repo)).fetchone()
+            row = conn.execute(
+                "SELECT repo_json FROM repositories WHERE forge = ? AND repo = ?", (forge, repo)
+            ).fetchone()
             return repo_from_json(row[0]) if row else None
 
         return await self._db.submit(op)
@@ -453,13 +501,18 @@ class BridgeJournal:
         """(forge, repo, last webhook, last pass) for every repository the bridge knows."""
 
         def op(conn: sqlite3.Connection) -> list[tuple[str, str, float | None, float | None]]:
-            return conn.execute("SELECT forge, repo, last_webhook_at, last_pass_at FROM repositories ORDER BY forge, repo").fetchall()
+            return conn.execute(
+                "SELECT forge, repo, last_webhook_at, last_pass_at FROM repositories ORDER BY forge, repo"
+            ).fetchall()
 
         return await self._db.submit(op)
 
     async def repository_has_runs(self, forge: str, repo: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            return conn.execute("SELECT 1 FROM runs WHERE forge = ? AND repo = ? LIMIT 1", (forge, repo)).fetchone() is not None
+            return (
+                conn.execute("SELECT 1 FROM runs WHERE forge = ? AND repo = ? LIMIT 1", (forge, repo)).fetchone()
+                is not None
+            )
 
         return await self._db.submit(op)
 
@@ -487,7 +540,9 @@ class BridgeJournal:
                 "INSERT OR REPLACE INTO heads (forge, repo, ref_key, commit_sha, seen_at) VALUES (?, ?, ?, ?, ?)",
                 [(forge, name, ref_key, sha, now) for ref_key, sha in heads.items()],
             )
-            row = conn.execute("SELECT repo_json FROM repositories WHERE forge = ? AND repo = ?", (forge, name)).fetchone()
+            row = conn.execute(
+                "SELECT repo_json FROM repositories WHERE forge = ? AND repo = ?", (forge, name)
+            ).fetchone()
             # A webhook's description wins; a row without a clone URL (written by passes
             # before they kept theirs) is replaced.
             described = row[0] if row is not None and repo_from_json(row[0]).clone_url else repo_json(repo)
@@ -510,7 +565,9 @@ class BridgeJournal:
 
     async def heads(self, forge: str, repo: str) -> dict[str, str]:
         def op(conn: sqlite3.Connection) -> dict[str, str]:
-            rows = conn.execute("SELECT ref_key, commit_sha FROM heads WHERE forge = ? AND repo = ?", (forge, repo)).fetchall()
+            rows = conn.execute(
+                "SELECT ref_key, commit_sha FROM heads WHERE forge = ? AND repo = ?", (forge, repo)
+            ).fetchall()
             return dict(rows)
 
         return await self._db.submit(op)

@@ -63,7 +63,13 @@ def _may_use_secrets(event: ForgeEvent) -> bool:
 
 
 async def plan_event(
-    event: ForgeEvent, *, forge_name: str, forge: Forge, repo: RepositoryEntry, secrets: dict[str, str], rerun: int = 0,
+    event: ForgeEvent,
+    *,
+    forge_name: str,
+    forge: Forge,
+    repo: RepositoryEntry,
+    secrets: dict[str, str],
+    rerun: int = 0,
     only_job: str | None = None,
 ) -> Plan:
     """The runs `event` asks for. Raises `ForgeApiError` when the jobs file cannot be
@@ -85,41 +91,60 @@ async def plan_event(
     plan = Plan(note="" if jobs else "no job matches this event")
     extra_env = secrets if _may_use_secrets(event) else {}
     for name, job in sorted(jobs.items()):
-        request_id = request_id_for(forge_name, event.repo.full_name, event.ref_key, event.commit_sha, name, rerun=rerun)
+        request_id = request_id_for(
+            forge_name, event.repo.full_name, event.ref_key, event.commit_sha, name, rerun=rerun
+        )
         try:
             request = _request(event, forge_name, repo, name, job, request_id, extra_env)
         except ValidationError as exc:
             plan.statuses.append(jobs_file_error(f"{repo.jobs_file}: jobs.{name}: {describe_validation_error(exc)}"))
             continue
-        plan.runs.append(Run(
-            request_id=str(request_id), forge=forge_name, repo=event.repo, commit_sha=event.commit_sha,
-            ref_key=event.ref_key, job_name=name, context=context_for(name), request=request.model_dump_json(),
-            published=False,
-        ))
+        plan.runs.append(
+            Run(
+                request_id=str(request_id),
+                forge=forge_name,
+                repo=event.repo,
+                commit_sha=event.commit_sha,
+                ref_key=event.ref_key,
+                job_name=name,
+                context=context_for(name),
+                request=request.model_dump_json(),
+                published=False,
+            )
+        )
     return plan
 
 
 def _request(
-    event: ForgeEvent, forge_name: str, repo: RepositoryEntry, name: str, job: JobSpec, request_id: uuid.UUID,
+    event: ForgeEvent,
+    forge_name: str,
+    repo: RepositoryEntry,
+    name: str,
+    job: JobSpec,
+    request_id: uuid.UUID,
     secrets: dict[str, str],
 ) -> JobRequest:
-    return JobRequest.model_validate({
-        "request_id": request_id,
-        "source": forge_name,
-        # A pull request's commits live in its head repository (a fork's, for a fork PR).
-        "repo_url": event.head_clone_url if event.kind is EventKind.PULL_REQUEST and event.head_clone_url else event.repo.clone_url,
-        "commit_sha": event.commit_sha,
-        "runs_on": job.runs_on,
-        "workflow_path": repo.jobs_file,
-        "workflow_job_id": name,
-        "repo_owner": event.repo.owner,
-        "repo_name": event.repo.name,
-        "script": job.script,
-        "script_path": job.script_path,
-        "env": {**job.env, **secrets},  # a job cannot shadow a secret's name
-        "size": job.size,
-        "cpus": job.cpus,
-        "memory_mb": job.memory_mb,
-        "disk_gb": job.disk_gb,
-        "timeout_s": job.timeout_s,
-    })
+    return JobRequest.model_validate(
+        {
+            "request_id": request_id,
+            "source": forge_name,
+            # A pull request's commits live in its head repository (a fork's, for a fork PR).
+            "repo_url": event.head_clone_url
+            if event.kind is EventKind.PULL_REQUEST and event.head_clone_url
+            else event.repo.clone_url,
+            "commit_sha": event.commit_sha,
+            "runs_on": job.runs_on,
+            "workflow_path": repo.jobs_file,
+            "workflow_job_id": name,
+            "repo_owner": event.repo.owner,
+            "repo_name": event.repo.name,
+            "script": job.script,
+            "script_path": job.script_path,
+            "env": {**job.env, **secrets},  # a job cannot shadow a secret's name
+            "size": job.size,
+            "cpus": job.cpus,
+            "memory_mb": job.memory_mb,
+            "disk_gb": job.disk_gb,
+            "timeout_s": job.timeout_s,
+        }
+    )

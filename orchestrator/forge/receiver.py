@@ -38,7 +38,9 @@ class _Metrics(Collector):
         self._extra = extra
 
     def collect(self) -> Any:
-        family = CounterMetricFamily("orchestrator_forge_webhooks", "Webhook deliveries by forge and answer", labels=["forge", "outcome"])
+        family = CounterMetricFamily(
+            "orchestrator_forge_webhooks", "Webhook deliveries by forge and answer", labels=["forge", "outcome"]
+        )
         for (forge, outcome), count in sorted(self._webhooks.items()):
             family.add_metric([forge, outcome], count)
         yield family
@@ -82,7 +84,9 @@ def build_receiver(
         repo = config.config.repository(name, full_name) if full_name else None
         if repo is None:
             log.warning("webhook.unknown_repository", forge=name, repo=full_name)
-            return answer(name, "unknown_repository", 403, f"repository {full_name!r} is not configured for this bridge")
+            return answer(
+                name, "unknown_repository", 403, f"repository {full_name!r} is not configured for this bridge"
+            )
         if not forge.authentic(headers, body, config.webhook_secrets(name, repo)):
             log.warning("webhook.bad_signature", forge=name, repo=full_name)
             return answer(name, "bad_signature", 401, "the signature does not match this repository's webhook secret")
@@ -96,8 +100,16 @@ def build_receiver(
             return answer(name, "ignored", 204, outcome.reason)
         delivery_id = forge.delivery_id(headers) or "sha256:" + hashlib.sha256(body).hexdigest()
         fresh = await dispatcher.submit(name, delivery_id, outcome, source="webhook")
-        log.info("webhook.accepted", forge=name, repo=full_name, delivery=delivery_id, redelivery=not fresh,
-                 kind=outcome.kind.value, commit=outcome.commit_sha, ref=outcome.ref_key)
+        log.info(
+            "webhook.accepted",
+            forge=name,
+            repo=full_name,
+            delivery=delivery_id,
+            redelivery=not fresh,
+            kind=outcome.kind.value,
+            commit=outcome.commit_sha,
+            ref=outcome.ref_key,
+        )
         return answer(name, "accepted" if fresh else "redelivery", 202, delivery_id)
 
     async def healthz(_: web.Request) -> web.Response:
@@ -112,34 +124,60 @@ def build_receiver(
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
     app = web.Application(client_max_size=config.config.max_body_bytes, middlewares=[headers_arrived])
-    app.add_routes([
-        web.post("/hooks/{forge}", hook), web.get("/healthz", healthz), web.get("/readyz", readyz),
-        web.get("/metrics", metrics_page),
-    ])
+    app.add_routes(
+        [
+            web.post("/hooks/{forge}", hook),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics_page),
+        ]
+    )
     return app
 
 
 def gauges(
-    dispatcher: Dispatcher, sent: Counter[str], dropped: Counter[tuple[str, str]], broker_connected: bool,
-    caught_up: Counter[tuple[str, str]], last_pass: dict[tuple[str, str], float],
+    dispatcher: Dispatcher,
+    sent: Counter[str],
+    dropped: Counter[tuple[str, str]],
+    broker_connected: bool,
+    caught_up: Counter[tuple[str, str]],
+    last_pass: dict[tuple[str, str], float],
 ) -> list[Any]:
     """The bridge's own numbers for /metrics."""
-    published = CounterMetricFamily("orchestrator_forge_jobs_published", "Jobs published with confirms", value=dispatcher.counts["jobs_published"])
-    statuses = CounterMetricFamily("orchestrator_forge_statuses_set", "Commit statuses the forges took", labels=["forge"])
+    published = CounterMetricFamily(
+        "orchestrator_forge_jobs_published", "Jobs published with confirms", value=dispatcher.counts["jobs_published"]
+    )
+    statuses = CounterMetricFamily(
+        "orchestrator_forge_statuses_set", "Commit statuses the forges took", labels=["forge"]
+    )
     for forge, count in sorted(sent.items()):
         statuses.add_metric([forge], count)
-    failures = CounterMetricFamily("orchestrator_forge_status_failures", "Commit statuses a forge refused (not retried)", labels=["forge", "code"])
+    failures = CounterMetricFamily(
+        "orchestrator_forge_status_failures", "Commit statuses a forge refused (not retried)", labels=["forge", "code"]
+    )
     for (forge, code), count in sorted(dropped.items()):
         failures.add_metric([forge, code], count)
-    broker = GaugeMetricFamily("orchestrator_forge_broker_connected", "1 while the broker connection is open", value=float(broker_connected))
+    broker = GaugeMetricFamily(
+        "orchestrator_forge_broker_connected", "1 while the broker connection is open", value=float(broker_connected)
+    )
     # A count that keeps rising means webhooks are being lost (alert on it).
-    caught = CounterMetricFamily("orchestrator_forge_caught_up", "Commits run by catch-up, not by their webhook", labels=["forge", "repo"])
+    caught = CounterMetricFamily(
+        "orchestrator_forge_caught_up", "Commits run by catch-up, not by their webhook", labels=["forge", "repo"]
+    )
     for (forge, repo), count in sorted(caught_up.items()):
         caught.add_metric([forge, repo], count)
-    webhook_at = GaugeMetricFamily("orchestrator_forge_last_webhook_timestamp_seconds", "When a repository's last webhook came", labels=["forge", "repo"])
+    webhook_at = GaugeMetricFamily(
+        "orchestrator_forge_last_webhook_timestamp_seconds",
+        "When a repository's last webhook came",
+        labels=["forge", "repo"],
+    )
     for (forge, repo), at in sorted(dispatcher.last_webhook.items()):
         webhook_at.add_metric([forge, repo], at)
-    pass_at = GaugeMetricFamily("orchestrator_forge_last_catchup_timestamp_seconds", "When catch-up last listed a repository", labels=["forge", "repo"])
+    pass_at = GaugeMetricFamily(
+        "orchestrator_forge_last_catchup_timestamp_seconds",
+        "When catch-up last listed a repository",
+        labels=["forge", "repo"],
+    )
     for (forge, repo), at in sorted(last_pass.items()):
         pass_at.add_metric([forge, repo], at)
     return [published, statuses, failures, broker, caught, webhook_at, pass_at]

@@ -38,8 +38,15 @@ SEND_LEASE_S = 120.0  # longer than one forge call can take (the API clients tim
 
 
 class StatusReporter:
-    def __init__(self, *, journal: BridgeJournal, forges: Mapping[str, Forge], topology: Topology, delivery_limit: int,
-                 quorum_size: int) -> None:
+    def __init__(
+        self,
+        *,
+        journal: BridgeJournal,
+        forges: Mapping[str, Forge],
+        topology: Topology,
+        delivery_limit: int,
+        quorum_size: int,
+    ) -> None:
         self._journal = journal
         self._forges = forges
         self._topology = topology
@@ -54,7 +61,9 @@ class StatusReporter:
         """Statuses were proposed directly in the journal: send them."""
         self._wake.set()
 
-    async def propose(self, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool = False) -> None:
+    async def propose(
+        self, forge: str, repo: Repo, commit_sha: str, status: CommitStatus, *, restart: bool = False
+    ) -> None:
         if await self._journal.propose_status(forge, repo, commit_sha, status, restart=restart):
             self._wake.set()
 
@@ -63,7 +72,8 @@ class StatusReporter:
         self._channel = await connection.channel()
         await self._channel.set_qos(prefetch_count=PREFETCH)
         queue = await self._channel.declare_queue(
-            self._topology.forge_status_queue, durable=True,
+            self._topology.forge_status_queue,
+            durable=True,
             arguments=quorum_queue_arguments(self._quorum_size, **{"x-delivery-limit": self._delivery_limit}),
         )
         await queue.bind(self._topology.results, routing_key="#")
@@ -140,8 +150,13 @@ class StatusReporter:
         if forge is None:
             await self._journal.status_done(pending, error="forge no longer configured")
             return
-        slog = log.bind(forge=pending.forge, repo=pending.repo.full_name, commit=pending.commit_sha,
-                        context=pending.status.context, state=pending.status.state.value)
+        slog = log.bind(
+            forge=pending.forge,
+            repo=pending.repo.full_name,
+            commit=pending.commit_sha,
+            context=pending.status.context,
+            state=pending.status.state.value,
+        )
         try:
             await forge.set_status(pending.repo, pending.commit_sha, pending.status)
         except ForgeApiError as exc:
@@ -150,7 +165,7 @@ class StatusReporter:
                 slog.error("status.dropped", error=str(exc), http_status=exc.status)
                 await self._journal.status_done(pending, error=str(exc))
                 return
-            backoff = min(RETRY_MAX_S, RETRY_INITIAL_S * 2 ** pending.attempts)
+            backoff = min(RETRY_MAX_S, RETRY_INITIAL_S * 2**pending.attempts)
             wait = max(exc.retry_after_s, backoff)
             slog.warning("status.retry", error=str(exc), retry_in_s=round(wait, 2), attempt=pending.attempts + 1)
             await self._journal.status_retry(pending, at=time.time() + wait, error=str(exc))

@@ -37,7 +37,12 @@ log = EventLogger("orchestrator.forge")
 
 class ForgeBridge:
     def __init__(
-        self, settings: DaemonSettings, config: LoadedForgeConfig, *, forges: dict[str, Forge] | None = None, serve: bool = True
+        self,
+        settings: DaemonSettings,
+        config: LoadedForgeConfig,
+        *,
+        forges: dict[str, Forge] | None = None,
+        serve: bool = True,
     ) -> None:
         """`serve`: take webhooks, consume results and catch up periodically (the
         service). Without it (the `catch-up` and `rerun` commands) only what publishes
@@ -68,16 +73,28 @@ class ForgeBridge:
         return connection.node if isinstance(connection, FailoverConnection) else None
 
     def not_ready_reasons(self) -> list[str]:
-        reasons = [] if self.broker_connected else ["broker connection is down (webhooks are still journaled and answered 202)"]
+        reasons = (
+            []
+            if self.broker_connected
+            else ["broker connection is down (webhooks are still journaled and answered 202)"]
+        )
         if self.catchup is not None:
             for (forge, repo), problems in sorted(self.catchup.hook_problems.items()):
-                reasons += [f"{forge} {repo}: {problem} (catch-up covers it; re-enable the hook)" for problem in problems]
+                reasons += [
+                    f"{forge} {repo}: {problem} (catch-up covers it; re-enable the hook)" for problem in problems
+                ]
         return reasons
 
     def _metrics(self) -> list[Any]:
         assert self.dispatcher is not None and self.reporter is not None and self.catchup is not None
-        return gauges(self.dispatcher, self.reporter.sent, self.reporter.dropped, self.broker_connected,
-                      self.catchup.caught_up, self.catchup.last_pass)
+        return gauges(
+            self.dispatcher,
+            self.reporter.sent,
+            self.reporter.dropped,
+            self.broker_connected,
+            self.catchup.caught_up,
+            self.catchup.last_pass,
+        )
 
     async def start(self) -> None:
         try:
@@ -86,8 +103,12 @@ class ForgeBridge:
             await self._stack.aclose()
             raise
         if self._serve:
-            log.info("forge.started", listen=self.config.config.listen, forges=sorted(self.forges),
-                     repositories=[r.repo for r in self.config.config.repositories])
+            log.info(
+                "forge.started",
+                listen=self.config.config.listen,
+                forges=sorted(self.forges),
+                repositories=[r.repo for r in self.config.config.repositories],
+            )
 
     async def stop(self) -> None:
         await self._stack.aclose()
@@ -99,7 +120,9 @@ class ForgeBridge:
             return self.forges
         config = self.config.config
         return {
-            name: build_forge(config.kind_of(name), api_url=entry.api_url, token=self.config.tokens[name].get_secret_value())
+            name: build_forge(
+                config.kind_of(name), api_url=entry.api_url, token=self.config.tokens[name].get_secret_value()
+            )
             for name, entry in config.forges.items()
         }
 
@@ -117,7 +140,9 @@ class ForgeBridge:
 
     async def _open(self, stack: AsyncExitStack) -> None:
         s, config = self.settings, self.config.config
-        with failing_as(f"cannot use the forge state_dir {config.state_dir}", "make it a directory this user can write"):
+        with failing_as(
+            f"cannot use the forge state_dir {config.state_dir}", "make it a directory this user can write"
+        ):
             await asyncio.to_thread(_make_state_dir, config)
             self.journal = BridgeJournal(config.state_dir / "forge.db")
         stack.push_async_callback(self.journal.close)
@@ -130,7 +155,10 @@ class ForgeBridge:
             stack.push_async_callback(forge.close)
         try:
             self._connection = await connect_with_retry(
-                s.amqp_url, name="orchestrator-forge", timeout_s=s.broker_connect_timeout_s, masked_url=s.masked_amqp_url()
+                s.amqp_url,
+                name="orchestrator-forge",
+                timeout_s=s.broker_connect_timeout_s,
+                masked_url=s.masked_amqp_url(),
             )
         except (TimeoutError, OSError) as exc:
             raise StartupError(
@@ -138,24 +166,44 @@ class ForgeBridge:
                 f"{describe_error(exc)} (start RabbitMQ or fix AMQP_URL)"
             ) from None
         stack.push_async_callback(bounded(self._connection.close, "broker connection"))
-        with failing_as("cannot declare the broker's exchanges", "use the same DELIVERY_LIMIT, DLQ_MAX_LENGTH and QUORUM_SIZE as the hosts"):
+        with failing_as(
+            "cannot declare the broker's exchanges",
+            "use the same DELIVERY_LIMIT, DLQ_MAX_LENGTH and QUORUM_SIZE as the hosts",
+        ):
             declared = await declare_topology(
-                self._connection, self.topology, None, delivery_limit=s.delivery_limit, dlq_max_length=s.dlq_max_length,
+                self._connection,
+                self.topology,
+                None,
+                delivery_limit=s.delivery_limit,
+                dlq_max_length=s.dlq_max_length,
                 quorum_size=s.quorum_size,
             )
             await declared.channel.close()
         publisher = await ConfirmedPublisher.open(self._connection)
-        self.reporter = StatusReporter(journal=self.journal, forges=self.forges, topology=self.topology,
-                                       delivery_limit=s.delivery_limit, quorum_size=s.quorum_size)
-        self.dispatcher = Dispatcher(journal=self.journal, forges=self.forges, config=self.config, publisher=publisher,
-                                     topology=self.topology, propose_status=self.reporter.propose,
-                                     statuses_changed=self.reporter.wake)
+        self.reporter = StatusReporter(
+            journal=self.journal,
+            forges=self.forges,
+            topology=self.topology,
+            delivery_limit=s.delivery_limit,
+            quorum_size=s.quorum_size,
+        )
+        self.dispatcher = Dispatcher(
+            journal=self.journal,
+            forges=self.forges,
+            config=self.config,
+            publisher=publisher,
+            topology=self.topology,
+            propose_status=self.reporter.propose,
+            statuses_changed=self.reporter.wake,
+        )
         # Catch-up works on API clients of its own: its budget and retries never slow
         # what the receiver and the reporter ask of the same forge.
         catchup_forges = self._catchup_forges()
         for forge in catchup_forges.values():
             stack.push_async_callback(forge.close)
-        self.catchup = CatchUp(journal=self.journal, forges=catchup_forges, config=self.config, dispatcher=self.dispatcher)
+        self.catchup = CatchUp(
+            journal=self.journal, forges=catchup_forges, config=self.config, dispatcher=self.dispatcher
+        )
         tasks = BackgroundTasks()
         stack.push_async_callback(tasks.cancel_all)
         tasks.spawn(self.dispatcher.run_forever(), name="forge-dispatcher")
@@ -165,13 +213,19 @@ class ForgeBridge:
         for name in catchup_forges:
             tasks.spawn(self._catch_up_forever(name), name=f"forge-catch-up-{name}")
         with failing_as(
-            f"cannot consume {self.topology.forge_status_queue}", "use the same DELIVERY_LIMIT and QUORUM_SIZE as when it was declared"
+            f"cannot consume {self.topology.forge_status_queue}",
+            "use the same DELIVERY_LIMIT and QUORUM_SIZE as when it was declared",
         ):
             await self.reporter.start(self._connection)
         stack.push_async_callback(self.reporter.stop)
-        app = build_receiver(forges=self.forges, config=self.config, dispatcher=self.dispatcher,
-                             not_ready_reasons=self.not_ready_reasons, metrics=self._metrics,
-                             broker_node=lambda: self.broker_node)
+        app = build_receiver(
+            forges=self.forges,
+            config=self.config,
+            dispatcher=self.dispatcher,
+            not_ready_reasons=self.not_ready_reasons,
+            metrics=self._metrics,
+            broker_node=lambda: self.broker_node,
+        )
         load = HttpLoad(HttpLimits(max_connections=config.max_connections, header_timeout_s=config.header_timeout_s))
         with failing_as(f"cannot listen on {config.listen}", "choose a free address in the forge config's `listen`"):
             runner = await serve_within_limits(app, config.listen, load)
@@ -199,14 +253,18 @@ async def run_bridge(settings: DaemonSettings, config: LoadedForgeConfig) -> Non
         await bridge.stop()
 
 
-async def catch_up_once(settings: DaemonSettings, config: LoadedForgeConfig, *, repo: str | None, dry_run: bool) -> list[RepoReport]:
+async def catch_up_once(
+    settings: DaemonSettings, config: LoadedForgeConfig, *, repo: str | None, dry_run: bool
+) -> list[RepoReport]:
     """One pass over every repository (or `repo`), as `orchestrator forge catch-up` runs
     it beside the service: the same journal, so nothing runs twice. A dry run reads the
     forges and the journal and changes nothing."""
     if dry_run:
         journal = BridgeJournal(config.config.state_dir / "forge.db")
         forges = {
-            name: build_forge(config.config.kind_of(name), api_url=entry.api_url, token=config.tokens[name].get_secret_value())
+            name: build_forge(
+                config.config.kind_of(name), api_url=entry.api_url, token=config.tokens[name].get_secret_value()
+            )
             for name, entry in config.config.forges.items()
         }
         try:
@@ -227,7 +285,9 @@ async def catch_up_once(settings: DaemonSettings, config: LoadedForgeConfig, *, 
         await bridge.stop()
 
 
-async def rerun_once(settings: DaemonSettings, config: LoadedForgeConfig, *, repo: str, commit_sha: str, job: str | None) -> list[str]:
+async def rerun_once(
+    settings: DaemonSettings, config: LoadedForgeConfig, *, repo: str, commit_sha: str, job: str | None
+) -> list[str]:
     """`orchestrator forge rerun`: new runs of a commit's jobs; their job names and ids."""
     bridge = ForgeBridge(settings, config, serve=False)
     await bridge.start()

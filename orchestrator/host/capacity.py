@@ -163,7 +163,9 @@ class CapacityLedger:
             return None
         return self._add(Reservation(f"claim-{next(self._claim_ids)}", label, cpus, memory_mb, Holding.CLAIM))
 
-    def redeem(self, claim: Reservation | None, job_id: str, label: str, cpus: int, memory_mb: int) -> Reservation | None:
+    def redeem(
+        self, claim: Reservation | None, job_id: str, label: str, cpus: int, memory_mb: int
+    ) -> Reservation | None:
         """Hold capacity for a job in place of its delivery's `claim` (which goes, when
         the job gets room): the job may be larger than what was claimed, so room is
         checked with the claim given back and idle pool VMs counted as held. None when

@@ -45,7 +45,6 @@ def _cap(path: Path, max_bytes: int, offset: int) -> int:
         return offset
 
 
-
 class ConsoleFollower:
     """With a `start_marker` (the line a job's script prints first), `started` is set
     and `started_at` taken when it appears; until then the file is read every
@@ -98,7 +97,7 @@ class ConsoleFollower:
             self.offset = size
             self._tail += chunk
             marker = self._start_marker
-            if marker is not None and not self.started.is_set() and marker in self._tail[-(len(chunk) + len(marker)):]:
+            if marker is not None and not self.started.is_set() and marker in self._tail[-(len(chunk) + len(marker)) :]:
                 self.started_at = time.time()
                 self.started.set()
             del self._tail[:-TAIL_BYTES]

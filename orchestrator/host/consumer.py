@@ -94,7 +94,9 @@ def delivery_channel_open(message: AbstractIncomingMessage) -> bool:
 class Settler:
     """Owns every ack, reject and nack of job deliveries (and nothing else does)."""
 
-    def __init__(self, publisher: ConfirmedPublisher, topology: Topology, *, count_requeue: RequeueCounter = _no_count) -> None:
+    def __init__(
+        self, publisher: ConfirmedPublisher, topology: Topology, *, count_requeue: RequeueCounter = _no_count
+    ) -> None:
         self._publisher = publisher
         self._topology = topology
         self._count_requeue = count_requeue
@@ -107,7 +109,9 @@ class Settler:
         except Exception as exc:
             # The channel is gone: the broker returns the message to the queue by itself,
             # and a redelivery of a journaled job is recognised as a duplicate.
-            log.warning("delivery.settle_failed", verdict=verdict.value, job_id=decision.job_id, error=describe_error(exc))
+            log.warning(
+                "delivery.settle_failed", verdict=verdict.value, job_id=decision.job_id, error=describe_error(exc)
+            )
         # A journaled job is this host's from now on, acked or not: run it.
         if decision.after_ack is not None:
             decision.after_ack()
@@ -121,8 +125,13 @@ class Settler:
             # Rare by design (DESIGN.md "Capacity"), and each counts toward the
             # delivery limit: worth a line and a count.
             why = decision.requeue_reason or RequeueReason.BROKER_LOST
-            log.info("delivery.requeued", job_id=decision.job_id, reason=decision.reason, reason_code=why.value,
-                     delivery_count=delivery_count(message))
+            log.info(
+                "delivery.requeued",
+                job_id=decision.job_id,
+                reason=decision.reason,
+                reason_code=why.value,
+                delivery_count=delivery_count(message),
+            )
             self._count_requeue(why)
             async with asyncio.timeout(SETTLE_TIMEOUT_S):
                 await message.nack(requeue=True)
@@ -169,8 +178,15 @@ class QueueConsumer:
     dead-letter queues' consumers have none and run with a fixed prefetch."""
 
     def __init__(
-        self, name: str, channel: AbstractChannel, queue: AbstractQueue, handler: Handler, settler: Settler,
-        claims: ConsumerClaims | None = None, *, prefetch: int = 1,
+        self,
+        name: str,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        handler: Handler,
+        settler: Settler,
+        claims: ConsumerClaims | None = None,
+        *,
+        prefetch: int = 1,
     ) -> None:
         self.name = name
         self._channel = channel
@@ -279,8 +295,11 @@ class QueueConsumer:
                 # The broker went away while the message was handled (asking the fleet):
                 # nothing was journaled; back to the queue, never to the dead letters.
                 log.warning("delivery.handler_interrupted", queue=self.name, error=describe_error(exc))
-                decision = Decision(Verdict.REQUEUE, reason=f"broker connection lost while handling: {describe_error(exc)}",
-                                    requeue_reason=RequeueReason.BROKER_LOST)
+                decision = Decision(
+                    Verdict.REQUEUE,
+                    reason=f"broker connection lost while handling: {describe_error(exc)}",
+                    requeue_reason=RequeueReason.BROKER_LOST,
+                )
             except Exception as exc:  # a bug in handling one message must not stop intake
                 log.error("delivery.handler_failed", queue=self.name, error=repr(exc), exc_info=True)
                 decision = Decision(Verdict.DEAD_LETTER, reason=f"internal error while handling: {exc!r}")

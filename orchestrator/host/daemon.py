@@ -190,8 +190,9 @@ class Daemon:
         self.meters.claimed.set_function(lambda: float(self.ledger.claimed))
         self.meters.count_reasons([reason.value for reason in RequeueReason])
         # The dashboard's view of every host (this one's heartbeat is read live).
-        self.fleet = Fleet(topology=self.topology, host=settings.host_name, heartbeat_s=settings.heartbeat_s,
-                           own=self.heartbeat)
+        self.fleet = Fleet(
+            topology=self.topology, host=settings.host_name, heartbeat_s=settings.heartbeat_s, own=self.heartbeat
+        )
 
     # --- HostView (what the HTTP API reads) ---------------------------------------------
     @property
@@ -233,15 +234,20 @@ class Daemon:
         await self.journal.set_host_flag(DRAINING_FLAG, on=draining)
         if draining != self.ledger.draining:
             self.ledger.set_draining(draining=draining)
-            log.info("host.draining" if draining else "host.resumed", host=self.settings.host_name,
-                     running=self.ledger.running)
+            log.info(
+                "host.draining" if draining else "host.resumed",
+                host=self.settings.host_name,
+                running=self.ledger.running,
+            )
         return self.heartbeat()
 
     async def jobs(self, query: JobsQuery) -> list[JobSummary]:
         assert self.journal is not None
         records = await self.journal.recent(
-            state=JobState(query.state) if query.state else None, label=query.label,
-            since=query.since.timestamp() if query.since else None, limit=query.limit,
+            state=JobState(query.state) if query.state else None,
+            label=query.label,
+            since=query.since.timestamp() if query.since else None,
+            limit=query.limit,
         )
         return [summary_of(record, host=self.settings.host_name) for record in records]
 
@@ -257,7 +263,9 @@ class Daemon:
             return None  # not here, or answered here without running
         public = self.settings.public_url
         return JobLocation(
-            request_id=job_id, host=self.settings.host_name, running=running,
+            request_id=job_id,
+            host=self.settings.host_name,
+            running=running,
             log_url=f"{public}/jobs/{job_id}/log" if public else None,
         )
 
@@ -268,8 +276,9 @@ class Daemon:
         assert self.journal is not None
         record = await self.journal.get(job_id)
         if record is not None and record.state is not JobState.SUPERSEDED:  # another host's, not this one's
-            return JobHolding(request_id=job_id, host=self.settings.host_name, attempt=record.attempt,
-                              state=record.state.value)
+            return JobHolding(
+                request_id=job_id, host=self.settings.host_name, attempt=record.attempt, state=record.state.value
+            )
         attempt = self._intake.checking.get(job_id) if self._intake is not None else None
         if attempt is not None:
             return JobHolding(request_id=job_id, host=self.settings.host_name, attempt=attempt, state="checking")
@@ -286,8 +295,11 @@ class Daemon:
             results_published=self.outbox.published if self.outbox is not None else 0,
             state_dir_bytes=self._state_dir_bytes,
             dlq_messages=self._dlq_messages,
-            warm_vms={(label, state): n for label, counts in (self.pools.counts() if self.pools else {}).items()
-                      for state, n in counts.items()},
+            warm_vms={
+                (label, state): n
+                for label, counts in (self.pools.counts() if self.pools else {}).items()
+                for state, n in counts.items()
+            },
             warm_failed=self.pools.failed_total() if self.pools else {},
             warm_taken=self.pools.taken_total() if self.pools else {},
             warm_fallbacks=self.runner.warm_fallbacks if self.runner is not None else 0,
@@ -304,8 +316,10 @@ class Daemon:
                     continue  # the operator's own file: nothing to prepare
                 st, state = progress.get(label), self.images.state(label)
                 images[label] = {
-                    "state": state.summary, "detail": str(state),
-                    "bytes_in": st.bytes_in if st else 0, "bytes_total": st.bytes_total if st else None,
+                    "state": state.summary,
+                    "detail": str(state),
+                    "bytes_in": st.bytes_in if st else 0,
+                    "bytes_total": st.bytes_total if st else None,
                     "percent": round(100 * st.fraction, 1) if st and st.fraction is not None else None,
                     "error": st.error if st else None,
                 }
@@ -348,8 +362,12 @@ class Daemon:
             raise
         self._started.set()
         log.info(
-            "daemon.started", host=self.settings.host_name, version=__version__, prefix=self.settings.amqp_prefix,
-            labels=sorted(self.image_map.images), max_concurrency=self.settings.max_concurrency,
+            "daemon.started",
+            host=self.settings.host_name,
+            version=__version__,
+            prefix=self.settings.amqp_prefix,
+            labels=sorted(self.image_map.images),
+            max_concurrency=self.settings.max_concurrency,
             backends=sorted(b.value for b in self._router.backends),
         )
 
@@ -359,8 +377,12 @@ class Daemon:
         if self._stopped or not self._started.is_set():
             return
         self._stopped = True
-        log.info("daemon.stopping", host=self.settings.host_name, running=self.ledger.running,
-                 drain_timeout_s=self.settings.drain_timeout_s)
+        log.info(
+            "daemon.stopping",
+            host=self.settings.host_name,
+            running=self.ledger.running,
+            drain_timeout_s=self.settings.drain_timeout_s,
+        )
         await self._stack.aclose()
         log.info("daemon.stopped", host=self.settings.host_name)
 
@@ -371,7 +393,9 @@ class Daemon:
 
     async def _open(self, stack: AsyncExitStack) -> None:
         s = self.settings
-        with failing_as(f"cannot use STATE_DIR {s.state_dir}", "make it a directory this user can write, or set STATE_DIR"):
+        with failing_as(
+            f"cannot use STATE_DIR {s.state_dir}", "make it a directory this user can write, or set STATE_DIR"
+        ):
             await asyncio.to_thread(s.state.create)
             self.journal = Journal(s.state.journal)
         stack.push_async_callback(self.journal.close)
@@ -383,17 +407,25 @@ class Daemon:
         _refuse_map_problems(self.image_map, s)
         _refuse_reference_conflicts(self.image_map, s)
         if s.amqp_prefetch is not None:
-            log.warning("config.amqp_prefetch_not_applied", amqp_prefetch=s.amqp_prefetch,
-                        why="each host's window sets its consumers' prefetch from what it can start now",
-                        fix="drop AMQP_PREFETCH; MAX_CONCURRENCY and CAPACITY_MAP bound what a host runs")
+            log.warning(
+                "config.amqp_prefetch_not_applied",
+                amqp_prefetch=s.amqp_prefetch,
+                why="each host's window sets its consumers' prefetch from what it can start now",
+                fix="drop AMQP_PREFETCH; MAX_CONCURRENCY and CAPACITY_MAP bound what a host runs",
+            )
         self.router = RouterHypervisor({}, s.backend)
         stack.push_async_callback(self.router.close)
         given = self._given_backends
         for name, labels in backends_needed(s, self.image_map).items():
-            self.router.add(given[name] if given is not None and name in given else await build_backend(s, name, labels))
+            self.router.add(
+                given[name] if given is not None and name in given else await build_backend(s, name, labels)
+            )
 
         self.images = ImagePreparer(
-            self.image_map, image_dir=s.images_dir, max_image_bytes=s.max_image_bytes, metrics=self.meters,
+            self.image_map,
+            image_dir=s.images_dir,
+            max_image_bytes=s.max_image_bytes,
+            metrics=self.meters,
         )
         stack.push_async_callback(self.images.close)
 
@@ -407,23 +439,47 @@ class Daemon:
         stack.push_async_callback(self._close_outbox)
 
         if s.http_listen != "off":
-            with failing_as(f"cannot listen on HTTP_LISTEN {s.http_listen}", "choose a free address, or HTTP_LISTEN=off"):
-                http = await start_http(self, s.http_listen, token=s.http_token, limits=HttpLimits(
-                    max_connections=s.http_max_connections, header_timeout_s=s.http_header_timeout_s,
-                    max_streams=s.http_max_streams,
-                ), metrics=self.meters.registry, fleet=self.fleet, public_url=s.public_url)
+            with failing_as(
+                f"cannot listen on HTTP_LISTEN {s.http_listen}", "choose a free address, or HTTP_LISTEN=off"
+            ):
+                http = await start_http(
+                    self,
+                    s.http_listen,
+                    token=s.http_token,
+                    limits=HttpLimits(
+                        max_connections=s.http_max_connections,
+                        header_timeout_s=s.http_header_timeout_s,
+                        max_streams=s.http_max_streams,
+                    ),
+                    metrics=self.meters.registry,
+                    fleet=self.fleet,
+                    public_url=s.public_url,
+                )
             stack.push_async_callback(bounded(http.cleanup, "HTTP API"))
         self._background(stack, self._heartbeat(), "heartbeat")
         self._background(stack, measure_loop_lag(self.meters), "loop-lag")
 
         self.runner = JobRunner(
-            settings=s, router=self.router, journal=self.journal, outbox=self.outbox, publisher=self._publisher,
-            topology=self.topology, ledger=self.ledger, images=self.images, emit=self._events.emit,
-            metrics=self.meters, holder_of=self.fleet.holder_of,
+            settings=s,
+            router=self.router,
+            journal=self.journal,
+            outbox=self.outbox,
+            publisher=self._publisher,
+            topology=self.topology,
+            ledger=self.ledger,
+            images=self.images,
+            emit=self._events.emit,
+            metrics=self.meters,
+            holder_of=self.fleet.holder_of,
         )
         self.pools = WarmPools(
-            settings=s, image_map=self.image_map, router=self.router, ledger=self.ledger, images=self.images,
-            emit=self._events.emit, metrics=self.meters,
+            settings=s,
+            image_map=self.image_map,
+            router=self.router,
+            ledger=self.ledger,
+            images=self.images,
+            emit=self._events.emit,
+            metrics=self.meters,
         )
         self._connection.close_callbacks.add(self._broker_lost)
         self._connection.reconnect_callbacks.add(self._broker_back)
@@ -431,16 +487,29 @@ class Daemon:
         cancels = CancelRegistry(self.journal)
         await cancels.load()
         self._intake = JobIntake(
-            image_map=self.image_map, window=self.window, journal=self.journal, outbox=self.outbox,
-            publisher=self._publisher, topology=self.topology, host=s.host_name, backend_of=self._backend_of,
-            start_job=self.runner.start, cancelled=cancels, running=self.runner.running,
+            image_map=self.image_map,
+            window=self.window,
+            journal=self.journal,
+            outbox=self.outbox,
+            publisher=self._publisher,
+            topology=self.topology,
+            host=s.host_name,
+            backend_of=self._backend_of,
+            start_job=self.runner.start,
+            cancelled=cancels,
+            running=self.runner.running,
             wait_released=self.runner.wait_released,
-            max_message_bytes=s.max_message_bytes, pools=self.pools,
+            max_message_bytes=s.max_message_bytes,
+            pools=self.pools,
             holder_of=functools.partial(self.fleet.holder_of, timeout_s=REDELIVERY_CHECK_S),
         )
         control = ControlListener(
-            topology=self.topology, host=s.host_name, journal=self.journal, runner=self.runner,
-            cancels=cancels, operator=self,
+            topology=self.topology,
+            host=s.host_name,
+            journal=self.journal,
+            runner=self.runner,
+            cancels=cancels,
+            operator=self,
         )
         with failing_as("cannot listen to the control exchange"):
             await control.start(self._connection)
@@ -452,8 +521,13 @@ class Daemon:
         stack.push_async_callback(self._drain)
         with failing_as("cannot reconcile the journal with the hypervisors", "see the backend's error"):
             await reconcile(
-                settings=s, image_map=self.image_map, journal=self.journal, router=self.router,
-                runner=self.runner, ledger=self.ledger, outbox=self.outbox,
+                settings=s,
+                image_map=self.image_map,
+                journal=self.journal,
+                router=self.router,
+                runner=self.runner,
+                ledger=self.ledger,
+                outbox=self.outbox,
             )
         stack.push_async_callback(self._preparations.cancel_all)
         self._preparations.spawn(self._prepare_images(sorted(self.image_map.images)), name="prepare-images")
@@ -464,21 +538,32 @@ class Daemon:
         stack.push_async_callback(bounded(self.pools.close, "warm pools"))
         settler = Settler(self._publisher, self.topology, count_requeue=self._count_requeue)
         dead_letters = DeadLetterAnswerer(
-            topology=self.topology, publisher=self._publisher, settler=settler, holder_of=self.fleet.holder_of,
-            delivery_limit=s.delivery_limit, max_message_bytes=s.max_message_bytes,
+            topology=self.topology,
+            publisher=self._publisher,
+            settler=settler,
+            holder_of=self.fleet.holder_of,
+            delivery_limit=s.delivery_limit,
+            max_message_bytes=s.max_message_bytes,
             answered=self.meters.dead_letter_results.inc,
         )
         with failing_as("cannot consume the dead letters"):
             await dead_letters.start(self._connection)
         stack.push_async_callback(bounded(dead_letters.stop, "dead-letter answers"))
-        ingress = ReferenceIngress(settings=s, topology=self.topology, handler=self._intake.on_unroutable_message,
-                                   settler=settler)
-        with failing_as("cannot set up the reference integration's ingress (AMQP_EXCHANGE, AMQP_QUEUE)",
-                        "check the names, and that this broker user may declare and bind them"):
+        ingress = ReferenceIngress(
+            settings=s, topology=self.topology, handler=self._intake.on_unroutable_message, settler=settler
+        )
+        with failing_as(
+            "cannot set up the reference integration's ingress (AMQP_EXCHANGE, AMQP_QUEUE)",
+            "check the names, and that this broker user may declare and bind them",
+        ):
             await ingress.start(self._connection)
         stack.push_async_callback(bounded(ingress.stop, "reference ingress"))
         self.scheduler = Scheduler(
-            image_map=self.image_map, window=self.window, intake=self._intake, settler=settler, topology=self.topology,
+            image_map=self.image_map,
+            window=self.window,
+            intake=self._intake,
+            settler=settler,
+            topology=self.topology,
         )
         with failing_as("cannot consume the label queues"):
             await self.scheduler.start(self._connection)
@@ -500,8 +585,9 @@ class Daemon:
         self.fleet.rediscover()
         if lost_at is None or self.runner is None:
             return
-        doubtful = [running.job for running in self.runner.running.values()
-                    if running.job.accepted_at >= lost_at - ACK_DOUBT_S]
+        doubtful = [
+            running.job for running in self.runner.running.values() if running.job.accepted_at >= lost_at - ACK_DOUBT_S
+        ]
         if doubtful:
             self._ack_checks.spawn(self._check_acks(doubtful), name="ack-check")
 
@@ -528,7 +614,9 @@ class Daemon:
         s = self.settings
         try:
             return await connect_with_retry(
-                s.amqp_url, name=f"orchestrator@{s.host_name}", timeout_s=s.broker_connect_timeout_s,
+                s.amqp_url,
+                name=f"orchestrator@{s.host_name}",
+                timeout_s=s.broker_connect_timeout_s,
                 masked_url=s.masked_amqp_url(),
             )
         except (TimeoutError, OSError) as exc:
@@ -544,8 +632,11 @@ class Daemon:
             "every host of a fleet must use the same DELIVERY_LIMIT and QUORUM_SIZE; a queue declared with other arguments must be deleted first",
         ):
             declared = await declare_topology(
-                self._connection, self.topology, image_map,
-                delivery_limit=self.settings.delivery_limit, dlq_max_length=self.settings.dlq_max_length,
+                self._connection,
+                self.topology,
+                image_map,
+                delivery_limit=self.settings.delivery_limit,
+                dlq_max_length=self.settings.dlq_max_length,
                 quorum_size=self.settings.quorum_size,
             )
             await declared.channel.close()
@@ -593,8 +684,12 @@ class Daemon:
             try:  # the broker's part first: a failure there leaves the old map in force here
                 await self.scheduler.update_map(new_map)
             except Exception as exc:
-                log.error("config.reload_failed", config=str(s.config), error=describe_error(exc),
-                          fix="the broker refused a consumer change; send SIGHUP again once it is back")
+                log.error(
+                    "config.reload_failed",
+                    config=str(s.config),
+                    error=describe_error(exc),
+                    fix="the broker refused a consumer change; send SIGHUP again once it is back",
+                )
                 return False
             old, self.image_map = self.image_map, new_map
             self._intake.update_map(new_map)
@@ -605,8 +700,13 @@ class Daemon:
                 label for label, image in new_map.images.items() if old.images.get(label) not in (None, image)
             )
             added = sorted(set(new_map.images) - set(old.images))
-            log.info("config.reloaded", config=str(s.config), added=added, changed=changed,
-                     removed=sorted(set(old.images) - set(new_map.images)))
+            log.info(
+                "config.reloaded",
+                config=str(s.config),
+                added=added,
+                changed=changed,
+                removed=sorted(set(old.images) - set(new_map.images)),
+            )
             self._preparations.spawn(self._prepare_images(added + changed), name="prepare-images")
             return True
 
@@ -635,7 +735,9 @@ class Daemon:
             try:
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + HOUSEKEEPING_SWEEP_S
-                    await sweep(self.journal, s.state, retention_days=s.retention_days, running=set(self.runner.running))
+                    await sweep(
+                        self.journal, s.state, retention_days=s.retention_days, running=set(self.runner.running)
+                    )
                 self._state_dir_bytes = await asyncio.to_thread(directory_bytes, s.state_dir)
                 channel = await self._connection.channel()
                 try:

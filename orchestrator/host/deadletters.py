@@ -129,10 +129,16 @@ class DeadLetterAnswerer:
         summary = describe_death(headers, delivery_limit=self._delivery_limit)
         label = message.routing_key or request.runs_on
         result = JobResult.for_request(
-            request, status=JobStatus.ERROR, summary=summary, label=label or None, completed_at=_dead_at(headers),
+            request,
+            status=JobStatus.ERROR,
+            summary=summary,
+            label=label or None,
+            completed_at=_dead_at(headers),
         )
         await self._publisher.publish(
-            self._topology.results, job_id, json_message(result, message_id=message_id_for(job_id, request.attempt)),
+            self._topology.results,
+            job_id,
+            json_message(result, message_id=message_id_for(job_id, request.attempt)),
             timeout_s=10,
         )
         self._answered()

@@ -63,7 +63,9 @@ class HandBack:
             wait=tenacity.wait_exponential(multiplier=0.5, max=8),
             retry=tenacity.retry_if_exception_type(Exception),
             before_sleep=lambda state: jlog.warning(
-                "job.hand_back_retry", attempt=request.attempt, retry_in_s=round(state.upcoming_sleep, 2),
+                "job.hand_back_retry",
+                attempt=request.attempt,
+                retry_in_s=round(state.upcoming_sleep, 2),
                 error=describe_error(state.outcome.exception() if state.outcome else None),
             ),
             reraise=True,
@@ -77,7 +79,9 @@ class HandBack:
                     return HandBackOutcome.LAST_ATTEMPT, None
                 retry = request.model_copy(update={"attempt": request.attempt + 1})
                 await self._publisher.publish(
-                    self._topology.jobs, label, json_message(retry, message_id=message_id_for(request.job_id, retry.attempt))
+                    self._topology.jobs,
+                    label,
+                    json_message(retry, message_id=message_id_for(request.job_id, retry.attempt)),
                 )
                 return HandBackOutcome.REQUEUED, None
         raise AssertionError("unreachable: tenacity re-raises the last error")

@@ -69,12 +69,15 @@ class ReferenceIngress:
             else:
                 jobs = await channel.get_exchange(self._topology.jobs, ensure=False)
                 await jobs.bind(source, routing_key=s.amqp_routing_key)
-                log.info("ingress.exchange_bound", exchange=source, into=self._topology.jobs, routing_key=s.amqp_routing_key)
+                log.info(
+                    "ingress.exchange_bound", exchange=source, into=self._topology.jobs, routing_key=s.amqp_routing_key
+                )
         finally:
             await channel.close()
         if s.amqp_queue is not None:
-            self._consumer = await QueueConsumer.open(connection, s.amqp_queue, self._handler, self._settler,
-                                                      prefetch=PREFETCH)
+            self._consumer = await QueueConsumer.open(
+                connection, s.amqp_queue, self._handler, self._settler, prefetch=PREFETCH
+            )
             await self._consumer.resume()
 
     async def stop(self) -> None:
@@ -82,7 +85,9 @@ class ReferenceIngress:
             await self._consumer.close()
 
 
-async def _exists(connection: AbstractRobustConnection, declare: Callable[[AbstractChannel], Awaitable[object]]) -> bool:
+async def _exists(
+    connection: AbstractRobustConnection, declare: Callable[[AbstractChannel], Awaitable[object]]
+) -> bool:
     """Whether a passive declare finds it (on a channel of its own: a miss closes it)."""
     probe = await connection.channel()
     try:
@@ -108,7 +113,9 @@ async def _ensure_exchange(connection: AbstractRobustConnection, name: str) -> N
     log.info("ingress.exchange_declared", exchange=name)
 
 
-async def _ensure_queue(connection: AbstractRobustConnection, name: str, topology: Topology, settings: DaemonSettings) -> None:
+async def _ensure_queue(
+    connection: AbstractRobustConnection, name: str, topology: Topology, settings: DaemonSettings
+) -> None:
     """The reference's queue as it is (its arguments are the reference's), or one of ours
     (a quorum queue with our dead-lettering and delivery limit) when it does not exist."""
     if await _exists(connection, lambda channel: channel.declare_queue(name, passive=True)):
@@ -116,8 +123,11 @@ async def _ensure_queue(connection: AbstractRobustConnection, name: str, topolog
     channel = await connection.channel()
     try:
         await channel.declare_queue(
-            name, durable=True,
-            arguments=job_queue_arguments(topology, delivery_limit=settings.delivery_limit, quorum_size=settings.quorum_size),
+            name,
+            durable=True,
+            arguments=job_queue_arguments(
+                topology, delivery_limit=settings.delivery_limit, quorum_size=settings.quorum_size
+            ),
         )
     finally:
         await channel.close()

@@ -170,8 +170,12 @@ class JobIntake:
         differing = known.fields_differing_from(request) if known is not None else []
         if differing:
             log.warning("job.request_id_reused", job_id=job_id, label=label, fields=differing)
-            return Decision(Verdict.DEAD_LETTER, reason=f"request_id {job_id} reused with a different request", job_id=job_id,
-                            result_owed=False)
+            return Decision(
+                Verdict.DEAD_LETTER,
+                reason=f"request_id {job_id} reused with a different request",
+                job_id=job_id,
+                result_owed=False,
+            )
         log.info("job.duplicate", job_id=job_id, label=label, attempt=request.attempt)
         return Decision(Verdict.DUPLICATE, reason="already known", job_id=job_id)
 
@@ -188,7 +192,9 @@ class JobIntake:
         await self._outbox.deliver(result, stored=True)
         return Decision(Verdict.ANSWERED, reason=summary, job_id=request.job_id)
 
-    async def on_job_message(self, label: str, message: AbstractIncomingMessage, claimed: Claimed | None = None) -> Decision:
+    async def on_job_message(
+        self, label: str, message: AbstractIncomingMessage, claimed: Claimed | None = None
+    ) -> Decision:
         claimed = claimed if claimed is not None else Claimed(None)
         request = self._parse(message, label=label)
         if isinstance(request, Decision):
@@ -203,8 +209,12 @@ class JobIntake:
             # instead would bring it straight back, again and again: on a quorum queue
             # each time counts toward the delivery limit, and the job would end in the DLQ.
             if not await self._wait_released(job_id, HAND_BACK_WAIT_S):
-                return Decision(Verdict.REQUEUE, reason=f"attempt {held.attempt} is still held here", job_id=job_id,
-                                requeue_reason=RequeueReason.ATTEMPT_HELD)
+                return Decision(
+                    Verdict.REQUEUE,
+                    reason=f"attempt {held.attempt} is still held here",
+                    job_id=job_id,
+                    requeue_reason=RequeueReason.ATTEMPT_HELD,
+                )
         delivery = _Delivery(functools.partial(delivery_channel_open, message), claimed, delivery_count(message))
         if message.redelivered and job_id not in self.checking:
             self.checking[job_id] = request.attempt
@@ -227,13 +237,28 @@ class JobIntake:
                 holder = None  # the broker is away: so is this delivery's channel, most likely
             # Every redelivery costs a question to the fleet (a requeue for want of room
             # is one too): worth a line, and a count in bench/fleet.py.
-            log.info("job.redelivery_checked", job_id=request.job_id, label=label, attempt=request.attempt,
-                     holder=holder.host if holder is not None else None, took_ms=round((time.monotonic() - asked_at) * 1000))
+            log.info(
+                "job.redelivery_checked",
+                job_id=request.job_id,
+                label=label,
+                attempt=request.attempt,
+                holder=holder.host if holder is not None else None,
+                took_ms=round((time.monotonic() - asked_at) * 1000),
+            )
             if holder is not None and holder.state != "checking":
-                log.info("job.held_elsewhere", job_id=request.job_id, label=label, attempt=request.attempt,
-                         holder=holder.host, holder_state=holder.state)
-                return Decision(Verdict.DUPLICATE, reason=f"attempt {holder.attempt} is on host {holder.host}",
-                                job_id=request.job_id)
+                log.info(
+                    "job.held_elsewhere",
+                    job_id=request.job_id,
+                    label=label,
+                    attempt=request.attempt,
+                    holder=holder.host,
+                    holder_state=holder.state,
+                )
+                return Decision(
+                    Verdict.DUPLICATE,
+                    reason=f"attempt {holder.attempt} is on host {holder.host}",
+                    job_id=request.job_id,
+                )
         return await self._take(label, request, delivery)
 
     async def _take(self, label: str, request: JobRequest, delivery: _Delivery) -> Decision:
@@ -241,11 +266,20 @@ class JobIntake:
         if job_id in self._cancelled:
             return await self._answer(request, label, JobStatus.CANCELLED, "cancelled before a host started it")
         if request.deadline is not None and request.deadline < now_utc():
-            return await self._answer(request, label, JobStatus.ERROR, f"stale: deadline {request.deadline.isoformat()} passed before a host could start the job")
+            return await self._answer(
+                request,
+                label,
+                JobStatus.ERROR,
+                f"stale: deadline {request.deadline.isoformat()} passed before a host could start the job",
+            )
         image = self._image_map.images.get(label)
         if image is None:  # the label left the map (reload) while this was delivered
-            return Decision(Verdict.REQUEUE, reason=f"label {label} is no longer served here", job_id=job_id,
-                            requeue_reason=RequeueReason.LABEL_REMOVED)
+            return Decision(
+                Verdict.REQUEUE,
+                reason=f"label {label} is no longer served here",
+                job_id=job_id,
+                requeue_reason=RequeueReason.LABEL_REMOVED,
+            )
         try:
             resources = self._image_map.resources_for(label, request)
             backend = self._backend_of(image)
@@ -253,7 +287,9 @@ class JobIntake:
             return await self._answer(request, label, JobStatus.ERROR, str(exc))
         if not self._ledger.fits(resources.cpus, resources.memory_mb):
             return await self._answer(
-                request, label, JobStatus.ERROR,
+                request,
+                label,
+                JobStatus.ERROR,
                 f"needs {resources.cpus} CPUs / {resources.memory_mb} MiB but host {self._host} has "
                 f"{self._ledger.cpus_total} / {self._ledger.memory_mb_total}: ask for a smaller size",
             )
@@ -274,9 +310,18 @@ class JobIntake:
                 self._pools.give_back(pool_vm, reservation)
             else:
                 self._ledger.release(reservation)
-            log.info("job.returned", job_id=job_id, label=label, reason="its delivery's channel closed before it was journaled")
-            return Decision(Verdict.RETURNED, reason="channel closed before it was journaled", job_id=job_id,
-                            requeue_reason=RequeueReason.CHANNEL_CLOSED)
+            log.info(
+                "job.returned",
+                job_id=job_id,
+                label=label,
+                reason="its delivery's channel closed before it was journaled",
+            )
+            return Decision(
+                Verdict.RETURNED,
+                reason="channel closed before it was journaled",
+                job_id=job_id,
+                requeue_reason=RequeueReason.CHANNEL_CLOSED,
+            )
         nonce = new_nonce()
         accepted_at = time.time()
         self._starting[job_id] = request
@@ -293,11 +338,20 @@ class JobIntake:
         accepted = AcceptedJob(request, label, image, resources, reservation, nonce, vm_name, accepted_at, pool_vm)
         # delivery_count: how often the broker delivered this message before; above 0
         # only after a requeue or a consumer lost with it (tests read it from here).
-        log.info("job.accepted", job_id=job_id, label=label, attempt=request.attempt, vm=vm_name, warm=pool_vm is not None,
-                 delivery_count=delivery.count)
+        log.info(
+            "job.accepted",
+            job_id=job_id,
+            label=label,
+            attempt=request.attempt,
+            vm=vm_name,
+            warm=pool_vm is not None,
+            delivery_count=delivery.count,
+        )
         return Decision(Verdict.START, job_id=job_id, after_ack=lambda: self._hand_over(accepted))
 
-    async def _reserve(self, job_id: str, label: str, resources: Resources, delivery: _Delivery) -> Reservation | Decision:
+    async def _reserve(
+        self, job_id: str, label: str, resources: Resources, delivery: _Delivery
+    ) -> Reservation | Decision:
         """Capacity for a cold job in place of its delivery's claim. Without room (a size
         larger than its label's default, a delivery past its window after a reconnection)
         the delivery is held, un-acked, until room frees: a Decision only when it stops
@@ -311,21 +365,42 @@ class JobIntake:
         with window.holding(job_id, label, resources):
             while True:
                 if window.closing:
-                    return Decision(Verdict.REQUEUE, reason="the daemon stops", job_id=job_id,
-                                    requeue_reason=RequeueReason.STOPPING)
+                    return Decision(
+                        Verdict.REQUEUE, reason="the daemon stops", job_id=job_id, requeue_reason=RequeueReason.STOPPING
+                    )
                 if self._ledger.draining:
-                    return Decision(Verdict.REQUEUE, reason="the host drains", job_id=job_id,
-                                    requeue_reason=RequeueReason.DRAINING)
+                    return Decision(
+                        Verdict.REQUEUE, reason="the host drains", job_id=job_id, requeue_reason=RequeueReason.DRAINING
+                    )
                 if not delivery.still_ours():
-                    log.info("job.returned", job_id=job_id, label=label, reason="its delivery's channel closed while it was held")
-                    return Decision(Verdict.RETURNED, reason="channel closed while it was held", job_id=job_id,
-                                    requeue_reason=RequeueReason.CHANNEL_CLOSED)
+                    log.info(
+                        "job.returned",
+                        job_id=job_id,
+                        label=label,
+                        reason="its delivery's channel closed while it was held",
+                    )
+                    return Decision(
+                        Verdict.RETURNED,
+                        reason="channel closed while it was held",
+                        job_id=job_id,
+                        requeue_reason=RequeueReason.CHANNEL_CLOSED,
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    log.warning("job.held_too_long", job_id=job_id, label=label, max_hold_s=window.max_hold_s,
-                                cpus=resources.cpus, memory_mb=resources.memory_mb)
-                    return Decision(Verdict.REQUEUE, reason=f"held {window.max_hold_s:g} s without room (MAX_HOLD_S)",
-                                    job_id=job_id, requeue_reason=RequeueReason.HELD_TOO_LONG)
+                    log.warning(
+                        "job.held_too_long",
+                        job_id=job_id,
+                        label=label,
+                        max_hold_s=window.max_hold_s,
+                        cpus=resources.cpus,
+                        memory_mb=resources.memory_mb,
+                    )
+                    return Decision(
+                        Verdict.REQUEUE,
+                        reason=f"held {window.max_hold_s:g} s without room (MAX_HOLD_S)",
+                        job_id=job_id,
+                        requeue_reason=RequeueReason.HELD_TOO_LONG,
+                    )
                 await window.changed(min(remaining, HOLD_RECHECK_S))
                 reservation = await self._reserve_now(job_id, label, resources, delivery.claimed)
                 if reservation is not None:
@@ -336,8 +411,10 @@ class JobIntake:
         that makes room; None (the claim kept) when there is no room now."""
         cpus, memory_mb = resources.cpus, resources.memory_mb
         reservation = self._ledger.redeem(claimed.reservation, job_id, label, cpus, memory_mb)
-        if reservation is None and self._pools is not None and await self._pools.make_room(
-            label, cpus, memory_mb, claim=claimed.reservation
+        if (
+            reservation is None
+            and self._pools is not None
+            and await self._pools.make_room(label, cpus, memory_mb, claim=claimed.reservation)
         ):
             # No await between the pool's last release and this: the room is this job's.
             reservation = self._ledger.redeem(claimed.reservation, job_id, label, cpus, memory_mb)
@@ -358,7 +435,9 @@ class JobIntake:
         finally:
             del self._starting[job.job_id]
 
-    async def on_unroutable_message(self, message: AbstractIncomingMessage, _claimed: Claimed | None = None) -> Decision:
+    async def on_unroutable_message(
+        self, message: AbstractIncomingMessage, _claimed: Claimed | None = None
+    ) -> Decision:
         request = self._parse(message, queue="unroutable")
         if isinstance(request, Decision):
             return request
@@ -369,13 +448,17 @@ class JobIntake:
             return await self._answer(request, request.runs_on, JobStatus.ERROR, str(exc))
         if rerouted:
             return await self._answer(
-                request, label, JobStatus.ERROR,
+                request,
+                label,
+                JobStatus.ERROR,
                 f"runs_on: label {label!r} has no queue on this broker (rerouted once already)",
             )
         await self._publisher.publish(
             self._topology.jobs,
             label,
-            json_message(message.body, headers={**(message.headers or {}), REROUTED_HEADER: 1}, message_id=message.message_id),
+            json_message(
+                message.body, headers={**(message.headers or {}), REROUTED_HEADER: 1}, message_id=message.message_id
+            ),
         )
         log.info("job.rerouted", job_id=request.job_id, label=label, routing_key=message.routing_key)
         return Decision(Verdict.FORWARDED, job_id=request.job_id)

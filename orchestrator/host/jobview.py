@@ -38,9 +38,16 @@ def detail_of(record: JobRecord, *, host: str) -> JobDetail:
     shown = None
     if request is not None:
         shown = RequestView(
-            repo_url=request.repo_url, commit_sha=request.commit_sha, runs_on=request.runs_on,
-            script_path=request.script_path, has_script=request.script is not None, env_names=sorted(request.env),
-            timeout_s=request.timeout_s, size=request.size, cpus=request.cpus, memory_mb=request.memory_mb,
+            repo_url=request.repo_url,
+            commit_sha=request.commit_sha,
+            runs_on=request.runs_on,
+            script_path=request.script_path,
+            has_script=request.script is not None,
+            env_names=sorted(request.env),
+            timeout_s=request.timeout_s,
+            size=request.size,
+            cpus=request.cpus,
+            memory_mb=request.memory_mb,
             disk_gb=request.disk_gb,
         )
     result = record.result

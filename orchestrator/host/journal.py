@@ -50,10 +50,21 @@ TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
 HANDED_ON = frozenset({JobState.REQUEUED, JobState.SUPERSEDED})
 
 # What a transition may set besides the state.
-_FIELDS = frozenset({
-    "label", "attempt", "request", "nonce", "vm_name", "backend",
-    "accepted_at", "started_at", "finished_at", "result", "published_at",
-})
+_FIELDS = frozenset(
+    {
+        "label",
+        "attempt",
+        "request",
+        "nonce",
+        "vm_name",
+        "backend",
+        "accepted_at",
+        "started_at",
+        "finished_at",
+        "result",
+        "published_at",
+    }
+)
 
 
 class InvalidTransition(Exception):
@@ -107,8 +118,7 @@ CREATE TABLE IF NOT EXISTS host_state (
 MAX_LISTED_JOBS = 1000
 
 _COLUMNS = (
-    "job_id, label, state, attempt, request, nonce, vm_name, backend, "
-    "accepted_at, started_at, finished_at, result"
+    "job_id, label, state, attempt, request, nonce, vm_name, backend, accepted_at, started_at, finished_at, result"
 )
 
 
@@ -183,9 +193,16 @@ class Journal:
         """Record a job as accepted. False when this host already knows the job (a
         redelivery), unless its earlier attempt was handed back and this is a later one."""
         fields = {
-            "label": label, "attempt": request.attempt, "request": request.model_dump_json(), "nonce": nonce,
-            "vm_name": vm_name, "backend": backend, "accepted_at": accepted_at,
-            "started_at": None, "finished_at": None, "result": None,
+            "label": label,
+            "attempt": request.attempt,
+            "request": request.model_dump_json(),
+            "nonce": nonce,
+            "vm_name": vm_name,
+            "backend": backend,
+            "accepted_at": accepted_at,
+            "started_at": None,
+            "finished_at": None,
+            "result": None,
         }
         return await self._db.submit(lambda conn: _try_transition(conn, request.job_id, JobState.ACCEPTED, fields))
 
@@ -194,10 +211,16 @@ class Journal:
         stale, rejected). False when the job is already known here."""
         now = time.time()
         fields = {
-            "label": label, "attempt": result.attempt, "request": request.model_dump_json() if request else None,
-            "accepted_at": now, "finished_at": now, "result": result.model_dump_json(),
+            "label": label,
+            "attempt": result.attempt,
+            "request": request.model_dump_json() if request else None,
+            "accepted_at": now,
+            "finished_at": now,
+            "result": result.model_dump_json(),
         }
-        return await self._db.submit(lambda conn: _try_transition(conn, str(result.request_id), JobState.FINISHED, fields))
+        return await self._db.submit(
+            lambda conn: _try_transition(conn, str(result.request_id), JobState.FINISHED, fields)
+        )
 
     async def move(self, job_id: str, to: JobState, **fields: Any) -> None:
         """Move a job this host has; raises `InvalidTransition` for a move that
@@ -288,7 +311,11 @@ class Journal:
         return await self._db.submit(op)
 
     async def recent(
-        self, *, state: JobState | None = None, label: str | None = None, since: float | None = None,
+        self,
+        *,
+        state: JobState | None = None,
+        label: str | None = None,
+        since: float | None = None,
         limit: int = 100,
     ) -> list[JobRecord]:
         """This host's jobs, newest first (by when they were accepted or answered)."""
@@ -331,5 +358,3 @@ class Journal:
             return dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
 
         return await self._db.submit(op)
-
-

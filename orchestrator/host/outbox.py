@@ -52,7 +52,9 @@ class ResultOutbox:
         is away the retry loop publishes it later."""
         job_id = str(result.request_id)
         if not stored:
-            await self._journal.move(job_id, JobState.FINISHED, result=result, finished_at=result.completed_at.timestamp())
+            await self._journal.move(
+                job_id, JobState.FINISHED, result=result, finished_at=result.completed_at.timestamp()
+            )
         if not await self._publish(result):
             self._wake.set()
 

@@ -65,8 +65,12 @@ async def reconcile(
             await _destroy_orphan(vm, settings, router, journal, report)
     report.removed_leftovers = await router.leftovers(set(live_vms))
     log.info(
-        "reconcile.done", host=settings.host_name, adopted=len(report.adopted), answered=len(report.answered),
-        destroyed_vms=len(report.destroyed_vms), removed_leftovers=len(report.removed_leftovers),
+        "reconcile.done",
+        host=settings.host_name,
+        adopted=len(report.adopted),
+        answered=len(report.answered),
+        destroyed_vms=len(report.destroyed_vms),
+        removed_leftovers=len(report.removed_leftovers),
     )
     return report
 
@@ -95,7 +99,10 @@ async def _resume(
         resources = image_map.resources_for(label, request)
     except RequestRejected as exc:
         result = JobResult.for_request(
-            request, status=JobStatus.ERROR, host=settings.host_name, label=label,
+            request,
+            status=JobStatus.ERROR,
+            host=settings.host_name,
+            label=label,
             summary=f"could not resume after a restart: {exc}",
         )
         await outbox.deliver(result, stored=False)
@@ -104,11 +111,19 @@ async def _resume(
     # An adopted job holds capacity whatever the limits now say: its VM exists.
     reservation = ledger.force_reserve(record.job_id, label, resources.cpus, resources.memory_mb)
     job = AcceptedJob(
-        request, label, image_map.images[label], resources, reservation, record.nonce, vm_name,
+        request,
+        label,
+        image_map.images[label],
+        resources,
+        reservation,
+        record.nonce,
+        vm_name,
         accepted_at=record.accepted_at or time.time(),
     )
     runner.start(
-        job, adopted_started_at=record.started_at or record.accepted_at or 0.0, vm_running=vm_running,
+        job,
+        adopted_started_at=record.started_at or record.accepted_at or 0.0,
+        vm_running=vm_running,
         handed_over=record.state is JobState.RUNNING,
     )
     report.adopted.append(record.job_id)
@@ -119,7 +134,13 @@ async def _destroy_orphan(
 ) -> None:
     known = await journal.get(vm.job_id) if vm.job_id else None
     spec = VmSpec(
-        name=vm.name, job_id=vm.job_id, image_path=None, image_format=None, cpus=1, memory_mb=64, disk_gb=None,
+        name=vm.name,
+        job_id=vm.job_id,
+        image_path=None,
+        image_format=None,
+        cpus=1,
+        memory_mb=64,
+        disk_gb=None,
         console_path=vm.console_path or settings.state.console(vm.job_id or vm.name),
     )
     try:

@@ -57,7 +57,9 @@ def _delete_old_logs(logs: Path, *, keep: set[str], forgotten: set[str], cutoff:
     return count, freed
 
 
-async def sweep(journal: Journal, state: StateDir, *, retention_days: float, running: set[str], now: float | None = None) -> Swept:
+async def sweep(
+    journal: Journal, state: StateDir, *, retention_days: float, running: set[str], now: float | None = None
+) -> Swept:
     """Forget jobs that ended more than `retention_days` ago and delete their logs."""
     cutoff = (time.time() if now is None else now) - retention_days * DAY_S
     forgotten = set(await journal.forget_before(cutoff))
@@ -65,8 +67,13 @@ async def sweep(journal: Journal, state: StateDir, *, retention_days: float, run
     logs, freed = await asyncio.to_thread(_delete_old_logs, state.logs, keep=keep, forgotten=forgotten, cutoff=cutoff)
     swept = Swept(len(forgotten), logs, freed)
     if forgotten or logs:
-        log.info("retention.swept", jobs=swept.jobs, logs=swept.logs, bytes_freed=swept.bytes_freed,
-                 retention_days=retention_days)
+        log.info(
+            "retention.swept",
+            jobs=swept.jobs,
+            logs=swept.logs,
+            bytes_freed=swept.bytes_freed,
+            retention_days=retention_days,
+        )
     return swept
 
 

@@ -120,7 +120,12 @@ class JobRunner:
 
     # --- entry points ------------------------------------------------------------------
     def start(
-        self, job: AcceptedJob, *, adopted_started_at: float | None = None, vm_running: bool = True, handed_over: bool = True
+        self,
+        job: AcceptedJob,
+        *,
+        adopted_started_at: float | None = None,
+        vm_running: bool = True,
+        handed_over: bool = True,
     ) -> None:
         """Run a job; with `adopted_started_at`, take back a job journaled before a
         restart (`vm_running`: whether its VM was still running then; `handed_over`:
@@ -132,9 +137,13 @@ class JobRunner:
         else:
             spec = self.build_spec(job)
         running = RunningJob(
-            job, spec, backend, adopted_started_at=adopted_started_at,
+            job,
+            spec,
+            backend,
+            adopted_started_at=adopted_started_at,
             interrupted_while_away=adopted_started_at is not None and not vm_running,
-            handed_over=handed_over, console_max_bytes=self._settings.console_max_bytes,
+            handed_over=handed_over,
+            console_max_bytes=self._settings.console_max_bytes,
         )
         self.running[job.job_id] = running
         self.idle.clear()
@@ -191,12 +200,23 @@ class JobRunner:
             base = job.warm.spec
         else:  # taken back after a restart: the VM is known by its name
             base = VmSpec(
-                name=job.vm_name, job_id="", image_path=None, image_format=None, cpus=job.resources.cpus,
-                memory_mb=job.resources.memory_mb, disk_gb=job.resources.disk_gb,
-                console_path=self._settings.state.console(job.vm_name), job_channel=self._settings.state.channel(job.vm_name),
+                name=job.vm_name,
+                job_id="",
+                image_path=None,
+                image_format=None,
+                cpus=job.resources.cpus,
+                memory_mb=job.resources.memory_mb,
+                disk_gb=job.resources.disk_gb,
+                console_path=self._settings.state.console(job.vm_name),
+                job_channel=self._settings.state.channel(job.vm_name),
             )
-        return replace(base, job_id=job.job_id, console_path=self._settings.state.console(job.job_id),
-                       env=dict(job.request.env), nonce=job.nonce)
+        return replace(
+            base,
+            job_id=job.job_id,
+            console_path=self._settings.state.console(job.job_id),
+            env=dict(job.request.env),
+            nonce=job.nonce,
+        )
 
     def build_spec(self, job: AcceptedJob, *, vm_name: str | None = None) -> VmSpec:
         """A cold VM for the job (named `vm_name`, else the job's VM name)."""
@@ -244,16 +264,26 @@ class JobRunner:
                     return
             else:
                 jlog.info("job.adopted", vm=running.spec.name, started_at=started_at)
-                if is_pool_vm(running.spec.name) and not running.handed_over and not await self._began_before_restart(running):
+                if (
+                    is_pool_vm(running.spec.name)
+                    and not running.handed_over
+                    and not await self._began_before_restart(running)
+                ):
                     await running.backend.destroy(running.spec)
-                    await self._hand_back(running, jlog, "its pool VM had not been given the job when the daemon stopped")
+                    await self._hand_back(
+                        running, jlog, "its pool VM had not been given the job when the daemon stopped"
+                    )
                     return
             running.console.start()  # (a no-op when the hand-off started it)
             outcome, summary, vm_state = await self._watch(running, started_at)
             if outcome is None and running.stop_reason is StopReason.SUPERSEDED:
                 await self._journal.move(job.job_id, JobState.SUPERSEDED)
-                jlog.info("job.superseded", attempt=job.request.attempt, holder=running.superseded_by,
-                          reason="its ack was lost with the broker connection; the broker gave it to that host")
+                jlog.info(
+                    "job.superseded",
+                    attempt=job.request.attempt,
+                    holder=running.superseded_by,
+                    reason="its ack was lost with the broker connection; the broker gave it to that host",
+                )
                 return
             if outcome is None:
                 await self._hand_back(running, jlog, "host shutting down")
@@ -268,7 +298,10 @@ class JobRunner:
                     await self._hand_back(running, jlog, "its VM stopped or vanished while the daemon was down")
                     return
                 if exit_code is None:
-                    status, summary = JobStatus.ERROR, "the VM powered off without reporting a result (see console_tail)"
+                    status, summary = (
+                        JobStatus.ERROR,
+                        "the VM powered off without reporting a result (see console_tail)",
+                    )
                 elif exit_code != 0:
                     status, summary = JobStatus.FAILED, f"job script exited with {exit_code}"
                 else:
@@ -279,7 +312,9 @@ class JobRunner:
         except Exception as exc:
             jlog.error("job.crashed", error=repr(exc), exc_info=True)
             tail = await running.console.finish()
-            await self._finish(running, JobStatus.ERROR, f"orchestrator error: {exc!r}", None, tail, accepted_at, started_at)
+            await self._finish(
+                running, JobStatus.ERROR, f"orchestrator error: {exc!r}", None, tail, accepted_at, started_at
+            )
         finally:
             if job.warm is not None:
                 job.warm.began.set()  # the pool may refill (if its first command never came)
@@ -326,7 +361,9 @@ class JobRunner:
         job = running.job
         started_at = time.time()
         await self._journal.move(job.job_id, JobState.RUNNING, started_at=started_at)
-        jlog.info("job.started", vm=running.spec.name, backend=running.backend.name.value, warm=is_pool_vm(running.spec.name))
+        jlog.info(
+            "job.started", vm=running.spec.name, backend=running.backend.name.value, warm=is_pool_vm(running.spec.name)
+        )
         await self._emit(f"job.started.{job.label}", self._event(job, EventKind.STARTED))
         return started_at
 
@@ -340,7 +377,9 @@ class JobRunner:
             await asyncio.to_thread(vm.spec.console_path.unlink)  # the job's name is the one kept
             await running.console.skip_existing()  # the pool VM's boot is not the job's output
             running.console.start()
-            await running.backend.hand_over(running.spec, self.build_spec(job), ready_timeout_s=self.boot_timeout_s(job))
+            await running.backend.hand_over(
+                running.spec, self.build_spec(job), ready_timeout_s=self.boot_timeout_s(job)
+            )
         except (HandOffError, OSError) as exc:
             self.warm_fallbacks += 1
             jlog.warning("job.hand_off_failed", vm=vm.name, error=str(exc), fallback="cold boot")
@@ -359,7 +398,8 @@ class JobRunner:
         await self._journal.move_to_vm(job.job_id, cold_name)
         running.spec = self.build_spec(job, vm_name=cold_name)
         running.console = ConsoleFollower(
-            running.spec.console_path, max_bytes=self._settings.console_max_bytes,
+            running.spec.console_path,
+            max_bytes=self._settings.console_max_bytes,
             start_marker=started_line(job.nonce).encode(),
         )
         jlog.info("job.cold_after_hand_off", vm=cold_name)
@@ -425,7 +465,11 @@ class JobRunner:
         if running.stop_reason is StopReason.CANCEL:
             return JobStatus.CANCELLED, "cancelled on request; the VM was destroyed", None
         if timed_out_booting:
-            return JobStatus.ERROR, f"boot timeout: no console output within {boot_timeout_s:g} s; the VM was destroyed", None
+            return (
+                JobStatus.ERROR,
+                f"boot timeout: no console output within {boot_timeout_s:g} s; the VM was destroyed",
+                None,
+            )
         return JobStatus.TIMEOUT, f"job did not finish within {timeout_s} s; the VM was destroyed", None
 
     async def _finish(
@@ -460,7 +504,14 @@ class JobRunner:
         )
         self.finished[status.value] += 1
         self._observe(running, status, timings)
-        log.info("job.finished", job_id=job.job_id, label=job.label, status=status.value, exit_code=exit_code, summary=summary)
+        log.info(
+            "job.finished",
+            job_id=job.job_id,
+            label=job.label,
+            status=status.value,
+            exit_code=exit_code,
+            summary=summary,
+        )
         await self._outbox.deliver(result, stored=False)
         await self._emit(f"job.finished.{job.label}", self._event(job, EventKind.FINISHED, status))
 
@@ -469,8 +520,11 @@ class JobRunner:
             return
         first_command_at, boot_from = running.console.started_at, running.boot_from
         self._metrics.job_finished(
-            label=running.job.label, status=status.value, warm=is_pool_vm(running.spec.name),
-            run_s=timings.get("run_s"), to_first_command_s=timings.get("to_first_command_s"),
+            label=running.job.label,
+            status=status.value,
+            warm=is_pool_vm(running.spec.name),
+            run_s=timings.get("run_s"),
+            to_first_command_s=timings.get("to_first_command_s"),
             boot_s=first_command_at - boot_from if first_command_at is not None and boot_from is not None else None,
         )
 
@@ -484,7 +538,10 @@ class JobRunner:
         self._ledger.release(running.job.reservation)
         try:
             outcome, holder = await self._hand_backs.give_back(
-                request, running.job.label, jlog=jlog, stopping=lambda: running.stop_reason is StopReason.SHUTDOWN,
+                request,
+                running.job.label,
+                jlog=jlog,
+                stopping=lambda: running.stop_reason is StopReason.SHUTDOWN,
                 max_attempts=self._settings.max_attempts,
             )
         except Exception as exc:
@@ -494,13 +551,19 @@ class JobRunner:
             return
         if outcome is HandBackOutcome.SUPERSEDED and holder is not None:
             await self._journal.move(request.job_id, JobState.SUPERSEDED)
-            jlog.info("job.superseded", attempt=request.attempt, holder=holder.host, holder_state=holder.state, reason=reason)
+            jlog.info(
+                "job.superseded", attempt=request.attempt, holder=holder.host, holder_state=holder.state, reason=reason
+            )
             return
         if outcome is HandBackOutcome.LAST_ATTEMPT:
             await self._finish(
-                running, JobStatus.ERROR,
+                running,
+                JobStatus.ERROR,
                 f"gave up after attempt {request.attempt} of {self._settings.max_attempts}: {reason}",
-                None, "", running.job.accepted_at, None,
+                None,
+                "",
+                running.job.accepted_at,
+                None,
             )
             return
         await self._journal.move(request.job_id, JobState.REQUEUED)
@@ -509,7 +572,11 @@ class JobRunner:
 
     def _event(self, job: AcceptedJob, kind: EventKind, status: JobStatus | None = None) -> JobEvent:
         return JobEvent(
-            kind=kind, request_id=job.request.request_id, host=self._settings.host_name, label=job.label, status=status,
+            kind=kind,
+            request_id=job.request.request_id,
+            host=self._settings.host_name,
+            label=job.label,
+            status=status,
             log_url=self._log_url(job.job_id),
         )
 

@@ -73,7 +73,10 @@ class Scheduler:
         for label in self._image_map.images:
             await self._add_consumer(label)
         self._unroutable = await QueueConsumer.open(
-            connection, self._topology.unroutable_queue, self._intake.on_unroutable_message, self._settler,
+            connection,
+            self._topology.unroutable_queue,
+            self._intake.on_unroutable_message,
+            self._settler,
             prefetch=UNROUTABLE_PREFETCH,
         )
         await self._unroutable.resume()
@@ -87,7 +90,10 @@ class Scheduler:
             return
         assert self._connection is not None
         consumer = await QueueConsumer.open(
-            self._connection, self._topology.label_queue(label), self._intake.handler_for(label), self._settler,
+            self._connection,
+            self._topology.label_queue(label),
+            self._intake.handler_for(label),
+            self._settler,
             ConsumerClaims(self._window, label),
         )
         consumer.should_run = self._should_run
@@ -151,7 +157,9 @@ class Scheduler:
             # (all of them once it has waited HELD_FIRST_AFTER_S), and the queues are
             # asked again each STARVED_POLL_S until it has started.
             await self._take_back_idle_claims(await self._queue_depths(), everyone=self._window.held_first())
-        paused = [label for label, consumer in self._consumers.items() if consumer.should_run() and not consumer.running]
+        paused = [
+            label for label, consumer in self._consumers.items() if consumer.should_run() and not consumer.running
+        ]
         if not paused:
             self._starved = bool(self._window.held)
             return
@@ -163,9 +171,9 @@ class Scheduler:
             grants = self._grant(sorted(paused, key=self._waited_order), {label: MAX_PREFETCH for label in paused})
             if all(grants.values()):
                 for claims in grants.values():
-                    for claim in claims[max(1, len(claims) // 2):]:
+                    for claim in claims[max(1, len(claims) // 2) :]:
                         self._window.release(claim)
-                    del claims[max(1, len(claims) // 2):]
+                    del claims[max(1, len(claims) // 2) :]
                 self._starved = False
                 await self._resume(grants)
                 return

@@ -223,7 +223,9 @@ class WarmPools:
                 self._handing_off[vm.name] = asyncio.create_task(self._hand_off_first(vm), name=f"hand-off-{vm.name}")
                 reservation = self._ledger.take_warm(vm.reservation, job_id)
                 self._health.setdefault(label, _LabelHealth()).taken_total += 1
-                log.info("pool.vm_taken", job_id=job_id, label=label, vm=vm.name, age_s=round(time.monotonic() - vm.born, 1))
+                log.info(
+                    "pool.vm_taken", job_id=job_id, label=label, vm=vm.name, age_s=round(time.monotonic() - vm.born, 1)
+                )
                 return vm, reservation
         return None
 
@@ -331,7 +333,9 @@ class WarmPools:
             return
         stale: list[tuple[PoolVm, str]] = []
         now = time.monotonic()
-        versions = {label: await self._version(label, image) for label, image in self._image_map.images.items() if image.warm}
+        versions = {
+            label: await self._version(label, image) for label, image in self._image_map.images.items() if image.warm
+        }
         for vm in self._vms.values():
             if not vm.idle:
                 continue
@@ -352,8 +356,11 @@ class WarmPools:
             version = versions.get(label)
             if image.warm is not None and version is not None:
                 await self._refill(label, image, version, now)
-        for label in [label for label in self._templates if self._image_map.images.get(label) is None
-                      or not (self._image_map.images[label].warm or None)]:
+        for label in [
+            label
+            for label in self._templates
+            if self._image_map.images.get(label) is None or not (self._image_map.images[label].warm or None)
+        ]:
             await self._drop_template(label)
 
     async def _refill(self, label: str, image: ImageEntry, version: ImageVersion, now: float) -> None:
@@ -372,15 +379,26 @@ class WarmPools:
         if template is not None and not template.ready:
             return  # being made
         have = sum(1 for vm in self._vms.values() if vm.label == label and vm.idle)
-        self._boot_vms(label, image, version, image.warm.ready - have, restore_from=template.directory if template else None)
+        self._boot_vms(
+            label, image, version, image.warm.ready - have, restore_from=template.directory if template else None
+        )
 
     def _boot_vms(
-        self, label: str, image: ImageEntry, version: ImageVersion, count: int, *,
-        restore_from: Path | None = None, makes: Template | None = None,
+        self,
+        label: str,
+        image: ImageEntry,
+        version: ImageVersion,
+        count: int,
+        *,
+        restore_from: Path | None = None,
+        makes: Template | None = None,
     ) -> None:
         resources = self._image_map.default_resources(label)
         for _ in range(count):
-            if sum(1 for vm in self._vms.values() if vm.state is PoolVmState.BOOTING) >= self._settings.warm_boots_at_once:
+            if (
+                sum(1 for vm in self._vms.values() if vm.state is PoolVmState.BOOTING)
+                >= self._settings.warm_boots_at_once
+            ):
                 return
             name = pool_vm_name()
             reservation = self._ledger.reserve_warm(name, label, resources.cpus, resources.memory_mb)
@@ -393,13 +411,21 @@ class WarmPools:
                 self._ledger.release(reservation)
                 log.error("pool.image_unusable", label=label, error=str(exc))
                 return
-            vm = PoolVm(name, label, spec, backend, resources, version, reservation, restore_from=restore_from, makes=makes)
+            vm = PoolVm(
+                name, label, spec, backend, resources, version, reservation, restore_from=restore_from, makes=makes
+            )
             self._vms[name] = vm
             if makes is not None:
                 self._templates[label] = makes
             vm.task = asyncio.create_task(self._keep(vm), name=f"pool-{name}")
-            log.info("pool.vm_booting", label=label, vm=name, backend=backend.name.value,
-                     restoring=restore_from is not None, template=makes is not None)
+            log.info(
+                "pool.vm_booting",
+                label=label,
+                vm=name,
+                backend=backend.name.value,
+                restoring=restore_from is not None,
+                template=makes is not None,
+            )
 
     async def _version(self, label: str, image: ImageEntry) -> ImageVersion | None:
         """The image a new pool VM of `label` boots from, or None when it is not ready."""
@@ -488,7 +514,9 @@ class WarmPools:
         vm.state = PoolVmState.READY
         vm.ready_after_s = round(time.monotonic() - started, 3)
         self._health.setdefault(vm.label, _LabelHealth()).failures_in_a_row = 0
-        log.info("pool.vm_ready", label=vm.label, vm=vm.name, boot_s=vm.ready_after_s, restored=vm.restore_from is not None)
+        log.info(
+            "pool.vm_ready", label=vm.label, vm=vm.name, boot_s=vm.ready_after_s, restored=vm.restore_from is not None
+        )
         if self._metrics is not None:
             kind = BootKind.RESTORED if vm.restore_from is not None else BootKind.POOL
             self._metrics.vm_booted(label=vm.label, kind=kind, seconds=vm.ready_after_s)
@@ -528,7 +556,12 @@ class WarmPools:
             return
         template.ready = True
         self._health.setdefault(template.label, _LabelHealth()).failures_in_a_row = 0
-        log.info("pool.template_saved", label=template.label, directory=str(template.directory), boot_and_save_s=round(took_s, 3))
+        log.info(
+            "pool.template_saved",
+            label=template.label,
+            directory=str(template.directory),
+            boot_and_save_s=round(took_s, 3),
+        )
         self.poke()
 
     async def _drop_template(self, label: str) -> None:
@@ -572,10 +605,22 @@ class WarmPools:
         health.failed_total += 1
         retry_in_s = _backoff_s(health.failures_in_a_row)
         health.retry_at = time.monotonic() + retry_in_s
-        log.warning("pool.vm_failed", label=vm.label, vm=vm.name, reason=reason,
-                    failures_in_a_row=health.failures_in_a_row, retry_in_s=retry_in_s)
-        return WarmFailed(host=self._settings.host_name, label=vm.label, vm=vm.name, reason=reason,
-                          failures_in_a_row=health.failures_in_a_row, retry_in_s=retry_in_s)
+        log.warning(
+            "pool.vm_failed",
+            label=vm.label,
+            vm=vm.name,
+            reason=reason,
+            failures_in_a_row=health.failures_in_a_row,
+            retry_in_s=retry_in_s,
+        )
+        return WarmFailed(
+            host=self._settings.host_name,
+            label=vm.label,
+            vm=vm.name,
+            reason=reason,
+            failures_in_a_row=health.failures_in_a_row,
+            retry_in_s=retry_in_s,
+        )
 
 
 def _empty(directory: Path) -> None:

@@ -113,8 +113,14 @@ class HostWindow:
         """Count a delivery as held while the block runs."""
         held = HeldDelivery(job_id, label, resources.cpus, resources.memory_mb, time.monotonic())
         self._held[job_id] = held
-        log.info("delivery.held", job_id=job_id, label=label, cpus=resources.cpus, memory_mb=resources.memory_mb,
-                 max_hold_s=self.max_hold_s)
+        log.info(
+            "delivery.held",
+            job_id=job_id,
+            label=label,
+            cpus=resources.cpus,
+            memory_mb=resources.memory_mb,
+            max_hold_s=self.max_hold_s,
+        )
         try:
             yield held
         finally:

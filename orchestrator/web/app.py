@@ -70,21 +70,31 @@ class _ViewCollector(Collector):
         yield GaugeMetricFamily("orchestrator_max_concurrency", "MAX_CONCURRENCY", value=m.max_concurrency)
         yield GaugeMetricFamily("orchestrator_cpus_used", "vCPUs held by running VMs", value=m.cpus_used)
         yield GaugeMetricFamily("orchestrator_memory_mb_used", "MiB held by running VMs", value=m.memory_mb_used)
-        yield GaugeMetricFamily("orchestrator_broker_connected", "1 while the broker connection is open", value=float(m.broker_connected))
+        yield GaugeMetricFamily(
+            "orchestrator_broker_connected", "1 while the broker connection is open", value=float(m.broker_connected)
+        )
         finished = CounterMetricFamily("orchestrator_jobs_finished", "Jobs finished on this host", labels=["status"])
         for status, count in sorted(m.finished_by_status.items()):
             finished.add_metric([status], count)
         yield finished
-        yield CounterMetricFamily("orchestrator_results_published", "Results confirmed by the broker", value=m.results_published)
+        yield CounterMetricFamily(
+            "orchestrator_results_published", "Results confirmed by the broker", value=m.results_published
+        )
         if m.state_dir_bytes is not None:
-            yield GaugeMetricFamily("orchestrator_state_dir_bytes", "Disk used under STATE_DIR", value=m.state_dir_bytes)
+            yield GaugeMetricFamily(
+                "orchestrator_state_dir_bytes", "Disk used under STATE_DIR", value=m.state_dir_bytes
+            )
         if m.dlq_messages is not None:
-            yield GaugeMetricFamily("orchestrator_dlq_messages", "Messages in the dead-letter queue", value=m.dlq_messages)
+            yield GaugeMetricFamily(
+                "orchestrator_dlq_messages", "Messages in the dead-letter queue", value=m.dlq_messages
+            )
         warm = GaugeMetricFamily("orchestrator_warm_vms", "Warm pool VMs no job has taken", labels=["label", "state"])
         for (label, state), count in sorted(m.warm_vms.items()):
             warm.add_metric([label, state], count)
         yield warm
-        failed = CounterMetricFamily("orchestrator_warm_failed", "Pool VMs that did not come up or died waiting", labels=["label"])
+        failed = CounterMetricFamily(
+            "orchestrator_warm_failed", "Pool VMs that did not come up or died waiting", labels=["label"]
+        )
         for label, count in sorted(m.warm_failed.items()):
             failed.add_metric([label], count)
         yield failed
@@ -92,8 +102,12 @@ class _ViewCollector(Collector):
         for label, count in sorted(m.warm_taken.items()):
             taken.add_metric([label], count)
         yield taken
-        yield CounterMetricFamily("orchestrator_warm_fallbacks", "Jobs booted cold after their hand-off failed", value=m.warm_fallbacks)
-        wanted = GaugeMetricFamily("orchestrator_warm_wanted", "Ready pool VMs the image map asks for (warm.ready)", labels=["label"])
+        yield CounterMetricFamily(
+            "orchestrator_warm_fallbacks", "Jobs booted cold after their hand-off failed", value=m.warm_fallbacks
+        )
+        wanted = GaugeMetricFamily(
+            "orchestrator_warm_wanted", "Ready pool VMs the image map asks for (warm.ready)", labels=["label"]
+        )
         for label, count in sorted(m.warm_wanted.items()):
             wanted.add_metric([label], count)
         yield wanted
@@ -105,9 +119,15 @@ class _LoadCollector(Collector):
 
     def collect(self) -> Any:
         load = self._load
-        yield GaugeMetricFamily("orchestrator_http_connections", "Open HTTP connections (HTTP_MAX_CONNECTIONS)", value=load.connections)
-        yield GaugeMetricFamily("orchestrator_http_streams", "Log streams being served (HTTP_MAX_STREAMS)", value=load.streams)
-        refused = CounterMetricFamily("orchestrator_http_refused", "Connections and log streams refused at their limit", labels=["setting"])
+        yield GaugeMetricFamily(
+            "orchestrator_http_connections", "Open HTTP connections (HTTP_MAX_CONNECTIONS)", value=load.connections
+        )
+        yield GaugeMetricFamily(
+            "orchestrator_http_streams", "Log streams being served (HTTP_MAX_STREAMS)", value=load.streams
+        )
+        refused = CounterMetricFamily(
+            "orchestrator_http_refused", "Connections and log streams refused at their limit", labels=["setting"]
+        )
         for refusals in (load.connections_refused, load.streams_refused):
             refused.add_metric([refusals.setting], refusals.total)
         yield refused
@@ -156,8 +176,13 @@ def _text_range(request: web.Request, size: int) -> tuple[int, int] | None:
 
 
 def build_app(
-    view: HostView, *, token: str | None, load: HttpLoad, metrics: CollectorRegistry | None = None,
-    fleet: Fleet | None = None, public_url: str | None = None,
+    view: HostView,
+    *,
+    token: str | None,
+    load: HttpLoad,
+    metrics: CollectorRegistry | None = None,
+    fleet: Fleet | None = None,
+    public_url: str | None = None,
 ) -> web.Application:
     """The app; it counts its log streams in `load` and shows `load` on `/metrics`, and
     `metrics` there too (the daemon's histograms, which it records as things happen).
@@ -175,8 +200,10 @@ def build_app(
     async def readyz(_: web.Request) -> web.Response:
         reasons = view.not_ready_reasons()
         body = {
-            "ready": not reasons, "broker": "connected" if view.broker_connected else "disconnected",
-            "broker_node": view.broker_node, "reasons": reasons,
+            "ready": not reasons,
+            "broker": "connected" if view.broker_connected else "disconnected",
+            "broker_node": view.broker_node,
+            "reasons": reasons,
         }
         return web.json_response(body, status=200 if not reasons else 503)
 
@@ -268,19 +295,34 @@ def build_app(
 
     app = web.Application(middlewares=[headers_arrived, credentials])
     app.on_cleanup.append(close_load)
-    app.add_routes([
-        web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status),
-        web.get("/metrics", metrics_text), web.get("/jobs", jobs), web.get("/jobs/{job_id}", job),
-        web.get("/jobs/{job_id}/log", job_log), web.get("/jobs/{job_id}/log/stream", job_log_stream),
-        web.post("/drain", drain), web.post("/resume", resume), web.get("/openapi.json", openapi),
-    ])
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/status", status),
+            web.get("/metrics", metrics_text),
+            web.get("/jobs", jobs),
+            web.get("/jobs/{job_id}", job),
+            web.get("/jobs/{job_id}/log", job_log),
+            web.get("/jobs/{job_id}/log/stream", job_log_stream),
+            web.post("/drain", drain),
+            web.post("/resume", resume),
+            web.get("/openapi.json", openapi),
+        ]
+    )
     dashboard.add_routes(app, view=view, fleet=fleet, access=access, load=load)
     return app
 
 
 async def start_http(
-    view: HostView, listen: str, *, token: str | None, limits: HttpLimits | None = None,
-    metrics: CollectorRegistry | None = None, fleet: Fleet | None = None, public_url: str | None = None,
+    view: HostView,
+    listen: str,
+    *,
+    token: str | None,
+    limits: HttpLimits | None = None,
+    metrics: CollectorRegistry | None = None,
+    fleet: Fleet | None = None,
+    public_url: str | None = None,
 ) -> web.AppRunner:
     """Serve the daemon's API on `listen` within `limits`, with `metrics` on `/metrics`.
     Raises OSError when the address is taken."""

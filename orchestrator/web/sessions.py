@@ -28,8 +28,13 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class Sessions:
     """Session ids and their expiry (monotonic), bounded."""
 
-    def __init__(self, *, ttl_s: float = SESSION_TTL_S, max_sessions: int = MAX_SESSIONS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        ttl_s: float = SESSION_TTL_S,
+        max_sessions: int = MAX_SESSIONS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._ttl_s, self._max, self._clock = ttl_s, max_sessions, clock
         self._expiry: dict[str, float] = {}  # in order of creation
 
@@ -78,7 +83,7 @@ class Access:
 
     def bearer(self, request: web.Request) -> bool:
         given = request.headers.get("Authorization", "")
-        return given.startswith("Bearer ") and self.token_matches(given[len("Bearer "):])
+        return given.startswith("Bearer ") and self.token_matches(given[len("Bearer ") :])
 
     def session(self, request: web.Request) -> str | None:
         """The request's valid session id, if it has one."""
@@ -106,8 +111,13 @@ class Access:
 
     def sign_in(self, response: web.StreamResponse) -> None:
         response.set_cookie(
-            SESSION_COOKIE, self.sessions.open(), path="/", httponly=True, samesite="Strict",
-            secure=self.secure_cookie, max_age=int(SESSION_TTL_S),
+            SESSION_COOKIE,
+            self.sessions.open(),
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=self.secure_cookie,
+            max_age=int(SESSION_TTL_S),
         )
 
     def sign_out(self, request: web.Request, response: web.StreamResponse) -> None:

@@ -54,7 +54,9 @@ class Failure:
     query: dict[str, str] = field(default_factory=dict)  # and whose query has these (e.g. {"page": "2"})
 
     def matches(self, request: web.Request) -> bool:
-        return request.path.startswith(self.path_prefix) and all(request.query.get(k) == v for k, v in self.query.items())
+        return request.path.startswith(self.path_prefix) and all(
+            request.query.get(k) == v for k, v in self.query.items()
+        )
 
 
 @dataclass
@@ -185,7 +187,9 @@ class FakeForge:
             headers = dict(failure.headers)
             if failure.retry_after is not None:
                 headers["Retry-After"] = failure.retry_after
-            return web.json_response({"message": f"injected failure {failure.status}"}, status=failure.status, headers=headers)
+            return web.json_response(
+                {"message": f"injected failure {failure.status}"}, status=failure.status, headers=headers
+            )
         if not self.authorized(request):
             return web.json_response({"message": "Bad credentials"}, status=401)
         return await handler(request)

@@ -55,9 +55,15 @@ def install(fake: FakeForge, *, app_url: str | None = None) -> None:
 
     def repository(full_name: str) -> dict[str, Any]:
         owner, name = full_name.split("/", 1)
-        return {"id": fake.project_id(full_name), "name": name, "full_name": full_name,
-                "owner": {"id": 1, "login": owner, "username": owner}, "clone_url": clone_url(full_name),
-                "html_url": f"{root()}{full_name}", "default_branch": "main"}
+        return {
+            "id": fake.project_id(full_name),
+            "name": name,
+            "full_name": full_name,
+            "owner": {"id": 1, "login": owner, "username": owner},
+            "clone_url": clone_url(full_name),
+            "html_url": f"{root()}{full_name}",
+            "default_branch": "main",
+        }
 
     def paginate(request: web.Request, items: list[Any]) -> web.Response:
         try:
@@ -68,7 +74,7 @@ def install(fake: FakeForge, *, app_url: str | None = None) -> None:
         limit = fake.per_page_default if limit <= 0 else min(limit, MAX_RESPONSE_ITEMS)
         total = len(items)
         pages = max(1, -(-total // limit))
-        chunk = items[(page - 1) * limit: page * limit]
+        chunk = items[(page - 1) * limit : page * limit]
 
         def link(to: int, rel: str) -> str:
             query = {**request.query, "page": str(to)}
@@ -86,8 +92,12 @@ def install(fake: FakeForge, *, app_url: str | None = None) -> None:
 
     async def get_repository(request: web.Request) -> web.Response:
         repo = repo_of(request)
-        known = (repo in fake.branches or repo in fake.pulls or repo in fake.project_ids
-                 or any(key[0] == repo for key in fake.files))
+        known = (
+            repo in fake.branches
+            or repo in fake.pulls
+            or repo in fake.project_ids
+            or any(key[0] == repo for key in fake.files)
+        )
         return web.json_response(repository(repo)) if known else not_found()
 
     async def raw_file(request: web.Request) -> web.Response:
@@ -97,55 +107,95 @@ def install(fake: FakeForge, *, app_url: str | None = None) -> None:
         data = fake.files.get((repo, sha, path))
         if data is None:
             return not_found()
-        return web.Response(body=data, content_type="application/octet-stream",
-                            headers={"X-Gitea-Object-Type": "file", "X-Forgejo-Object-Type": "file"})
+        return web.Response(
+            body=data,
+            content_type="application/octet-stream",
+            headers={"X-Gitea-Object-Type": "file", "X-Forgejo-Object-Type": "file"},
+        )
 
     async def create_status(request: web.Request) -> web.Response:
         repo, sha = repo_of(request), request.match_info["sha"]
         try:
             form = json.loads(await request.read())
         except ValueError:
-            return web.json_response([{"fieldNames": [], "classification": "DeserializationError",
-                                       "message": "invalid JSON"}], status=422)
-        if not isinstance(form, dict) or any(not isinstance(form.get(key, ""), str)
-                                             for key in ("state", "target_url", "description", "context")):
-            return web.json_response([{"fieldNames": [], "classification": "DeserializationError",
-                                       "message": "cannot unmarshal"}], status=422)
+            return web.json_response(
+                [{"fieldNames": [], "classification": "DeserializationError", "message": "invalid JSON"}], status=422
+            )
+        if not isinstance(form, dict) or any(
+            not isinstance(form.get(key, ""), str) for key in ("state", "target_url", "description", "context")
+        ):
+            return web.json_response(
+                [{"fieldNames": [], "classification": "DeserializationError", "message": "cannot unmarshal"}],
+                status=422,
+            )
         if form.get("state") not in STATES:
             return web.json_response({"message": f"invalid state {form.get('state')!r}"}, status=422)
         if not SHA.fullmatch(sha):
             return web.json_response({"message": f"GetCommit[{sha}]: object does not exist"}, status=500)
         status = RecordedStatus(
-            repo=repo, sha=sha.lower(), state=form["state"], context=form.get("context", "").strip(),
-            description=form.get("description", "").strip(), target_url=form.get("target_url", "").strip() or None,
+            repo=repo,
+            sha=sha.lower(),
+            state=form["state"],
+            context=form.get("context", "").strip(),
+            description=form.get("description", "").strip(),
+            target_url=form.get("target_url", "").strip() or None,
         )
         fake.record_status(status)
-        return web.json_response({
-            "id": len(fake.statuses), "status": status.state, "target_url": status.target_url or "",
-            "description": status.description, "url": f"{root()}api/v1/repos/{repo}/statuses/{status.sha}",
-            "context": status.context, "creator": {"id": 1, "login": "ci-bot", "username": "ci-bot"},
-            "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:00Z",
-        }, status=201)
+        return web.json_response(
+            {
+                "id": len(fake.statuses),
+                "status": status.state,
+                "target_url": status.target_url or "",
+                "description": status.description,
+                "url": f"{root()}api/v1/repos/{repo}/statuses/{status.sha}",
+                "context": status.context,
+                "creator": {"id": 1, "login": "ci-bot", "username": "ci-bot"},
+                "created_at": "2024-01-01T00:00:00Z",
+                "updated_at": "2024-01-01T00:00:00Z",
+            },
+            status=201,
+        )
 
     async def list_branches(request: web.Request) -> web.Response:
         repo = repo_of(request)
         if repo not in fake.branches:
             return not_found()
-        items = [{"name": name, "commit": {"id": sha, "message": "", "url": f"{root()}{repo}/commit/{sha}"},
-                  "protected": False, "user_can_push": True, "user_can_merge": True}
-                 for name, sha in sorted(fake.branches[repo].items())]
+        items = [
+            {
+                "name": name,
+                "commit": {"id": sha, "message": "", "url": f"{root()}{repo}/commit/{sha}"},
+                "protected": False,
+                "user_can_push": True,
+                "user_can_merge": True,
+            }
+            for name, sha in sorted(fake.branches[repo].items())
+        ]
         return paginate(request, items)
 
     def pull_json(repo: str, pull: Pull) -> dict[str, Any]:
         base = repository(repo)
         head = repository(pull.head_repo)
         return {
-            "id": pull.number, "number": pull.number, "state": pull.state, "title": f"pull {pull.number}",
-            "html_url": f"{root()}{repo}/pulls/{pull.number}", "flow": 0,
-            "base": {"label": pull.base_branch, "ref": pull.base_branch,
-                     "sha": fake.branches.get(repo, {}).get(pull.base_branch, ""), "repo_id": base["id"], "repo": base},
-            "head": {"label": pull.head_branch, "ref": pull.head_branch, "sha": pull.head_sha,
-                     "repo_id": head["id"], "repo": head},
+            "id": pull.number,
+            "number": pull.number,
+            "state": pull.state,
+            "title": f"pull {pull.number}",
+            "html_url": f"{root()}{repo}/pulls/{pull.number}",
+            "flow": 0,
+            "base": {
+                "label": pull.base_branch,
+                "ref": pull.base_branch,
+                "sha": fake.branches.get(repo, {}).get(pull.base_branch, ""),
+                "repo_id": base["id"],
+                "repo": base,
+            },
+            "head": {
+                "label": pull.head_branch,
+                "ref": pull.head_branch,
+                "sha": pull.head_sha,
+                "repo_id": head["id"],
+                "repo": head,
+            },
         }
 
     async def list_pulls(request: web.Request) -> web.Response:

@@ -44,7 +44,9 @@ WEB_URL = "https://github.com"
 
 
 def install(fake: FakeForge) -> FakeForge:
-    fake.authorized = lambda request: request.headers.get("Authorization") in (f"Bearer {fake.token}", f"token {fake.token}")
+    fake.authorized = lambda request: (
+        request.headers.get("Authorization") in (f"Bearer {fake.token}", f"token {fake.token}")
+    )
     routes = _Routes(fake)
     fake.app.router.add_get("/repos/{owner}/{repo}", routes.repository)
     fake.app.router.add_get("/repos/{owner}/{repo}/contents/{path:.+}", routes.contents)
@@ -103,11 +105,14 @@ def _github(handler: Route) -> Route:
         if version is not None and version not in API_VERSIONS:
             return _message(400, f"API version {version} is not supported.")
         return await handler(request)
+
     return checked
 
 
 def _message(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"message": message, "documentation_url": "https://docs.github.com/rest", **extra}, status=status)
+    return web.json_response(
+        {"message": message, "documentation_url": "https://docs.github.com/rest", **extra}, status=status
+    )
 
 
 def _not_found() -> web.Response:
@@ -115,7 +120,9 @@ def _not_found() -> web.Response:
 
 
 def _invalid(field: str, message: str) -> web.Response:
-    return _message(422, "Validation Failed", errors=[{"resource": "Status", "code": "custom", "field": field, "message": message}])
+    return _message(
+        422, "Validation Failed", errors=[{"resource": "Status", "code": "custom", "field": field, "message": message}]
+    )
 
 
 def _repo_json(fake: FakeForge, full_name: str) -> dict[str, Any]:
@@ -158,8 +165,13 @@ class _Routes:
         sha = self.fake.branches.get(repo, {}).get(ref, ref)  # a branch name or a commit
         content = self.fake.files.get((repo, sha, path))
         if content is None:
-            entries = sorted({key[2][len(path) + 1:].split("/", 1)[0] for key in self.fake.files
-                              if key[0] == repo and key[1] == sha and key[2].startswith(path + "/")})
+            entries = sorted(
+                {
+                    key[2][len(path) + 1 :].split("/", 1)[0]
+                    for key in self.fake.files
+                    if key[0] == repo and key[1] == sha and key[2].startswith(path + "/")
+                }
+            )
             if not entries:
                 return _not_found()
             # A directory has no raw form: its listing comes back as JSON whatever the Accept.
@@ -168,10 +180,17 @@ class _Routes:
         if any(media in accept for media in RAW_MEDIA_TYPES):
             return web.Response(body=content, headers={"Content-Type": "application/vnd.github.raw; charset=utf-8"})
         encoded = base64.encodebytes(content).decode()  # GitHub wraps base64 at 60 or 76 columns
-        return web.json_response({
-            "type": "file", "encoding": "base64", "size": len(content), "name": path.rsplit("/", 1)[-1],
-            "path": path, "content": encoded, "sha": hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest(),
-        })
+        return web.json_response(
+            {
+                "type": "file",
+                "encoding": "base64",
+                "size": len(content),
+                "name": path.rsplit("/", 1)[-1],
+                "path": path,
+                "content": encoded,
+                "sha": hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest(),
+            }
+        )
 
     async def _create_status(self, request: web.Request) -> web.StreamResponse:
         repo = f"{request.match_info['owner']}/{request.match_info['repo']}"
@@ -194,19 +213,32 @@ class _Routes:
             return _message(422, f"No commit found for SHA: {sha}")
         self.fake.record_status(RecordedStatus(repo, sha, state, context, description or "", target_url))
         number = len(self.fake.statuses)
-        return web.json_response({
-            "url": f"{self.fake.url}/repos/{repo}/statuses/{sha}", "id": number, "node_id": f"SC_{number}",
-            "state": state, "description": description, "target_url": target_url, "context": context,
-            "created_at": "2026-11-25T10:00:00Z", "updated_at": "2026-11-25T10:00:00Z",
-            "creator": {"login": "orchestrator-bot", "type": "User"},
-        }, status=201)
+        return web.json_response(
+            {
+                "url": f"{self.fake.url}/repos/{repo}/statuses/{sha}",
+                "id": number,
+                "node_id": f"SC_{number}",
+                "state": state,
+                "description": description,
+                "target_url": target_url,
+                "context": context,
+                "created_at": "2026-11-25T10:00:00Z",
+                "updated_at": "2026-11-25T10:00:00Z",
+                "creator": {"login": "orchestrator-bot", "type": "User"},
+            },
+            status=201,
+        )
 
     async def _branches(self, request: web.Request) -> web.StreamResponse:
         repo = f"{request.match_info['owner']}/{request.match_info['repo']}"
         if not self._known(repo):
             return _not_found()
         items = [
-            {"name": name, "commit": {"sha": sha, "url": f"{self.fake.url}/repos/{repo}/commits/{sha}"}, "protected": name == "main"}
+            {
+                "name": name,
+                "commit": {"sha": sha, "url": f"{self.fake.url}/repos/{repo}/commits/{sha}"},
+                "protected": name == "main",
+            }
             for name, sha in self.fake.branches.get(repo, {}).items()
         ]
         return self._page(request, items)
@@ -232,11 +264,20 @@ class _Routes:
             "state": pull.state,
             "title": f"Pull request {pull.number}",
             "draft": False,
-            "head": {"label": f"{head_owner}:{pull.head_branch}", "ref": pull.head_branch, "sha": pull.head_sha,
-                     "user": {"login": head_owner}, "repo": head_repo},
-            "base": {"label": f"{base['owner']['login']}:{pull.base_branch}", "ref": pull.base_branch,
-                     "sha": self.fake.branches.get(repo, {}).get(pull.base_branch, "0" * 40),
-                     "user": base["owner"], "repo": base},
+            "head": {
+                "label": f"{head_owner}:{pull.head_branch}",
+                "ref": pull.head_branch,
+                "sha": pull.head_sha,
+                "user": {"login": head_owner},
+                "repo": head_repo,
+            },
+            "base": {
+                "label": f"{base['owner']['login']}:{pull.base_branch}",
+                "ref": pull.base_branch,
+                "sha": self.fake.branches.get(repo, {}).get(pull.base_branch, "0" * 40),
+                "user": base["owner"],
+                "repo": base,
+            },
         }
 
     def _page(self, request: web.Request, items: list[Any]) -> web.Response:
@@ -256,4 +297,4 @@ class _Routes:
         if page < last:
             links += [link(page + 1, "next"), link(last, "last")]
         headers = {"Link": ", ".join(links)} if links else {}
-        return web.json_response(items[(page - 1) * per_page:page * per_page], headers=headers)
+        return web.json_response(items[(page - 1) * per_page : page * per_page], headers=headers)

@@ -53,8 +53,9 @@ class _StatusBook:
 
 class _Refused(Exception):
     def __init__(self, event: str, state: str) -> None:
-        super().__init__(f"Cannot transition status via :{event} from :{state} "
-                         f'(Reason(s): Status cannot transition via "{event}")')
+        super().__init__(
+            f'Cannot transition status via :{event} from :{state} (Reason(s): Status cannot transition via "{event}")'
+        )
 
 
 # GitLab's CommitStatus state machine, for the events the statuses API fires.
@@ -101,13 +102,21 @@ def install(fake: FakeForge, *, link_header: bool = True) -> None:
     def repo_of(request: web.Request) -> str:
         repo = fake.repo_of_project(request.match_info["project"])
         if repo is None:
-            raise web.HTTPNotFound(text=json.dumps({"message": "404 Project Not Found"}), content_type="application/json")
+            raise web.HTTPNotFound(
+                text=json.dumps({"message": "404 Project Not Found"}), content_type="application/json"
+            )
         return repo
 
     def project_json(repo: str) -> dict[str, Any]:
-        return {"id": fake.project_id(repo), "path_with_namespace": repo, "path": repo.rsplit("/", 1)[1],
-                "web_url": f"{fake.url}/{repo}", "http_url_to_repo": f"{fake.url}/{repo}.git",
-                "ssh_url_to_repo": f"git@127.0.0.1:{repo}.git", "default_branch": "main"}
+        return {
+            "id": fake.project_id(repo),
+            "path_with_namespace": repo,
+            "path": repo.rsplit("/", 1)[1],
+            "web_url": f"{fake.url}/{repo}",
+            "http_url_to_repo": f"{fake.url}/{repo}.git",
+            "ssh_url_to_repo": f"git@127.0.0.1:{repo}.git",
+            "default_branch": "main",
+        }
 
     def paginate(request: web.Request, items: list[Any]) -> web.Response:
         """Offset pagination as `API::Helpers::Pagination` answers it."""
@@ -117,16 +126,23 @@ def install(fake: FakeForge, *, link_header: bool = True) -> None:
         except ValueError:
             return web.json_response({"error": "page is invalid"}, status=400)
         total_pages = max(1, math.ceil(len(items) / per_page))
-        chunk = items[(page - 1) * per_page: page * per_page]
-        headers = {"X-Page": str(page), "X-Per-Page": str(per_page), "X-Total": str(len(items)),
-                   "X-Total-Pages": str(total_pages), "X-Prev-Page": str(page - 1) if page > 1 else "",
-                   "X-Next-Page": str(page + 1) if page < total_pages else ""}
+        chunk = items[(page - 1) * per_page : page * per_page]
+        headers = {
+            "X-Page": str(page),
+            "X-Per-Page": str(per_page),
+            "X-Total": str(len(items)),
+            "X-Total-Pages": str(total_pages),
+            "X-Prev-Page": str(page - 1) if page > 1 else "",
+            "X-Next-Page": str(page + 1) if page < total_pages else "",
+        }
         if link_header:
+
             def link(number: int, rel: str) -> str:
                 query = {k: v for k, v in request.query.items() if k not in ("page", "per_page")}
                 query.update(page=str(number), per_page=str(per_page))
                 qs = "&".join(f"{quote(k)}={quote(v)}" for k, v in query.items())
                 return f'<{fake.url}{request.raw_path.split("?", 1)[0]}?{qs}>; rel="{rel}"'
+
             links = [link(page - 1, "prev")] if page > 1 else []
             links += [link(page + 1, "next")] if page < total_pages else []
             links += [link(1, "first"), link(total_pages, "last")]
@@ -134,11 +150,20 @@ def install(fake: FakeForge, *, link_header: bool = True) -> None:
         return web.json_response(chunk, headers=headers)
 
     def merge_request_json(repo: str, pull: Pull) -> dict[str, Any]:
-        return {"id": 10_000 + pull.number, "iid": pull.number, "project_id": fake.project_id(repo),
-                "title": f"MR {pull.number}", "state": MR_STATES.get(pull.state, pull.state),
-                "target_branch": pull.base_branch, "source_branch": pull.head_branch,
-                "source_project_id": fake.project_id(pull.head_repo), "target_project_id": fake.project_id(repo),
-                "sha": pull.head_sha, "draft": False, "web_url": f"{fake.url}/{repo}/-/merge_requests/{pull.number}"}
+        return {
+            "id": 10_000 + pull.number,
+            "iid": pull.number,
+            "project_id": fake.project_id(repo),
+            "title": f"MR {pull.number}",
+            "state": MR_STATES.get(pull.state, pull.state),
+            "target_branch": pull.base_branch,
+            "source_branch": pull.head_branch,
+            "source_project_id": fake.project_id(pull.head_repo),
+            "target_project_id": fake.project_id(repo),
+            "sha": pull.head_sha,
+            "draft": False,
+            "web_url": f"{fake.url}/{repo}/-/merge_requests/{pull.number}",
+        }
 
     async def raw_file(request: web.Request) -> web.Response:
         repo = repo_of(request)
@@ -149,18 +174,30 @@ def install(fake: FakeForge, *, link_header: bool = True) -> None:
         return web.Response(body=content, content_type="text/plain")
 
     async def project(request: web.Request) -> web.Response:
-        """"Get a single project": by id, or by path for any project the fake knows (in
+        """ "Get a single project": by id, or by path for any project the fake knows (in
         `branches`, `pulls`, `project_ids` or a `files` key), which then gets its id."""
         wanted = request.match_info["project"]
         known = not wanted.isdigit() and (
-            wanted in fake.branches or wanted in fake.pulls or any(key[0] == wanted for key in fake.files))
+            wanted in fake.branches or wanted in fake.pulls or any(key[0] == wanted for key in fake.files)
+        )
         return web.json_response(project_json(wanted if known else repo_of(request)))
 
     async def branches(request: web.Request) -> web.Response:
         repo = repo_of(request)
         heads = sorted(fake.branches.get(repo, {}).items())
-        return paginate(request, [{"name": name, "merged": False, "protected": False, "default": name == "main",
-                                   "commit": {"id": sha, "short_id": sha[:8]}} for name, sha in heads])
+        return paginate(
+            request,
+            [
+                {
+                    "name": name,
+                    "merged": False,
+                    "protected": False,
+                    "default": name == "main",
+                    "commit": {"id": sha, "short_id": sha[:8]},
+                }
+                for name, sha in heads
+            ],
+        )
 
     async def merge_requests(request: web.Request) -> web.Response:
         repo = repo_of(request)
@@ -202,8 +239,11 @@ def install(fake: FakeForge, *, link_header: bool = True) -> None:
             return web.json_response({"error": "state is missing"}, status=400)
         if state not in STATES:
             return web.json_response({"error": "state does not have a valid value"}, status=400)
-        too_long = {key: ["is too long (maximum is 255 characters)"] for key in ("ref", "target_url", "description")
-                    if len(params.get(key) or "") > TEXT_LIMIT}
+        too_long = {
+            key: ["is too long (maximum is 255 characters)"]
+            for key in ("ref", "target_url", "description")
+            if len(params.get(key) or "") > TEXT_LIMIT
+        }
         if too_long:
             return _message(too_long, 400)
         ref = params.get("ref") or default_ref(repo, sha)
@@ -211,8 +251,9 @@ def install(fake: FakeForge, *, link_header: bool = True) -> None:
             return _message("404 References for commit Not Found", 404)
         name = params.get("name") or params.get("context") or "default"
         jobs = book.jobs.setdefault((repo, sha), [])
-        job = next((j for j in reversed(jobs) if j.name == name and j.ref == ref and j.status in ("pending", "running")),
-                   None)
+        job = next(
+            (j for j in reversed(jobs) if j.name == name and j.ref == ref and j.status in ("pending", "running")), None
+        )
         fresh = job is None
         if job is None:
             job = _Job(id=book.next_id, name=name, ref=ref)
@@ -227,11 +268,30 @@ def install(fake: FakeForge, *, link_header: bool = True) -> None:
         if fresh:
             book.next_id += 1
             jobs.append(job)
-        fake.record_status(RecordedStatus(repo=repo, sha=sha, state=job.status, context=name,
-                                          description=job.description or "", target_url=job.target_url))
-        return web.json_response({"id": job.id, "sha": sha, "ref": ref, "status": job.status, "name": name,
-                                  "target_url": job.target_url, "description": job.description,
-                                  "allow_failure": False, "coverage": None}, status=201)
+        fake.record_status(
+            RecordedStatus(
+                repo=repo,
+                sha=sha,
+                state=job.status,
+                context=name,
+                description=job.description or "",
+                target_url=job.target_url,
+            )
+        )
+        return web.json_response(
+            {
+                "id": job.id,
+                "sha": sha,
+                "ref": ref,
+                "status": job.status,
+                "name": name,
+                "target_url": job.target_url,
+                "description": job.description,
+                "allow_failure": False,
+                "coverage": None,
+            },
+            status=201,
+        )
 
     project_path = API + "/{project}"
     routes: list[tuple[str, str, Callable[[web.Request], Any]]] = [
@@ -257,8 +317,9 @@ async def _params(request: web.Request) -> dict[str, str]:
         try:
             document = json.loads(body)
         except ValueError:
-            raise web.HTTPBadRequest(text=json.dumps({"error": "body is not JSON"}),
-                                     content_type="application/json") from None
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": "body is not JSON"}), content_type="application/json"
+            ) from None
         if isinstance(document, dict):
             params.update({k: v for k, v in document.items() if isinstance(v, str)})
     else:

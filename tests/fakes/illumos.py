@@ -120,8 +120,12 @@ def zoneadm(args: list[str]) -> None:
             zone["state"] = "configured"
         elif verb == "boot":
             zone["state"] = "running"
-            guest = subprocess.Popen([sys.executable, __file__, "zoneadm", "_guest", name], start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            guest = subprocess.Popen(
+                [sys.executable, __file__, "zoneadm", "_guest", name],
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             zone["pid"] = guest.pid
         elif verb in ("halt", "shutdown"):
             if zone["pid"]:

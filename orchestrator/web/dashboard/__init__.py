@@ -74,9 +74,15 @@ PAGE_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
-LOGIN_POLICY = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
-PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Cache-Control": "no-cache",
-                "Referrer-Policy": "same-origin"}
+LOGIN_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",
+    "Referrer-Policy": "same-origin",
+}
 
 
 class HostView(Protocol):
@@ -97,7 +103,10 @@ def login_page(*, status: int, error: str | None = None) -> web.Response:
     one of this module's fixed messages, never anything a client sent."""
     shown = f'<p class="error" role="alert">{error}</p>' if error else ""
     return web.Response(
-        status=status, text=LOGIN.replace("<!--error-->", shown), content_type="text/html", charset="utf-8",
+        status=status,
+        text=LOGIN.replace("<!--error-->", shown),
+        content_type="text/html",
+        charset="utf-8",
         headers={**PAGE_HEADERS, "Content-Security-Policy": LOGIN_POLICY},
     )
 
@@ -111,7 +120,8 @@ def _job_id(request: web.Request) -> str:
         return str(uuid.UUID(request.match_info["job_id"]))
     except ValueError:
         raise web.HTTPBadRequest(
-            text=json.dumps({"error": "job_id must be a job's request_id (a UUID)"}), content_type="application/json",
+            text=json.dumps({"error": "job_id must be a job's request_id (a UUID)"}),
+            content_type="application/json",
         ) from None
 
 
@@ -151,7 +161,9 @@ class FleetJobsCache:
     """The fleet's answer to a jobs query, shared for `ttl_s` by every request asking the
     same (those that come while it is being asked wait for the same answer)."""
 
-    def __init__(self, fleet: Fleet, *, ttl_s: float = FLEET_JOBS_CACHE_S, size: int = FLEET_JOBS_CACHED_QUERIES) -> None:
+    def __init__(
+        self, fleet: Fleet, *, ttl_s: float = FLEET_JOBS_CACHE_S, size: int = FLEET_JOBS_CACHED_QUERIES
+    ) -> None:
         self._fleet, self._ttl_s, self._size = fleet, ttl_s, size
         self._entries: dict[str, _Cached] = {}
 
@@ -186,8 +198,12 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
         return fleet
 
     async def index(_: web.Request) -> web.Response:
-        return web.Response(body=INDEX, content_type="text/html", charset="utf-8",
-                            headers={**PAGE_HEADERS, "Content-Security-Policy": PAGE_POLICY})
+        return web.Response(
+            body=INDEX,
+            content_type="text/html",
+            charset="utf-8",
+            headers={**PAGE_HEADERS, "Content-Security-Policy": PAGE_POLICY},
+        )
 
     async def asset(request: web.Request) -> web.Response:
         body, content_type = ASSETS[request.path]
@@ -227,10 +243,13 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
 
     async def hosts(_: web.Request) -> web.Response:
         found = the_fleet()
-        return web.json_response({
-            "host": view.host_name, "unreachable_after_s": found.unreachable_after_s,
-            "hosts": [host.model_dump(mode="json") for host in found.hosts()],
-        })
+        return web.json_response(
+            {
+                "host": view.host_name,
+                "unreachable_after_s": found.unreachable_after_s,
+                "hosts": [host.model_dump(mode="json") for host in found.hosts()],
+            }
+        )
 
     async def jobs(request: web.Request) -> web.Response:
         query = jobs_query(request, default_limit=FLEET_JOBS_DEFAULT_LIMIT)
@@ -246,10 +265,13 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
             (job for reply in answer.replies for job in reply.jobs),
             key=lambda job: -(job.accepted_at.timestamp() if job.accepted_at else 0.0),
         )
-        return web.json_response({
-            "jobs": [job.model_dump(mode="json") for job in found],
-            "hosts": sorted(reply.host for reply in answer.replies), "silent": answer.silent,
-        })
+        return web.json_response(
+            {
+                "jobs": [job.model_dump(mode="json") for job in found],
+                "hosts": sorted(reply.host for reply in answer.replies),
+                "silent": answer.silent,
+            }
+        )
 
     async def set_draining(request: web.Request, *, draining: bool) -> web.Response:
         host = _host(request)
@@ -289,16 +311,22 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
             return json_error(404, f"job_id: no host has a log of job {job_id} (queued, unknown, or its host is down)")
         owner = elsewhere[0]
         if owner.log_url is None:
-            return json_error(404, f"job {job_id} is on host {owner.host}, which has no PUBLIC_URL to read its log from")
+            return json_error(
+                404, f"job {job_id} is on host {owner.host}, which has no PUBLIC_URL to read its log from"
+            )
         return await proxy_stream(request, f"{owner.log_url}/stream", owner.host)
 
     async def proxy_stream(request: web.Request, url: str, host: str) -> web.StreamResponse:
         """The owning host's event stream, passed on as it comes."""
         refuse_stream(load)
         if "session" not in client:
-            client["session"] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=PROXY_CONNECT_TIMEOUT_S, sock_read=3 * SSE_KEEPALIVE_S,
-            ))
+            client["session"] = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=PROXY_CONNECT_TIMEOUT_S,
+                    sock_read=3 * SSE_KEEPALIVE_S,
+                )
+            )
         headers = {"Authorization": f"Bearer {access.token}"} if access.token else {}
         if "Last-Event-ID" in request.headers:
             headers["Last-Event-ID"] = request.headers["Last-Event-ID"]
@@ -308,8 +336,12 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
                 if upstream.status != 200:
                     status = {404: 404, 503: 503}.get(upstream.status, 502)
                     extra = {"Retry-After": str(STREAM_RETRY_AFTER_S)} if status == 503 else {}
-                    return json_error(status, f"host {host} answered {upstream.status} for the log of this job", **extra)
-                response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                    return json_error(
+                        status, f"host {host} answered {upstream.status} for the log of this job", **extra
+                    )
+                response = web.StreamResponse(
+                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                )
                 await response.prepare(request)
                 try:
                     while request.transport is not None and not request.transport.is_closing():
@@ -341,10 +373,16 @@ def add_routes(app: web.Application, *, view: HostView, fleet: Fleet | None, acc
             await client["session"].close()
 
     app.on_cleanup.append(close_client)
-    app.add_routes([
-        web.get("/", index), *(web.get(path, asset) for path in ASSETS),
-        web.post("/login", login), web.post("/logout", logout),
-        web.get("/fleet", hosts), web.get("/fleet/jobs", jobs),
-        web.post("/fleet/hosts/{host}/drain", drain), web.post("/fleet/hosts/{host}/resume", resume),
-        web.get("/fleet/jobs/{job_id}/log/stream", log_stream),
-    ])
+    app.add_routes(
+        [
+            web.get("/", index),
+            *(web.get(path, asset) for path in ASSETS),
+            web.post("/login", login),
+            web.post("/logout", logout),
+            web.get("/fleet", hosts),
+            web.get("/fleet/jobs", jobs),
+            web.post("/fleet/hosts/{host}/drain", drain),
+            web.post("/fleet/hosts/{host}/resume", resume),
+            web.get("/fleet/jobs/{job_id}/log/stream", log_stream),
+        ]
+    )
