@@ -42,7 +42,7 @@ from orchestrator.core.amqp import connect  # noqa: E402
 from orchestrator.core.imagemap import parse_image_map  # noqa: E402
 from orchestrator.core.messages import JobEvent, JobRequest  # noqa: E402
 from orchestrator.core.topology import Topology, declare_topology, delete_topology, quorum_queue_arguments  # noqa: E402
-from tests.daemonproc import DaemonProcess  # noqa: E402
+from tests.support.daemonproc import DaemonProcess  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "rabbitmq-cluster.sh"
 

@@ -37,9 +37,9 @@ import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from orchestrator.core.topology import Topology, delete_topology  # noqa: E402
-from tests.fakeforge import FakeForge  # noqa: E402
-from tests.fakeforge import github as fake_github  # noqa: E402
-from tests.forgebridge import SECRET, write_config  # noqa: E402
+from tests.support.fakeforge import FakeForge  # noqa: E402
+from tests.support.fakeforge import github as fake_github  # noqa: E402
+from tests.support.forgebridge import SECRET, write_config  # noqa: E402
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REPO = "octo-org/widgets"

@@ -38,9 +38,9 @@ import aio_pika  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from orchestrator.core.topology import Topology, delete_topology  # noqa: E402
-from tests.fakeforge import FakeForge, Pull  # noqa: E402
-from tests.fakeforge import github as fake_github  # noqa: E402
-from tests.forgebridge import SECRET  # noqa: E402
+from tests.support.fakeforge import FakeForge, Pull  # noqa: E402
+from tests.support.fakeforge import github as fake_github  # noqa: E402
+from tests.support.forgebridge import SECRET  # noqa: E402
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 JOBS = b"jobs:\n  test:\n    runs_on: bench\n    script: make test\n"

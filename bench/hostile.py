@@ -35,10 +35,10 @@ from orchestrator.core.config import Settings
 from orchestrator.core.imagemap import parse_image_map
 from orchestrator.core.messages import JobRequest, JobResult, JobStatus
 from orchestrator.core.topology import Topology, declare_topology, delete_topology
-from tests.daemonproc import DaemonProcess
-from tests.procstat import PeakUse, Use, ensure_own_descriptors, use_of, with_limits
-from tests.rawhttp import Connection, close_all, closed_by_peer, metric, open_idle, request_head, scrape
-from tests.test_httpapi import free_port
+from tests.support.daemonproc import DaemonProcess
+from tests.support.procstat import PeakUse, Use, ensure_own_descriptors, use_of, with_limits
+from tests.support.rawhttp import Connection, close_all, closed_by_peer, metric, open_idle, request_head, scrape
+from tests.web.test_httpapi import free_port
 
 MAP = """\
 default_label: bench

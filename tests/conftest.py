@@ -25,7 +25,7 @@ from orchestrator.core.imagemap import ImageMap, load_image_map
 from orchestrator.core.messages import JobRequest, JobResult
 from orchestrator.core.topology import Topology, delete_topology, quorum_queue_arguments
 from orchestrator.host.daemon import Daemon
-from tests.amqpproxy import AmqpProxy
+from tests.support.amqpproxy import AmqpProxy
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -122,7 +122,7 @@ def prefix() -> str:
 
 @pytest.fixture
 async def amqp_proxy() -> AsyncIterator[AmqpProxy]:
-    """A proxy to the broker that a test can cut (see tests/amqpproxy.py)."""
+    """A proxy to the broker that a test can cut (see tests/support/amqpproxy.py)."""
     broker = urlsplit(AMQP_URL)
     proxy = await AmqpProxy((broker.hostname or "127.0.0.1", broker.port or 5672)).start()
     yield proxy
@@ -330,7 +330,7 @@ def body(**fields: Any) -> bytes:
 
 @pytest.fixture(autouse=True)
 async def no_daemon_process_outlives_its_test():
-    from tests.daemonproc import DaemonProcess
+    from tests.support.daemonproc import DaemonProcess
 
     yield
     while DaemonProcess.started:

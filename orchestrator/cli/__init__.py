@@ -18,7 +18,7 @@ import sys
 from orchestrator.cli import cancel, config, drain, enqueue, forge, hosts, images, jobs, logs, run
 from orchestrator.cli.common import CLIError, CommandFunction, OneLineParser
 
-# tests/test_images.py imports it from here; drop this once that import names
+# tests/core/test_images.py imports it from here; drop this once that import names
 # orchestrator.cli.progress.
 from orchestrator.cli.progress import ProgressPrinter  # noqa: F401
 

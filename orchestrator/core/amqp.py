@@ -45,7 +45,7 @@ class FailoverConnection(aio_pika.RobustConnection):
 
     Only the connection attempt is ours: it is aio-pika's `RobustConnection.__connect_transport`
     (name-mangled, so overriding it is overriding `_RobustConnection__connect_transport`),
-    called by its reconnection loop for every attempt. `tests/test_cluster_units.py`
+    called by its reconnection loop for every attempt. `tests/cluster/test_cluster_units.py`
     checks that aio-pika still has it.
     """
 
