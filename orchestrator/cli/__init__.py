@@ -8,6 +8,8 @@ own status decides the exit code of `enqueue --wait` (see `STATUS_EXIT_CODES`).
 
 Command modules import the daemon, the broker client and the image preparer inside the
 functions that use them, so `--help` and a mistyped flag answer without loading them.
+
+Rule: the top of the tree; it may import every part, and no part imports it.
 """
 
 from __future__ import annotations
