@@ -10,8 +10,8 @@ after every change so paused consumers can resume and held deliveries look again
 
 Warm pool VMs (`orchestrator.host.warmpool`) hold capacity like jobs do: a slot, their label's
 slot, their vCPUs and memory. While a pool VM is idle it is *yieldable*: a job can take
-it (its reservation becomes the job's) or have it given up to make room. So `claim` and
-`can_start`, which decide what consumers may be sent, count idle pool VMs as room, while
+it (its reservation becomes the job's) or have it given up to make room. So `claim`,
+which decides what consumers may be sent, counts idle pool VMs as room, while
 `redeem`, `try_reserve` and `reserve_warm` count them as held: a job that needs their
 room waits until the pool has destroyed them (`WarmPools.make_room`), and VMs never
 outnumber slots.
@@ -107,10 +107,6 @@ class CapacityLedger:
         """Claims outstanding: deliveries this host's consumers may be sent or hold un-started."""
         return len(self._claims)
 
-    def claimed_by_label(self) -> dict[str, int]:
-        counts = Counter(r.label for r in self._claims.values())
-        return {label: n for label, n in counts.items() if n}
-
     def warm_by_label(self) -> dict[str, int]:
         counts = Counter(r.label for r in self._held.values() if r.warm)
         return {label: n for label, n in counts.items() if n}
@@ -143,11 +139,6 @@ class CapacityLedger:
             and used.cpus + cpus <= self.cpus_total
             and used.memory_mb + memory_mb <= self.memory_mb_total
         )
-
-    def can_start(self, label: str, cpus: int, memory_mb: int) -> bool:
-        """Whether a job of this size could start now beside every claim, idle pool VMs
-        given up or taken."""
-        return not self.draining and self._room(label, cpus, memory_mb, self._yieldable.values())
 
     def room_without(self, label: str, cpus: int, memory_mb: int, released: Iterable[Reservation]) -> bool:
         """Whether a job would have room once `released` (idle pool VMs, the job's own

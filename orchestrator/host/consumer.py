@@ -205,7 +205,6 @@ class QueueConsumer:
         # there is still room (a pause may come after the scheduler last looked)
         self.paused_itself: Callable[[], None] = lambda: None
         self.requeued = 0
-        self.delivered = 0
         self._unacked: Counter[str] = Counter()
 
     @classmethod
@@ -226,10 +225,6 @@ class QueueConsumer:
     @property
     def running(self) -> bool:
         return self._tag is not None
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
 
     async def resume(self, claims: list[Reservation] | None = None) -> bool:
         """Consume: a label's consumer with prefetch = the claims given (released here
@@ -284,7 +279,6 @@ class QueueConsumer:
         # count deliveries not yet settled per consumer tag.
         tag = message.consumer_tag or ""
         self._unacked[tag] += 1
-        self.delivered += 1
         counted = True
         claimed = Claimed(self.claims.take(tag) if self.claims is not None else None)
         try:

@@ -48,15 +48,6 @@ class Claimed:
     reservation: Reservation | None
 
 
-@dataclass(frozen=True)
-class HeldDelivery:
-    job_id: str
-    label: str
-    cpus: int
-    memory_mb: int
-    since: float  # monotonic
-
-
 class HostWindow:
     """Claims for this host's label consumers, and the deliveries held waiting for room.
 
@@ -67,7 +58,7 @@ class HostWindow:
         self._ledger = ledger
         self._default_size = default_size
         self.max_hold_s = max_hold_s
-        self._held: dict[str, HeldDelivery] = {}
+        self._held: dict[str, float] = {}  # job id -> held since (monotonic)
         self._change = asyncio.Event()
         self.closing = False  # the daemon stops: held deliveries are handed back at once
         self.listeners: list[Callable[[], None]] = []
@@ -97,22 +88,15 @@ class HostWindow:
     def held(self) -> int:
         return len(self._held)
 
-    def held_by_label(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for held in self._held.values():
-            counts[held.label] = counts.get(held.label, 0) + 1
-        return counts
-
     def held_first(self) -> bool:
         """Whether a held delivery has waited long enough to get the next room first."""
         now = time.monotonic()
-        return any(now - held.since >= HELD_FIRST_AFTER_S for held in self._held.values())
+        return any(now - since >= HELD_FIRST_AFTER_S for since in self._held.values())
 
     @contextlib.contextmanager
-    def holding(self, job_id: str, label: str, resources: Resources) -> Iterator[HeldDelivery]:
+    def holding(self, job_id: str, label: str, resources: Resources) -> Iterator[None]:
         """Count a delivery as held while the block runs."""
-        held = HeldDelivery(job_id, label, resources.cpus, resources.memory_mb, time.monotonic())
-        self._held[job_id] = held
+        since = self._held[job_id] = time.monotonic()
         log.info(
             "delivery.held",
             job_id=job_id,
@@ -122,10 +106,10 @@ class HostWindow:
             max_hold_s=self.max_hold_s,
         )
         try:
-            yield held
+            yield
         finally:
             del self._held[job_id]
-            log.info("delivery.hold_ended", job_id=job_id, label=label, held_s=round(time.monotonic() - held.since, 3))
+            log.info("delivery.hold_ended", job_id=job_id, label=label, held_s=round(time.monotonic() - since, 3))
             self._notify()
 
     async def changed(self, timeout_s: float) -> None:

@@ -211,14 +211,12 @@ async def test_a_job_dead_lettered_at_its_delivery_limit_gets_one_error_result_a
     channel = await amqp.channel()
     queue = await channel.get_queue(broker.topology.label_queue("alpha"), ensure=False)
     deliveries = []
-    async with asyncio.timeout(20):
-        while len(deliveries) < 2:
-            message = await queue.get(fail=False, no_ack=False)
-            if message is None:
-                await asyncio.sleep(0.05)
-                continue
-            deliveries.append(message.headers.get("x-delivery-count"))
+    async with asyncio.timeout(20), queue.iterator() as messages:
+        async for message in messages:  # each requeued one comes straight back, until the limit
+            deliveries.append(message.headers.get("x-delivery-count") or 0)  # absent on a first delivery
             await message.nack(requeue=True)
+            if len(deliveries) == 2:
+                break
     assert deliveries == [0, 1]
     result = await broker.next_result()
     assert result.request_id == job.request_id and result.status is JobStatus.ERROR
